@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One-shot set-up of a fresh Debian 12 host (as root): system packages, tracefs, and a virtual
+# environment in .venv that sees Debian's bcc and has keytrace installed (editable).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need=(python3-bpfcc libbpfcc bpfcc-tools python3-venv gcc libc6-dev bpftool)
+# Distribution kernel headers: keytrace merges them into a tree bcc accepts when the running
+# kernel ships none (cloud kernels, this VM).
+need+=(linux-headers-amd64)
+missing=()
+for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing || true
+
+# bcc is importable only from Debian's /usr/bin/python3, hence the system interpreter.
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -c 'import bcc' || { echo "setup: bcc is not importable from .venv" >&2; exit 1; }

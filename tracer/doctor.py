@@ -1,0 +1,125 @@
+"""Prerequisite checks: each says pass/fail, what it saw, and the exact fix.
+
+`keytrace doctor` prints them all; require_tracing() runs the ones tracing cannot start
+without and raises the first failure as a KeytraceError.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import headers
+from .errors import KeytraceError
+
+CAP_PERFMON, CAP_BPF, CAP_SYS_ADMIN = 38, 39, 21
+SYS_BPF = 321  # x86-64
+BPF_MAP_CREATE, BPF_MAP_TYPE_ARRAY = 0, 2
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def _effective_caps() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges() -> Check:
+    caps = _effective_caps()
+    has = lambda c: bool(caps >> c & 1)  # noqa: E731
+    if os.geteuid() == 0 or (has(CAP_BPF) and has(CAP_PERFMON)) or has(CAP_SYS_ADMIN):
+        how = "root" if os.geteuid() == 0 else "capabilities CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN"
+        return Check("privileges", True, how)
+    return Check("privileges", False, f"running as uid {os.geteuid()} without CAP_BPF and CAP_PERFMON",
+                 "run as root (sudo keytrace ...) or grant CAP_BPF,CAP_PERFMON,CAP_SYS_RESOURCE")
+
+
+def check_bpf_syscall() -> Check:
+    # Create (and close) the smallest array map: proves the syscall exists and is allowed.
+    attr = (ctypes.c_uint32 * 16)(BPF_MAP_TYPE_ARRAY, 4, 4, 1)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(SYS_BPF, BPF_MAP_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd >= 0:
+        os.close(fd)
+        return Check("bpf syscall", True, "bpf(BPF_MAP_CREATE) works")
+    err = ctypes.get_errno()
+    if err == errno.ENOSYS:
+        return Check("bpf syscall", False, "the kernel has no bpf syscall",
+                     "use a kernel built with CONFIG_BPF_SYSCALL=y")
+    return Check("bpf syscall", False, f"bpf(BPF_MAP_CREATE) failed: {os.strerror(err)}",
+                 "run as root; check kernel.unprivileged_bpf_disabled and seccomp/container policy")
+
+
+def check_tracefs() -> Check:
+    for p in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        if Path(p, "events").is_dir():
+            return Check("tracefs", True, f"mounted at {p}")
+    return Check("tracefs", False, "not mounted (keytrace mounts it when it starts, as root)",
+                 "mount -t tracefs nodev /sys/kernel/tracing")
+
+
+def check_uprobes() -> Check:
+    if Path("/sys/bus/event_source/devices/uprobe").is_dir():
+        return Check("uprobes", True, "uprobe perf PMU present")
+    if Path("/sys/kernel/tracing/uprobe_events").exists():
+        return Check("uprobes", True, "tracefs uprobe_events present")
+    return Check("uprobes", False, "the kernel offers no uprobes",
+                 "use a kernel built with CONFIG_UPROBE_EVENTS=y")
+
+
+def check_bcc() -> Check:
+    try:
+        import bcc  # noqa: F401
+    except ImportError as e:
+        return Check("bcc", False, f"cannot import bcc ({e})",
+                     "apt-get install python3-bpfcc; run keytrace with /usr/bin/python3 or a venv made "
+                     "with: /usr/bin/python3 -m venv --system-site-packages .venv "
+                     "(the PyPI package named bcc is unrelated)")
+    return Check("bcc", True, f"bcc {getattr(bcc, '__version__', '')} from {Path(bcc.__file__).parent}")
+
+
+def check_headers() -> Check:
+    try:
+        h = headers.find(build=False)
+    except KeytraceError as e:
+        return Check("kernel headers", False, str(e).split(" Fix: ")[0], headers.INSTALL_HINT)
+    return Check("kernel headers", True, h.detail)
+
+
+def check_libc() -> Check:
+    from .symbols import FUNCTIONS, system_libraries, target
+    for path in system_libraries():
+        t = target(path)
+        if t and "pthread_key_create" in t.functions:
+            missing = [f for f in FUNCTIONS if f not in t.functions]
+            extra = f" (not here: {', '.join(missing)})" if missing else ""
+            return Check("libc symbols", True, f"{path}: {', '.join(sorted(t.functions))}{extra}")
+    return Check("libc symbols", False, "no system C library defining pthread_key_create found",
+                 "install glibc's libc6 (keytrace probes libc.so.6 or libpthread.so.0)")
+
+
+CHECKS: list[Callable[[], Check]] = [check_privileges, check_bpf_syscall, check_tracefs,
+                                     check_uprobes, check_bcc, check_headers, check_libc]
+
+
+def run_all() -> list[Check]:
+    return [c() for c in CHECKS]
+
+
+def require_tracing() -> None:
+    """Raise the first failed prerequisite of tracing (cheap checks first)."""
+    for check in (check_privileges, check_bpf_syscall, check_uprobes, check_bcc, check_headers):
+        c = check()
+        if not c.ok:
+            raise KeytraceError(f"{c.name}: {c.detail}" + (f". Fix: {c.fix}" if c.fix else ""))

@@ -1,0 +1,217 @@
+"""The ledger: events in, per-process key state out.
+
+Events arrive as frames (tracer.records.decode, or a saved file). The ledger keeps them (unless
+asked to keep only state) and replays them, in order, into per-process state: live keys,
+counters, the libraries dlopen'd and dlclose'd. What that state *means* (leaking, critical) is
+decided in tracer.analysis, once for every front-end.
+
+A process is identified by (pid, start), start being the time its fork was seen or, for a
+process already running, the time of its first event; an exit ends it, so a recycled pid
+starts a new history instead of merging into the old one.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+
+from . import analysis
+from .records import COLUMNS, OP_TYPE, empty_events
+
+CREATE, CREATE_FAILED, DELETE, DLOPEN, DLCLOSE, EXEC, EXIT, FORK = range(len(OP_TYPE.categories))
+
+
+@dataclass
+class Process:
+    pid: int
+    start: int  # ns since the epoch
+    comm: str
+    exe: Optional[str] = None
+    parent: Optional[tuple] = None  # (pid, start) of the parent, when its fork was seen
+    creates: int = 0          # pthread_key_create calls, failed ones included
+    failed_creates: int = 0
+    deletes: int = 0          # successful pthread_key_delete calls
+    failed_deletes: int = 0
+    last_failure_ret: int = 0
+    exited: Optional[int] = None
+    keys: dict = field(default_factory=dict)      # key -> (ts, destructor, caller, load id)
+    loads: dict = field(default_factory=dict)     # dlopen id -> (path, handle)
+    handle_loads: dict = field(default_factory=dict)  # open handle -> [dlopen ids]
+    unloaded: set = field(default_factory=set)    # dlopen ids whose handle was closed for good
+
+    @property
+    def ident(self) -> tuple:
+        return (self.pid, self.start)
+
+    @property
+    def active(self) -> bool:
+        """Did this process touch keys or libraries (directly or by inheritance)?"""
+        return bool(self.creates or self.deletes or self.failed_deletes or self.keys or self.loads)
+
+    def fork(self, child_pid: int, ts: int) -> "Process":
+        # A forked child starts with a copy of its parent's memory, key table included.
+        return Process(pid=child_pid, start=ts, comm=self.comm, exe=self.exe, parent=self.ident,
+                       keys=dict(self.keys), loads=dict(self.loads),
+                       handle_loads={h: list(v) for h, v in self.handle_loads.items()},
+                       unloaded=set(self.unloaded))
+
+
+class Ledger:
+    """Per-process pthread key state built from events.
+
+    keep_events: keep the event frames (``events``). With False only state is kept, and exited
+    processes that never touched keys are forgotten at once, the rest after ``max_exited``
+    newer exits: memory then stays flat however long the ledger runs.
+    resolve_exe: called with a pid the first time a running process is met (live tracing).
+    """
+
+    def __init__(self, keep_events: bool = True, max_exited: int = 10_000,
+                 resolve_exe: Optional[Callable[[int], Optional[str]]] = None):
+        self.keep_events = keep_events
+        self.max_exited = max_exited
+        self.resolve_exe = resolve_exe
+        self.lost = 0  # records the kernel could not queue (ring buffer full)
+        self._chunks: list[pd.DataFrame] = []
+        self._events: Optional[pd.DataFrame] = None
+        self._procs: dict[tuple, Process] = {}
+        self._current: dict[int, Process] = {}
+        self._exited: deque = deque()
+        self._lock = threading.Lock()  # ingest may run in a polling thread
+        self.event_count = 0
+
+    # -- input -------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path, **kwargs) -> "Ledger":
+        """A ledger replayed from a file written by ``save`` (Parquet, CSV or JSON lines)."""
+        from .files import load_events
+        ledger = cls(**kwargs)
+        ledger.ingest(load_events(path))
+        return ledger
+
+    def ingest(self, frame: pd.DataFrame) -> None:
+        """Apply a frame of events (in time order) to the state."""
+        if frame.empty:
+            return
+        with self._lock:
+            if self.keep_events:
+                self._chunks.append(frame)
+                self._events = None
+            self.event_count += len(frame)
+            self._replay(frame)
+
+    def _replay(self, f: pd.DataFrame) -> None:
+        # One pass in time order: key values are reused by glibc after a delete, and fork/exec/
+        # exit cut histories, so the order of operations is the state. Columns go to Python
+        # lists first (one C-level conversion each), the loop itself touches only dicts.
+        cols = (
+            f["ts"].array.asi8.tolist() if hasattr(f["ts"].array, "asi8")
+            else f["ts"].astype("int64").tolist(),
+            f["pid"].tolist(), f["comm"].astype(object).tolist(),
+            f["op"].cat.codes.tolist(), f["key"].fillna(-1).astype(np.int64).tolist(),
+            f["ret"].tolist(), f["destructor"].tolist(), f["caller"].tolist(),
+            f["path"].astype(object).tolist(), f["handle"].tolist(), f["load"].tolist(),
+            f["child"].tolist(),
+        )
+        current = self._current
+        for ts, pid, comm, op, key, ret, destructor, caller, path, handle, load, child in zip(*cols):
+            p = current.get(pid)
+            if p is None:
+                p = self._begin(Process(pid=pid, start=ts, comm=comm,
+                                        exe=self.resolve_exe(pid) if self.resolve_exe else None))
+            if op == CREATE:
+                p.creates += 1
+                p.keys[key] = (ts, destructor, caller, load)
+            elif op == DELETE:
+                if ret == 0:
+                    p.deletes += 1
+                    p.keys.pop(key, None)
+                else:
+                    p.failed_deletes += 1
+            elif op == CREATE_FAILED:
+                p.creates += 1
+                p.failed_creates += 1
+                p.last_failure_ret = ret
+            elif op == DLOPEN:
+                if handle:
+                    p.loads[load] = (path, handle)
+                    p.handle_loads.setdefault(handle, []).append(load)
+            elif op == DLCLOSE:
+                ids = p.handle_loads.get(handle)
+                if ids:
+                    ids.pop()  # one dlopen reference released
+                    if not ids:
+                        # Last reference: the library instance is unloaded (as far as dlopen
+                        # refcounts go; issue: NODELETE and dependency pins keep it mapped).
+                        del p.handle_loads[handle]
+                        p.unloaded.update(load_id for load_id, (_, h) in p.loads.items()
+                                          if h == handle and load_id not in p.unloaded)
+            elif op == FORK:
+                old = current.get(child)
+                if old is not None:  # its exit was lost: close the old history
+                    self._end(old, ts)
+                self._begin(p.fork(child, ts))
+            elif op == EXEC:
+                # A new program image: its key table, libraries and counters start empty.
+                p = self._begin(Process(pid=pid, start=p.start, comm=comm, exe=path,
+                                        parent=p.parent))
+            elif op == EXIT:
+                self._end(p, ts)
+            if op != EXIT:
+                p.comm = comm  # thread names at exit are not the process's
+
+    def _begin(self, p: Process) -> Process:
+        self._procs[p.ident] = p
+        self._current[p.pid] = p
+        return p
+
+    def _end(self, p: Process, ts: int) -> None:
+        p.exited = ts
+        if self._current.get(p.pid) is p:
+            del self._current[p.pid]
+        if self.keep_events:
+            return
+        if not p.active:
+            del self._procs[p.ident]
+            return
+        self._exited.append(p.ident)
+        while len(self._exited) > self.max_exited:
+            self._procs.pop(self._exited.popleft(), None)
+
+    # -- output ------------------------------------------------------------------------------
+    @property
+    def events(self) -> pd.DataFrame:
+        """Every event kept, in arrival order (empty when keep_events is False)."""
+        with self._lock:
+            if self._events is None:
+                self._events = (pd.concat(self._chunks, ignore_index=True) if self._chunks
+                                else empty_events())
+                self._chunks = [self._events]
+            return self._events
+
+    def processes(self) -> list[Process]:
+        with self._lock:
+            return list(self._procs.values())
+
+    def summary(self, all_processes: bool = False) -> pd.DataFrame:
+        """One row per process: counters, live keys and the verdict (see tracer.analysis).
+
+        Only processes that touched keys or libraries are listed unless all_processes.
+        """
+        with self._lock:
+            rows = [_row(p) for p in self._procs.values() if all_processes or p.active]
+        return analysis.judge(pd.DataFrame(rows, columns=analysis.STATE_COLUMNS))
+
+
+def _row(p: Process) -> tuple:
+    after_dlclose = sum(1 for (_, _, _, load) in p.keys.values() if load in p.unloaded)
+    return (p.pid, pd.Timestamp(p.start, unit="ns", tz="UTC"), p.comm, p.exe or "",
+            p.creates, p.deletes, p.failed_creates, p.failed_deletes, p.last_failure_ret,
+            len(p.keys), after_dlclose, p.exited is None,
+            p.parent[0] if p.parent else 0)
+
+
+__all__ = ["Ledger", "Process", "COLUMNS"]

@@ -1,0 +1,120 @@
+"""Which files to probe, and where: ELF symbol lookup with pyelftools.
+
+glibc >= 2.34 has pthread_key_create/delete and dlopen/dlclose in libc.so.6; older glibc has the
+pthread functions in libpthread.so.0 and dlopen in libdl.so.2; musl has them all in its one
+libc. Each function is exported under several symbol versions that alias one address: a probe
+goes on each distinct address once. Files are told apart by (device, inode), so the libc of a
+container (seen through /proc/PID/root) gets probes of its own.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+FUNCTIONS = ("pthread_key_create", "pthread_key_delete", "dlopen", "dlclose")
+# Files that may define FUNCTIONS: glibc's libc, libpthread and libdl, and musl's libc.
+CANDIDATE = re.compile(r"/(libc\.so\.6|libpthread\.so\.0|libdl\.so\.2|libc\.musl-[^/]*\.so\.1|"
+                       r"ld-musl-[^/]*\.so\.1|libc-2\.\d+\.so|libpthread-2\.\d+\.so)$")
+
+
+@dataclass
+class Target:
+    """One ELF file to probe: where to open it and the address of each function it defines."""
+    path: str                               # openable from here (may go through /proc/PID/root)
+    ident: tuple                            # (st_dev, st_ino)
+    functions: dict = field(default_factory=dict)  # name -> address (st_value)
+
+
+@functools.lru_cache(maxsize=256)
+def _defined_functions(ident: tuple, path: str) -> dict:
+    # Keyed by file identity: each ELF file is parsed once per process.
+    found: dict = {}
+    try:
+        with open(path, "rb") as fh:
+            elf = ELFFile(fh)
+            for section_name in (".dynsym", ".symtab"):
+                sec = elf.get_section_by_name(section_name)
+                if sec is None:
+                    continue
+                for name in FUNCTIONS:
+                    if name in found:
+                        continue
+                    for sym in sec.get_symbol_by_name(name) or ():
+                        if (sym["st_info"]["type"] == "STT_FUNC" and sym["st_shndx"] != "SHN_UNDEF"
+                                and sym["st_value"]):
+                            found[name] = sym["st_value"]
+                            break
+    except (OSError, ELFError):
+        return {}
+    return found
+
+
+def target(path: str) -> Optional[Target]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    ident = (st.st_dev, st.st_ino)
+    funcs = _defined_functions(ident, path)
+    return Target(path, ident, dict(funcs)) if funcs else None
+
+
+def system_libraries() -> list[str]:
+    """The C library files the dynamic linker would give a new process (ld.so.cache)."""
+    out = []
+    try:
+        listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True,
+                                 timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        listing = ""
+    for line in listing.splitlines():
+        path = line.rpartition("=>")[2].strip()
+        if CANDIDATE.search(path) and "x86-64" in line:  # the probes read x86-64 registers
+            out.append(path)
+    for fallback in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6", "/usr/lib/libc.so.6",
+                     "/lib/libc.musl-x86_64.so.1", "/lib/ld-musl-x86_64.so.1"):
+        if os.path.exists(fallback):
+            out.append(fallback)
+    return out
+
+
+def mapped_libraries(pid: int) -> list[str]:
+    """Candidate files mapped by a process, as paths openable from here."""
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            maps = fh.read()
+    except OSError:
+        return []
+    paths = set()
+    for line in maps.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) == 6 and CANDIDATE.search(parts[5]):
+            paths.add(parts[5])
+    # /proc/PID/root reaches the file the process sees, in its own mount namespace.
+    return [f"/proc/{pid}/root{p}" for p in sorted(paths) if not p.endswith("(deleted)")]
+
+
+def all_pids() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def find_targets(pids: Optional[Iterable[int]] = None) -> list[Target]:
+    """Every distinct file defining the probed functions, for these pids (all when None) and
+    for processes yet to start (the system's own libc)."""
+    paths = list(system_libraries())
+    for pid in (all_pids() if pids is None else pids):
+        paths.extend(mapped_libraries(pid))
+    seen: dict = {}
+    for p in paths:
+        t = target(p)
+        if t is not None and t.ident not in seen:
+            seen[t.ident] = t
+    return list(seen.values())
