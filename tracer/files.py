@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .errors import KeytraceError
@@ -35,7 +36,9 @@ def save_events(events: pd.DataFrame, path) -> None:
         elif fmt == "csv":
             out.to_csv(path, index=False)
         else:
-            out.to_json(path, orient="records", lines=True, date_format="iso", date_unit="ns")
+            # pandas' own ISO writer drops the nanoseconds; numpy's keeps them.
+            ts = np.datetime_as_string(out["ts"].dt.tz_convert(None).to_numpy(), unit="ns")
+            out.assign(ts=np.char.add(ts, "Z")).to_json(path, orient="records", lines=True)
     except OSError as e:
         raise KeytraceError(f"cannot write {path}: {e.strerror or e}") from None
 
@@ -52,7 +55,7 @@ def load_events(path) -> pd.DataFrame:
             raw = pd.read_csv(p, dtype={"path": object, "comm": object},
                               keep_default_na=False, na_values={"key": [""]})
         else:
-            raw = pd.read_json(p, lines=True, dtype=False, convert_dates=False)
+            raw = pd.read_json(p, lines=True, dtype=False)
     except PermissionError:
         raise KeytraceError(f"cannot read {path}: permission denied") from None
     except Exception as e:  # pyarrow, the CSV and the JSON parser each raise their own kinds
@@ -76,7 +79,7 @@ def coerce(raw: pd.DataFrame, source: str = "input") -> pd.DataFrame:
         ts = (pd.to_datetime(ts, utc=True, format="ISO8601") if not pd.api.types.is_datetime64_any_dtype(ts)
               else ts.dt.tz_localize("UTC") if ts.dt.tz is None else ts)
         frame = pd.DataFrame({
-            "ts": ts,
+            "ts": ts.astype("datetime64[ns, UTC]"),  # pandas 3 infers coarser units
             "pid": raw["pid"].astype("int64"),
             "tid": raw["tid"].astype("int64"),
             "comm": pd.Categorical(raw["comm"].fillna("").astype(str)),

@@ -93,14 +93,14 @@ class ProbeSet:
         if _exit_has_group_dead():
             cflags.append("-DKT_GROUP_DEAD")
         try:
-            self.bpf = BPF(text=source(), cflags=cflags)
+            self.bpf = BPF(text=source().encode(), cflags=cflags)
         except Exception as e:
             raise KeytraceError(f"compiling the probes failed: {e} (run keytrace doctor)") from None
         if self.pids is not None:
-            traced = self.bpf["traced"]
+            traced = self.bpf[b"traced"]
             for pid in self.pids:
                 traced[ct.c_uint(pid)] = ct.c_ubyte(1)
-        events = self.bpf["events"]
+        events = self.bpf[b"events"]
         self.ring = RingReader(events.map_fd, self.ring_pages * os.sysconf("SC_PAGE_SIZE"), RECORD)
         self.targets = find_targets(self.pids)
         if not self.targets:
@@ -109,24 +109,24 @@ class ProbeSet:
             for func, addr in sorted(t.functions.items()):
                 entry, ret = PROGRAMS[func]
                 try:
-                    self.bpf.attach_uprobe(name=t.path, addr=addr, fn_name=entry)
+                    self.bpf.attach_uprobe(name=t.path.encode(), addr=addr, fn_name=entry.encode())
                     self.attached += 1
                     if ret:
-                        self.bpf.attach_uretprobe(name=t.path, addr=addr, fn_name=ret)
+                        self.bpf.attach_uretprobe(name=t.path.encode(), addr=addr, fn_name=ret.encode())
                         self.attached += 1
                 except Exception as e:
                     raise KeytraceError(f"attaching to {func} in {t.path} failed: {e}") from None
 
     def add_pid(self, pid: int) -> None:
         """Trace one more process (and its future children); filtered sets only."""
-        self.bpf["traced"][ct.c_uint(pid)] = ct.c_ubyte(1)
+        self.bpf[b"traced"][ct.c_uint(pid)] = ct.c_ubyte(1)
 
     def drain(self) -> np.ndarray:
         return self.ring.drain()
 
     def lost(self) -> int:
         """Records the kernel dropped because the ring buffer was full, since open()."""
-        return int(sum(self.bpf["lost"][ct.c_int(0)]))
+        return int(sum(self.bpf[b"lost"][ct.c_int(0)]))
 
     def close(self) -> None:
         """Detach everything; safe to call twice and after a failed open()."""

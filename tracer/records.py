@@ -70,7 +70,7 @@ def decode(batch: np.ndarray, wall_offset_ns: int) -> pd.DataFrame:
         "ret": batch["ret"].astype(np.int64),
         "destructor": batch["destructor"],
         "caller": batch["caller"],
-        "path": paths,
+        "path": pd.Series(paths, dtype=object),  # object: the same under pandas 2 and 3
         "handle": batch["handle"],
         "load": batch["load"],
         "child": np.where(op == 8, batch["other"], 0).astype(np.int64),

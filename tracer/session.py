@@ -181,6 +181,8 @@ class KeyTracer:
 
     def stop(self) -> None:
         """Drain, detach every probe, end a launched command still running. Idempotent."""
+        # The launched command ends first, while the probes still see its exit.
+        self._end_command()
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
@@ -192,7 +194,6 @@ class KeyTracer:
             if self._probes is not None:
                 self._probes.close()
                 self._probes = None
-            self._end_command()
             atexit.unregister(self.stop)
 
     def _end_command(self) -> None:

@@ -1,0 +1,91 @@
+"""Shared fixtures. BPF tests compile and attach the real probes against real C programs.
+
+A BPF test skips (with the reason) where tracing is impossible, except when
+KEYTRACE_REQUIRE_BPF=1 (set by .ci/run): then that is a failure, so CI cannot pass by skipping.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tracer import doctor
+from tracer.errors import KeytraceError
+from tracer.records import OPS, RECORD, decode
+from tracer.workloads import build_demo, compile_c
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REQUIRE_BPF = os.environ.get("KEYTRACE_REQUIRE_BPF") == "1"
+
+
+@pytest.fixture(scope="session")
+def bpf():
+    try:
+        doctor.require_tracing()
+    except KeytraceError as e:
+        if REQUIRE_BPF:
+            pytest.fail(f"BPF is required (KEYTRACE_REQUIRE_BPF=1) but unavailable: {e}")
+        pytest.skip(f"BPF unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def bins(tmp_path_factory):
+    """Every C workload and fixture, compiled once per session."""
+    d = tmp_path_factory.mktemp("bin")
+    b = {k: str(v) for k, v in build_demo(d).items()}
+    for name in ("threads", "forker", "keymaker"):
+        b[name] = str(compile_c(FIXTURES / f"{name}.c", d))
+    return b
+
+
+def keytrace(*args, check_json=False, timeout=120, **kw):
+    """Run the keytrace command line; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def json_rows(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def uprobes_attached_by(pid: int) -> list[str]:
+    """bpftool's perf-attached probe lines belonging to a pid."""
+    res = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True)
+    return [json.dumps(r) for r in json.loads(res.stdout or "[]") if r.get("pid") == pid]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_attached():
+    """After the whole suite: no uprobe of ours left (tracefs or perf-attached)."""
+    yield
+    me = os.getpid()
+    left = uprobes_attached_by(me)
+    tracefs = Path("/sys/kernel/tracing/uprobe_events")
+    entries = tracefs.read_text().strip() if tracefs.exists() else ""
+    assert not left and not entries, f"probes left attached: {left} {entries!r}"
+
+
+def events(*rows, start_ns=1_000_000_000):
+    """An events frame from synthetic records, decoded the way live ones are.
+
+    Each row: (op, pid, **fields) as a dict; ts increases by 1 us per row.
+    """
+    a = np.zeros(len(rows), dtype=RECORD)
+    for i, r in enumerate(rows):
+        r = dict(r)
+        a[i]["op"] = OPS.index(r.pop("op"))
+        a[i]["ts"] = start_ns + i * 1000
+        a[i]["tid"] = r.get("pid", 0)
+        a[i]["comm"] = r.pop("comm", "proc").encode()
+        if "path" in r:
+            a[i]["path"] = r.pop("path").encode()
+        if "child" in r:
+            a[i]["other"] = r.pop("child")
+        for k, v in r.items():
+            a[i][k] = v
+    return decode(a, 0)

@@ -1,0 +1,64 @@
+"""Saved ledgers: every format round-trips to the same analysis; bad files are clear errors."""
+import pytest
+
+from conftest import events, keytrace
+from tracer.errors import KeytraceError
+from tracer.files import load_events, save_events
+from tracer.ledger import Ledger
+
+SAMPLE = events(
+    dict(op="fork", pid=1, child=10),
+    dict(op="create", pid=10, key=0, destructor=0x7F00DEAD, caller=0x55AA, load=5),
+    dict(op="dlopen", pid=10, load=5, handle=0xAB, path="/x/libleaky.so"),
+    dict(op="dlclose", pid=10, handle=0xAB),
+    dict(op="exec", pid=1, path="/bin/ünïcode", comm="sh"),
+    dict(op="create_failed", pid=10, ret=11),
+)
+
+
+@pytest.mark.parametrize("ext", [".parquet", ".csv", ".jsonl"])
+def test_round_trip(tmp_path, ext):
+    path = tmp_path / f"ledger{ext}"
+    save_events(SAMPLE, path)
+    back = load_events(path)
+    assert back.dtypes.to_dict() == SAMPLE.dtypes.to_dict()
+    assert back.astype(str).equals(SAMPLE.astype(str))
+    live, replayed = Ledger(), Ledger.from_file(path)
+    live.ingest(SAMPLE)
+    assert replayed.summary().equals(live.summary())
+
+
+def test_report_cli_reads_a_saved_ledger(tmp_path):
+    path = tmp_path / "l.jsonl"
+    save_events(SAMPLE, path)
+    res = keytrace("report", str(path), "--json", "--fail-on-leak")
+    assert res.returncode == 3, res.stderr
+    assert '"failed_creates": 1' in res.stdout and '"critical": true' in res.stdout
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("bad.parquet", b"not parquet at all", "is not a readable parquet ledger"),
+    ("bad.csv", b"a,b\n1,2\n", "missing column(s)"),
+    ("bad.jsonl", b'{"ts": "x"\n', "is not a readable jsonl ledger"),
+    ("missing.csv", None, "no such file"),
+    ("ledger.txt", b"", "cannot tell the format"),
+])
+def test_bad_files_are_one_clear_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(KeytraceError, match=None) as e:
+        load_events(path)
+    assert message in str(e.value)
+    res = keytrace("report", str(path))
+    assert res.returncode == 1
+    assert res.stderr.startswith("keytrace: error: ") and message in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bad_values_are_reported(tmp_path):
+    path = tmp_path / "l.csv"
+    save_events(SAMPLE, path)
+    path.write_text(path.read_text().replace("dlclose", "dlexplode"))
+    res = keytrace("report", str(path))
+    assert res.returncode == 1 and "unknown op 'dlexplode'" in res.stderr

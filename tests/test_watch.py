@@ -1,0 +1,181 @@
+"""The real path: compile and attach the probes, run C programs, assert on the ledger."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import json_rows, keytrace, uprobes_attached_by
+from tracer.session import KeyTracer
+
+pytestmark = pytest.mark.usefixtures("bpf")
+
+
+def by_pid(rows):
+    return {r["pid"]: r for r in rows}
+
+
+def test_leaky_reloads_are_counted_and_flagged(bins):
+    res = keytrace("watch", "--json", "--", bins["reload_host"], bins["libleaky"], "7")
+    assert res.returncode == 0, res.stderr
+    assert "probes attached" in res.stderr
+    (row,) = json_rows(res.stdout)
+    assert row["exe"] == bins["reload_host"]
+    assert (row["creates"], row["deletes"], row["failed_creates"], row["live_keys"]) == (7, 0, 0, 7)
+    assert row["keys_after_dlclose"] == 7
+    assert row["leaking"] is True and row["critical"] is False
+
+
+def test_tidy_reloads_are_balanced(bins):
+    res = keytrace("watch", "--json", "--fail-on-leak", "--", bins["reload_host"], bins["libtidy"], "25")
+    assert res.returncode == 0, res.stderr
+    (row,) = json_rows(res.stdout)
+    assert (row["creates"], row["deletes"], row["live_keys"], row["leaking"]) == (25, 25, 0, False)
+
+
+def test_reloading_past_1024_keys_captures_eagain(bins):
+    res = keytrace("watch", "--json", "--fail-on-leak", "--",
+                   bins["reload_host"], bins["libleaky"], "1100")
+    assert res.returncode == 3, res.stderr
+    (row,) = json_rows(res.stdout)
+    # A plain C program holds no keys of its own: all 1024 slots go to the leaky library.
+    assert (row["creates"], row["failed_creates"], row["live_keys"]) == (1100, 76, 1024)
+    assert row["critical"] is True and "EAGAIN" in row["reason"]
+
+
+def test_keys_from_several_threads(bins):
+    with KeyTracer(command=[bins["threads"], "6", "10"]) as t:
+        assert t.wait() == "exited" and t.returncode == 0
+    ev = t.ledger.events
+    creates = ev[ev.op == "create"]
+    assert len(creates) == 60 and creates.tid.nunique() == 6
+    assert (creates.pid == t.process.pid).all()
+    (row,) = t.ledger.summary().itertuples()
+    assert (row.creates, row.deletes, row.live_keys, row.leaking) == (60, 30, 30, False)
+
+
+def test_fork_and_exec_children(bins):
+    with KeyTracer(command=[bins["forker"]]) as t:
+        t.wait()
+    assert t.returncode == 0
+    s = t.ledger.summary(all_processes=True).set_index("pid")
+    parent = s.loc[t.process.pid]
+    children = s[s.parent_pid == t.process.pid]
+    assert parent.live_keys == 3 and len(children) == 2
+    execd = children[children.creates == 1].iloc[0]
+    plain = children[children.creates == 2].iloc[0]
+    # The plain fork inherits 3 keys, makes 2, deletes 1 inherited; the exec'd one starts empty.
+    assert (plain.live_keys, plain.deletes) == (4, 1)
+    assert (execd.live_keys, execd.exe, execd.deletes) == (1, bins["forker"], 0)
+
+
+def test_pid_filter_traces_only_the_given_process(bins):
+    watched = subprocess.Popen([bins["keymaker"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen([bins["keymaker"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        for p in (watched, other):
+            assert p.stdout.readline().strip() == "ready"
+        with KeyTracer(pids=[watched.pid]) as t:
+            for p in (watched, other):
+                p.stdin.write("c 5\nd 2\n")
+                p.stdin.flush()
+                assert [p.stdout.readline().split()[0] for _ in range(2)] == ["ok", "ok"]
+            time.sleep(0.05)
+        s = t.ledger.summary()
+        assert list(s.pid) == [watched.pid]
+        assert (s.creates[0], s.deletes[0], s.live_keys[0]) == (5, 2, 3)
+        assert set(t.ledger.events.pid) == {watched.pid}
+    finally:
+        for p in (watched, other):
+            p.kill()
+            p.wait()
+
+
+def test_launched_command_children_are_followed(bins):
+    script = f'{bins["reload_host"]} {bins["libleaky"]} 3; {bins["reload_host"]} {bins["libtidy"]} 4'
+    res = keytrace("watch", "--json", "--", "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    rows = json_rows(res.stdout)
+    assert sorted((r["creates"], r["deletes"]) for r in rows) == [(3, 0), (4, 4)]
+
+
+def test_duration_ends_a_launched_command_and_fail_on_leak_exit_codes(bins):
+    started = time.monotonic()
+    res = keytrace("watch", "--json", "--duration", "1.5", "--fail-on-leak", "--",
+                   bins["reload_host"], bins["libleaky"], "0", "200000")
+    assert time.monotonic() - started < 30
+    assert res.returncode == 3, res.stderr
+    (row,) = json_rows(res.stdout)
+    assert row["leaking"] and not row["alive"]  # terminated by keytrace at the end
+
+
+def test_sigterm_stops_and_reports(bins):
+    proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json", "--", bins["reload_host"],
+                             bins["libtidy"], "0", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    assert "probes attached" in line, line
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, errs = proc.communicate(timeout=30)
+    assert proc.returncode == 0, errs
+    (row,) = json_rows(out)
+    assert row["creates"] >= 1 and row["creates"] == row["deletes"]
+
+
+def test_output_file_replays_to_the_same_summary(bins, tmp_path):
+    for ext in (".parquet", ".csv", ".jsonl"):
+        path = tmp_path / f"keys{ext}"
+        live = keytrace("watch", "--json", "-o", str(path), "--", bins["reload_host"], bins["libleaky"], "4")
+        assert live.returncode == 0, live.stderr
+        replay = keytrace("report", "--json", str(path))
+        assert replay.returncode == 0, replay.stderr
+        assert json_rows(replay.stdout) == json_rows(live.stdout)
+
+
+def test_lost_events_are_counted_not_hidden(bins):
+    # One page holds 11 records; a burst of creates/deletes overflows it between drains.
+    with KeyTracer(command=[bins["threads"], "8", "100"], ring_pages=1, interval=0.5) as t:
+        t.wait()
+    assert t.returncode == 0
+    # 8 threads x (100 creates + 50 deletes), one exec, one exit: each seen or counted lost.
+    assert t.ledger.lost > 0
+    assert t.ledger.event_count + t.ledger.lost == 8 * 150 + 2
+
+
+def test_stop_detaches_every_probe(bins):
+    t = KeyTracer(command=[bins["reload_host"], bins["libtidy"], "2"]).start()
+    assert uprobes_attached_by(os.getpid()), "probes should be attached while tracing"
+    t.stop()
+    assert uprobes_attached_by(os.getpid()) == []
+    t.stop()  # idempotent
+
+
+def test_a_failed_start_leaves_nothing_attached_and_no_process(bins):
+    with pytest.raises(Exception):
+        KeyTracer(command=[bins["reload_host"]], ring_pages=3).start()  # not a power of two
+    assert uprobes_attached_by(os.getpid()) == []
+
+
+def test_a_killed_tracer_leaves_no_probe(bins):
+    proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--", "sleep", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "probes attached" in proc.stderr.readline()
+    assert uprobes_attached_by(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert uprobes_attached_by(proc.pid) == []
+    subprocess.run(["pkill", "-f", "^sleep 60$"])  # the orphaned command of the killed tracer
+
+
+def test_demo_flags_the_leaky_host_only(tmp_path):
+    res = keytrace("demo", "--json", "--interval-ms", "0", timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = json_rows(res.stdout)
+    leaky = [r for r in rows if r["leaking"]]
+    tidy = [r for r in rows if not r["leaking"]]
+    assert len(leaky) == 1 and len(tidy) == 1
+    assert leaky[0]["critical"] and leaky[0]["failed_creates"] == 1 and leaky[0]["live_keys"] == 1024
+    assert tidy[0]["creates"] == tidy[0]["deletes"] == 1200
