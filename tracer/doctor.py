@@ -38,7 +38,8 @@ def _effective_caps() -> int:
 def check_privileges() -> Check:
     caps = _effective_caps()
     has = lambda c: bool(caps >> c & 1)  # noqa: E731
-    if os.geteuid() == 0 or (has(CAP_BPF) and has(CAP_PERFMON)) or has(CAP_SYS_ADMIN):
+    # Capabilities, not the uid, decide: root in a container may have lost them.
+    if (has(CAP_BPF) and has(CAP_PERFMON)) or has(CAP_SYS_ADMIN):
         how = "root" if os.geteuid() == 0 else "capabilities CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN"
         return Check("privileges", True, how)
     return Check("privileges", False, f"running as uid {os.geteuid()} without CAP_BPF and CAP_PERFMON",
