@@ -8,6 +8,7 @@ import time
 import pytest
 
 from conftest import json_rows, keytrace, uprobes_attached_by
+from tracer.errors import KeytraceError
 from tracer.session import KeyTracer
 
 pytestmark = pytest.mark.usefixtures("bpf")
@@ -154,9 +155,11 @@ def test_stop_detaches_every_probe(bins):
 
 
 def test_a_failed_start_leaves_nothing_attached_and_no_process(bins):
-    with pytest.raises(Exception):
-        KeyTracer(command=[bins["reload_host"]], ring_pages=3).start()  # not a power of two
+    t = KeyTracer(command=[bins["reload_host"], bins["libtidy"], "0"], ring_pages=3)
+    with pytest.raises(KeytraceError, match="power of two"):
+        t.start()
     assert uprobes_attached_by(os.getpid()) == []
+    assert t.process.poll() is not None  # the gated command never ran and is gone
 
 
 def test_a_killed_tracer_leaves_no_probe(bins):

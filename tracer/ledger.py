@@ -40,7 +40,7 @@ class Process:
     exited: Optional[int] = None
     keys: dict = field(default_factory=dict)      # key -> (ts, destructor, caller, load id)
     loads: dict = field(default_factory=dict)     # dlopen id -> (path, handle)
-    handle_loads: dict = field(default_factory=dict)  # open handle -> [dlopen ids]
+    handles: dict = field(default_factory=dict)   # open handle -> [references, [dlopen ids]]
     unloaded: set = field(default_factory=set)    # dlopen ids whose handle was closed for good
 
     @property
@@ -56,7 +56,7 @@ class Process:
         # A forked child starts with a copy of its parent's memory, key table included.
         return Process(pid=child_pid, start=ts, comm=self.comm, exe=self.exe, parent=self.ident,
                        keys=dict(self.keys), loads=dict(self.loads),
-                       handle_loads={h: list(v) for h, v in self.handle_loads.items()},
+                       handles={h: [n, list(ids)] for h, (n, ids) in self.handles.items()},
                        unloaded=set(self.unloaded))
 
 
@@ -108,8 +108,7 @@ class Ledger:
         # exit cut histories, so the order of operations is the state. Columns go to Python
         # lists first (one C-level conversion each), the loop itself touches only dicts.
         cols = (
-            f["ts"].array.asi8.tolist() if hasattr(f["ts"].array, "asi8")
-            else f["ts"].astype("int64").tolist(),
+            f["ts"].array.asi8.tolist(),
             f["pid"].tolist(), f["comm"].astype(object).tolist(),
             f["op"].cat.codes.tolist(), f["key"].fillna(-1).astype(np.int64).tolist(),
             f["ret"].tolist(), f["destructor"].tolist(), f["caller"].tolist(),
@@ -138,17 +137,19 @@ class Ledger:
             elif op == DLOPEN:
                 if handle:
                     p.loads[load] = (path, handle)
-                    p.handle_loads.setdefault(handle, []).append(load)
+                    refs = p.handles.setdefault(handle, [0, []])
+                    refs[0] += 1
+                    refs[1].append(load)
             elif op == DLCLOSE:
-                ids = p.handle_loads.get(handle)
-                if ids:
-                    ids.pop()  # one dlopen reference released
-                    if not ids:
-                        # Last reference: the library instance is unloaded (as far as dlopen
-                        # refcounts go; issue: NODELETE and dependency pins keep it mapped).
-                        del p.handle_loads[handle]
-                        p.unloaded.update(load_id for load_id, (_, h) in p.loads.items()
-                                          if h == handle and load_id not in p.unloaded)
+                refs = p.handles.get(handle)
+                if refs:
+                    refs[0] -= 1
+                    if refs[0] == 0:
+                        # The last reference: by dlopen's count the instance is unloaded. (One
+                        # pinned by RTLD_NODELETE or a dependency stays mapped; exact unmapping
+                        # is the attribution layer's to track.)
+                        del p.handles[handle]
+                        p.unloaded.update(refs[1])
             elif op == FORK:
                 old = current.get(child)
                 if old is not None:  # its exit was lost: close the old history
