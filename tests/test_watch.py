@@ -182,3 +182,20 @@ def test_demo_flags_the_leaky_host_only(tmp_path):
     assert len(leaky) == 1 and len(tidy) == 1
     assert leaky[0]["critical"] and leaky[0]["failed_creates"] == 1 and leaky[0]["live_keys"] == 1024
     assert tidy[0]["creates"] == tidy[0]["deletes"] == 1200
+
+
+def test_host_wide_watch_sees_an_unrelated_process(bins):
+    proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json", "--duration", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "tracing the whole host" in proc.stderr.readline()
+        host = subprocess.run([bins["reload_host"], bins["libleaky"], "3"])
+        assert host.returncode == 0
+        out, errs = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, errs
+    rows = [r for r in json_rows(out) if r["exe"] == bins["reload_host"]]
+    assert len(rows) == 1
+    assert (rows[0]["creates"], rows[0]["live_keys"], rows[0]["leaking"]) == (3, 3, True)
