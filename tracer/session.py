@@ -11,6 +11,7 @@ or after a failed start) drains what is left, detaches every probe and ends a la
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import signal
@@ -26,8 +27,20 @@ from .probes import DEFAULT_RING_PAGES, ProbeSet
 from .records import boot_to_wall_offset_ns, decode
 
 # The launched command waits on fd 3 until the probes are attached, then becomes the command
-# (exec keeps the pid, which is already in the kernel's filter).
-_GATE = 'read -r _ <&3 || exit 127; exec 3<&-; exec "$@"'
+# (exec keeps the pid, which is already in the kernel's filter). Through setpriv it gets a
+# parent-death signal, so a killed keytrace leaves no launched command running.
+_GATE = 'read -r _ <&3 || exit 127; exec 3<&-; exec {pdeath}"$@"'
+
+
+@functools.lru_cache(maxsize=1)
+def _gate_script() -> str:
+    setpriv = shutil.which("setpriv")
+    try:
+        ok = setpriv and "--pdeathsig" in subprocess.run([setpriv, "--help"], capture_output=True,
+                                                         text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return _GATE.format(pdeath=f"{setpriv} --pdeathsig TERM -- " if ok else "")
 
 
 class Launched:
@@ -131,7 +144,7 @@ class KeyTracer:
         r, w = os.pipe()
         try:
             # posix_spawn puts the gate's read end on fd 3 and nothing else of ours is inherited.
-            pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _GATE, "keytrace-gate", path, *argv[1:]],
+            pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _gate_script(), "keytrace-gate", path, *argv[1:]],
                                  os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, r, 3)])
         finally:
             os.close(r)
