@@ -22,9 +22,12 @@
 #define OP_EXEC 6
 #define OP_EXIT 7
 #define OP_FORK 8
+#define OP_MAP 9
+#define OP_UNMAP 10
 
 #define KT_PATH_LEN 256
 #define KT_CLONE_THREAD 0x00010000
+#define KT_MAX_MODULES 16   // link_map entries reported per dlopen
 
 struct event {
     u64 ts;          // bpf_ktime_get_boot_ns()
@@ -38,8 +41,25 @@ struct event {
     u32 op;
     s32 ret;         // create/delete: return value (a failed delete keeps op delete)
     u32 key;         // create (success) / delete: the key
+    s32 stack;       // create: user stack id in `stacks` (negative: none)
+    u32 index;       // map: position in the link_map chain after the dlopen'd object
     char comm[16];
-    char path[KT_PATH_LEN];  // dlopen: file argument; exec: filename
+    char path[KT_PATH_LEN];  // dlopen: file argument; exec: filename; map: l_name
+};
+
+// The public head of glibc's (and musl's) struct link_map, <link.h>: stable ABI.
+struct link_map_head {
+    u64 l_addr;   // load bias
+    u64 l_name;
+    u64 l_ld;
+    u64 l_next;
+    u64 l_prev;
+};
+
+struct module_key {
+    u32 pid;
+    u32 pad;
+    u64 base;
 };
 
 struct create_args {
@@ -47,6 +67,7 @@ struct create_args {
     u64 destructor;
     u64 caller;
     u64 load;
+    s64 stack;
 };
 
 struct dlopen_args {
@@ -60,6 +81,10 @@ BPF_HASH(traced, u32, u8, 65536);           // tgid filter, used with KT_FILTER
 BPF_HASH(create_inflight, u32, struct create_args, 65536);
 BPF_HASH(delete_inflight, u32, u32, 65536);
 BPF_HASH(dlopen_inflight, u32, struct dlopen_args, 65536);
+BPF_STACK_TRACE(stacks, 16384);
+// Load bases of modules dlopen reported: munmap of exactly that address is their unmapping.
+BPF_TABLE("lru_hash", struct module_key, u8, modules, 65536);  // LRU: exits leave no debt
+BPF_TABLE("lru_hash", u32, u8, walked, 65536);  // tgids whose earlier link_map entries were reported
 
 static __always_inline int wanted(u32 tgid)
 {
@@ -93,6 +118,8 @@ static __always_inline struct event *new_event(u32 op, u64 pid_tgid)
     e->other = 0;
     e->ret = 0;
     e->key = 0;
+    e->stack = -1;
+    e->index = 0;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     e->path[0] = 0;
     return e;
@@ -118,6 +145,9 @@ int create_enter(struct pt_regs *ctx)
     struct dlopen_args *d = dlopen_inflight.lookup(&tid);
     if (d)
         a.load = d->id;
+    // At entry the walk starts at the caller's caller (the caller's frame is not pushed yet):
+    // user space puts `caller` in front.
+    a.stack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
     create_inflight.update(&tid, &a);
     return 0;
 }
@@ -136,6 +166,7 @@ int create_return(struct pt_regs *ctx)
         e->destructor = a->destructor;
         e->caller = a->caller;
         e->load = a->load;
+        e->stack = a->stack;
         if (ret == 0)
             bpf_probe_read_user(&e->key, sizeof(e->key), (void *)a->keyp);
         submit(e);
@@ -174,6 +205,26 @@ int delete_return(struct pt_regs *ctx)
     return 0;
 }
 
+// Report one link_map entry as a map record; returns the next (or previous) entry, 0 at the end.
+static __always_inline u64 report_module(u64 lm, u64 id, u32 index, u64 pid_tgid, int forward)
+{
+    struct link_map_head m = {};
+    if (bpf_probe_read_user(&m, sizeof(m), (void *)lm))
+        return 0;
+    struct event *e = new_event(OP_MAP, pid_tgid);
+    if (e) {
+        e->load = id;
+        e->handle = m.l_addr;
+        e->index = index;
+        bpf_probe_read_user_str(&e->path, sizeof(e->path), (void *)m.l_name);
+        submit(e);
+    }
+    struct module_key mk = {.pid = pid_tgid >> 32, .base = m.l_addr};
+    u8 one = 1;
+    modules.update(&mk, &one);
+    return forward ? m.l_next : m.l_prev;
+}
+
 // void *dlopen(const char *file, int mode): constructors run inside, so keys created while a
 // dlopen is in flight on the same thread carry its id.
 int dlopen_enter(struct pt_regs *ctx)
@@ -196,15 +247,55 @@ int dlopen_return(struct pt_regs *ctx)
     struct dlopen_args *a = dlopen_inflight.lookup(&tid);
     if (!a)
         return 0;
+    u64 handle = PT_REGS_RC(ctx);
+    u64 id = a->id;
     struct event *e = new_event(OP_DLOPEN, pid_tgid);
     if (e) {
-        e->load = a->id;
-        e->handle = PT_REGS_RC(ctx);
+        e->load = id;
+        e->handle = handle;
         if (a->file)
             bpf_probe_read_user_str(&e->path, sizeof(e->path), (void *)a->file);
         submit(e);
     }
     dlopen_inflight.delete(&tid);
+    // The handle is the object's link_map; the objects after it in the chain include the
+    // dependencies this dlopen loaded. Report each one's base and name, and remember the base
+    // so that its munmap (glibc unmaps a module from its first address) is seen.
+    u64 lm = handle;
+    for (int i = 0; i < KT_MAX_MODULES; i++) {
+        if (!lm)
+            break;
+        lm = report_module(lm, id, i, pid_tgid, 1);
+    }
+    // Once per program image, the objects before it too: the executable, libc, the loader,
+    // so that frames there can be named even after the process is gone.
+    u32 tgid = pid_tgid >> 32;
+    u8 one = 1;
+    if (handle && !walked.lookup(&tgid)) {
+        walked.update(&tgid, &one);
+        struct link_map_head h = {};
+        lm = bpf_probe_read_user(&h, sizeof(h), (void *)handle) ? 0 : h.l_prev;
+        for (int i = 0; i < KT_MAX_MODULES; i++) {
+            if (!lm)
+                break;
+            lm = report_module(lm, 0, KT_MAX_MODULES + i, pid_tgid, 0);
+        }
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_munmap)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct module_key mk = {.pid = pid_tgid >> 32, .base = args->addr};
+    if (!modules.lookup(&mk))
+        return 0;
+    modules.delete(&mk);
+    struct event *e = new_event(OP_UNMAP, pid_tgid);
+    if (e) {
+        e->handle = args->addr;
+        submit(e);
+    }
     return 0;
 }
 
@@ -249,6 +340,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!wanted(pid_tgid >> 32))
         return 0;
+    u32 tgid = pid_tgid >> 32;
+    walked.delete(&tgid);  // a new image has a new link_map chain
     struct event *e = new_event(OP_EXEC, pid_tgid);
     if (e) {
         e->other = args->old_pid;

@@ -1,17 +1,26 @@
-"""The rules: what makes a process leaking or critical. Written once, used by the CLI, the
-Python API and the agent alike; they all read the frame that judge() returns.
+"""The rules: what makes a process leaking or critical, which library is responsible, and how
+long is left. Written once; the CLI, the Python API and the agent all read the frames built
+here (from the ledger's per-process state).
 """
 from __future__ import annotations
 
 import errno
+import os
+from typing import Optional
 
 import pandas as pd
 
-# Columns of per-process state, as tracer.ledger fills them.
-STATE_COLUMNS = ["pid", "start", "comm", "exe", "creates", "deletes", "failed_creates",
-                 "failed_deletes", "last_failure_ret", "live_keys", "keys_after_dlclose",
-                 "alive", "parent_pid"]
-# ... and what judge() adds.
+from . import forecast as fc
+from .attribution import Attribution
+
+SUMMARY_COLUMNS = [
+    "pid", "start", "comm", "exe", "alive", "parent_pid",
+    "creates", "deletes", "failed_creates", "failed_deletes", "last_failure_ret",
+    "live_keys", "keys_after_dlclose",
+    "library", "libraries", "orphaned_keys",
+    "limit", "headroom", "leak_per_reload", "reloads_per_day", "keys_per_day", "days_left",
+    "exhaustion_eta",
+]
 VERDICT_COLUMNS = ["leaking", "critical", "reason"]
 
 
@@ -19,34 +28,74 @@ def _errname(code: int) -> str:
     return errno.errorcode.get(code, str(code))
 
 
-def judge(state: pd.DataFrame) -> pd.DataFrame:
-    """Add the verdict columns to per-process state, and sort: critical, leaking, most keys.
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _state(p, now: pd.Timestamp, reloads_per_day: Optional[float], attribute: bool) -> dict:
+    row = {
+        "pid": p.pid, "start": pd.Timestamp(p.start, unit="ns", tz="UTC"), "comm": p.comm,
+        "exe": p.exe or "", "alive": p.exited is None, "parent_pid": p.parent[0] if p.parent else 0,
+        "creates": p.creates, "deletes": p.deletes, "failed_creates": p.failed_creates,
+        "failed_deletes": p.failed_deletes, "last_failure_ret": p.last_failure_ret,
+        "live_keys": len(p.keys),
+        "keys_after_dlclose": sum(1 for site in p.keys.values() if site.load in p.unloaded),
+    }
+    attr = (Attribution(p).summary() if attribute else
+            {"library": "", "libraries": {}, "orphaned_keys": 0, "leak_per_reload": 0.0,
+             "reload_cycles": 0, "reload_span_ns": 0})
+    rate = reloads_per_day or fc.measured_reloads_per_day(attr["reload_cycles"], attr["reload_span_ns"])
+    f = fc.forecast(row["live_keys"], fc.key_limit([m.path for m in p.modules] + [row["exe"]]),
+                    now, attr["leak_per_reload"], rate)
+    row.update(library=attr["library"], libraries=attr["libraries"],
+               orphaned_keys=attr["orphaned_keys"], limit=f.limit, headroom=f.headroom,
+               leak_per_reload=attr["leak_per_reload"], reloads_per_day=rate or 0.0,
+               keys_per_day=f.keys_per_day, days_left=f.days_left, exhaustion_eta=f.exhaustion_eta)
+    return row
+
+
+def summarize(procs, now_ns: int, reloads_per_day: Optional[float] = None,
+              attribute: bool = True) -> pd.DataFrame:
+    """The per-process summary frame, judged."""
+    now = pd.Timestamp(now_ns, unit="ns", tz="UTC")
+    rows = [_state(p, now, reloads_per_day, attribute) for p in procs]
+    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    df["exhaustion_eta"] = pd.to_datetime(df["exhaustion_eta"], utc=True)
+    return judge(df)
+
+
+def judge(df: pd.DataFrame) -> pd.DataFrame:
+    """Add the verdict columns, and sort: critical, leaking, most keys.
 
     - critical: a pthread_key_create failed (EAGAIN: the key table is full). A failure is
       never counted as a leak of its own (no key was made), but it is the outage itself.
-    - leaking: keys were created and none deleted, or keys are still live although the
-      library whose load created them was dlclose'd, or the process is critical.
+    - leaking: keys were created and none deleted; or keys outlived the dlclose of the library
+      whose load made them; or keys are orphaned (their maker's instance is unmapped, so glibc
+      holds a dangling destructor); or the process is critical.
     """
-    df = state.copy()
+    df = df.copy()
     made = df["creates"] - df["failed_creates"]
     never_deleted = (made > 0) & (df["deletes"] == 0)
-    after_dlclose = df["keys_after_dlclose"] > 0
     df["critical"] = df["failed_creates"] > 0
-    df["leaking"] = never_deleted | after_dlclose | df["critical"]
-
+    df["leaking"] = (never_deleted | (df["keys_after_dlclose"] > 0) | (df["orphaned_keys"] > 0)
+                     | df["critical"])
     reasons = []
-    for crit, failed, ret, nd, n_made, adl in zip(
-            df["critical"], df["failed_creates"], df["last_failure_ret"], never_deleted,
-            made, df["keys_after_dlclose"]):
+    for r, nd, n_made in zip(df.itertuples(), never_deleted, made):
         parts = []
-        if crit:
-            parts.append(f"pthread_key_create failed {failed}x ({_errname(ret)}"
-                         + (": key table full" if ret == errno.EAGAIN else "") + ")")
+        if r.critical:
+            parts.append(f"pthread_key_create failed {r.failed_creates}x ({_errname(r.last_failure_ret)}"
+                         + (": key table full" if r.last_failure_ret == errno.EAGAIN else "") + ")")
         if nd:
-            parts.append(f"created {n_made} key{'s' if n_made != 1 else ''}, deleted none")
-        if adl:
-            parts.append(f"{adl} key{'s' if adl != 1 else ''} outlived dlclose of the library "
+            parts.append(f"created {_plural(n_made, 'key')}, deleted none")
+        if r.orphaned_keys:
+            lib = f" (made by {os.path.basename(r.library)})" if r.library else ""
+            parts.append(f"{_plural(r.orphaned_keys, 'key')} orphaned: the library instance that "
+                         f"made them is unmapped{lib}")
+        elif r.keys_after_dlclose:
+            parts.append(f"{_plural(r.keys_after_dlclose, 'key')} outlived dlclose of the library "
                          "that created them")
+        if r.leaking and r.days_left is not None and r.days_left > 0:
+            parts.append(f"out of keys in {fc.describe(r.days_left)}")
         reasons.append("; ".join(parts))
     df["reason"] = pd.Series(reasons, index=df.index, dtype=object)
     df = df.astype({"leaking": bool, "critical": bool, "alive": bool})
@@ -54,9 +103,30 @@ def judge(state: pd.DataFrame) -> pd.DataFrame:
                           ascending=[False, False, False, True], ignore_index=True)
 
 
+def by_library(procs) -> pd.DataFrame:
+    rows = []
+    for p in procs:
+        a = Attribution(p)
+        for row in a.libraries():
+            rows.append({"pid": p.pid, "comm": p.comm, **row})
+    cols = ["pid", "comm", "library", "created", "deleted", "live_keys", "orphaned_keys", "stack"]
+    return (pd.DataFrame(rows, columns=cols)
+            .sort_values(["live_keys", "pid"], ascending=[False, True], ignore_index=True))
+
+
+def reloads(procs) -> pd.DataFrame:
+    rows = []
+    for p in procs:
+        for row in Attribution(p).reloads():
+            rows.append({"pid": p.pid, "comm": p.comm, **{k: v for k, v in row.items()
+                                                          if k not in ("first_load", "last_load")}})
+    cols = ["pid", "comm", "loaded", "cycles", "keys_left", "keys_per_cycle", "made_by", "finding"]
+    return pd.DataFrame(rows, columns=cols)
+
+
 def flagged(summary: pd.DataFrame) -> pd.DataFrame:
     """The processes a --fail-on-leak gate fails on."""
     return summary[summary["leaking"]]
 
 
-__all__ = ["judge", "flagged", "STATE_COLUMNS", "VERDICT_COLUMNS"]
+__all__ = ["summarize", "judge", "by_library", "reloads", "flagged", "SUMMARY_COLUMNS"]

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from . import analysis, doctor as doctor_mod
+from . import analysis, doctor as doctor_mod, forecast
 from .errors import KeytraceError
 from .files import format_of, save_events
 from .ledger import Ledger
@@ -26,7 +26,10 @@ from .session import KeyTracer
 
 EXIT_ERROR, EXIT_LEAK = 1, 3
 JSON_FIELDS = ["pid", "comm", "exe", "start", "alive", "creates", "deletes", "failed_creates",
-               "failed_deletes", "live_keys", "keys_after_dlclose", "leaking", "critical", "reason"]
+               "failed_deletes", "live_keys", "keys_after_dlclose", "library", "libraries",
+               "orphaned_keys", "limit", "headroom", "leak_per_reload", "reloads_per_day",
+               "keys_per_day", "days_left", "exhaustion_eta", "leaking", "critical", "reason"]
+VIEWS = ("process", "library", "reload")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Trace pthread key creation and deletion with eBPF uprobes, and flag the "
@@ -47,37 +50,61 @@ def summary_table(summary: pd.DataFrame, title: str = "pthread keys per process"
     t = Table(title=title, title_justify="left")
     for name, just in [("PID", "right"), ("COMM", "left"), ("CREATES", "right"),
                        ("DELETES", "right"), ("FAILED", "right"), ("LIVE", "right"),
-                       ("AFTER DLCLOSE", "right"), ("VERDICT", "left")]:
-        t.add_column(name, justify=just, no_wrap=name != "VERDICT")
+                       ("ORPHANED", "right"), ("LIBRARY", "left"), ("RUNS OUT IN", "left"),
+                       ("VERDICT", "left")]:
+        t.add_column(name, justify=just, no_wrap=name not in ("VERDICT", "LIBRARY"))
     rows = summary if limit is None else summary.head(limit)
     for r in rows.itertuples():
         style = "bold red" if r.critical else "yellow" if r.leaking else None
         verdict = ("CRITICAL: " + r.reason if r.critical else
                    "LEAKING: " + r.reason if r.leaking else "ok")
         t.add_row(str(r.pid), r.comm + ("" if r.alive else " (exited)"), str(r.creates),
-                  str(r.deletes), str(r.failed_creates), str(r.live_keys),
-                  str(r.keys_after_dlclose), verdict, style=style)
+                  str(r.deletes), str(r.failed_creates), f"{r.live_keys}/{r.limit}",
+                  str(r.orphaned_keys), os.path.basename(r.library) or "-",
+                  forecast.describe(r.days_left) if r.leaking else "-", verdict, style=style)
     if limit is not None and len(summary) > limit:
         t.caption = f"{len(summary) - limit} more processes"
     return t
 
 
-def json_lines(summary: pd.DataFrame) -> str:
-    rows = summary[JSON_FIELDS].copy()
-    rows["start"] = rows["start"].map(lambda ts: ts.isoformat())
-    return "".join(json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in rec.items()})
-                   + "\n" for rec in rows.to_dict(orient="records"))
+def frame_table(df: pd.DataFrame, title: str) -> Table:
+    """Any analysis frame (per library, per reload) as a plain table."""
+    t = Table(title=title, title_justify="left")
+    for c in df.columns:
+        t.add_column(c.upper().replace("_", " "), overflow="fold")
+    for rec in df.itertuples(index=False):
+        t.add_row(*[f"{v:g}" if isinstance(v, float) else str(v) for v in rec])
+    return t
 
 
-def emit(ledger: Ledger, as_json: bool, fail_on_leak: bool, title: str) -> None:
-    summary = ledger.summary()
+def _plain(v):
+    if isinstance(v, pd.Timestamp):
+        return v.isoformat()
+    if v is None or (isinstance(v, float) and v != v) or v is pd.NaT:
+        return None
+    return v.item() if hasattr(v, "item") else v
+
+
+def json_lines(df: pd.DataFrame) -> str:
+    return "".join(json.dumps({k: _plain(v) for k, v in rec.items()}) + "\n"
+                   for rec in df.to_dict(orient="records"))
+
+
+def emit(ledger: Ledger, as_json: bool, fail_on_leak: bool, title: str,
+         reloads_per_day: Optional[float] = None, view: str = "process") -> None:
+    summary = ledger.summary(reloads_per_day=reloads_per_day)
+    shown = {"process": lambda: summary[JSON_FIELDS], "library": ledger.by_library,
+             "reload": ledger.reloads}[view]()
     if as_json:
-        sys.stdout.write(json_lines(summary))
+        sys.stdout.write(json_lines(shown))
         sys.stdout.flush()
-    elif summary.empty:
-        out.print("No process created or deleted a pthread key.")
-    else:
+    elif shown.empty:
+        out.print("No process created or deleted a pthread key." if view == "process" else
+                  f"Nothing to show per {view}.")
+    elif view == "process":
         out.print(summary_table(summary, title=title))
+    else:
+        out.print(frame_table(shown, title=f"{title}, per {view}"))
     if ledger.lost:
         err.print(f"keytrace: warning: {ledger.lost} events were lost (ring buffer full): the "
                   "counts are lower bounds; raise --ring-pages", markup=False)
@@ -86,7 +113,8 @@ def emit(ledger: Ledger, as_json: bool, fail_on_leak: bool, title: str) -> None:
 
 
 def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[Path],
-                as_json: bool, fail_on_leak: bool, title: str) -> None:
+                as_json: bool, fail_on_leak: bool, title: str,
+                reloads_per_day: Optional[float] = None, view: str = "process") -> None:
     """Start, show a live table while tracing, stop on any end condition, report."""
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -109,7 +137,7 @@ def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[P
     if output is not None:
         save_events(tracer.ledger.events, output)
         err.print(f"keytrace: wrote {tracer.ledger.event_count} events to {output}", markup=False)
-    emit(tracer.ledger, as_json, fail_on_leak, title)
+    emit(tracer.ledger, as_json, fail_on_leak, title, reloads_per_day, view)
 
 
 def announce(t: KeyTracer) -> None:
@@ -118,6 +146,11 @@ def announce(t: KeyTracer) -> None:
              else "pids " + ", ".join(map(str, t.pids)) + " and their children")
     err.print(f"keytrace: {t.attached} probes attached in {len(t.files)} file(s) "
               f"({', '.join(t.files)}); tracing {scope}", markup=False, soft_wrap=True)
+
+
+def check_view(by: str) -> None:
+    if by not in VIEWS:
+        raise KeytraceError(f"--by takes one of {', '.join(VIEWS)}, not {by!r}")
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -137,6 +170,11 @@ def watch(
                                       "flagged leaking or critical."),
     ring_pages: int = typer.Option(2048, "--ring-pages", help="Ring buffer size in 4 KiB pages "
                                    "(a power of two)."),
+    reloads_per_day: Optional[float] = typer.Option(
+        None, "--reloads-per-day", min=0, help="Reload cycles per day for the forecast (default: "
+        "measured from the traced dlopens). Apache's daily graceful restart: 1."),
+    by: str = typer.Option("process", "--by", help="Report per process, library (which library "
+                           "made the keys) or reload (what each load/unload cycle leaves)."),
 ):
     """Trace pthread_key_create/delete (and dlopen/dlclose, fork, exec, exit) and report, per
     process, the keys created, deleted and still live, flagging leaks.
@@ -150,13 +188,16 @@ def watch(
       keytrace watch -p 1234 -d 60 --json        one process for a minute, JSON lines
       keytrace watch -d 3600 -o keys.parquet     the whole host for an hour, saved
       keytrace watch --fail-on-leak -- ./tests   a CI gate: exit 3 on a leak
+      keytrace watch --reloads-per-day 1 --by library -- ./host libA.so 10
     """
     try:
+        check_view(by)
         if output is not None:
             format_of(output)
         tracer = KeyTracer(pids=pid or None, command=command or None, ring_pages=ring_pages,
                            on_ready=announce)
-        run_session(tracer, duration, output, as_json, fail_on_leak, title="pthread keys per process")
+        run_session(tracer, duration, output, as_json, fail_on_leak, "pthread keys per process",
+                    reloads_per_day, by)
     except KeytraceError as e:
         raise fail(str(e))
 
@@ -167,6 +208,11 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="JSON lines, one object per process."),
     fail_on_leak: bool = typer.Option(False, "--fail-on-leak", help="Exit 3 when any process is "
                                       "flagged."),
+    reloads_per_day: Optional[float] = typer.Option(
+        None, "--reloads-per-day", min=0, help="Reload cycles per day for the forecast (default: "
+        "measured from the traced dlopens). Apache's daily graceful restart: 1."),
+    by: str = typer.Option("process", "--by", help="Report per process, library (which library "
+                           "made the keys) or reload (what each load/unload cycle leaves)."),
 ):
     """Analyse a saved event ledger exactly as watch analyses a live one.
 
@@ -174,12 +220,15 @@ def report(
     Examples:
       keytrace report keys.parquet
       keytrace report keys.jsonl --json | jq 'select(.leaking)'
+      keytrace report keys.parquet --by library
+      keytrace report keys.parquet --by reload --reloads-per-day 1
     """
     try:
+        check_view(by)
         ledger = Ledger.from_file(file)
     except KeytraceError as e:
         raise fail(str(e))
-    emit(ledger, as_json, fail_on_leak, title=f"pthread keys per process ({file})")
+    emit(ledger, as_json, fail_on_leak, f"pthread keys ({file})", reloads_per_day, by)
 
 
 @app.command()
@@ -187,6 +236,9 @@ def demo(
     interval_ms: float = typer.Option(2.0, "--interval-ms", min=0, help="Pause between reloads."),
     as_json: bool = typer.Option(False, "--json", help="JSON lines, one object per process."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the event ledger."),
+    reloads_per_day: Optional[float] = typer.Option(
+        1.0, "--reloads-per-day", min=0, help="Reload cycles per day for the forecast (the "
+        "incident: one graceful restart a day)."),
 ):
     """The incident, reproduced: a host that reloads a leaky library (as Apache reloaded PHP's
     Imagick and its libgomp) beside one that reloads a tidy library, traced live until glibc
@@ -210,7 +262,8 @@ def demo(
                   "deletes it) until glibc refuses one, beside a reload_host reloading libtidy.so",
                   markup=False, soft_wrap=True)
         tracer = KeyTracer(command=cmd, on_ready=announce)
-        run_session(tracer, None, output, as_json, False, title="keytrace demo: pthread keys per process")
+        run_session(tracer, None, output, as_json, False, "keytrace demo: pthread keys per process",
+                    reloads_per_day)
     except KeytraceError as e:
         raise fail(str(e))
 

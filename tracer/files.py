@@ -64,9 +64,15 @@ def load_events(path) -> pd.DataFrame:
     return coerce(raw, source=str(path))
 
 
+def _optional_text(col: pd.Series) -> pd.Series:
+    """Text or None (CSV has no None: empty strings and NaN stand for it)."""
+    col = col.astype(object)
+    return col.where(col.notna() & (col != ""), None)
+
+
 def coerce(raw: pd.DataFrame, source: str = "input") -> pd.DataFrame:
     """Check the columns and restore the dtypes of an events frame read from anywhere."""
-    missing = [c for c in COLUMNS if c not in raw.columns]
+    missing = [c for c in COLUMNS if c not in raw.columns and c != "stack"]  # stack: optional
     if missing:
         raise KeytraceError(f"{source} is not a keytrace ledger: missing column(s) "
                             f"{', '.join(missing)}")
@@ -88,10 +94,12 @@ def coerce(raw: pd.DataFrame, source: str = "input") -> pd.DataFrame:
             "ret": raw["ret"].astype("int64"),
             "destructor": raw["destructor"].astype("uint64"),
             "caller": raw["caller"].astype("uint64"),
-            "path": raw["path"].where(raw["path"].notna() & (raw["path"] != ""), None).astype(object),
+            "path": _optional_text(raw["path"]),
             "handle": raw["handle"].astype("uint64"),
             "load": raw["load"].astype("uint64"),
             "child": raw["child"].astype("int64"),
+            "stack": _optional_text(raw["stack"] if "stack" in raw.columns
+                                    else pd.Series(None, index=raw.index)),
         })
     except (ValueError, TypeError, OverflowError) as e:
         raise KeytraceError(f"{source} is not a valid keytrace ledger: {e}") from None

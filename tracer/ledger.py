@@ -22,7 +22,31 @@ import pandas as pd
 from . import analysis
 from .records import COLUMNS, OP_TYPE, empty_events
 
-CREATE, CREATE_FAILED, DELETE, DLOPEN, DLCLOSE, EXEC, EXIT, FORK = range(len(OP_TYPE.categories))
+(CREATE, CREATE_FAILED, DELETE, DLOPEN, DLCLOSE, EXEC, EXIT, FORK, MAP,
+ UNMAP) = range(len(OP_TYPE.categories))
+
+
+@dataclass(slots=True)
+class Site:
+    """Where keys come from: one call site (caller, stack) within one dlopen (load id)."""
+    caller: int
+    load: int
+    stack: Optional[str]
+    destructor: int
+    first: int            # ts of its first create
+    created: int = 0
+    deleted: int = 0
+
+
+@dataclass(slots=True)
+class Module:
+    """One mapped instance of an ELF module: reloading a library makes a new instance, even at
+    the same address."""
+    path: str
+    base: int             # load bias (link_map l_addr)
+    load: int             # the dlopen that reported it (0: seen in /proc/PID/maps)
+    mapped: int           # ts
+    unmapped: Optional[int] = None
 
 
 @dataclass
@@ -37,9 +61,12 @@ class Process:
     deletes: int = 0          # successful pthread_key_delete calls
     failed_deletes: int = 0
     last_failure_ret: int = 0
+    first_failure: Optional[int] = None  # ts of the first failed create
     exited: Optional[int] = None
-    keys: dict = field(default_factory=dict)      # key -> (ts, destructor, caller, load id)
-    loads: dict = field(default_factory=dict)     # dlopen id -> (path, handle)
+    keys: dict = field(default_factory=dict)      # key -> Site that created it
+    sites: dict = field(default_factory=dict)     # (caller, load, stack) -> Site
+    modules: list = field(default_factory=list)   # Module instances, in mapping order
+    loads: dict = field(default_factory=dict)     # dlopen id -> (path, handle, ts)
     handles: dict = field(default_factory=dict)   # open handle -> [references, [dlopen ids]]
     unloaded: set = field(default_factory=set)    # dlopen ids whose handle was closed for good
 
@@ -54,8 +81,15 @@ class Process:
 
     def fork(self, child_pid: int, ts: int) -> "Process":
         # A forked child starts with a copy of its parent's memory, key table included.
+        # The child gets copies: its own creates and unmaps must not touch the parent's.
+        sites = {k: Site(s.caller, s.load, s.stack, s.destructor, s.first, s.created, s.deleted)
+                 for k, s in self.sites.items()}
         return Process(pid=child_pid, start=ts, comm=self.comm, exe=self.exe, parent=self.ident,
-                       keys=dict(self.keys), loads=dict(self.loads),
+                       keys={k: sites[(s.caller, s.load, s.stack)] for k, s in self.keys.items()},
+                       sites=sites,
+                       modules=[Module(m.path, m.base, m.load, m.mapped, m.unmapped)
+                                for m in self.modules],
+                       loads=dict(self.loads),
                        handles={h: [n, list(ids)] for h, (n, ids) in self.handles.items()},
                        unloaded=set(self.unloaded))
 
@@ -82,6 +116,7 @@ class Ledger:
         self._exited: deque = deque()
         self._lock = threading.Lock()  # ingest may run in a polling thread
         self.event_count = 0
+        self.last_ts = 0  # ns since the epoch of the newest event: "now" for a forecast
 
     # -- input -------------------------------------------------------------------------------
     @classmethod
@@ -101,6 +136,7 @@ class Ledger:
                 self._chunks.append(frame)
                 self._events = None
             self.event_count += len(frame)
+            self.last_ts = max(self.last_ts, int(frame["ts"].array.asi8.max()))
             self._replay(frame)
 
     def _replay(self, f: pd.DataFrame) -> None:
@@ -113,30 +149,53 @@ class Ledger:
             f["op"].cat.codes.tolist(), f["key"].fillna(-1).astype(np.int64).tolist(),
             f["ret"].tolist(), f["destructor"].tolist(), f["caller"].tolist(),
             f["path"].astype(object).tolist(), f["handle"].tolist(), f["load"].tolist(),
-            f["child"].tolist(),
+            f["child"].tolist(), f["stack"].astype(object).tolist(),
         )
         current = self._current
-        for ts, pid, comm, op, key, ret, destructor, caller, path, handle, load, child in zip(*cols):
+        for ts, pid, comm, op, key, ret, destructor, caller, path, handle, load, child, stack \
+                in zip(*cols):
             p = current.get(pid)
             if p is None:
                 p = self._begin(Process(pid=pid, start=ts, comm=comm,
                                         exe=self.resolve_exe(pid) if self.resolve_exe else None))
             if op == CREATE:
                 p.creates += 1
-                p.keys[key] = (ts, destructor, caller, load)
+                site = p.sites.get((caller, load, stack))
+                if site is None:
+                    site = p.sites[(caller, load, stack)] = Site(caller, load, stack, destructor, ts)
+                site.created += 1
+                p.keys[key] = site
             elif op == DELETE:
                 if ret == 0:
                     p.deletes += 1
-                    p.keys.pop(key, None)
+                    # Paired by key value, never by caller: a library's destructor may
+                    # tail-call pthread_key_delete from anywhere.
+                    site = p.keys.pop(key, None)
+                    if site is not None:
+                        site.deleted += 1
                 else:
                     p.failed_deletes += 1
             elif op == CREATE_FAILED:
                 p.creates += 1
                 p.failed_creates += 1
                 p.last_failure_ret = ret
+                if p.first_failure is None:
+                    p.first_failure = ts
+            elif op == MAP:
+                path = path or p.exe or ""  # the main program's link_map has no name
+                if path.startswith("/") and not any(m.base == handle and m.path == path and m.unmapped is None
+                           for m in p.modules[-64:]):  # already known and still mapped
+                    # load 0: found already mapped (startup objects, /proc maps): take it as
+                    # mapped since the process (image) began.
+                    p.modules.append(Module(path, handle, load, ts if load else p.start))
+            elif op == UNMAP:
+                for m in reversed(p.modules):
+                    if m.base == handle and m.unmapped is None:
+                        m.unmapped = ts
+                        break
             elif op == DLOPEN:
                 if handle:
-                    p.loads[load] = (path, handle)
+                    p.loads[load] = (path, handle, ts)
                     refs = p.handles.setdefault(handle, [0, []])
                     refs[0] += 1
                     refs[1].append(load)
@@ -197,22 +256,24 @@ class Ledger:
         with self._lock:
             return list(self._procs.values())
 
-    def summary(self, all_processes: bool = False) -> pd.DataFrame:
-        """One row per process: counters, live keys and the verdict (see tracer.analysis).
-
-        Only processes that touched keys or libraries are listed unless all_processes.
-        """
+    def summary(self, all_processes: bool = False, reloads_per_day: Optional[float] = None,
+                attribute: bool = True) -> pd.DataFrame:
+        """One row per process: counters, live keys, the library behind them, the forecast and
+        the verdict (see tracer.analysis). Only processes that touched keys or libraries are
+        listed unless all_processes. attribute=False skips naming libraries (cheaper)."""
         with self._lock:
-            rows = [_row(p) for p in self._procs.values() if all_processes or p.active]
-        return analysis.judge(pd.DataFrame(rows, columns=analysis.STATE_COLUMNS))
+            procs = [p for p in self._procs.values() if all_processes or p.active]
+            return analysis.summarize(procs, self.last_ts, reloads_per_day, attribute)
+
+    def by_library(self) -> pd.DataFrame:
+        """One row per (process, creating library): keys created, deleted, live, orphaned."""
+        with self._lock:
+            return analysis.by_library([p for p in self._procs.values() if p.sites])
+
+    def reloads(self) -> pd.DataFrame:
+        """One row per (process, dlopen'd path): cycles and the keys each one leaves behind."""
+        with self._lock:
+            return analysis.reloads([p for p in self._procs.values() if p.loads])
 
 
-def _row(p: Process) -> tuple:
-    after_dlclose = sum(1 for (_, _, _, load) in p.keys.values() if load in p.unloaded)
-    return (p.pid, pd.Timestamp(p.start, unit="ns", tz="UTC"), p.comm, p.exe or "",
-            p.creates, p.deletes, p.failed_creates, p.failed_deletes, p.last_failure_ret,
-            len(p.keys), after_dlclose, p.exited is None,
-            p.parent[0] if p.parent else 0)
-
-
-__all__ = ["Ledger", "Process", "COLUMNS"]
+__all__ = ["Ledger", "Process", "Site", "Module", "COLUMNS"]

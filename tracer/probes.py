@@ -124,6 +124,19 @@ class ProbeSet:
     def drain(self) -> np.ndarray:
         return self.ring.drain()
 
+    def stack(self, stack_id: int) -> list:
+        """A user stack's addresses, innermost first; the entry is then freed for reuse."""
+        table = self.bpf[b"stacks"]
+        try:
+            addrs = list(table.walk(stack_id))
+        except KeyError:
+            return []
+        try:
+            del table[ct.c_int(stack_id)]
+        except KeyError:
+            pass
+        return addrs
+
     def lost(self) -> int:
         """Records the kernel dropped because the ring buffer was full, since open()."""
         return int(sum(self.bpf[b"lost"][ct.c_int(0)]))

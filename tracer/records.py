@@ -6,6 +6,7 @@ shifted to wall-clock time in one vector operation. Nothing here loops over rows
 from __future__ import annotations
 
 import time
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -25,17 +26,22 @@ RECORD = np.dtype([
     ("op", "<u4"),
     ("ret", "<i4"),
     ("key", "<u4"),
+    ("stack", "<i4"),
+    ("index", "<u4"),
     ("comm", "S16"),
     ("path", f"S{PATH_LEN}"),
 ])
 
 # op codes of the C side, in order; the index is the code.
-OPS = ["", "create", "create_failed", "delete", "dlopen", "dlclose", "exec", "exit", "fork"]
+OPS = ["", "create", "create_failed", "delete", "dlopen", "dlclose", "exec", "exit", "fork",
+       "map", "unmap"]
 OP_TYPE = pd.CategoricalDtype(OPS[1:])
 
 # The columns of an events frame, in order: what decode() makes and what files hold.
+# handle: dlopen's result / dlclose's argument; for map and unmap, the module's load base.
+# stack: a create's user stack, caller first, as hex addresses separated by spaces.
 COLUMNS = ["ts", "pid", "tid", "comm", "op", "key", "ret", "destructor", "caller",
-           "path", "handle", "load", "child"]
+           "path", "handle", "load", "child", "stack"]
 
 
 def boot_to_wall_offset_ns() -> int:
@@ -50,13 +56,17 @@ def _decode_strings(raw: np.ndarray) -> pd.Categorical:
     return pd.Categorical(names[inverse.reshape(-1)])
 
 
-def decode(batch: np.ndarray, wall_offset_ns: int) -> pd.DataFrame:
-    """Turn a structured array of RECORD into an events frame (see COLUMNS)."""
+def decode(batch: np.ndarray, wall_offset_ns: int,
+           stack_of: Optional[Callable[[int], list]] = None) -> pd.DataFrame:
+    """Turn a structured array of RECORD into an events frame (see COLUMNS).
+
+    stack_of(stack_id) gives a stack's addresses (from the BPF stack map), innermost first.
+    """
     op = batch["op"].astype(np.int64)
     if len(op) and (op.min() < 1 or op.max() >= len(OPS)):
         raise ValueError(f"unknown op code in ring buffer record: {sorted(set(op.tolist()))}")
     key_valid = np.isin(op, (1, 3))  # create, delete
-    path_valid = np.isin(op, (4, 6))  # dlopen, exec
+    path_valid = np.isin(op, (4, 6, 9))  # dlopen, exec, map
     paths = np.full(len(batch), None, dtype=object)
     if path_valid.any():
         paths[path_valid] = [p.decode("utf-8", "replace") for p in batch["path"][path_valid]]
@@ -74,9 +84,25 @@ def decode(batch: np.ndarray, wall_offset_ns: int) -> pd.DataFrame:
         "handle": batch["handle"],
         "load": batch["load"],
         "child": np.where(op == 8, batch["other"], 0).astype(np.int64),
+        "stack": pd.Series(_stacks(batch, stack_of), dtype=object),
     })
     frame["key"] = frame["key"].mask(~key_valid)
     return frame
+
+
+def _stacks(batch: np.ndarray, stack_of) -> np.ndarray:
+    out = np.full(len(batch), None, dtype=object)
+    if stack_of is None:
+        return out
+    ids = batch["stack"]
+    known = {}
+    for sid in np.unique(ids[ids >= 0]).tolist():  # one map read per distinct stack
+        known[sid] = stack_of(sid)
+    for i in np.flatnonzero(ids >= 0).tolist():
+        # The walk from a function's entry skips its caller's frame; the caller goes first.
+        frames = [int(batch["caller"][i])] + known[int(ids[i])][1:]
+        out[i] = " ".join(f"{a:#x}" for a in frames)
+    return out
 
 
 def empty_events() -> pd.DataFrame:

@@ -20,11 +20,13 @@ import threading
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
-from . import doctor
+import numpy as np
+
+from . import doctor, procmaps
 from .errors import KeytraceError
 from .ledger import Ledger
 from .probes import DEFAULT_RING_PAGES, ProbeSet
-from .records import boot_to_wall_offset_ns, decode
+from .records import OPS, PATH_LEN, RECORD, boot_to_wall_offset_ns, decode
 
 # The launched command waits on fd 3 until the probes are attached, then becomes the command
 # (exec keeps the pid, which is already in the kernel's filter). Through setpriv it gets a
@@ -104,6 +106,7 @@ class KeyTracer:
         self._poll_lock = threading.Lock()
         self._offset = boot_to_wall_offset_ns()
         self._poll_error: Optional[BaseException] = None
+        self._snapshotted: set = set()  # pids whose /proc maps are in the ledger
 
     # -- life cycle -----------------------------------------------------------------------------
     def start(self, background: bool = True) -> "KeyTracer":
@@ -165,8 +168,38 @@ class KeyTracer:
             batch = self._probes.drain()
             self.ledger.lost = self._probes.lost()
             if len(batch):
-                self.ledger.ingest(decode(batch, self._offset))
+                batch = self._with_module_snapshots(batch)
+                self.ledger.ingest(decode(batch, self._offset, stack_of=self._probes.stack))
             return len(batch)
+
+    def _with_module_snapshots(self, batch: np.ndarray) -> np.ndarray:
+        """Put "map" records of the modules a process had mapped before we saw it (from
+        /proc/PID/maps) in front of its first key creation, so its callers can be named.
+        dlopens after that are reported by the probes themselves."""
+        ops, pids = batch["op"], batch["pid"]
+        creating = (ops == OPS.index("create")) | (ops == OPS.index("create_failed"))
+        extra, where = [], []
+        for pid in np.unique(pids[creating]).tolist():
+            if pid in self._snapshotted:
+                continue
+            self._snapshotted.add(pid)
+            first = int(np.flatnonzero(creating & (pids == pid))[0])
+            mods = procmaps.modules(pid)
+            recs = np.zeros(len(mods), dtype=RECORD)
+            recs["op"] = OPS.index("map")
+            recs["pid"] = recs["tid"] = pid
+            recs["ts"] = batch["ts"][first] - 1
+            recs["comm"] = batch["comm"][first]
+            recs["stack"] = -1
+            for i, (path, base) in enumerate(mods):
+                recs[i]["path"] = path.encode()[:PATH_LEN - 1]
+                recs[i]["handle"] = base
+            extra.append(recs)
+            where += [first] * len(recs)
+        # A new image (exec) or a new process on the same pid (exit) needs a new snapshot.
+        self._snapshotted.difference_update(
+            pids[(ops == OPS.index("exec")) | (ops == OPS.index("exit"))].tolist())
+        return np.insert(batch, where, np.concatenate(extra)) if where else batch
 
     def wait(self, duration: Optional[float] = None, stop: Optional[threading.Event] = None,
              tick: Optional[Callable[[], None]] = None) -> str:

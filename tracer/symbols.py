@@ -19,6 +19,8 @@ from typing import Iterable, Optional
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from .procmaps import file_mappings
+
 FUNCTIONS = ("pthread_key_create", "pthread_key_delete", "dlopen", "dlclose")
 # Files that may define FUNCTIONS: glibc's libc, libpthread and libdl, and musl's libc.
 CANDIDATE = re.compile(r"/(libc\.so\.6|libpthread\.so\.0|libdl\.so\.2|libc\.musl-[^/]*\.so\.1|"
@@ -88,18 +90,9 @@ def system_libraries() -> list[str]:
 
 def mapped_libraries(pid: int) -> list[str]:
     """Candidate files mapped by a process, as paths openable from here."""
-    try:
-        with open(f"/proc/{pid}/maps") as fh:
-            maps = fh.read()
-    except OSError:
-        return []
-    paths = set()
-    for line in maps.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) == 6 and CANDIDATE.search(parts[5]):
-            paths.add(parts[5])
+    paths = {path for _, _, path in file_mappings(pid) if CANDIDATE.search(path)}
     # /proc/PID/root reaches the file the process sees, in its own mount namespace.
-    return [f"/proc/{pid}/root{p}" for p in sorted(paths) if not p.endswith("(deleted)")]
+    return [f"/proc/{pid}/root{p}" for p in sorted(paths)]
 
 
 def all_pids() -> list[int]:

@@ -9,20 +9,22 @@ import hashlib
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 from .errors import KeytraceError
 
 SOURCES = Path(__file__).resolve().parent / "workloads"
 
 
-def compile_c(src: Path, dest_dir: Path, shared: bool = False, extra: tuple = ()) -> Path:
+def compile_c(src: Path, dest_dir: Path, shared: bool = False, extra: tuple = (),
+              name: Optional[str] = None) -> Path:
     """Compile one C file to an executable (or a shared library), cached by content."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise KeytraceError("no C compiler (cc) to build the workload: apt-get install gcc libc6-dev")
     text = src.read_bytes()
-    digest = hashlib.sha256(text + repr((shared, extra)).encode()).hexdigest()[:12]
-    name = (f"{src.stem}.so" if shared else src.stem)
+    digest = hashlib.sha256(text + repr((shared, extra, name)).encode()).hexdigest()[:12]
+    name = name or (f"{src.stem}.so" if shared else src.stem)
     out = dest_dir / digest / name
     if out.exists():
         return out

@@ -1,0 +1,125 @@
+"""What keytrace needs of an ELF file to name an address: its load span and its function
+symbols, from .symtab and .dynsym, and from the separate debug file under /usr/lib/debug that a
+build-id or .gnu_debuglink points to. Parsed once per file identity (device, inode).
+"""
+from __future__ import annotations
+
+import bisect
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
+
+DEBUG_ROOT = Path(os.environ.get("KEYTRACE_DEBUG_ROOT", "/usr/lib/debug"))
+PAGE = 4096
+# The C library and the dynamic loader: frames there are plumbing, never the key's owner.
+_LIBC = re.compile(r"/(libc\.so\.6|libc-2\.\d+\.so|libpthread[.-]|libdl[.-]|ld-linux[^/]*\.so|"
+                   r"ld-musl[^/]*|libc\.musl[^/]*)")
+
+
+@dataclass
+class ElfInfo:
+    path: str
+    lo: int                 # first PT_LOAD vaddr, page-aligned: where the mapping starts
+    hi: int                 # end of the last PT_LOAD
+    _syms: Optional[tuple] = None  # (starts, ends, names, debug file), read on first use
+
+    @property
+    def is_libc(self) -> bool:
+        return bool(_LIBC.search(self.path))
+
+    def _symbols(self) -> tuple:
+        if self._syms is None:
+            funcs: dict = {}
+            debug = None
+            try:
+                with open(self.path, "rb") as fh:
+                    elf = ELFFile(fh)
+                    _functions(elf, funcs)
+                    debug = _debug_file(elf, self.path)
+                if debug is not None:
+                    with open(debug, "rb") as dfh:
+                        _functions(ELFFile(dfh), funcs)
+            except (OSError, ELFError, ValueError):
+                pass
+            starts = sorted(funcs)
+            self._syms = (starts, [a + funcs[a][0] for a in starts], [funcs[a][1] for a in starts],
+                          str(debug) if debug else None)
+        return self._syms
+
+    @property
+    def stripped(self) -> bool:
+        """No function symbols at all (addresses then read module+offset)."""
+        return not self._symbols()[0]
+
+    @property
+    def debug_file(self) -> Optional[str]:
+        return self._symbols()[3]
+
+    def symbol(self, vaddr: int) -> Optional[tuple]:
+        """(name, offset) of the function containing vaddr, if any."""
+        starts, ends, names, _ = self._symbols()
+        i = bisect.bisect_right(starts, vaddr) - 1
+        if i >= 0 and vaddr < ends[i]:
+            return names[i], vaddr - starts[i]
+        return None
+
+
+def _functions(elf: ELFFile, into: dict) -> None:
+    for name in (".symtab", ".dynsym"):
+        sec = elf.get_section_by_name(name)
+        if not isinstance(sec, SymbolTableSection):  # absent, or NOBITS in a debug file
+            continue
+        for sym in sec.iter_symbols():
+            if (sym["st_info"]["type"] in ("STT_FUNC", "STT_GNU_IFUNC") and sym["st_value"]
+                    and sym["st_shndx"] != "SHN_UNDEF" and sym.name):
+                # Versioned aliases share an address: keep the first (symtab) name.
+                into.setdefault(sym["st_value"], (sym["st_size"] or 1, sym.name.split("@")[0]))
+
+
+def _debug_file(elf: ELFFile, path: str) -> Optional[Path]:
+    for sec in elf.iter_sections():
+        if sec["sh_type"] == "SHT_NOTE":
+            for note in sec.iter_notes():
+                if note["n_type"] == "NT_GNU_BUILD_ID":
+                    bid = note["n_desc"]
+                    bid = bid.hex() if isinstance(bid, bytes) else bid
+                    cand = DEBUG_ROOT / ".build-id" / bid[:2] / f"{bid[2:]}.debug"
+                    if cand.exists():
+                        return cand
+    link = elf.get_section_by_name(".gnu_debuglink")
+    if link is not None:
+        name = link.data().split(b"\0", 1)[0].decode(errors="replace")
+        d = Path(path).parent
+        for cand in (d / name, d / ".debug" / name, DEBUG_ROOT / d.relative_to("/") / name):
+            if cand.exists() and str(cand) != path:
+                return cand
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _load(ident: tuple, path: str) -> Optional[ElfInfo]:
+    try:
+        with open(path, "rb") as fh:
+            loads = [s for s in ELFFile(fh).iter_segments() if s["p_type"] == "PT_LOAD"]
+    except (OSError, ELFError, ValueError):
+        return None
+    if not loads:
+        return None
+    return ElfInfo(path=path, lo=min(s["p_vaddr"] for s in loads) & ~(PAGE - 1),
+                   hi=max(s["p_vaddr"] + s["p_memsz"] for s in loads))
+
+
+def elf_info(path: str) -> Optional[ElfInfo]:
+    """The ELF facts of the file at path (openable from here), or None if it is unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _load((st.st_dev, st.st_ino, st.st_mtime_ns), path)
