@@ -40,6 +40,20 @@ def bins(tmp_path_factory):
     b = {k: str(v) for k, v in build_demo(d).items()}
     for name in ("threads", "forker", "keymaker"):
         b[name] = str(compile_c(FIXTURES / f"{name}.c", d))
+    # The nested case of the incident: libA (as Imagick) needs libB (as libgomp), whose
+    # constructor leaks a key. libfast leaks two per load; libtail is tidy through a tail call.
+    libb = compile_c(FIXTURES / "libb.c", d, shared=True)
+    b["libb"] = str(libb)
+    b["liba"] = str(compile_c(FIXTURES / "liba.c", d, shared=True, extra=(str(libb),)))
+    b["libfast"] = str(compile_c(FIXTURES / "libb.c", d, shared=True, extra=("-DKEYS=2",),
+                                 name="libfast.so"))
+    b["libtail"] = str(compile_c(FIXTURES / "libtail.c", d, shared=True, extra=("-O2",)))
+    stripped = d / "stripped"
+    stripped.mkdir(exist_ok=True)
+    b["libb_stripped"] = str(stripped / "libb_stripped.so")
+    subprocess.run(["strip", "--strip-all", "-o", b["libb_stripped"], str(libb)], check=True)
+    b["liba_on_stripped"] = str(compile_c(FIXTURES / "liba.c", d, shared=True,
+                                          extra=(b["libb_stripped"],), name="liba_on_stripped.so"))
     return b
 
 

@@ -109,7 +109,8 @@ def by_library(procs) -> pd.DataFrame:
         a = Attribution(p)
         for row in a.libraries():
             rows.append({"pid": p.pid, "comm": p.comm, **row})
-    cols = ["pid", "comm", "library", "created", "deleted", "live_keys", "orphaned_keys", "stack"]
+    cols = ["pid", "comm", "library", "created", "deleted", "live_keys", "orphaned_keys", "stack",
+            "stack_note"]
     return (pd.DataFrame(rows, columns=cols)
             .sort_values(["live_keys", "pid"], ascending=[False, True], ignore_index=True))
 

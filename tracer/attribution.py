@@ -114,10 +114,12 @@ class Attribution:
         if site.load in self.proc.loads:
             parts.append(f"dlopen({os.path.basename(self.proc.loads[site.load][0])})")
         parts += [str(f) for f in reversed(frames)] + ["pthread_key_create"]
-        text = " -> ".join(parts)
-        if len(frames) < 3:
-            text += "  [stack cut short: a caller without frame pointers]"
-        return text
+        return " -> ".join(parts)
+
+    def stack_note(self, site: Site) -> str:
+        """Said when the user stack walk stopped early (frame pointers missing on the way)."""
+        n = len(site.stack.split()) if site.stack else 1
+        return "" if n >= 3 else "stack cut short: a caller without frame pointers"
 
     def libraries(self) -> list[dict]:
         """Per creating library: keys created, deleted, live and orphaned, and the chain of
@@ -136,7 +138,8 @@ class Attribution:
             if row["_top"] is None or (n, site.created) > row["_top"][0]:
                 row["_top"] = ((n, site.created), site)
         return [{"library": lib, **{k: v for k, v in row.items() if k != "_top"},
-                 "stack": self.chain(row["_top"][1])} for lib, row in acc.items()]
+                 "stack": self.chain(row["_top"][1]), "stack_note": self.stack_note(row["_top"][1])}
+                for lib, row in acc.items()]
 
     def reloads(self) -> list[dict]:
         """Per dlopen'd path: load cycles and the keys each cycle leaves live, by maker.

@@ -62,6 +62,11 @@ class ElfInfo:
     def debug_file(self) -> Optional[str]:
         return self._symbols()[3]
 
+    def address_of(self, name: str) -> Optional[int]:
+        """The address of a function symbol, by name."""
+        starts, _, names, _ = self._symbols()
+        return next((a for a, n in zip(starts, names) if n == name), None)
+
     def symbol(self, vaddr: int) -> Optional[tuple]:
         """(name, offset) of the function containing vaddr, if any."""
         starts, ends, names, _ = self._symbols()

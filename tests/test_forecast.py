@@ -1,0 +1,71 @@
+"""Forecast arithmetic, and the orphan rule on synthetic events over a real ELF file."""
+import pandas as pd
+import pytest
+
+from conftest import events
+from tracer import forecast as fc
+from tracer.elfinfo import elf_info
+from tracer.ledger import Ledger
+
+NOW = pd.Timestamp("2026-01-01", tz="UTC")
+
+
+def test_one_key_per_daily_reload_is_the_incident():
+    f = fc.forecast(live_keys=5, limit=1024, now=NOW, leak_per_reload=1, reloads_per_day=1)
+    assert (f.headroom, f.keys_per_day, f.days_left) == (1019, 1.0, 1019)
+    assert f.exhaustion_eta == NOW + pd.Timedelta(days=1019)
+    assert fc.describe(f.days_left) == "2.8 years"
+
+
+def test_rate_measured_from_timestamps():
+    # 11 reloads over 5 days: 2 per day.
+    rate = fc.measured_reloads_per_day(cycles=11, span_ns=5 * fc.NS_PER_DAY)
+    assert rate == pytest.approx(2.0)
+    f = fc.forecast(0, 1024, NOW, leak_per_reload=1, reloads_per_day=rate)
+    assert f.days_left == pytest.approx(512)
+    assert fc.measured_reloads_per_day(1, 10) is None and fc.measured_reloads_per_day(5, 0) is None
+
+
+def test_zero_leak_gives_no_date():
+    f = fc.forecast(10, 1024, NOW, leak_per_reload=0, reloads_per_day=24)
+    assert f.days_left is None and f.exhaustion_eta is None and f.headroom == 1014
+    assert fc.describe(None) == "no leak measured"
+
+
+def test_full_table_is_exhausted_now():
+    f = fc.forecast(1024, 1024, NOW, leak_per_reload=1, reloads_per_day=1)
+    assert (f.headroom, f.days_left, f.exhaustion_eta) == (0, 0.0, NOW)
+
+
+def test_musl_limit():
+    assert fc.key_limit(["/usr/bin/app", "/lib/ld-musl-x86_64.so.1"]) == 128
+    assert fc.key_limit(["/usr/bin/app", "/lib/x86_64-linux-gnu/libc.so.6"]) == 1024
+    f = fc.forecast(100, fc.key_limit(["/lib/libc.musl-x86_64.so.1"]), NOW, 2, 1)
+    assert (f.limit, f.headroom, f.days_left) == (128, 28, 14)
+
+
+def test_far_future_is_no_overflow():
+    f = fc.forecast(0, 1024, NOW, leak_per_reload=1e-9, reloads_per_day=1e-9)
+    assert f.exhaustion_eta is None and f.days_left > 1e15
+
+
+def test_orphan_even_when_the_reload_maps_at_the_same_address(bins):
+    lib = bins["libb"]
+    init = elf_info(lib).address_of("init")
+    base = 0x7F0000000000
+    caller = base + init + 4
+    rows = []
+    for load in (1, 2):  # two load cycles, the second at the same base
+        rows += [dict(op="create", pid=7, key=load, caller=caller, load=load),
+                 dict(op="dlopen", pid=7, load=load, handle=0xA0, path=lib),
+                 dict(op="map", pid=7, load=load, handle=base, path=lib)]
+        if load == 1:
+            rows += [dict(op="dlclose", pid=7, handle=0xA0), dict(op="unmap", pid=7, handle=base)]
+    led = Ledger()
+    led.ingest(events(*rows))
+    (row,) = led.summary().itertuples()
+    # Key 1's instance is gone (orphaned); key 2's instance is the one mapped now.
+    assert (row.live_keys, row.orphaned_keys, row.library) == (2, 1, lib)
+    assert "1 key orphaned" in row.reason
+    (cycle,) = led.reloads().itertuples()
+    assert (cycle.cycles, cycle.keys_per_cycle) == (2, 1.0)
