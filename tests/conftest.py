@@ -17,7 +17,7 @@ import pytest
 from tracer import doctor
 from tracer.errors import KeytraceError
 from tracer.records import OPS, RECORD, decode
-from tracer.workloads import build_demo, compile_c
+from tracer.workloads import SOURCES, build_demo, compile_c
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REQUIRE_BPF = os.environ.get("KEYTRACE_REQUIRE_BPF") == "1"
@@ -42,17 +42,17 @@ def bins(tmp_path_factory):
         b[name] = str(compile_c(FIXTURES / f"{name}.c", d))
     # The nested case of the incident: libA (as Imagick) needs libB (as libgomp), whose
     # constructor leaks a key. libfast leaks two per load; libtail is tidy through a tail call.
-    libb = compile_c(FIXTURES / "libb.c", d, shared=True)
+    libb = compile_c(SOURCES / "libb.c", d, shared=True)
     b["libb"] = str(libb)
-    b["liba"] = str(compile_c(FIXTURES / "liba.c", d, shared=True, extra=(str(libb),)))
-    b["libfast"] = str(compile_c(FIXTURES / "libb.c", d, shared=True, extra=("-DKEYS=2",),
+    b["liba"] = str(compile_c(SOURCES / "liba.c", d, shared=True, extra=(str(libb),)))
+    b["libfast"] = str(compile_c(SOURCES / "libb.c", d, shared=True, extra=("-DKEYS=2",),
                                  name="libfast.so"))
     b["libtail"] = str(compile_c(FIXTURES / "libtail.c", d, shared=True, extra=("-O2",)))
     stripped = d / "stripped"
     stripped.mkdir(exist_ok=True)
     b["libb_stripped"] = str(stripped / "libb_stripped.so")
     subprocess.run(["strip", "--strip-all", "-o", b["libb_stripped"], str(libb)], check=True)
-    b["liba_on_stripped"] = str(compile_c(FIXTURES / "liba.c", d, shared=True,
+    b["liba_on_stripped"] = str(compile_c(SOURCES / "liba.c", d, shared=True,
                                           extra=(b["libb_stripped"],), name="liba_on_stripped.so"))
     return b
 

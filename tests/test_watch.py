@@ -199,7 +199,16 @@ def test_demo_flags_the_leaky_host_only(tmp_path):
     tidy = [r for r in rows if not r["leaking"]]
     assert len(leaky) == 1 and len(tidy) == 1
     assert leaky[0]["critical"] and leaky[0]["failed_creates"] == 1 and leaky[0]["live_keys"] == 1024
-    assert tidy[0]["creates"] == tidy[0]["deletes"] == 1200
+    assert leaky[0]["library"].endswith("/libgomp_demo.so") and leaky[0]["orphaned_keys"] == 1024
+    assert tidy[0]["creates"] == tidy[0]["deletes"] == 1200 and tidy[0]["exhaustion_eta"] is None
+
+
+def test_demo_tells_the_story():
+    res = keytrace("demo", "--interval-ms", "0", timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "each load of libimagick_demo.so leaves 1 key, made by libgomp_demo.so" in res.stdout
+    assert "runs out of its 1024 keys in 2.8 years" in res.stdout
+    assert "CRITICAL" in res.stdout and "libgomp: could not create thread pool destructor" in res.stderr
 
 
 def test_host_wide_watch_sees_an_unrelated_process(bins):

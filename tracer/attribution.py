@@ -48,8 +48,11 @@ class Resolver:
         self.root = root if proc.exited is None and os.path.exists(root) else ""
         self._infos: dict = {}
         self._by_load: dict = defaultdict(list)
+        # Reloads make many instances of few (path, base) pairs: ranges are checked per pair.
+        self._groups: dict = defaultdict(list)
         for m in proc.modules:
             self._by_load[m.load].append(m)
+            self._groups[(m.path, m.base)].append(m)
 
     def info(self, m: Module) -> Optional[ElfInfo]:
         if m.path not in self._infos:
@@ -66,9 +69,13 @@ class Resolver:
                 if self._contains(m, addr):
                     return m  # reported by the very dlopen the create ran inside
         best = None
-        for m in self.proc.modules:
-            if m.mapped <= ts and (m.unmapped is None or m.unmapped > ts) and self._contains(m, addr):
-                best = m
+        for group in self._groups.values():
+            if not self._contains(group[0], addr):
+                continue
+            for m in group:
+                if m.mapped <= ts and (m.unmapped is None or m.unmapped > ts):
+                    if best is None or m.mapped > best.mapped:
+                        best = m
         return best
 
     def frame(self, addr: int, ts: int, load: int) -> Frame:

@@ -114,7 +114,7 @@ def emit(ledger: Ledger, as_json: bool, fail_on_leak: bool, title: str,
 
 def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[Path],
                 as_json: bool, fail_on_leak: bool, title: str,
-                reloads_per_day: Optional[float] = None, view: str = "process") -> None:
+                reloads_per_day: Optional[float] = None, view: str = "process") -> Ledger:
     """Start, show a live table while tracing, stop on any end condition, report."""
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -138,6 +138,7 @@ def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[P
         save_events(tracer.ledger.events, output)
         err.print(f"keytrace: wrote {tracer.ledger.event_count} events to {output}", markup=False)
     emit(tracer.ledger, as_json, fail_on_leak, title, reloads_per_day, view)
+    return tracer.ledger
 
 
 def announce(t: KeyTracer) -> None:
@@ -257,15 +258,34 @@ def demo(
         us = str(int(interval_ms * 1000))
         # One shell launches both hosts; keytrace follows its children.
         script = ('"$0" "$1" 1200 "$3" & "$0" "$2" 0 "$3"; wait')
-        cmd = ["sh", "-c", script, str(w["reload_host"]), str(w["libtidy"]), str(w["libleaky"]), us]
-        err.print("keytrace demo: reload_host reloads libleaky.so (creates a key per load, never "
-                  "deletes it) until glibc refuses one, beside a reload_host reloading libtidy.so",
+        cmd = ["sh", "-c", script, str(w["reload_host"]), str(w["libtidy"]), str(w["libimagick"]), us]
+        err.print("keytrace demo: a reload_host reloads libimagick_demo.so, whose dependency "
+                  "libgomp_demo.so creates a pthread key per load and never deletes it, until glibc "
+                  "refuses one; beside it a reload_host reloads the tidy libtidy.so",
                   markup=False, soft_wrap=True)
         tracer = KeyTracer(command=cmd, on_ready=announce)
-        run_session(tracer, None, output, as_json, False, "keytrace demo: pthread keys per process",
-                    reloads_per_day)
+        ledger = run_session(tracer, None, output, as_json, False,
+                             "keytrace demo: pthread keys per process", reloads_per_day)
+        if not as_json:
+            explain_reloads(ledger, reloads_per_day)
     except KeytraceError as e:
         raise fail(str(e))
+
+
+def explain_reloads(ledger: Ledger, reloads_per_day: float) -> None:
+    """What each reload leaves behind, and the incident's arithmetic for a fresh process."""
+    reloads = ledger.reloads()
+    leaking = reloads[reloads["keys_per_cycle"] > 0]
+    if leaking.empty:
+        return
+    out.print(frame_table(reloads, "what each load/unload cycle leaves behind"))
+    for r in leaking.itertuples():
+        f = forecast.forecast(0, forecast.GLIBC_KEYS_MAX, pd.Timestamp.now(tz="UTC"),
+                              r.keys_per_cycle, reloads_per_day)
+        out.print(f"{r.finding}: at {reloads_per_day:g} reload(s) a day a fresh process runs out "
+                  f"of its {f.limit} keys in {forecast.describe(f.days_left)}"
+                  + (f", on {f.exhaustion_eta:%Y-%m-%d}." if f.exhaustion_eta is not None else "."),
+                  markup=False)
 
 
 @app.command()

@@ -42,9 +42,15 @@ def compile_c(src: Path, dest_dir: Path, shared: bool = False, extra: tuple = ()
 
 
 def build_demo(dest_dir: Path) -> dict[str, Path]:
-    """The reload host and its two libraries: one that leaks its key, one that is tidy."""
+    """The reload host and its libraries: libleaky (creates a key per load, never deletes it),
+    libtidy (deletes it on unload), and the incident's nested pair: libimagick_demo.so needs
+    libgomp_demo.so, whose constructor leaks the key."""
+    gomp = compile_c(SOURCES / "libb.c", dest_dir, shared=True, name="libgomp_demo.so")
     return {
         "reload_host": compile_c(SOURCES / "reload_host.c", dest_dir),
         "libleaky": compile_c(SOURCES / "libleaky.c", dest_dir, shared=True),
         "libtidy": compile_c(SOURCES / "libtidy.c", dest_dir, shared=True),
+        "libgomp": gomp,
+        "libimagick": compile_c(SOURCES / "liba.c", dest_dir, shared=True, extra=(str(gomp),),
+                                name="libimagick_demo.so"),
     }
