@@ -37,6 +37,11 @@ def test_nested_leak_names_libb_and_forecasts_the_incident(bins, tmp_path):
     bases = events[(events.op == "map") & (events.path == bins["libb"])]["handle"]
     assert len(bases) == 5 and bases.nunique() == 1
 
+    # Without a given rate, the rate measured from the dlopen timestamps still gives a date.
+    (measured,) = json_rows(keytrace("report", str(ledger), "--json").stdout)
+    assert measured["leak_per_reload"] == 1.0 and measured["reloads_per_day"] > 1
+    assert pd.Timestamp(measured["exhaustion_eta"]) > pd.Timestamp(measured["start"])
+
     by_reload = json_rows(keytrace("report", str(ledger), "--json", "--by", "reload").stdout)
     (cycle,) = [r for r in by_reload if r["loaded"] == bins["liba"]]
     assert (cycle["cycles"], cycle["keys_per_cycle"], cycle["made_by"]) == (5, 1.0, bins["libb"])
