@@ -154,6 +154,14 @@ def check_view(by: str) -> None:
         raise KeytraceError(f"--by takes one of {', '.join(VIEWS)}, not {by!r}")
 
 
+# Options shared by watch and report (typer reads these as declarations, so one serves both).
+RELOADS_PER_DAY = typer.Option(
+    None, "--reloads-per-day", min=0, help="Reload cycles per day for the forecast (default: "
+    "measured from the traced dlopens). Apache's daily graceful restart: 1.")
+BY = typer.Option("process", "--by", help="Report per process, library (which library made the "
+                  "keys) or reload (what each load/unload cycle leaves).")
+
+
 # -- commands ---------------------------------------------------------------------------------
 @app.command(context_settings={"allow_interspersed_args": False})
 def watch(
@@ -171,11 +179,8 @@ def watch(
                                       "flagged leaking or critical."),
     ring_pages: int = typer.Option(2048, "--ring-pages", help="Ring buffer size in 4 KiB pages "
                                    "(a power of two)."),
-    reloads_per_day: Optional[float] = typer.Option(
-        None, "--reloads-per-day", min=0, help="Reload cycles per day for the forecast (default: "
-        "measured from the traced dlopens). Apache's daily graceful restart: 1."),
-    by: str = typer.Option("process", "--by", help="Report per process, library (which library "
-                           "made the keys) or reload (what each load/unload cycle leaves)."),
+    reloads_per_day: Optional[float] = RELOADS_PER_DAY,
+    by: str = BY,
 ):
     """Trace pthread_key_create/delete (and dlopen/dlclose, fork, exec, exit) and report, per
     process, the keys created, deleted and still live, flagging leaks.
@@ -209,11 +214,8 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="JSON lines, one object per process."),
     fail_on_leak: bool = typer.Option(False, "--fail-on-leak", help="Exit 3 when any process is "
                                       "flagged."),
-    reloads_per_day: Optional[float] = typer.Option(
-        None, "--reloads-per-day", min=0, help="Reload cycles per day for the forecast (default: "
-        "measured from the traced dlopens). Apache's daily graceful restart: 1."),
-    by: str = typer.Option("process", "--by", help="Report per process, library (which library "
-                           "made the keys) or reload (what each load/unload cycle leaves)."),
+    reloads_per_day: Optional[float] = RELOADS_PER_DAY,
+    by: str = BY,
 ):
     """Analyse a saved event ledger exactly as watch analyses a live one.
 
