@@ -55,9 +55,11 @@ class Resolver:
             self._groups[(m.path, m.base)].append(m)
 
     def info(self, m: Module) -> Optional[ElfInfo]:
-        if m.path not in self._infos:
-            self._infos[m.path] = (self.root and elf_info(self.root + m.path)) or elf_info(m.path)
-        return self._infos[m.path]
+        key = m.file or m.path
+        if key not in self._infos:
+            self._infos[key] = ((m.file and elf_info(m.file))
+                                or (self.root and elf_info(self.root + m.path)) or elf_info(m.path))
+        return self._infos[key]
 
     def _contains(self, m: Module, addr: int) -> bool:
         info = self.info(m)

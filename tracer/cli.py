@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import analysis, doctor as doctor_mod, forecast
 from .errors import KeytraceError
-from .files import format_of, save_events
+from .files import format_of, save_events, save_table
 from .ledger import Ledger
 from .session import KeyTracer
 
@@ -274,6 +274,27 @@ def demo(
         raise fail(str(e))
 
 
+def scan_table(df: pd.DataFrame, show_all: bool) -> Table:
+    t = Table(title="pthread key tables (keytrace scan)", title_justify="left")
+    for name, just in [("PID", "right"), ("COMM", "left"), ("KEYS", "right"), ("LIMIT", "right"),
+                       ("ORPHANED", "right"), ("LIBRARY", "left"), ("RUNS OUT IN", "left"),
+                       ("STATUS", "left")]:
+        t.add_column(name, justify=just, overflow="fold")
+    shown = df if show_all else df[df["status"] != "kernel thread"]
+    for r in shown.itertuples():
+        ok = r.status == "ok"
+        full = ok and r.keys_in_use >= 0.8 * r.limit
+        style = "bold red" if full else "yellow" if ok and r.orphaned_keys else None
+        t.add_row(str(r.pid), r.comm, str(r.keys_in_use) if ok else "-",
+                  str(r.limit) if ok else "-", str(r.orphaned_keys) if ok else "-",
+                  os.path.basename(r.library) if r.library else "-",
+                  forecast.describe(r.days_left) if r.days_left is not None and r.days_left == r.days_left else "-",
+                  r.status, style=style)
+    counts = df["status"].value_counts()
+    t.caption = ", ".join(f"{n} {status}" for status, n in counts.items())
+    return t
+
+
 def explain_reloads(ledger: Ledger, reloads_per_day: float) -> None:
     """What each reload leaves behind, and the incident's arithmetic for a fresh process."""
     reloads = ledger.reloads()
@@ -288,6 +309,64 @@ def explain_reloads(ledger: Ledger, reloads_per_day: float) -> None:
                   f"of its {f.limit} keys in {forecast.describe(f.days_left)}"
                   + (f", on {f.exhaustion_eta:%Y-%m-%d}." if f.exhaustion_eta is not None else "."),
                   markup=False)
+
+
+@app.command()
+def scan(
+    pid: Optional[List[int]] = typer.Option(None, "--pid", "-p", help="Scan this process "
+                                            "(repeatable). Default: every process."),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines, one object per process."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the scan: .parquet, "
+                                          ".csv or .jsonl, by extension."),
+    reloads_per_day: Optional[float] = typer.Option(
+        None, "--reloads-per-day", min=0, help="Forecast exhaustion for processes that leak: "
+        "those with orphaned keys (taken as 1 key per reload, see --leak-per-reload) or "
+        "whose executable leaks in --ledger."),
+    leak_per_reload: float = typer.Option(1.0, "--leak-per-reload", min=0, help="Keys a reload "
+                                          "leaves, for processes with orphaned keys."),
+    ledger: Optional[Path] = typer.Option(None, "--ledger", help="A saved watch ledger: its "
+                                          "measured leak per reload, per executable, is used."),
+    show_all: bool = typer.Option(False, "--all", help="List kernel threads in the table too."),
+):
+    """Read the live pthread key table of every process (or the given ones) through
+    /proc/PID/mem: keys in use against the limit, orphaned keys (destructor in no mapping),
+    and who the destructors belong to. No tracing history needed.
+
+    \b
+    Examples:
+      keytrace scan                              every process on the host
+      keytrace scan -p 1234 --json               one process, JSON
+      keytrace scan --reloads-per-day 1          with a forecast for the leaking ones
+      keytrace scan --ledger keys.parquet --reloads-per-day 1
+    """
+    from .scan import scan as scan_processes
+    try:
+        if output is not None:
+            format_of(output)
+        for p in pid or ():
+            if not os.path.exists(f"/proc/{p}"):
+                raise KeytraceError(f"no process with pid {p}")
+        rates = None
+        if ledger is not None:
+            s = Ledger.from_file(ledger).summary()
+            rates = s[s["leak_per_reload"] > 0].groupby("exe")["leak_per_reload"].max().to_dict()
+        if err.is_terminal and not pid:
+            from rich.progress import Progress
+            n = sum(1 for d in os.listdir("/proc") if d.isdigit())
+            with Progress(console=err, transient=True) as bar:
+                task = bar.add_task("scanning", total=n)
+                df = scan_processes(None, reloads_per_day, rates, leak_per_reload,
+                                    progress=lambda: bar.advance(task))
+        else:
+            df = scan_processes(pid or None, reloads_per_day, rates, leak_per_reload)
+        if output is not None:
+            save_table(df, output)
+    except KeytraceError as e:
+        raise fail(str(e))
+    if as_json:
+        sys.stdout.write(json_lines(df))
+    else:
+        out.print(scan_table(df, show_all))
 
 
 @app.command()

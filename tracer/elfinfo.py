@@ -5,7 +5,6 @@ build-id or .gnu_debuglink points to. Parsed once per file identity (device, ino
 from __future__ import annotations
 
 import bisect
-import functools
 import os
 import re
 from dataclasses import dataclass
@@ -108,17 +107,23 @@ def _debug_file(elf: ELFFile, path: str) -> Optional[Path]:
     return None
 
 
-@functools.lru_cache(maxsize=1024)
+_CACHE: dict = {}  # file identity -> ElfInfo or None: one parse per file, whatever path reached it
+
+
 def _load(ident: tuple, path: str) -> Optional[ElfInfo]:
+    if ident in _CACHE:
+        return _CACHE[ident]
     try:
         with open(path, "rb") as fh:
             loads = [s for s in ELFFile(fh).iter_segments() if s["p_type"] == "PT_LOAD"]
     except (OSError, ELFError, ValueError):
-        return None
-    if not loads:
-        return None
-    return ElfInfo(path=path, lo=min(s["p_vaddr"] for s in loads) & ~(PAGE - 1),
-                   hi=max(s["p_vaddr"] + s["p_memsz"] for s in loads))
+        loads = []
+    info = (ElfInfo(path=path, lo=min(s["p_vaddr"] for s in loads) & ~(PAGE - 1),
+                    hi=max(s["p_vaddr"] + s["p_memsz"] for s in loads)) if loads else None)
+    if len(_CACHE) > 4096:  # a bound for long-running agents; files rarely change
+        _CACHE.clear()
+    _CACHE[ident] = info
+    return info
 
 
 def elf_info(path: str) -> Optional[ElfInfo]:

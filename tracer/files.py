@@ -5,6 +5,7 @@ ledger replays exactly like a live one.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +28,26 @@ def format_of(path) -> str:
     return fmt
 
 
-def save_events(events: pd.DataFrame, path) -> None:
-    fmt = format_of(path)
-    out = events[COLUMNS]
+def _write(out: pd.DataFrame, path, fmt: str) -> None:
     try:
         if fmt == "parquet":
             out.to_parquet(path, index=False)
         elif fmt == "csv":
             out.to_csv(path, index=False)
         else:
-            # pandas' own ISO writer drops the nanoseconds; numpy's keeps them.
-            ts = np.datetime_as_string(out["ts"].dt.tz_convert(None).to_numpy(), unit="ns")
-            out.assign(ts=np.char.add(ts, "Z")).to_json(path, orient="records", lines=True)
+            out.to_json(path, orient="records", lines=True, date_format="iso")
     except OSError as e:
         raise KeytraceError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def save_events(events: pd.DataFrame, path) -> None:
+    fmt = format_of(path)
+    out = events[COLUMNS]
+    if fmt == "jsonl":
+        # pandas' own ISO writer drops the nanoseconds; numpy's keeps them.
+        ts = np.datetime_as_string(out["ts"].dt.tz_convert(None).to_numpy(), unit="ns")
+        out = out.assign(ts=np.char.add(ts, "Z"))
+    _write(out, path, fmt)
 
 
 def load_events(path) -> pd.DataFrame:
@@ -104,3 +111,15 @@ def coerce(raw: pd.DataFrame, source: str = "input") -> pd.DataFrame:
     except (ValueError, TypeError, OverflowError) as e:
         raise KeytraceError(f"{source} is not a valid keytrace ledger: {e}") from None
     return frame  # in saved (arrival) order: the ring buffer's order is the order of operations
+
+
+def save_table(df: pd.DataFrame, path) -> None:
+    """Save an analysis frame (a scan, a summary) by extension; dict columns become JSON text
+    in CSV and Parquet."""
+    fmt = format_of(path)
+    out = df.copy()
+    if fmt != "jsonl":
+        for col in out.columns:
+            if out[col].map(lambda v: isinstance(v, dict)).any():
+                out[col] = out[col].map(json.dumps)
+    _write(out, path, fmt)

@@ -47,6 +47,7 @@ class Module:
     load: int             # the dlopen that reported it (0: seen in /proc/PID/maps)
     mapped: int           # ts
     unmapped: Optional[int] = None
+    file: Optional[str] = None  # where to open it now, when known (a scan's map_files link)
 
 
 @dataclass

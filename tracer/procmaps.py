@@ -1,35 +1,44 @@
-"""A process's file mappings (/proc/PID/maps), and the ELF modules they make up."""
+"""A process's mappings (/proc/PID/maps), and the ELF modules they make up."""
 from __future__ import annotations
-
-from typing import Optional
 
 from .elfinfo import elf_info
 
 
-def file_mappings(pid: int) -> list[tuple[int, int, str]]:
-    """(start, file offset, path) of each file-backed mapping, in address order."""
-    try:
-        with open(f"/proc/{pid}/maps") as fh:
-            text = fh.read()
-    except OSError:
-        return []
+def mappings(pid: int) -> list[tuple[int, int, int, str]]:
+    """(start, end, file offset, path or pseudo-name) of every mapping, in address order.
+    Raises OSError (FileNotFoundError: the process is gone; PermissionError)."""
+    with open(f"/proc/{pid}/maps") as fh:
+        text = fh.read()
     out = []
     for line in text.splitlines():
         parts = line.split(None, 5)
-        if len(parts) == 6 and parts[5].startswith("/") and not parts[5].endswith("(deleted)"):
-            out.append((int(parts[0].split("-", 1)[0], 16), int(parts[2], 16), parts[5]))
+        start, end = parts[0].split("-", 1)
+        out.append((int(start, 16), int(end, 16), int(parts[2], 16), parts[5] if len(parts) == 6 else ""))
     return out
 
 
-def modules(pid: int) -> list[tuple[str, int]]:
-    """(path, load bias) of every ELF module mapped by pid, as link_map would report them."""
+def file_mappings(pid: int) -> list[tuple[int, int, int, str]]:
+    """(start, end, file offset, path) of each file-backed mapping; [] if unreadable."""
+    try:
+        maps = mappings(pid)
+    except OSError:
+        return []
+    return [m for m in maps if m[3].startswith("/") and not m[3].endswith("(deleted)")]
+
+
+def map_file(pid: int, start: int, end: int) -> str:
+    """The mapped file itself, whatever mount namespace or chroot the process is in."""
+    return f"/proc/{pid}/map_files/{start:x}-{end:x}"
+
+
+def modules(pid: int) -> list[tuple[str, int, str]]:
+    """(path, load bias, openable path) of every ELF module mapped by pid. path is as
+    /proc/PID/maps shows it; the file is opened through /proc/PID/map_files."""
     seen: dict = {}
-    for start, offset, path in file_mappings(pid):
+    for start, end, offset, path in file_mappings(pid):
         if offset == 0 and path not in seen:
-            # Read through /proc/PID/root: the file as the process sees it.
-            info = elf_info(f"/proc/{pid}/root{path}")
+            opened = map_file(pid, start, end)
+            info = elf_info(opened)
             if info is not None:
-                seen[path] = start - info.lo
-    return list(seen.items())
-
-
+                seen[path] = (path, start - info.lo, opened)
+    return list(seen.values())

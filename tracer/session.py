@@ -191,7 +191,7 @@ class KeyTracer:
             recs["ts"] = batch["ts"][first] - 1
             recs["comm"] = batch["comm"][first]
             recs["stack"] = -1
-            for i, (path, base) in enumerate(mods):
+            for i, (path, base, _) in enumerate(mods):
                 recs[i]["path"] = path.encode()[:PATH_LEN - 1]
                 recs[i]["handle"] = base
             extra.append(recs)

@@ -8,7 +8,6 @@ container (seen through /proc/PID/root) gets probes of its own.
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 import subprocess
@@ -19,7 +18,7 @@ from typing import Iterable, Optional
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from .procmaps import file_mappings
+from .procmaps import file_mappings, map_file
 
 FUNCTIONS = ("pthread_key_create", "pthread_key_delete", "dlopen", "dlclose")
 # Files that may define FUNCTIONS: glibc's libc, libpthread and libdl, and musl's libc.
@@ -35,9 +34,16 @@ class Target:
     functions: dict = field(default_factory=dict)  # name -> address (st_value)
 
 
-@functools.lru_cache(maxsize=256)
+_CACHE: dict = {}  # file identity -> functions defined: one parse per file, whatever the path
+
+
 def _defined_functions(ident: tuple, path: str) -> dict:
-    # Keyed by file identity: each ELF file is parsed once per process.
+    if ident not in _CACHE:
+        _CACHE[ident] = _parse(path)
+    return _CACHE[ident]
+
+
+def _parse(path: str) -> dict:
     found: dict = {}
     try:
         with open(path, "rb") as fh:
@@ -90,9 +96,9 @@ def system_libraries() -> list[str]:
 
 def mapped_libraries(pid: int) -> list[str]:
     """Candidate files mapped by a process, as paths openable from here."""
-    paths = {path for _, _, path in file_mappings(pid) if CANDIDATE.search(path)}
-    # /proc/PID/root reaches the file the process sees, in its own mount namespace.
-    return [f"/proc/{pid}/root{p}" for p in sorted(paths)]
+    # map_files reaches the very file mapped, in whatever mount namespace the process is.
+    return sorted({map_file(pid, start, end) for start, end, _, path in file_mappings(pid)
+                   if CANDIDATE.search(path)})
 
 
 def all_pids() -> list[int]:

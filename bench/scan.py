@@ -1,0 +1,57 @@
+"""Scan speed: time per process of a full-host `keytrace scan`, with a few hundred processes.
+
+    sudo .venv/bin/python bench/scan.py [--processes 300] [--rounds 5]
+
+Starts N glibc processes (sleep: no keys, the common case), so the cost measured is listing a
+process, finding its key table, and reading it through /proc/PID/mem.
+Reports the first (cold: every ELF file parsed) and the median of the warm rounds, per process.
+The processes are killed on every exit path.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tracer import elfinfo, keytable  # noqa: E402
+from tracer.scan import scan  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--processes", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    procs = []
+    try:
+        for _ in range(args.processes):
+            procs.append(subprocess.Popen(["sleep", "600"]))
+        time.sleep(0.5)
+        timings = []
+        for i in range(args.rounds + 1):
+            if i == 0:  # cold: nothing parsed yet
+                elfinfo._CACHE.clear()
+                keytable._CACHE.clear()
+            t = time.perf_counter()
+            df = scan()
+            timings.append((time.perf_counter() - t) / len(df) * 1000)
+        ok = int((df["status"] == "ok").sum())
+        warm = timings[1:]
+        print(f"| processes scanned | ok | cold ms/process | warm ms/process (median of {args.rounds}, min-max) |")
+        print("|---|---|---|---|")
+        print(f"| {len(df)} | {ok} | {timings[0]:.2f} | {statistics.median(warm):.2f} "
+              f"({min(warm):.2f}-{max(warm):.2f}) |")
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+if __name__ == "__main__":
+    main()

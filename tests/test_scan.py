@@ -1,0 +1,225 @@
+"""keytrace scan: the live key table read through /proc/PID/mem, checked against processes
+that make exactly known numbers of keys."""
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import json_rows, keytrace
+from tracer.scan import scan, scan_pid
+from tracer.session import KeyTracer
+from tracer.workloads import compile_c
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class Keymaker:
+    """A running keymaker fixture, driven line by line."""
+
+    def __init__(self, argv, **kw):
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **kw)
+        assert self.p.stdout.readline().strip() == "ready"
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def do(self, cmd):
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        return self.p.stdout.readline().split()
+
+    def close(self):
+        self.p.kill()
+        self.p.wait()
+
+
+@pytest.fixture
+def keymaker(bins):
+    made = []
+
+    def start(argv=None, **kw):
+        k = Keymaker(argv or [bins["keymaker"]], **kw)
+        made.append(k)
+        return k
+    yield start
+    for k in made:
+        k.close()
+
+
+def in_use(pid):
+    (row,) = scan([pid]).to_dict(orient="records")
+    assert row["status"] == "ok", row
+    return row
+
+
+def test_keys_in_use_move_by_exactly_what_the_process_made(keymaker):
+    k = keymaker()
+    before = in_use(k.pid)
+    assert before["limit"] == 1024 and before["libc"].endswith("libc.so.6")
+    total = before["keys_in_use"]
+    for n in (0, 1, 500):
+        assert k.do(f"c {n}")[0] == "ok"
+        total += n
+        assert in_use(k.pid)["keys_in_use"] == total
+    assert k.do("d 200")[0] == "ok"
+    assert in_use(k.pid)["keys_in_use"] == total - 200
+    # Until glibc refuses: the whole table.
+    assert k.do("c 2000") == ["err", "11"]
+    row = in_use(k.pid)
+    assert (row["keys_in_use"], row["headroom"], row["orphaned_keys"]) == (1024, 0, 0)
+
+
+def test_cli_json_for_one_pid(keymaker):
+    k = keymaker()
+    k.do("c 7")
+    res = keytrace("scan", "--pid", str(k.pid), "--json")
+    assert res.returncode == 0, res.stderr
+    (row,) = json_rows(res.stdout)
+    assert (row["pid"], row["keys_in_use"], row["limit"], row["status"]) == (k.pid, 7, 1024, "ok")
+
+
+def test_a_dlclosed_leaky_library_leaves_an_orphaned_key(keymaker, bins):
+    k = keymaker()
+    k.do("c 2")
+    assert k.do(f"l {bins['libleaky']}")[0] == "ok"
+    res = keytrace("scan", "--pid", str(k.pid), "--json", "--reloads-per-day", "1")
+    (row,) = json_rows(res.stdout)
+    assert (row["keys_in_use"], row["orphaned_keys"]) == (3, 1)
+    (unmapped,) = [d for d in row["destructors"] if d.endswith("(unmapped)")]
+    assert row["destructors"][unmapped] == 1
+    # With a reload rate, a leaking process gets a date: 1021 keys left at 1 a day.
+    assert row["days_left"] == pytest.approx(1021) and row["exhaustion_eta"]
+
+
+def test_destructors_are_named_by_module_and_symbol(keymaker, bins):
+    k = keymaker()
+    assert k.do(f"L {bins['libb']}")[0] == "ok"  # loaded and kept: its key's destructor is mapped
+    row = in_use(k.pid)
+    assert row["destructors"] == {"libb.so!destroy+0x0": 1}
+    assert row["library"] == bins["libb"] and row["orphaned_keys"] == 0
+
+
+def test_watch_and_scan_agree(keymaker):
+    k = keymaker()
+    with KeyTracer(pids=[k.pid]) as t:
+        k.do("c 9")
+        k.do("d 4")
+        k.do("c 2")
+        time.sleep(0.05)
+    (summary,) = t.ledger.summary().to_dict(orient="records")
+    assert summary["live_keys"] == in_use(k.pid)["keys_in_use"] == 7
+
+
+def test_static_executable(keymaker, tmp_path):
+    static = compile_c(FIXTURES / "keymaker.c", tmp_path, extra=("-static",), name="keymaker-static")
+    k = keymaker([str(static)])
+    k.do("c 5")
+    row = in_use(k.pid)
+    assert row["libc"] == str(static) and row["keys_in_use"] == 5 and row["limit"] == 1024
+
+
+def test_a_chrooted_process_with_its_own_libc(keymaker, bins, tmp_path):
+    root = tmp_path / "root"
+    (root / "chrootlib").mkdir(parents=True)
+    (root / "lib64").mkdir()
+    shutil.copy("/lib/x86_64-linux-gnu/libc.so.6", root / "chrootlib" / "libc.so.6")
+    shutil.copy("/lib64/ld-linux-x86-64.so.2", root / "lib64" / "ld-linux-x86-64.so.2")
+    shutil.copy(bins["keymaker"], root / "keymaker")
+    k = keymaker([shutil.which("chroot") or "/usr/sbin/chroot", str(root), "/keymaker"],
+                 env={**os.environ, "LD_LIBRARY_PATH": "/chrootlib"})
+    k.do("c 11")
+    row = in_use(k.pid)
+    assert row["libc"].endswith("/chrootlib/libc.so.6") and row["keys_in_use"] == 11
+
+
+def test_a_private_mount_namespace_with_its_own_libc(keymaker, bins, tmp_path):
+    # The copy of libc lives on a tmpfs mounted only inside the process's namespace: from
+    # here its path leads to an empty directory, so only /proc/PID/map_files can reach it.
+    hidden = tmp_path / "nslib"
+    hidden.mkdir()
+    script = (f'mount -t tmpfs none {hidden} && cp /lib/x86_64-linux-gnu/libc.so.6 {hidden}/ '
+              f'&& LD_LIBRARY_PATH={hidden} exec {bins["keymaker"]}')
+    k = keymaker(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
+    assert not list(hidden.iterdir())
+    k.do("c 13")
+    row = in_use(k.pid)
+    assert row["libc"] == f"{hidden}/libc.so.6" and row["keys_in_use"] == 13
+
+
+def test_a_process_exiting_mid_scan():
+    p = subprocess.Popen(["true"])
+    time.sleep(0.2)  # exited, not yet reaped: what a scan meets when a process ends under it
+    assert scan_pid(p.pid)["status"] == "exited"
+    p.wait()
+    assert scan_pid(p.pid)["status"] == "exited"  # and once it is gone altogether
+
+
+def test_kernel_threads_are_skipped_with_a_status():
+    row = scan_pid(2)  # kthreadd
+    assert row["status"] == "kernel thread" and row["keys_in_use"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to nobody needs root")
+def test_an_unprivileged_scan_reports_permission_per_process(keymaker):
+    k = keymaker()  # runs as root
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # drop to nobody in a forked copy: the code is already loaded
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            df = scan([k.pid, 2])
+            os.write(w, json.dumps(df[["pid", "status"]].to_dict(orient="records")).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as fh:
+        rows = {row["pid"]: row["status"] for row in json.loads(fh.read())}
+    os.waitpid(child, 0)
+    assert rows == {k.pid: "permission denied", 2: "kernel thread"}
+
+
+def test_full_host_scan_gives_every_process_a_status():
+    res = keytrace("scan", "--json")
+    assert res.returncode == 0 and "Traceback" not in res.stderr
+    rows = json_rows(res.stdout)
+    assert len(rows) > 10
+    assert all(r["status"] for r in rows)
+    assert all((r["keys_in_use"] is None) == (r["status"] != "ok") or r["status"] == "kernel thread"
+               for r in rows)
+
+
+def test_scan_output_file(tmp_path, keymaker):
+    k = keymaker()
+    k.do("c 3")
+    for ext in (".csv", ".parquet", ".jsonl"):
+        path = tmp_path / f"scan{ext}"
+        res = keytrace("scan", "-p", str(k.pid), "-o", str(path), "--json")
+        assert res.returncode == 0 and path.stat().st_size > 0, res.stderr
+
+
+def test_scan_bad_input():
+    res = keytrace("scan", "--pid", "999999999")
+    assert res.returncode == 1 and res.stderr.startswith("keytrace: error: no process with pid")
+
+
+@pytest.mark.usefixtures("bpf")
+def test_watch_reaches_a_libc_seen_only_in_another_mount_namespace(keymaker, bins, tmp_path):
+    hidden = tmp_path / "nslib"
+    hidden.mkdir()
+    script = (f'mount -t tmpfs none {hidden} && cp /lib/x86_64-linux-gnu/libc.so.6 {hidden}/ '
+              f'&& LD_LIBRARY_PATH={hidden} exec {bins["keymaker"]}')
+    k = keymaker(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
+    with KeyTracer(pids=[k.pid]) as t:
+        assert any(f.startswith(f"/proc/{k.pid}/map_files/") for f in t.files)
+        k.do("c 4")
+        time.sleep(0.05)
+    (row,) = t.ledger.summary().to_dict(orient="records")
+    assert row["live_keys"] == 4 == in_use(k.pid)["keys_in_use"]
