@@ -137,15 +137,21 @@ def test_a_chrooted_process_with_its_own_libc(keymaker, bins, tmp_path):
     assert row["libc"].endswith("/chrootlib/libc.so.6") and row["keys_in_use"] == 11
 
 
-def test_a_private_mount_namespace_with_its_own_libc(keymaker, bins, tmp_path):
-    # The copy of libc lives on a tmpfs mounted only inside the process's namespace: from
-    # here its path leads to an empty directory, so only /proc/PID/map_files can reach it.
+@pytest.fixture
+def namespaced_keymaker(keymaker, bins, tmp_path):
+    """A keymaker whose libc is a copy on a tmpfs mounted only inside its own mount namespace:
+    from here that path leads to an empty directory, only /proc/PID/map_files reaches it."""
     hidden = tmp_path / "nslib"
     hidden.mkdir()
     script = (f'mount -t tmpfs none {hidden} && cp /lib/x86_64-linux-gnu/libc.so.6 {hidden}/ '
               f'&& LD_LIBRARY_PATH={hidden} exec {bins["keymaker"]}')
     k = keymaker(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
     assert not list(hidden.iterdir())
+    return k, hidden
+
+
+def test_a_private_mount_namespace_with_its_own_libc(namespaced_keymaker):
+    k, hidden = namespaced_keymaker
     k.do("c 13")
     row = in_use(k.pid)
     assert row["libc"] == f"{hidden}/libc.so.6" and row["keys_in_use"] == 13
@@ -211,12 +217,8 @@ def test_scan_bad_input():
 
 
 @pytest.mark.usefixtures("bpf")
-def test_watch_reaches_a_libc_seen_only_in_another_mount_namespace(keymaker, bins, tmp_path):
-    hidden = tmp_path / "nslib"
-    hidden.mkdir()
-    script = (f'mount -t tmpfs none {hidden} && cp /lib/x86_64-linux-gnu/libc.so.6 {hidden}/ '
-              f'&& LD_LIBRARY_PATH={hidden} exec {bins["keymaker"]}')
-    k = keymaker(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
+def test_watch_reaches_a_libc_seen_only_in_another_mount_namespace(namespaced_keymaker):
+    k, _ = namespaced_keymaker
     with KeyTracer(pids=[k.pid]) as t:
         assert any(f.startswith(f"/proc/{k.pid}/map_files/") for f in t.files)
         k.do("c 4")

@@ -107,29 +107,45 @@ def _debug_file(elf: ELFFile, path: str) -> Optional[Path]:
     return None
 
 
-_CACHE: dict = {}  # file identity -> ElfInfo or None: one parse per file, whatever path reached it
+class FileCache:
+    """What parse(path) made of a file, kept once per file identity (device, inode, mtime):
+    the same libc reached through many /proc/PID/map_files links is parsed once."""
+
+    def __init__(self, parse, limit: int = 4096):
+        self.parse, self.limit, self.results = parse, limit, {}
+
+    def get(self, path: str) -> tuple:
+        """(identity, result); (None, None) when the file cannot be stat'ed."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None, None
+        ident = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        if ident not in self.results:
+            if len(self.results) >= self.limit:  # a bound for long-running agents
+                self.results.clear()
+            self.results[ident] = self.parse(path)
+        return ident, self.results[ident]
+
+    def clear(self) -> None:
+        self.results.clear()
 
 
-def _load(ident: tuple, path: str) -> Optional[ElfInfo]:
-    if ident in _CACHE:
-        return _CACHE[ident]
+def _segments(path: str) -> Optional[ElfInfo]:
     try:
         with open(path, "rb") as fh:
             loads = [s for s in ELFFile(fh).iter_segments() if s["p_type"] == "PT_LOAD"]
     except (OSError, ELFError, ValueError):
-        loads = []
-    info = (ElfInfo(path=path, lo=min(s["p_vaddr"] for s in loads) & ~(PAGE - 1),
-                    hi=max(s["p_vaddr"] + s["p_memsz"] for s in loads)) if loads else None)
-    if len(_CACHE) > 4096:  # a bound for long-running agents; files rarely change
-        _CACHE.clear()
-    _CACHE[ident] = info
-    return info
+        return None
+    if not loads:
+        return None
+    return ElfInfo(path=path, lo=min(s["p_vaddr"] for s in loads) & ~(PAGE - 1),
+                   hi=max(s["p_vaddr"] + s["p_memsz"] for s in loads))
+
+
+_INFOS = FileCache(_segments)
 
 
 def elf_info(path: str) -> Optional[ElfInfo]:
     """The ELF facts of the file at path (openable from here), or None if it is unreadable."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return _load((st.st_dev, st.st_ino, st.st_mtime_ns), path)
+    return _INFOS.get(path)[1]

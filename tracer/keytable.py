@@ -9,7 +9,6 @@ assumed: `_thread_db___pthread_keys` = {element bits, element count, 0},
 """
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from typing import Optional
@@ -17,6 +16,8 @@ from typing import Optional
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
+
+from .elfinfo import FileCache
 
 TABLE = "__pthread_keys"
 DESCRIPTORS = {
@@ -59,16 +60,6 @@ def _read(elf: ELFFile, vaddr: int, size: int) -> bytes:
     raise ValueError(f"address {vaddr:#x} is not in the file")
 
 
-_CACHE: dict = {}  # file identity -> _parse result: one parse per file, whatever the path
-
-
-def _parse(ident: tuple, path: str) -> tuple[Optional[int], Optional[int], Optional[Layout]]:
-    """(table vaddr, table size, layout from this file's descriptors) of one file."""
-    if ident not in _CACHE:
-        _CACHE[ident] = _parse_file(path)
-    return _CACHE[ident]
-
-
 def _parse_file(path: str) -> tuple[Optional[int], Optional[int], Optional[Layout]]:
     try:
         with open(path, "rb") as fh:
@@ -92,12 +83,7 @@ def _parse_file(path: str) -> tuple[Optional[int], Optional[int], Optional[Layou
     return table, size, Layout(table, count, stride, fields["seq"], fields["destr"], path)
 
 
-def identity(path: str) -> Optional[tuple]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns)
+_LAYOUTS = FileCache(_parse_file)
 
 
 def layout(path: str, fallback: Optional[str] = None) -> tuple[Optional[Layout], str]:
@@ -106,17 +92,17 @@ def layout(path: str, fallback: Optional[str] = None) -> tuple[Optional[Layout],
     A static executable keeps the table but not the descriptors: then the descriptors of
     fallback (the host's libc) are used if they agree with the table's size.
     """
-    ident = identity(path)
-    if ident is None:
+    ident, parsed = _LAYOUTS.get(path)
+    if ident is None or parsed is None:
         return None, "unreadable"
-    table, size, own = _parse(ident, path)
+    table, size, own = parsed
     if table is None:
         return None, "no __pthread_keys"
     if own is not None:
         return own, "descriptors"
     if fallback:
-        fid = identity(fallback)
-        ref = _parse(fid, fallback)[2] if fid else None
+        _, ref_parsed = _LAYOUTS.get(fallback)
+        ref = ref_parsed[2] if ref_parsed else None
         if ref is not None and ref.count * ref.stride == size:
             return Layout(table, ref.count, ref.stride, ref.seq, ref.destr, fallback), \
                 "descriptors of the host libc (static executable)"

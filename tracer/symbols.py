@@ -12,12 +12,12 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Optional
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from .elfinfo import FileCache
 from .procmaps import file_mappings, map_file
 
 FUNCTIONS = ("pthread_key_create", "pthread_key_delete", "dlopen", "dlclose")
@@ -32,15 +32,6 @@ class Target:
     path: str                               # openable from here (may go through /proc/PID/root)
     ident: tuple                            # (st_dev, st_ino)
     functions: dict = field(default_factory=dict)  # name -> address (st_value)
-
-
-_CACHE: dict = {}  # file identity -> functions defined: one parse per file, whatever the path
-
-
-def _defined_functions(ident: tuple, path: str) -> dict:
-    if ident not in _CACHE:
-        _CACHE[ident] = _parse(path)
-    return _CACHE[ident]
 
 
 def _parse(path: str) -> dict:
@@ -65,13 +56,11 @@ def _parse(path: str) -> dict:
     return found
 
 
+_FUNCTIONS = FileCache(_parse)
+
+
 def target(path: str) -> Optional[Target]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    ident = (st.st_dev, st.st_ino)
-    funcs = _defined_functions(ident, path)
+    ident, funcs = _FUNCTIONS.get(path)
     return Target(path, ident, dict(funcs)) if funcs else None
 
 
