@@ -266,6 +266,33 @@ class Ledger:
             procs = [p for p in self._procs.values() if all_processes or p.active]
             return analysis.summarize(procs, self.last_ts, reloads_per_day, attribute)
 
+    def forecast(self, reloads_per_day: Optional[float] = None) -> pd.DataFrame:
+        """Per process: keys in use, the limit, the leak rate and when it runs out."""
+        cols = ["pid", "comm", "live_keys", "limit", "headroom", "leak_per_reload",
+                "reloads_per_day", "keys_per_day", "days_left", "exhaustion_eta", "leaking"]
+        return self.summary(reloads_per_day=reloads_per_day)[cols]
+
+    def keys_over_time(self) -> pd.DataFrame:
+        """Keys in use per process after each create and delete (ts, pid, comm, live_keys),
+        from the kept events. Counts restart at exec; keys inherited through fork are not
+        included (the child's line starts at 0)."""
+        ev = self.events
+        ev = ev[ev["op"].isin(["create", "delete", "exec", "exit"])]
+        delta = ((ev["op"] == "create").astype(int)
+                 - ((ev["op"] == "delete") & (ev["ret"] == 0)).astype(int))
+        # A new program image (exec) or a new process on the pid (after exit) starts at zero.
+        boundary = ev["op"].isin(["exec", "exit"]).astype(int)
+        segment = boundary.groupby(ev["pid"]).cumsum() - boundary
+        level = delta.groupby([ev["pid"], segment]).cumsum()
+        keep = ev["op"].isin(["create", "delete"])
+        return pd.DataFrame({"ts": ev["ts"][keep], "pid": ev["pid"][keep],
+                             "comm": ev["comm"][keep].astype(str), "live_keys": level[keep]}
+                            ).reset_index(drop=True)
+
+    def _repr_html_(self) -> str:
+        from .jupyter import ledger_html
+        return ledger_html(self)
+
     def by_library(self) -> pd.DataFrame:
         """One row per (process, creating library): keys created, deleted, live, orphaned."""
         with self._lock:

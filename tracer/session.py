@@ -259,6 +259,11 @@ class KeyTracer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def _repr_html_(self) -> str:
+        from .jupyter import ledger_html
+        state = "tracing" if self._probes is not None else "stopped"
+        return ledger_html(self.ledger, heading=f"KeyTracer: {state}, {self.attached} probes")
+
     # -- facts for front-ends -----------------------------------------------------------------
     @property
     def attached(self) -> int:

@@ -1,11 +1,13 @@
 /* The reload workload: what Apache does to its modules on every graceful restart.
  *
- *   reload_host LIB[:LIB...] COUNT [INTERVAL_US]
+ *   reload_host LIB[:LIB...] COUNT [INTERVAL_US [HOLD_S]]
  *
  * dlopen()s every LIB, then dlclose()s them all, COUNT times (COUNT 0: until a library reports
  * that pthread_key_create failed). After each dlopen it calls the library's keytrace_status(),
  * the return value of the pthread_key_create its constructor made. Exit status: 0 if every
  * load succeeded, 2 if a key could not be created (the outage), 1 on usage or dlopen errors.
+ * With HOLD_S it then stays alive that long, like a server between restarts, so that a scan
+ * can read the keys it holds.
  */
 #include <dlfcn.h>
 #include <stdio.h>
@@ -52,5 +54,7 @@ int main(int argc, char **argv)
         if (interval)
             usleep(interval);
     }
+    if (argc > 4)
+        sleep((unsigned)strtol(argv[4], NULL, 10));
     return failed ? 2 : 0;
 }
