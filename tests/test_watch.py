@@ -226,3 +226,21 @@ def test_host_wide_watch_sees_an_unrelated_process(bins):
     rows = [r for r in json_rows(out) if r["exe"] == bins["reload_host"]]
     assert len(rows) == 1
     assert (rows[0]["creates"], rows[0]["live_keys"], rows[0]["leaking"]) == (3, 3, True)
+
+
+def test_watching_pids_ends_when_they_have_exited(bins):
+    target = subprocess.Popen([bins["keymaker"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert target.stdout.readline().strip() == "ready"
+    proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json", "-p", str(target.pid)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "probes attached" in proc.stderr.readline()
+        target.stdin.write("c 3\nq\n")
+        target.stdin.flush()
+        target.wait(10)
+        out, errs = proc.communicate(timeout=30)  # no --duration: it ends by itself
+    finally:
+        proc.kill()
+        target.kill()
+    (row,) = json_rows(out)
+    assert (row["pid"], row["creates"], row["alive"]) == (target.pid, 3, False)

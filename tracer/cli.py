@@ -185,8 +185,8 @@ def watch(
     """Trace pthread_key_create/delete (and dlopen/dlclose, fork, exec, exit) and report, per
     process, the keys created, deleted and still live, flagging leaks.
 
-    Ends on Ctrl-C, SIGTERM, --duration, or when the launched command exits; a launched
-    command still running then is terminated.
+    Ends on Ctrl-C, SIGTERM, --duration, when the launched command exits (one still running
+    then is terminated), or when every --pid process has exited.
 
     \b
     Examples:
@@ -200,8 +200,9 @@ def watch(
         check_view(by)
         if output is not None:
             format_of(output)
+        # Events are kept only to be saved: the report needs the state alone (flat memory).
         tracer = KeyTracer(pids=pid or None, command=command or None, ring_pages=ring_pages,
-                           on_ready=announce)
+                           keep_events=output is not None, on_ready=announce)
         run_session(tracer, duration, output, as_json, fail_on_leak, "pthread keys per process",
                     reloads_per_day, by)
     except KeytraceError as e:
@@ -265,7 +266,7 @@ def demo(
                   "libgomp_demo.so creates a pthread key per load and never deletes it, until glibc "
                   "refuses one; beside it a reload_host reloads the tidy libtidy.so",
                   markup=False, soft_wrap=True)
-        tracer = KeyTracer(command=cmd, on_ready=announce)
+        tracer = KeyTracer(command=cmd, keep_events=output is not None, on_ready=announce)
         ledger = run_session(tracer, None, output, as_json, False,
                              "keytrace demo: pthread keys per process", reloads_per_day)
         if not as_json:

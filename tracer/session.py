@@ -75,6 +75,15 @@ class Launched:
         self.send_signal(signal.SIGKILL)
 
 
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _exe_of(pid: int) -> Optional[str]:
     try:
         return os.readlink(f"/proc/{pid}/exe")
@@ -203,7 +212,8 @@ class KeyTracer:
 
     def wait(self, duration: Optional[float] = None, stop: Optional[threading.Event] = None,
              tick: Optional[Callable[[], None]] = None) -> str:
-        """Block until the launched command exits, duration passes, or stop is set.
+        """Block until the launched command exits (or, tracing pids, all of them have exited),
+        duration passes, or stop is set.
 
         Returns why: "exited", "duration" or "stopped". tick is called about 4 times a second.
         """
@@ -212,6 +222,8 @@ class KeyTracer:
             if self._poll_error is not None:
                 raise self._poll_error
             if self.process is not None and self.process.poll() is not None:
+                return "exited"
+            if self.process is None and self.pids and not any(map(_alive, self.pids)):
                 return "exited"
             if deadline is not None and time.monotonic() >= deadline:
                 return "duration"
