@@ -100,6 +100,10 @@ static __always_inline int wanted(u32 tgid)
 static __always_inline struct event *new_event(u32 op, u64 pid_tgid)
 {
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    // Kernels 6.15+ guard the ring with a resilient spinlock whose acquisition can fail
+    // spuriously, with the ring nearly empty (seen here on 6.18): one retry recovers those.
+    if (!e)
+        e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         u32 zero = 0;
         u64 *n = lost.lookup(&zero);
