@@ -47,20 +47,21 @@ class RingReader:
             n = min(n, limit)
         if n <= 0:
             return np.zeros(0, dtype=self.record)
-        view = np.frombuffer(self._prod, dtype=self.frame, count=n,
-                             offset=self.page + (cons & (self.size - 1)))
-        lens = view["len"]
+        start = self.page + (cons & (self.size - 1))
+        lens = np.frombuffer(self._prod, dtype=self.frame, count=n, offset=start)["len"].copy()
         busy = (lens & BUSY) != 0
         if busy.any():
             n = int(np.argmax(busy))  # stop at the first record still being written
-        lens = lens[:n]
+            lens = lens[:n]
         sizes = lens & ~np.uint32(BUSY | DISCARD)
         if n and (sizes != self.record.itemsize).any():
             raise RuntimeError("ring buffer holds a record of unexpected size "
                                f"{int(sizes[sizes != self.record.itemsize][0])}")
+        # One memcpy of the whole span, then a strided view of the records inside our copy.
+        out = np.frombuffer(self._prod[start:start + n * self.stride], dtype=self.frame)["rec"]
         keep = (lens & DISCARD) == 0
-        out = view["rec"][:n][keep]  # boolean indexing copies
-        del view, lens, busy, sizes, keep  # no view may outlive the mapping
+        if not keep.all():
+            out = out[keep]
         struct.pack_into("<Q", self._cons, 0, cons + n * self.stride)
         return out
 
