@@ -101,7 +101,9 @@ static __always_inline struct event *new_event(u32 op, u64 pid_tgid)
 {
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     // Kernels 6.15+ guard the ring with a resilient spinlock whose acquisition can fail
-    // spuriously, with the ring nearly empty (seen here on 6.18): one retry recovers those.
+    // spuriously, with the ring nearly empty (seen here on 6.18): retries recover most.
+    if (!e)
+        e = events.ringbuf_reserve(sizeof(struct event));
     if (!e)
         e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {

@@ -106,8 +106,9 @@ def emit(ledger: Ledger, as_json: bool, fail_on_leak: bool, title: str,
     else:
         out.print(frame_table(shown, title=f"{title}, per {view}"))
     if ledger.lost:
-        err.print(f"keytrace: warning: {ledger.lost} events were lost (ring buffer full): the "
-                  "counts are lower bounds; raise --ring-pages", markup=False)
+        err.print(f"keytrace: warning: {ledger.lost} events were lost (the kernel could not "
+                  "queue them: ring buffer full, or on kernels 6.15+ its lock gave up): the counts "
+                  "are lower bounds; raise --ring-pages if it was full", markup=False)
     if fail_on_leak and not analysis.flagged(summary).empty:
         raise typer.Exit(EXIT_LEAK)
 
