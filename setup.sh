@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 need=(python3-bpfcc libbpfcc bpfcc-tools python3-venv gcc libc6-dev bpftool)
+# For bench/ only: the tools keytrace is measured against.
+need+=(bpftrace ltrace)
 # Distribution kernel headers: keytrace merges them into a tree bcc accepts when the running
 # kernel ships none (cloud kernels, this VM).
 need+=(linux-headers-amd64)
