@@ -123,3 +123,11 @@ def test_events_keep_arrival_order_across_batches():
     led.ingest(events(dict(op="delete", pid=10, key=0), start_ns=2 * 10**9))
     assert list(led.events["op"]) == ["create", "delete"]
     assert isinstance(led.events["ts"].dtype, pd.DatetimeTZDtype)
+
+
+def test_comm_decoding_keeps_every_distinct_name():
+    from tracer.records import _decode_strings
+    import numpy as np
+    raw = np.array([b"a", b"bb", b"a", b"\xff\xfe", b"\xff\xfd", b""], dtype="S16")
+    assert list(_decode_strings(raw)) == ["a", "bb", "a", "\ufffd\ufffd", "\ufffd\ufffd", ""]
+    assert list(_decode_strings(raw[:0])) == []

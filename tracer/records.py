@@ -59,8 +59,9 @@ def _decode_strings(raw: np.ndarray) -> pd.Categorical:
         uniques, inverse = np.unique(raw, return_inverse=True)
         reps, codes = uniques, inverse.reshape(-1)
     names = [u.decode("utf-8", "replace") for u in reps]
-    return pd.Categorical.from_codes(codes, categories=pd.Index(names).unique()) \
-        if len(set(names)) == len(names) else pd.Categorical(np.asarray(names, dtype=object)[codes])
+    if len(set(names)) < len(names):  # invalid UTF-8 decoded alike: let pandas merge them
+        return pd.Categorical(np.asarray(names, dtype=object)[codes])
+    return pd.Categorical.from_codes(codes, categories=names)
 
 
 def decode(batch: np.ndarray, wall_offset_ns: int,
