@@ -57,7 +57,7 @@ def bins(tmp_path_factory):
     return b
 
 
-def keytrace(*args, check_json=False, timeout=120, **kw):
+def keytrace(*args, timeout=120, **kw):
     """Run the keytrace command line; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True,
                           text=True, timeout=timeout, **kw)

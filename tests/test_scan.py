@@ -167,7 +167,7 @@ def test_a_process_exiting_mid_scan():
 
 def test_kernel_threads_are_skipped_with_a_status():
     row = scan_pid(2)  # kthreadd
-    assert row["status"] == "kernel thread" and row["keys_in_use"] == 0
+    assert row["status"] == "kernel thread" and row["keys_in_use"] is None
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to nobody needs root")
@@ -198,8 +198,8 @@ def test_full_host_scan_gives_every_process_a_status():
     rows = json_rows(res.stdout)
     assert len(rows) > 10
     assert all(r["status"] for r in rows)
-    assert all((r["keys_in_use"] is None) == (r["status"] != "ok") or r["status"] == "kernel thread"
-               for r in rows)
+    assert all((r["keys_in_use"] is None) == (r["status"] != "ok") for r in rows)
+    assert all(r["leak_per_reload"] == 0 for r in rows if r["status"] != "ok")
 
 
 def test_scan_output_file(tmp_path, keymaker):

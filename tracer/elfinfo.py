@@ -75,6 +75,25 @@ class ElfInfo:
         return None
 
 
+def defined_symbols(elf: ELFFile, names, kinds=None) -> dict:
+    """name -> the first defined symbol of that name (of one of kinds, if given), looked up in
+    .dynsym then .symtab by name (pyelftools' index), not by walking every symbol."""
+    found: dict = {}
+    for section in (".dynsym", ".symtab"):
+        sec = elf.get_section_by_name(section)
+        if not isinstance(sec, SymbolTableSection):  # absent, or NOBITS in a debug file
+            continue
+        for name in names:
+            if name in found:
+                continue
+            for sym in sec.get_symbol_by_name(name) or ():
+                if (sym["st_shndx"] != "SHN_UNDEF" and sym["st_value"]
+                        and (kinds is None or sym["st_info"]["type"] in kinds)):
+                    found[name] = sym
+                    break
+    return found
+
+
 def _functions(elf: ELFFile, into: dict) -> None:
     for name in (".symtab", ".dynsym"):
         sec = elf.get_section_by_name(name)

@@ -15,9 +15,8 @@ from typing import Optional
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
 
-from .elfinfo import FileCache
+from .elfinfo import FileCache, defined_symbols
 
 TABLE = "__pthread_keys"
 DESCRIPTORS = {
@@ -39,17 +38,8 @@ class Layout:
 
 
 def _symbols(elf: ELFFile) -> dict:
-    found = {}
-    wanted = {TABLE, *DESCRIPTORS.values()}
-    for name in (".dynsym", ".symtab"):
-        sec = elf.get_section_by_name(name)
-        if not isinstance(sec, SymbolTableSection):
-            continue
-        for sym in sec.iter_symbols():
-            base = sym.name.split("@")[0]
-            if base in wanted and sym["st_shndx"] != "SHN_UNDEF" and base not in found:
-                found[base] = (sym["st_value"], sym["st_size"])
-    return found
+    syms = defined_symbols(elf, [TABLE, *DESCRIPTORS.values()])
+    return {name: (sym["st_value"], sym["st_size"]) for name, sym in syms.items()}
 
 
 def _read(elf: ELFFile, vaddr: int, size: int) -> bytes:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -81,15 +81,12 @@ class Process:
         return bool(self.creates or self.deletes or self.failed_deletes or self.keys or self.loads)
 
     def fork(self, child_pid: int, ts: int) -> "Process":
-        # A forked child starts with a copy of its parent's memory, key table included.
-        # The child gets copies: its own creates and unmaps must not touch the parent's.
-        sites = {k: Site(s.caller, s.load, s.stack, s.destructor, s.first, s.created, s.deleted)
-                 for k, s in self.sites.items()}
+        # A forked child starts with a copy of its parent's memory, key table included; copies,
+        # so that its own creates and unmaps do not touch the parent's.
+        sites = {k: replace(s) for k, s in self.sites.items()}
         return Process(pid=child_pid, start=ts, comm=self.comm, exe=self.exe, parent=self.ident,
                        keys={k: sites[(s.caller, s.load, s.stack)] for k, s in self.keys.items()},
-                       sites=sites,
-                       modules=[Module(m.path, m.base, m.load, m.mapped, m.unmapped)
-                                for m in self.modules],
+                       sites=sites, modules=[replace(m) for m in self.modules],
                        loads=dict(self.loads),
                        handles={h: [n, list(ids)] for h, (n, ids) in self.handles.items()},
                        unloaded=set(self.unloaded))
@@ -184,8 +181,9 @@ class Ledger:
                     p.first_failure = ts
             elif op == MAP:
                 path = path or p.exe or ""  # the main program's link_map has no name
-                if path.startswith("/") and not any(m.base == handle and m.path == path and m.unmapped is None
-                           for m in p.modules[-64:]):  # already known and still mapped
+                known = any(m.base == handle and m.path == path and m.unmapped is None
+                            for m in p.modules[-64:])  # reported again while still mapped
+                if path.startswith("/") and not known:
                     # load 0: found already mapped (startup objects, /proc maps): take it as
                     # mapped since the process (image) began.
                     p.modules.append(Module(path, handle, load, ts if load else p.start))

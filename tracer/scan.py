@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 from collections import Counter
 from typing import Iterable, Optional
 
@@ -25,7 +24,6 @@ from .symbols import CANDIDATE, system_libraries
 
 OK = "ok"
 PF_KTHREAD = 0x00200000
-_MUSL = re.compile(r"(ld-musl|libc\.musl)[^/]*$")
 COLUMNS = ["pid", "comm", "exe", "status", "libc", "keys_in_use", "limit", "headroom",
            "orphaned_keys", "library", "libraries", "destructors", "leak_per_reload",
            "reloads_per_day", "days_left", "exhaustion_eta"]
@@ -67,8 +65,8 @@ def _holder(pid: int, mods: list, exe: str, host_libc: Optional[str]):
 
 def scan_pid(pid: int, host_libc: Optional[str] = None) -> dict:
     row = {c: None for c in COLUMNS}
-    row.update(pid=pid, comm="", exe="", keys_in_use=0, orphaned_keys=0, library="",
-               libraries={}, destructors={})
+    # Counts stay None until the table is read: never a zero that looks like an answer.
+    row.update(pid=pid, comm="", exe="", library="", libraries={}, destructors={})
     try:
         with open(f"/proc/{pid}/comm") as fh:
             row["comm"] = fh.read().strip()
@@ -77,7 +75,7 @@ def scan_pid(pid: int, host_libc: Optional[str] = None) -> dict:
         row["exe"] = os.readlink(f"/proc/{pid}/exe")
         maps = procmaps.mappings(pid)
         mods = procmaps.modules(pid)
-        if any(_MUSL.search(p) for p, _, _ in mods):
+        if any(fc.is_musl(p) for p, _, _ in mods):
             raise _Skip("unsupported: musl libc keeps no key table that can be read")
         path, base, lay = _holder(pid, mods, row["exe"], host_libc)
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
@@ -91,7 +89,7 @@ def scan_pid(pid: int, host_libc: Optional[str] = None) -> dict:
     except OSError as e:
         row["status"] = _status_of(e)
         return row
-    row.update(status=OK, libc=path, limit=lay.count)
+    row.update(status=OK, libc=path, limit=lay.count, orphaned_keys=0)
     table = np.frombuffer(data, dtype=np.dtype({
         "names": ["seq", "destr"], "formats": [f"<u{lay.seq[1]}", f"<u{lay.destr[1]}"],
         "offsets": [lay.seq[0], lay.destr[0]], "itemsize": lay.stride}))
@@ -154,7 +152,7 @@ def scan(pids: Optional[Iterable[int]] = None, reloads_per_day: Optional[float] 
     now = pd.Timestamp.now(tz="UTC")
     for i, r in df.iterrows():
         leak = (leak_per_reload or {}).get(r.exe)
-        if leak is None and r.orphaned_keys:
+        if leak is None and r.status == OK and r.orphaned_keys:
             leak = default_leak
         df.at[i, "leak_per_reload"] = leak or 0.0
         df.at[i, "reloads_per_day"] = reloads_per_day or 0.0
@@ -163,10 +161,8 @@ def scan(pids: Optional[Iterable[int]] = None, reloads_per_day: Optional[float] 
             df.at[i, "days_left"] = f.days_left
             df.at[i, "exhaustion_eta"] = f.exhaustion_eta
     df["exhaustion_eta"] = pd.to_datetime(df["exhaustion_eta"], utc=True)
-    # A process not read has no count: NA, never a zero that looks like an answer.
-    unread = df["status"] != OK
     for col in ("keys_in_use", "limit", "headroom", "orphaned_keys"):
-        df[col] = df[col].astype("Int64").mask(unread)
+        df[col] = df[col].astype("Int64")
     df["ok"] = df["status"] == OK
     df = df.sort_values(["ok", "keys_in_use", "pid"], ascending=[False, False, True],
                         ignore_index=True).drop(columns="ok")

@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from .elfinfo import FileCache
+from .elfinfo import FileCache, defined_symbols
 from .procmaps import file_mappings, map_file
 
 FUNCTIONS = ("pthread_key_create", "pthread_key_delete", "dlopen", "dlclose")
@@ -35,25 +35,12 @@ class Target:
 
 
 def _parse(path: str) -> dict:
-    found: dict = {}
     try:
         with open(path, "rb") as fh:
-            elf = ELFFile(fh)
-            for section_name in (".dynsym", ".symtab"):
-                sec = elf.get_section_by_name(section_name)
-                if sec is None:
-                    continue
-                for name in FUNCTIONS:
-                    if name in found:
-                        continue
-                    for sym in sec.get_symbol_by_name(name) or ():
-                        if (sym["st_info"]["type"] == "STT_FUNC" and sym["st_shndx"] != "SHN_UNDEF"
-                                and sym["st_value"]):
-                            found[name] = sym["st_value"]
-                            break
+            syms = defined_symbols(ELFFile(fh), FUNCTIONS, kinds=("STT_FUNC",))
     except (OSError, ELFError):
         return {}
-    return found
+    return {name: sym["st_value"] for name, sym in syms.items()}
 
 
 _FUNCTIONS = FileCache(_parse)
