@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tracer import elfinfo, keytable  # noqa: E402
-from tracer.scan import scan  # noqa: E402
+from tracer.host import elf, keytable  # noqa: E402
+from tracer.analysis.scan import scan  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
         timings = []
         for i in range(args.rounds + 1):
             if i == 0:  # cold: nothing parsed yet
-                elfinfo._INFOS.clear()
+                elf._INFOS.clear()
                 keytable._LAYOUTS.clear()
             t = time.perf_counter()
             df = scan()

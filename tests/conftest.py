@@ -11,12 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tracer import doctor
+from tracer import wire
+from tracer.bpf import doctor
 from tracer.errors import KeytraceError
-from tracer.records import OPS, RECORD, decode
 from tracer.workloads import SOURCES, build_demo, compile_c
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -68,20 +67,27 @@ def json_rows(stdout: str) -> list[dict]:
 
 
 def uprobes_attached_by(pid: int) -> list[str]:
-    """bpftool's perf-attached probe lines belonging to a pid."""
+    """bpftool's perf-attached probe lines belonging to a pid. A failing bpftool fails the
+    caller: an unreadable answer must never read as "nothing attached"."""
     res = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True)
+    assert res.returncode == 0, f"bpftool perf list failed: {res.stderr.strip()}"
     return [json.dumps(r) for r in json.loads(res.stdout or "[]") if r.get("pid") == pid]
+
+
+def uprobe_events() -> set:
+    tracefs = Path("/sys/kernel/tracing/uprobe_events")
+    return set(tracefs.read_text().splitlines()) if tracefs.exists() else set()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_attached():
-    """After the whole suite: no uprobe of ours left (tracefs or perf-attached)."""
+    """After the whole suite: no uprobe of ours left, perf-attached or registered in tracefs
+    (compared with what the host had before: other tools may have their own)."""
+    before = uprobe_events()
     yield
-    me = os.getpid()
-    left = uprobes_attached_by(me)
-    tracefs = Path("/sys/kernel/tracing/uprobe_events")
-    entries = tracefs.read_text().strip() if tracefs.exists() else ""
-    assert not left and not entries, f"probes left attached: {left} {entries!r}"
+    left = uprobes_attached_by(os.getpid())
+    added = uprobe_events() - before
+    assert not left and not added, f"probes left attached: {left} {sorted(added)}"
 
 
 def events(*rows, start_ns=1_000_000_000):
@@ -89,17 +95,14 @@ def events(*rows, start_ns=1_000_000_000):
 
     Each row: (op, pid, **fields) as a dict; ts increases by 1 us per row.
     """
-    a = np.zeros(len(rows), dtype=RECORD)
-    for i, r in enumerate(rows):
-        r = dict(r)
-        a[i]["op"] = OPS.index(r.pop("op"))
-        a[i]["ts"] = start_ns + i * 1000
-        a[i]["tid"] = r.get("pid", 0)
-        a[i]["comm"] = r.pop("comm", "proc").encode()
-        if "path" in r:
-            a[i]["path"] = r.pop("path").encode()
-        if "child" in r:
-            a[i]["other"] = r.pop("child")
-        for k, v in r.items():
-            a[i][k] = v
-    return decode(a, 0)
+    full = [{"ts": start_ns + i * 1000, "tid": r.get("pid", 0), "comm": "proc", **r}
+            for i, r in enumerate(rows)]
+    return wire.decode(wire.records(full), 0)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that needs the bpf fixture carries the bpf marker: `-m "not bpf"` runs the
+    rest (pure logic, files, scan) where tracing is impossible."""
+    for item in items:
+        if "bpf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.bpf)

@@ -2,7 +2,7 @@
 import shutil
 import subprocess
 
-from tracer.elfinfo import elf_info
+from tracer.host.elf import elf_info
 
 
 def test_symbols_come_back_from_a_debuglink_file(bins, tmp_path):

@@ -1,10 +1,13 @@
 """Saved ledgers: every format round-trips to the same analysis; bad files are clear errors."""
+import re
+
+import pandas as pd
 import pytest
 
 from conftest import events, keytrace
 from tracer.errors import KeytraceError
-from tracer.files import load_events, save_events
-from tracer.ledger import Ledger
+from tracer.store.files import load_events, save_events
+from tracer import Ledger
 
 SAMPLE = events(
     dict(op="fork", pid=1, child=10),
@@ -19,13 +22,15 @@ SAMPLE = events(
 @pytest.mark.parametrize("ext", [".parquet", ".csv", ".jsonl"])
 def test_round_trip(tmp_path, ext):
     path = tmp_path / f"ledger{ext}"
-    save_events(SAMPLE, path)
-    back = load_events(path)
+    save_events(SAMPLE, path, lost=3)
+    back, meta = load_events(path)
     assert back.dtypes.to_dict() == SAMPLE.dtypes.to_dict()
     assert back.astype(str).equals(SAMPLE.astype(str))
+    assert meta == {"schema": 2, "lost": 3}
     live, replayed = Ledger(), Ledger.from_file(path)
-    live.ingest(SAMPLE)
+    live.ingest(SAMPLE, lost=3)
     assert replayed.summary().equals(live.summary())
+    assert replayed.lost == 3
 
 
 def test_report_cli_reads_a_saved_ledger(tmp_path):
@@ -39,6 +44,7 @@ def test_report_cli_reads_a_saved_ledger(tmp_path):
 @pytest.mark.parametrize("name,content,message", [
     ("bad.parquet", b"not parquet at all", "is not a readable parquet ledger"),
     ("bad.csv", b"a,b\n1,2\n", "missing column(s)"),
+    ("bad.parquet", None, "no such file"),
     ("bad.jsonl", b'{"ts": "x"\n', "is not a readable jsonl ledger"),
     ("missing.csv", None, "no such file"),
     ("ledger.txt", b"", "cannot tell the format"),
@@ -54,6 +60,21 @@ def test_bad_files_are_one_clear_line(tmp_path, name, content, message):
     assert res.returncode == 1
     assert res.stderr.startswith("keytrace: error: ") and message in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("ext", [".parquet", ".csv", ".jsonl"])
+def test_an_unknown_schema_is_one_line(tmp_path, ext):
+    path = tmp_path / f"future{ext}"
+    save_events(SAMPLE, path)
+    back = pd.read_parquet(path) if ext == ".parquet" else None
+    if ext == ".parquet":
+        back.loc[0, "path"] = '{"schema": 99, "lost": 0}'
+        back.to_parquet(path)
+    else:
+        path.write_text(re.sub(r"(schema\W+)2", r"\g<1>99", path.read_text(), count=1))
+    res = keytrace("report", str(path))
+    assert res.returncode == 1 and "schema 99" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
 def test_bad_values_are_reported(tmp_path):

@@ -3,9 +3,10 @@ import pandas as pd
 import pytest
 
 from conftest import events
-from tracer import forecast as fc
-from tracer.elfinfo import elf_info
-from tracer.ledger import Ledger
+from tracer.analysis import forecast as fc
+from tracer.host.elf import elf_info
+from tracer.host.libc import key_limit
+from tracer import Ledger
 
 NOW = pd.Timestamp("2026-01-01", tz="UTC")
 
@@ -38,9 +39,9 @@ def test_full_table_is_exhausted_now():
 
 
 def test_musl_limit():
-    assert fc.key_limit(["/usr/bin/app", "/lib/ld-musl-x86_64.so.1"]) == 128
-    assert fc.key_limit(["/usr/bin/app", "/lib/x86_64-linux-gnu/libc.so.6"]) == 1024
-    f = fc.forecast(100, fc.key_limit(["/lib/libc.musl-x86_64.so.1"]), NOW, 2, 1)
+    assert key_limit(["/usr/bin/app", "/lib/ld-musl-x86_64.so.1"]) == 128
+    assert key_limit(["/usr/bin/app", "/lib/x86_64-linux-gnu/libc.so.6"]) == 1024
+    f = fc.forecast(100, key_limit(["/lib/libc.musl-x86_64.so.1"]), NOW, 2, 1)
     assert (f.limit, f.headroom, f.days_left) == (128, 28, 14)
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer import headers
+from tracer.bpf import headers
 
 
 def test_merged_tree_overlays_arch_on_common(tmp_path):

@@ -2,7 +2,7 @@
 import pandas as pd
 
 from conftest import events
-from tracer.ledger import Ledger
+from tracer import Ledger
 
 
 def summary_of(*rows, **kw):
@@ -126,7 +126,7 @@ def test_events_keep_arrival_order_across_batches():
 
 
 def test_comm_decoding_keeps_every_distinct_name():
-    from tracer.records import _decode_strings
+    from tracer.wire import _decode_strings
     import numpy as np
     raw = np.array([b"a", b"bb", b"a", b"\xff\xfe", b"\xff\xfd", b""], dtype="S16")
     assert list(_decode_strings(raw)) == ["a", "bb", "a", "\ufffd\ufffd", "\ufffd\ufffd", ""]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import json_rows, keytrace
-from tracer.scan import scan, scan_pid
+from tracer.analysis.scan import scan, scan_pid
 from tracer.session import KeyTracer
 from tracer.workloads import compile_c
 
@@ -104,7 +104,7 @@ def test_destructors_are_named_by_module_and_symbol(keymaker, bins):
     assert row["library"] == bins["libb"] and row["orphaned_keys"] == 0
 
 
-def test_watch_and_scan_agree(keymaker):
+def test_watch_and_scan_agree(keymaker, bpf):
     k = keymaker()
     with KeyTracer(pids=[k.pid]) as t:
         k.do("c 9")

@@ -1,40 +1,18 @@
-"""Jupyter presentation: the summary as highlighted HTML, and the two pictures of a leak.
+"""Jupyter presentation: the two pictures of a leak, and the highlighted summary
+(tracer.analysis.html, which a Ledger also shows by itself).
 
 matplotlib is imported here only, so the command line does not pay for it.
 """
 from __future__ import annotations
 
-import html
 import os
 from typing import Optional
 
-import pandas as pd
+from .analysis import forecast as fc
+from .analysis.html import ledger_html, summary_html
+from .host.libc import GLIBC_KEYS_MAX
 
-from . import forecast as fc
-
-SHOWN = ["pid", "comm", "creates", "deletes", "failed_creates", "live_keys", "limit",
-         "orphaned_keys", "library", "days_left", "leaking", "critical", "reason"]
-
-
-def _row_style(row: pd.Series) -> list:
-    color = "#f8d7da" if row["critical"] else "#fff3cd" if row["leaking"] else ""
-    return [f"background-color: {color}" if color else ""] * len(row)
-
-
-def summary_html(summary: pd.DataFrame) -> str:
-    """The summary as an HTML table: critical rows red, leaking rows amber."""
-    shown = summary[SHOWN].copy()
-    shown["library"] = shown["library"].map(lambda p: os.path.basename(p) if p else "")
-    return (shown.style.apply(_row_style, axis=1).hide(axis="index")
-            .format({"days_left": lambda d: fc.describe(d) if d == d and d is not None else ""})
-            .to_html())
-
-
-def ledger_html(ledger, heading: str = "keytrace ledger") -> str:
-    s = ledger.summary()
-    lost = f", <b>{ledger.lost} lost</b>" if ledger.lost else ""
-    return (f"<p><b>{html.escape(heading)}</b>: {ledger.event_count} events{lost}, "
-            f"{len(s)} processes, {int(s['leaking'].sum())} flagged</p>" + summary_html(s))
+__all__ = ["plot_keys", "plot_reloads", "summary_html", "ledger_html"]
 
 
 def plot_keys(ledger, reloads_per_day: Optional[float] = None, top: int = 5):
@@ -51,7 +29,7 @@ def plot_keys(ledger, reloads_per_day: Optional[float] = None, top: int = 5):
         s = series[series["pid"] == pid]
         if not s.empty:
             now_ax.step(s["ts"], s["live_keys"], where="post", label=f"{s['comm'].iloc[0]} ({pid})")
-    limit = int(summary["limit"].max()) if len(summary) else fc.GLIBC_KEYS_MAX
+    limit = int(summary["limit"].max()) if len(summary) else GLIBC_KEYS_MAX
     now_ax.axhline(limit, color="crimson", linestyle="--", label=f"limit ({limit})")
     now_ax.set(title="keys in use, traced", ylabel="pthread keys", ylim=(0, limit * 1.08))
     now_ax.legend(loc="lower right", fontsize="small")

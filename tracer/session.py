@@ -22,11 +22,12 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from . import doctor, procmaps
+from . import wire
+from .analysis.ledger import Ledger
+from .bpf import doctor, units
+from .bpf.loader import DEFAULT_RING_PAGES, Program
 from .errors import KeytraceError
-from .ledger import Ledger
-from .probes import DEFAULT_RING_PAGES, ProbeSet
-from .records import OPS, PATH_LEN, RECORD, boot_to_wall_offset_ns, decode
+from .host import libc, proc
 
 # The launched command waits on fd 3 until the probes are attached, then becomes the command
 # (exec keeps the pid, which is already in the kernel's filter). Through setpriv it gets a
@@ -75,22 +76,6 @@ class Launched:
         self.send_signal(signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting to be reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _exe_of(pid: int) -> Optional[str]:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-
-
 class KeyTracer:
     """Trace pthread key creation and deletion.
 
@@ -106,16 +91,16 @@ class KeyTracer:
         self.command = list(command) if command else None
         self.interval = interval
         self.on_ready = on_ready
-        self.ledger = Ledger(keep_events=keep_events, resolve_exe=_exe_of)
+        self.ledger = Ledger(keep_events=keep_events)
         self.process: Optional[Launched] = None
         self._ring_pages = ring_pages
-        self._probes: Optional[ProbeSet] = None
+        self._probes: Optional[Program] = None
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._poll_lock = threading.Lock()
-        self._offset = boot_to_wall_offset_ns()
+        self._offset = wire.boot_to_wall_offset_ns()
         self._poll_error: Optional[BaseException] = None
-        self._snapshotted: set = set()  # pids whose /proc maps are in the ledger
+        self._snapshotted: set = set()  # pids whose current image's modules are in the ledger
 
     # -- life cycle -----------------------------------------------------------------------------
     def start(self, background: bool = True) -> "KeyTracer":
@@ -123,7 +108,7 @@ class KeyTracer:
             raise KeytraceError("this tracer is already started")
         doctor.require_tracing()
         for pid in self.pids or ():
-            if not os.path.exists(f"/proc/{pid}"):
+            if not proc.exists(pid):
                 raise KeytraceError(f"no process with pid {pid}")
         gate_w = None
         filter_pids = self.pids
@@ -131,9 +116,10 @@ class KeyTracer:
             if self.command:
                 self.process, gate_w = self._spawn_gated(self.command)
                 filter_pids = (self.pids or []) + [self.process.pid]
-            self._probes = ProbeSet(filter_pids, self._ring_pages)
+            self._probes = Program(units.KEY_TRACER, filter_pids, self._ring_pages)
             atexit.register(self.stop)
             self._probes.open()
+            self._attach_targets()
             if gate_w is not None:
                 os.write(gate_w, b"go\n")
         except BaseException:
@@ -148,6 +134,14 @@ class KeyTracer:
             self._thread = threading.Thread(target=self._run, name="keytrace-poll", daemon=True)
             self._thread.start()
         return self
+
+    def _attach_targets(self) -> None:
+        """Probes on every C library the traced processes (or the host) may use."""
+        targets = libc.find_targets(units.functions(units.KEY_TRACER), self._probes.pids)
+        if not targets:
+            raise KeytraceError("no C library defining pthread_key_create was found to probe")
+        for t in targets:
+            self._probes.attach(t.path, t.functions)
 
     def _spawn_gated(self, argv: Sequence[str]):
         path = shutil.which(argv[0])
@@ -175,40 +169,46 @@ class KeyTracer:
             if self._probes is None:
                 return 0
             batch = self._probes.drain()
-            self.ledger.lost = self._probes.lost()
-            if len(batch):
-                batch = self._with_module_snapshots(batch)
-                self.ledger.ingest(decode(batch, self._offset, stack_of=self._probes.stack))
+            lost = self._probes.lost()
+            frame = wire.decode(batch, self._offset, stack_of=self._probes.stack)
+            at = 0
+            for pos, facts in self._meet(batch, frame):
+                self.ledger.ingest(frame.iloc[at:pos])
+                self.ledger.ingest(facts)
+                at = pos
+            self.ledger.ingest(frame.iloc[at:], lost=lost)
             return len(batch)
 
-    def _with_module_snapshots(self, batch: np.ndarray) -> np.ndarray:
-        """Put "map" records of the modules a process had mapped before we saw it (from
-        /proc/PID/maps) in front of its first key creation, so its callers can be named.
-        dlopens after that are reported by the probes themselves."""
+    def _meet(self, batch: np.ndarray, frame) -> list:
+        """Tell the ledger what the host shows of the processes this batch is the first news
+        of (identity), and of those about to create keys in a program image whose modules it
+        does not know yet (so their callers can be named). dlopens after that are reported by
+        the probes themselves."""
         ops, pids = batch["op"], batch["pid"]
-        creating = (ops == OPS.index("create")) | (ops == OPS.index("create_failed"))
-        extra, where = [], []
-        for pid in np.unique(pids[creating]).tolist():
-            if pid in self._snapshotted:
-                continue
-            self._snapshotted.add(pid)
-            first = int(np.flatnonzero(creating & (pids == pid))[0])
-            mods = procmaps.modules(pid)
-            recs = np.zeros(len(mods), dtype=RECORD)
-            recs["op"] = OPS.index("map")
-            recs["pid"] = recs["tid"] = pid
-            recs["ts"] = batch["ts"][first] - 1
-            recs["comm"] = batch["comm"][first]
-            recs["stack"] = -1
-            for i, (path, base, _) in enumerate(mods):
-                recs[i]["path"] = path.encode()[:PATH_LEN - 1]
-                recs[i]["handle"] = base
-            extra.append(recs)
-            where += [first] * len(recs)
+        ts = frame["ts"].array.asi8
+        forked = set(batch["other"][ops == wire.CODE["fork"]].tolist())
+        creating = (ops == wire.CODE["create"]) | (ops == wire.CODE["create_failed"])
+        out = []
+        for pid in np.unique(pids).tolist():
+            mine = pids == pid
+            first = int(np.argmax(mine))
+            comm = str(frame["comm"].iloc[first])
+            if pid not in forked and not self.ledger.knows(pid):
+                try:
+                    start = proc.stat(pid).start_ns
+                except (OSError, IndexError, ValueError):
+                    start = None
+                out.append((first, Ledger.facts(pid, int(ts[first]) - 1, comm,
+                                                exe=proc.exe(pid), start=start)))
+            if pid not in self._snapshotted and creating[mine].any():
+                self._snapshotted.add(pid)
+                at = int(np.argmax(mine & creating))
+                mods = [(path, base) for path, base, _ in proc.modules(pid)]
+                out.append((at, Ledger.facts(pid, int(ts[at]) - 1, comm, modules=mods)))
         # A new image (exec) or a new process on the same pid (exit) needs a new snapshot.
         self._snapshotted.difference_update(
-            pids[(ops == OPS.index("exec")) | (ops == OPS.index("exit"))].tolist())
-        return np.insert(batch, where, np.concatenate(extra)) if where else batch
+            pids[(ops == wire.CODE["exec"]) | (ops == wire.CODE["exit"])].tolist())
+        return sorted(out, key=lambda item: item[0])
 
     def wait(self, duration: Optional[float] = None, stop: Optional[threading.Event] = None,
              tick: Optional[Callable[[], None]] = None) -> str:
@@ -223,7 +223,7 @@ class KeyTracer:
                 raise self._poll_error
             if self.process is not None and self.process.poll() is not None:
                 return "exited"
-            if self.process is None and self.pids and not any(map(_alive, self.pids)):
+            if self.process is None and self.pids and not any(map(proc.alive, self.pids)):
                 return "exited"
             if deadline is not None and time.monotonic() >= deadline:
                 return "duration"
@@ -272,7 +272,7 @@ class KeyTracer:
         self.stop()
 
     def _repr_html_(self) -> str:
-        from .jupyter import ledger_html
+        from .analysis.html import ledger_html
         state = "tracing" if self._probes is not None else "stopped"
         return ledger_html(self.ledger, heading=f"KeyTracer: {state}, {self.attached} probes")
 
@@ -283,7 +283,7 @@ class KeyTracer:
 
     @property
     def files(self) -> list[str]:
-        return [t.path for t in self._probes.targets] if self._probes else []
+        return list(self._probes.files) if self._probes else []
 
     @property
     def returncode(self) -> Optional[int]:

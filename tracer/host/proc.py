@@ -1,7 +1,66 @@
-"""A process's mappings (/proc/PID/maps), and the ELF modules they make up."""
+"""Everything keytrace reads from /proc: processes, their identity, mappings and ELF modules."""
 from __future__ import annotations
 
-from .elfinfo import elf_info
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from .elf import elf_info
+
+PF_KTHREAD = 0x00200000
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Stat:
+    comm: str
+    state: str            # R, S, Z, ...
+    ppid: int
+    flags: int
+    start_ns: int         # when the process started, ns since the epoch
+
+    @property
+    def kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
+
+
+def _boot_ns() -> int:
+    # /proc/PID/stat's starttime counts boot-time clock ticks (suspend included).
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def stat(pid: int) -> Stat:
+    """Raises OSError (FileNotFoundError: gone; PermissionError)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        text = fh.read()
+    head, _, rest = text.rpartition(")")
+    f = rest.split()
+    return Stat(comm=head.split("(", 1)[1], state=f[0], ppid=int(f[1]), flags=int(f[6]),
+                start_ns=_boot_ns() + int(f[19]) * 10**9 // _TICKS)
+
+
+def exe(pid: int) -> Optional[str]:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return stat(pid).state != "Z"
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def exists(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def pids() -> list[int]:
+    return sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
 
 
 def mappings(pid: int) -> list[tuple[int, int, int, str]]:

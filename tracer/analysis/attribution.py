@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-from .elfinfo import ElfInfo, elf_info
-
-if TYPE_CHECKING:  # the ledger builds the state, this module reads it
-    from .ledger import Module, Process, Site
+from ..host import libc
+from ..host.elf import ElfInfo, elf_info
+from ..state.keys import Site
+from ..state.modules import Module
+from ..state.processes import Process
 
 UNKNOWN = "?"
 
@@ -39,18 +40,18 @@ class Frame:
 
 
 class Resolver:
-    """Names the addresses of one process's history."""
+    """Names addresses against module instances (one process's history, or a scan's mappings).
 
-    def __init__(self, proc: Process):
-        self.proc = proc
-        # A live process's files are read as it sees them (its mount namespace).
-        root = f"/proc/{proc.pid}/root"
-        self.root = root if proc.exited is None and os.path.exists(root) else ""
+    pid: a live process whose files are then read as it sees them (its mount namespace)."""
+
+    def __init__(self, modules: list, pid: Optional[int] = None):
+        root = f"/proc/{pid}/root"
+        self.root = root if pid is not None and os.path.exists(root) else ""
         self._infos: dict = {}
         self._by_load: dict = defaultdict(list)
         # Reloads make many instances of few (path, base) pairs: ranges are checked per pair.
         self._groups: dict = defaultdict(list)
-        for m in proc.modules:
+        for m in modules:
             self._by_load[m.load].append(m)
             self._groups[(m.path, m.base)].append(m)
 
@@ -95,7 +96,7 @@ class Resolver:
         """The module that made the site's keys: the innermost frame outside libc and ld.so,
         else the destructor's module."""
         for f in self.stack(site):
-            if f.module is not None and not self.info(f.module).is_libc:
+            if f.module is not None and not libc.is_plumbing(f.module.path):
                 return f.module
         if site.destructor:
             return self.module_at(site.destructor, site.first, site.load)
@@ -107,9 +108,9 @@ class Attribution:
 
     def __init__(self, proc: Process):
         self.proc = proc
-        self.resolver = Resolver(proc)
-        self.live = Counter(id(s) for s in proc.keys.values())
-        self.maker = {id(s): self.resolver.creator(s) for s in proc.sites.values()}
+        self.resolver = Resolver(proc.modules.instances, proc.pid if proc.exited is None else None)
+        self.live = Counter(id(s) for s in proc.keys.live.values())
+        self.maker = {id(s): self.resolver.creator(s) for s in proc.keys.sites.values()}
 
     def library_of(self, site: Site) -> str:
         m = self.maker[id(site)]
@@ -120,8 +121,9 @@ class Attribution:
         exe -> dlopen(libA.so) -> ... -> libB.so!init+0x14 -> pthread_key_create."""
         frames = self.resolver.stack(site)
         parts = [os.path.basename(self.proc.exe or self.proc.comm)]
-        if site.load in self.proc.loads:
-            parts.append(f"dlopen({os.path.basename(self.proc.loads[site.load][0])})")
+        loads = self.proc.modules.loads
+        if site.load in loads:
+            parts.append(f"dlopen({os.path.basename(loads[site.load][0])})")
         parts += [str(f) for f in reversed(frames)] + ["pthread_key_create"]
         return " -> ".join(parts)
 
@@ -135,7 +137,7 @@ class Attribution:
         its busiest call site."""
         acc: dict = defaultdict(lambda: {"created": 0, "deleted": 0, "live_keys": 0,
                                          "orphaned_keys": 0, "_top": None})
-        for site in self.proc.sites.values():
+        for site in self.proc.keys.sites.values():
             row = acc[self.library_of(site)]
             n = self.live.get(id(site), 0)
             row["created"] += site.created
@@ -157,15 +159,15 @@ class Attribution:
         """
         left: Counter = Counter()            # load id -> live keys made inside it
         makers: dict = defaultdict(Counter)  # load id -> creating library -> live keys
-        for site in self.proc.sites.values():
+        for site in self.proc.keys.sites.values():
             n = self.live.get(id(site), 0)
             if site.load and n:
                 left[site.load] += n
                 makers[site.load][self.library_of(site)] += n
         by_path: dict = defaultdict(list)
-        for load, (path, _handle, ts) in self.proc.loads.items():
+        for load, (path, _handle, ts) in self.proc.modules.loads.items():
             by_path[path].append((ts, load))
-        first_failure = self.proc.first_failure
+        first_failure = self.proc.keys.first_failure
         rows = []
         for path, loads in by_path.items():
             loads.sort()

@@ -6,17 +6,24 @@ layout for libthread_db in `_thread_db_*` descriptors beside it, and those are r
 assumed: `_thread_db___pthread_keys` = {element bits, element count, 0},
 `_thread_db_pthread_key_struct_seq` / `_destr` = {field bits, 1, byte offset},
 `_thread_db_sizeof_pthread_key_struct` = {struct size}. Parsed once per file identity.
+
+read(pid) reads a process's table through /proc/PID/mem: the key numbers in use (a key is its
+slot's index) and their destructors. What cannot be read says why (Unreadable), never zero keys.
 """
 from __future__ import annotations
 
+import errno
+import os
 import struct
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from .elfinfo import FileCache, defined_symbols
+from . import libc, proc
+from .elf import FileCache, defined_symbols
 
 TABLE = "__pthread_keys"
 DESCRIPTORS = {
@@ -97,3 +104,84 @@ def layout(path: str, fallback: Optional[str] = None) -> tuple[Optional[Layout],
             return Layout(table, ref.count, ref.stride, ref.seq, ref.destr, fallback), \
                 "descriptors of the host libc (static executable)"
     return None, "no _thread_db descriptors to describe __pthread_keys"
+
+
+class Unreadable(Exception):
+    """A process whose table cannot be read; str() is the status to report instead."""
+
+
+@dataclass
+class Table:
+    """A process's key table as read now, with the mappings it was read against."""
+    pid: int
+    comm: str
+    exe: str
+    start_ns: int
+    libc: str              # the file holding the table, as the process sees it
+    limit: int
+    keys: np.ndarray       # key numbers in use
+    destructors: np.ndarray  # their destructors (0: none), in the same order
+    maps: list             # proc.mappings
+    modules: list          # proc.modules
+
+
+def _status_of(e: OSError) -> str:
+    if isinstance(e, (FileNotFoundError, ProcessLookupError)) or e.errno == errno.ESRCH:
+        return "exited"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return f"unreadable: {e.strerror or e}"
+
+
+def host_libc() -> Optional[str]:
+    """The system libc whose descriptors describe a static executable's table."""
+    for path in libc.system_libraries():
+        if layout(path)[0] is not None:
+            return path
+    return None
+
+
+def _holder(mods: list, exe: str, fallback: Optional[str]):
+    """(path as seen by the process, load bias, layout) of the key table's file."""
+    # The C library files first (cheap to check), then the executable (static programs).
+    ordered = sorted(mods, key=lambda m: (not libc.is_candidate(m[0]), m[0] != exe))
+    why = "no module defines __pthread_keys"
+    for path, base, opened in ordered:
+        if not libc.is_candidate(path) and path != exe:
+            continue
+        lay, how = layout(opened, fallback=fallback)
+        if lay is not None:
+            return path, base, lay
+        if how != "no __pthread_keys":
+            why = f"{os.path.basename(path)}: {how}"
+    raise Unreadable(f"unsupported: {why}")
+
+
+def read(pid: int, fallback: Optional[str] = None) -> Table:
+    """The live key table of pid. Raises Unreadable with the status to report: a kernel thread,
+    an exited process, permission denied, musl, no table found."""
+    try:
+        st = proc.stat(pid)
+        if st.kernel_thread:
+            raise Unreadable("kernel thread")
+        exe = os.readlink(f"/proc/{pid}/exe")
+        maps = proc.mappings(pid)
+        mods = proc.modules(pid)
+        if any(libc.is_musl(p) for p, _, _ in mods):
+            raise Unreadable("unsupported: musl libc keeps no key table that can be read")
+        path, base, lay = _holder(mods, exe, fallback)
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            mem.seek(base + lay.table)
+            data = mem.read(lay.count * lay.stride)
+    except OSError as e:
+        raise Unreadable(_status_of(e)) from None
+    except (IndexError, ValueError):
+        raise Unreadable("exited") from None
+    if len(data) != lay.count * lay.stride:
+        raise Unreadable("unreadable: short read of the key table")
+    table = np.frombuffer(data, dtype=np.dtype({
+        "names": ["seq", "destr"], "formats": [f"<u{lay.seq[1]}", f"<u{lay.destr[1]}"],
+        "offsets": [lay.seq[0], lay.destr[0]], "itemsize": lay.stride}))
+    in_use = (table["seq"] & 1) == 1  # glibc: odd sequence number = key in use
+    return Table(pid, st.comm, exe, st.start_ns, path, lay.count, np.flatnonzero(in_use),
+                 table["destr"][in_use].astype(np.uint64), maps, mods)

@@ -4,7 +4,6 @@ tracer.analysis decided. Errors the user can act on are one line on stderr and e
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -18,17 +17,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from . import analysis, doctor as doctor_mod, forecast
-from .errors import KeytraceError
-from .files import format_of, save_events, save_table
-from .ledger import Ledger
-from .session import KeyTracer
+from ..analysis import forecast, verdicts
+from ..analysis.ledger import Ledger
+from ..bpf import doctor as doctor_mod
+from ..errors import KeytraceError
+from ..host import libc
+from ..session import KeyTracer
+from ..store.files import check_writable, json_lines, save_table
 
-EXIT_ERROR, EXIT_LEAK = 1, 3
-JSON_FIELDS = ["pid", "comm", "exe", "start", "alive", "creates", "deletes", "failed_creates",
-               "failed_deletes", "live_keys", "keys_after_dlclose", "library", "libraries",
-               "orphaned_keys", "limit", "headroom", "leak_per_reload", "reloads_per_day",
-               "keys_per_day", "days_left", "exhaustion_eta", "leaking", "critical", "reason"]
+EXIT_ERROR, EXIT_USAGE, EXIT_LEAK = 1, 2, 3
 VIEWS = ("process", "library", "reload")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -77,23 +74,10 @@ def frame_table(df: pd.DataFrame, title: str) -> Table:
     return t
 
 
-def _plain(v):
-    if isinstance(v, pd.Timestamp):
-        return v.isoformat()
-    if v is None or (isinstance(v, float) and v != v) or v is pd.NaT:
-        return None
-    return v.item() if hasattr(v, "item") else v
-
-
-def json_lines(df: pd.DataFrame) -> str:
-    return "".join(json.dumps({k: _plain(v) for k, v in rec.items()}) + "\n"
-                   for rec in df.to_dict(orient="records"))
-
-
 def emit(ledger: Ledger, as_json: bool, fail_on_leak: bool, title: str,
          reloads_per_day: Optional[float] = None, view: str = "process") -> None:
     summary = ledger.summary(reloads_per_day=reloads_per_day)
-    shown = {"process": lambda: summary[JSON_FIELDS], "library": ledger.by_library,
+    shown = {"process": lambda: summary, "library": ledger.by_library,
              "reload": ledger.reloads}[view]()
     if as_json:
         sys.stdout.write(json_lines(shown))
@@ -109,7 +93,7 @@ def emit(ledger: Ledger, as_json: bool, fail_on_leak: bool, title: str,
         err.print(f"keytrace: warning: {ledger.lost} events were lost (the kernel could not "
                   "queue them: ring buffer full, or on kernels 6.15+ its lock gave up): the counts "
                   "are lower bounds; raise --ring-pages if it was full", markup=False)
-    if fail_on_leak and not analysis.flagged(summary).empty:
+    if fail_on_leak and not verdicts.flagged(summary).empty:
         raise typer.Exit(EXIT_LEAK)
 
 
@@ -136,7 +120,7 @@ def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[P
         tracer.stop()
         signal.signal(signal.SIGTERM, previous)
     if output is not None:
-        save_events(tracer.ledger.events, output)
+        tracer.ledger.save(output)
         err.print(f"keytrace: wrote {tracer.ledger.event_count} events to {output}", markup=False)
     emit(tracer.ledger, as_json, fail_on_leak, title, reloads_per_day, view)
     return tracer.ledger
@@ -152,7 +136,7 @@ def announce(t: KeyTracer) -> None:
 
 def check_view(by: str) -> None:
     if by not in VIEWS:
-        raise KeytraceError(f"--by takes one of {', '.join(VIEWS)}, not {by!r}")
+        raise fail(f"--by takes one of {', '.join(VIEWS)}, not {by!r}", EXIT_USAGE)
 
 
 # Options shared by watch and report (typer reads these as declarations, so one serves both).
@@ -197,10 +181,10 @@ def watch(
       keytrace watch --fail-on-leak -- ./tests   a CI gate: exit 3 on a leak
       keytrace watch --reloads-per-day 1 --by library -- ./host libA.so 10
     """
+    check_view(by)
     try:
-        check_view(by)
         if output is not None:
-            format_of(output)
+            check_writable(output)
         # Events are kept only to be saved: the report needs the state alone (flat memory).
         tracer = KeyTracer(pids=pid or None, command=command or None, ring_pages=ring_pages,
                            keep_events=output is not None, on_ready=announce)
@@ -228,8 +212,8 @@ def report(
       keytrace report keys.parquet --by library
       keytrace report keys.parquet --by reload --reloads-per-day 1
     """
+    check_view(by)
     try:
-        check_view(by)
         ledger = Ledger.from_file(file)
     except KeytraceError as e:
         raise fail(str(e))
@@ -253,11 +237,11 @@ def demo(
     Example:
       keytrace demo
     """
-    from .workloads import build_demo
-    from .headers import CACHE
+    from ..bpf.headers import CACHE
+    from ..workloads import build_demo
     try:
         if output is not None:
-            format_of(output)
+            check_writable(output)
         w = build_demo(CACHE / "workloads")
         us = str(int(interval_ms * 1000))
         # One shell launches both hosts; keytrace follows its children.
@@ -285,7 +269,7 @@ def scan_table(df: pd.DataFrame, show_all: bool) -> Table:
     shown = df if show_all else df[df["status"] != "kernel thread"]
     for r in shown.itertuples():
         ok = r.status == "ok"
-        full = ok and r.keys_in_use >= 0.8 * r.limit
+        full = ok and verdicts.near_limit(r.keys_in_use, r.limit)
         style = "bold red" if full else "yellow" if ok and r.orphaned_keys else None
         t.add_row(str(r.pid), r.comm, str(r.keys_in_use) if ok else "-",
                   str(r.limit) if ok else "-", str(r.orphaned_keys) if ok else "-",
@@ -305,7 +289,7 @@ def explain_reloads(ledger: Ledger, reloads_per_day: float) -> None:
         return
     out.print(frame_table(reloads, "what each load/unload cycle leaves behind"))
     for r in leaking.itertuples():
-        f = forecast.forecast(0, forecast.GLIBC_KEYS_MAX, pd.Timestamp.now(tz="UTC"),
+        f = forecast.forecast(0, libc.GLIBC_KEYS_MAX, pd.Timestamp.now(tz="UTC"),
                               r.keys_per_cycle, reloads_per_day)
         out.print(f"{r.finding}: at {reloads_per_day:g} reload(s) a day a fresh process runs out "
                   f"of its {f.limit} keys in {forecast.describe(f.days_left)}"
@@ -341,12 +325,13 @@ def scan(
       keytrace scan --reloads-per-day 1          with a forecast for the leaking ones
       keytrace scan --ledger keys.parquet --reloads-per-day 1
     """
-    from .scan import scan as scan_processes
+    from ..analysis.scan import scan as scan_processes
+    from ..host import proc
     try:
         if output is not None:
-            format_of(output)
+            check_writable(output)
         for p in pid or ():
-            if not os.path.exists(f"/proc/{p}"):
+            if not proc.exists(p):
                 raise KeytraceError(f"no process with pid {p}")
         rates = None
         if ledger is not None:
@@ -354,7 +339,7 @@ def scan(
             rates = s[s["leak_per_reload"] > 0].groupby("exe")["leak_per_reload"].max().to_dict()
         if err.is_terminal and not pid:
             from rich.progress import Progress
-            n = sum(1 for d in os.listdir("/proc") if d.isdigit())
+            n = len(proc.pids())
             with Progress(console=err, transient=True) as bar:
                 task = bar.add_task("scanning", total=n)
                 df = scan_processes(None, reloads_per_day, rates, leak_per_reload,

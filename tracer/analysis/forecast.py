@@ -8,26 +8,12 @@ measured from the timestamps of the traced dlopens. No leak, no date.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import pandas as pd
 
-GLIBC_KEYS_MAX = 1024   # PTHREAD_KEYS_MAX, glibc
-MUSL_KEYS_MAX = 128     # PTHREAD_KEYS_MAX, musl
 NS_PER_DAY = 86_400 * 10**9
-_MUSL = re.compile(r"(ld-musl|libc\.musl)[^/]*$")
-
-
-def is_musl(path: str) -> bool:
-    """Is this file musl's C library (ld-musl-*.so.1, libc.musl-*.so.1)?"""
-    return bool(_MUSL.search(path or ""))
-
-
-def key_limit(paths: Iterable[str]) -> int:
-    """PTHREAD_KEYS_MAX of the C library among a process's mapped files (glibc unless musl)."""
-    return MUSL_KEYS_MAX if any(map(is_musl, paths)) else GLIBC_KEYS_MAX
 
 
 def measured_reloads_per_day(cycles: int, span_ns: int) -> Optional[float]:

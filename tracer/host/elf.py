@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -17,9 +16,6 @@ from elftools.elf.sections import SymbolTableSection
 
 DEBUG_ROOT = Path(os.environ.get("KEYTRACE_DEBUG_ROOT", "/usr/lib/debug"))
 PAGE = 4096
-# The C library and the dynamic loader: frames there are plumbing, never the key's owner.
-_LIBC = re.compile(r"/(libc\.so\.6|libc-2\.\d+\.so|libpthread[.-]|libdl[.-]|ld-linux[^/]*\.so|"
-                   r"ld-musl[^/]*|libc\.musl[^/]*)")
 
 
 @dataclass
@@ -28,10 +24,6 @@ class ElfInfo:
     lo: int                 # first PT_LOAD vaddr, page-aligned: where the mapping starts
     hi: int                 # end of the last PT_LOAD
     _syms: Optional[tuple] = None  # (starts, ends, names, debug file), read on first use
-
-    @property
-    def is_libc(self) -> bool:
-        return bool(_LIBC.search(self.path))
 
     def _symbols(self) -> tuple:
         if self._syms is None:
@@ -51,11 +43,6 @@ class ElfInfo:
             self._syms = (starts, [a + funcs[a][0] for a in starts], [funcs[a][1] for a in starts],
                           str(debug) if debug else None)
         return self._syms
-
-    @property
-    def stripped(self) -> bool:
-        """No function symbols at all (addresses then read module+offset)."""
-        return not self._symbols()[0]
 
     @property
     def debug_file(self) -> Optional[str]:
@@ -168,3 +155,26 @@ _INFOS = FileCache(_segments)
 def elf_info(path: str) -> Optional[ElfInfo]:
     """The ELF facts of the file at path (openable from here), or None if it is unreadable."""
     return _INFOS.get(path)[1]
+
+
+def _function_addresses(path: str, names: tuple) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            syms = defined_symbols(ELFFile(fh), names, kinds=("STT_FUNC",))
+    except (OSError, ELFError, ValueError):
+        return {}
+    return {name: sym["st_value"] for name, sym in syms.items()}
+
+
+_ADDRESSES: dict = {}
+
+
+def function_addresses(path: str, names) -> tuple:
+    """(file identity, {name: address}) of the functions among names that the file defines
+    (versioned aliases share one address). (None, {}) when the file cannot be stat'ed."""
+    names = tuple(sorted(names))
+    cache = _ADDRESSES.get(names)
+    if cache is None:
+        cache = _ADDRESSES[names] = FileCache(lambda p: _function_addresses(p, names))
+    ident, found = cache.get(path)
+    return (ident[:2] if ident else None), dict(found or {})

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import KeytraceError
+from ..errors import KeytraceError
 
 CACHE = Path(os.environ.get("KEYTRACE_CACHE", "/var/cache/keytrace"))
 SRC = Path("/usr/src")

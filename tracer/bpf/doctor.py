@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import headers
-from .errors import KeytraceError
+from ..errors import KeytraceError
 
 CAP_PERFMON, CAP_BPF, CAP_SYS_ADMIN = 38, 39, 21
 SYS_BPF = 321  # x86-64
@@ -99,11 +99,13 @@ def check_headers() -> Check:
 
 
 def check_libc() -> Check:
-    from .symbols import FUNCTIONS, system_libraries, target
+    from ..host.libc import system_libraries, target
+    from .units import KEY_TRACER, functions
+    wanted = functions(KEY_TRACER)
     for path in system_libraries():
-        t = target(path)
+        t = target(path, wanted)
         if t and "pthread_key_create" in t.functions:
-            missing = [f for f in FUNCTIONS if f not in t.functions]
+            missing = [f for f in wanted if f not in t.functions]
             extra = f" (not here: {', '.join(missing)})" if missing else ""
             return Check("libc symbols", True, f"{path}: {', '.join(sorted(t.functions))}{extra}")
     return Check("libc symbols", False, "no system C library defining pthread_key_create found",

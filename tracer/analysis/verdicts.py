@@ -1,6 +1,6 @@
 """The rules: what makes a process leaking or critical, which library is responsible, and how
-long is left. Written once; the CLI, the Python API and the agent all read the frames built
-here (from the ledger's per-process state).
+long is left. Written once; the CLI, the Python API and the Jupyter views all read the frames
+built here (from snapshots of the tracker's per-process state).
 """
 from __future__ import annotations
 
@@ -10,18 +10,30 @@ from typing import Optional
 
 import pandas as pd
 
+from ..host import libc
+from ..state.tracker import Tracker
 from . import forecast as fc
 from .attribution import Attribution
 
+NEAR_LIMIT = 0.8  # a table this full is shown as an emergency, whatever the rate
+
+# The summary's columns, in order: the JSON contract of `watch --json` and `report --json`.
 SUMMARY_COLUMNS = [
     "pid", "start", "comm", "exe", "alive", "parent_pid",
     "creates", "deletes", "failed_creates", "failed_deletes", "last_failure_ret",
     "live_keys", "keys_after_dlclose",
     "library", "libraries", "orphaned_keys",
     "limit", "headroom", "leak_per_reload", "reloads_per_day", "keys_per_day", "days_left",
-    "exhaustion_eta",
+    "exhaustion_eta", "leaking", "critical", "reason",
 ]
-VERDICT_COLUMNS = ["leaking", "critical", "reason"]
+FORECAST_COLUMNS = ["pid", "comm", "live_keys", "limit", "headroom", "leak_per_reload",
+                    "reloads_per_day", "keys_per_day", "days_left", "exhaustion_eta", "leaking"]
+BRIEF_COLUMNS = ["pid", "comm", "creates", "deletes", "failed_creates", "live_keys", "limit",
+                 "orphaned_keys", "library", "days_left", "leaking", "critical", "reason"]
+LIBRARY_COLUMNS = ["pid", "comm", "library", "created", "deleted", "live_keys", "orphaned_keys",
+                   "stack", "stack_note"]
+RELOAD_COLUMNS = ["pid", "comm", "loaded", "cycles", "keys_left", "keys_per_cycle", "made_by",
+                  "finding"]
 
 
 def _errname(code: int) -> str:
@@ -33,19 +45,20 @@ def _plural(n: int, word: str) -> str:
 
 
 def _state(p, now: pd.Timestamp, reloads_per_day: Optional[float], attribute: bool) -> dict:
+    k = p.keys
     row = {
         "pid": p.pid, "start": pd.Timestamp(p.start, unit="ns", tz="UTC"), "comm": p.comm,
         "exe": p.exe or "", "alive": p.exited is None, "parent_pid": p.parent[0] if p.parent else 0,
-        "creates": p.creates, "deletes": p.deletes, "failed_creates": p.failed_creates,
-        "failed_deletes": p.failed_deletes, "last_failure_ret": p.last_failure_ret,
-        "live_keys": len(p.keys),
-        "keys_after_dlclose": sum(1 for site in p.keys.values() if site.load in p.unloaded),
+        "creates": k.creates, "deletes": k.deletes, "failed_creates": k.failed_creates,
+        "failed_deletes": k.failed_deletes, "last_failure_ret": k.last_failure_ret,
+        "live_keys": len(k.live),
+        "keys_after_dlclose": sum(1 for site in k.live.values() if site.load in p.modules.unloaded),
     }
     attr = (Attribution(p).summary() if attribute else
             {"library": "", "libraries": {}, "orphaned_keys": 0, "leak_per_reload": 0.0,
              "reload_cycles": 0, "reload_span_ns": 0})
     rate = reloads_per_day or fc.measured_reloads_per_day(attr["reload_cycles"], attr["reload_span_ns"])
-    f = fc.forecast(row["live_keys"], fc.key_limit([m.path for m in p.modules] + [row["exe"]]),
+    f = fc.forecast(row["live_keys"], libc.key_limit(p.modules.paths + [row["exe"]]),
                     now, attr["leak_per_reload"], rate)
     row.update(library=attr["library"], libraries=attr["libraries"],
                orphaned_keys=attr["orphaned_keys"], limit=f.limit, headroom=f.headroom,
@@ -59,7 +72,7 @@ def summarize(procs, now_ns: int, reloads_per_day: Optional[float] = None,
     """The per-process summary frame, judged."""
     now = pd.Timestamp(now_ns, unit="ns", tz="UTC")
     rows = [_state(p, now, reloads_per_day, attribute) for p in procs]
-    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS[:-3])
     df["exhaustion_eta"] = pd.to_datetime(df["exhaustion_eta"], utc=True)
     return judge(df)
 
@@ -98,7 +111,7 @@ def judge(df: pd.DataFrame) -> pd.DataFrame:
             parts.append(f"out of keys in {fc.describe(r.days_left)}")
         reasons.append("; ".join(parts))
     df["reason"] = pd.Series(reasons, index=df.index, dtype=object)
-    df = df.astype({"leaking": bool, "critical": bool, "alive": bool})
+    df = df.astype({"leaking": bool, "critical": bool, "alive": bool})[SUMMARY_COLUMNS]
     return df.sort_values(["critical", "leaking", "live_keys", "pid"],
                           ascending=[False, False, False, True], ignore_index=True)
 
@@ -109,9 +122,7 @@ def by_library(procs) -> pd.DataFrame:
         a = Attribution(p)
         for row in a.libraries():
             rows.append({"pid": p.pid, "comm": p.comm, **row})
-    cols = ["pid", "comm", "library", "created", "deleted", "live_keys", "orphaned_keys", "stack",
-            "stack_note"]
-    return (pd.DataFrame(rows, columns=cols)
+    return (pd.DataFrame(rows, columns=LIBRARY_COLUMNS)
             .sort_values(["live_keys", "pid"], ascending=[False, True], ignore_index=True))
 
 
@@ -121,8 +132,7 @@ def reloads(procs) -> pd.DataFrame:
         for row in Attribution(p).reloads():
             rows.append({"pid": p.pid, "comm": p.comm, **{k: v for k, v in row.items()
                                                           if k not in ("first_load", "last_load")}})
-    cols = ["pid", "comm", "loaded", "cycles", "keys_left", "keys_per_cycle", "made_by", "finding"]
-    return pd.DataFrame(rows, columns=cols)
+    return pd.DataFrame(rows, columns=RELOAD_COLUMNS)
 
 
 def flagged(summary: pd.DataFrame) -> pd.DataFrame:
@@ -130,4 +140,15 @@ def flagged(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[summary["leaking"]]
 
 
-__all__ = ["summarize", "judge", "by_library", "reloads", "flagged", "SUMMARY_COLUMNS"]
+def near_limit(keys_in_use, limit) -> bool:
+    return keys_in_use >= NEAR_LIMIT * limit
+
+
+def keys_over_time(events: pd.DataFrame) -> pd.DataFrame:
+    """Keys in use per process after each create and delete: the events replayed through the
+    same state machines as the ledger (exec empties a table, fork copies it)."""
+    t = Tracker(keep_events=False, record_levels=True)
+    t.ingest(events)
+    df = pd.DataFrame(t.levels, columns=["ts", "pid", "comm", "live_keys"])
+    df["ts"] = pd.to_datetime(df["ts"], unit="ns", utc=True)
+    return df

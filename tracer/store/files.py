@@ -1,19 +1,25 @@
-"""Saving and loading event ledgers: Parquet, CSV or JSON lines, chosen by the file's extension.
+"""Ledger and table files: Parquet, CSV or JSON lines, chosen by the file's extension.
 
-Loading checks the file's shape and restores the dtypes of tracer.records.decode, so a saved
-ledger replays exactly like a live one.
+A saved ledger is its events (tracer.wire.COLUMNS) behind one "meta" row whose path holds JSON:
+the schema version and what is not an event (records the kernel lost). Loading checks the shape
+and the version and restores the dtypes of tracer.wire.decode, so a saved ledger replays exactly
+like the live one.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .errors import KeytraceError
-from .records import COLUMNS, OP_TYPE
+from ..errors import KeytraceError
+from ..wire import COLUMNS, OP_TYPE
 
+SCHEMA = 2        # 2: a meta row, host facts (seen, held); 1: events only
+READABLE = (1, 2)
+META = "meta"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv",
            ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 
@@ -28,6 +34,34 @@ def format_of(path) -> str:
     return fmt
 
 
+def check_writable(path) -> str:
+    """Before any work: the format is known and the file can be created. Returns the format."""
+    fmt = format_of(path)
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise KeytraceError(f"cannot write {path}: no such directory {parent}")
+    if p.is_dir():
+        raise KeytraceError(f"cannot write {path}: it is a directory")
+    if not os.access(p if p.exists() else parent, os.W_OK):
+        raise KeytraceError(f"cannot write {path}: permission denied")
+    return fmt
+
+
+def _plain(v):
+    if isinstance(v, pd.Timestamp):
+        return v.isoformat()
+    if v is None or v is pd.NaT or v is pd.NA or (isinstance(v, float) and v != v):
+        return None
+    return v.item() if hasattr(v, "item") else v
+
+
+def json_lines(df: pd.DataFrame) -> str:
+    """One JSON object per row: the one JSON writer (stdout and .jsonl files alike)."""
+    return "".join(json.dumps({k: _plain(v) for k, v in rec.items()}, ensure_ascii=False) + "\n"
+                   for rec in df.to_dict(orient="records"))
+
+
 def _write(out: pd.DataFrame, path, fmt: str) -> None:
     try:
         if fmt == "parquet":
@@ -35,22 +69,26 @@ def _write(out: pd.DataFrame, path, fmt: str) -> None:
         elif fmt == "csv":
             out.to_csv(path, index=False)
         else:
-            out.to_json(path, orient="records", lines=True, date_format="iso")
+            Path(path).write_text(json_lines(out))
     except OSError as e:
         raise KeytraceError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def save_events(events: pd.DataFrame, path) -> None:
+def save_events(events: pd.DataFrame, path, lost: int = 0) -> None:
     fmt = format_of(path)
-    out = events[COLUMNS]
-    if fmt == "jsonl":
-        # pandas' own ISO writer drops the nanoseconds; numpy's keeps them.
-        ts = np.datetime_as_string(out["ts"].dt.tz_convert(None).to_numpy(), unit="ns")
-        out = out.assign(ts=np.char.add(ts, "Z"))
-    _write(out, path, fmt)
+    meta = pd.DataFrame({c: [None] for c in COLUMNS})
+    meta = meta.assign(ts=events["ts"].min() if len(events) else pd.Timestamp(0, tz="UTC"),
+                       pid=0, tid=0, comm="", op=META, key=pd.NA, ret=0, destructor=0, caller=0,
+                       path=json.dumps({"schema": SCHEMA, "lost": int(lost)}), handle=0, load=0,
+                       child=0)
+    out = pd.concat([meta.astype({"ts": events["ts"].dtype}),
+                     events[COLUMNS].astype({"op": str, "comm": str})], ignore_index=True)
+    _write(out.astype({"key": "Int64", **{c: "uint64" for c in
+                                          ("destructor", "caller", "handle", "load")}}), path, fmt)
 
 
-def load_events(path) -> pd.DataFrame:
+def load_events(path) -> tuple[pd.DataFrame, dict]:
+    """(events, meta) of a saved ledger."""
     fmt = format_of(path)
     p = Path(path)
     if not p.exists():
@@ -68,7 +106,17 @@ def load_events(path) -> pd.DataFrame:
     except Exception as e:  # pyarrow, the CSV and the JSON parser each raise their own kinds
         raise KeytraceError(f"{path} is not a readable {fmt} ledger: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return coerce(raw, source=str(path))
+    meta = {"schema": 1, "lost": 0}
+    if len(raw) and "op" in raw.columns and str(raw["op"].iloc[0]) == META:
+        try:
+            meta.update(json.loads(raw["path"].iloc[0]))
+        except (TypeError, ValueError):
+            raise KeytraceError(f"{path} has an unreadable meta row") from None
+        raw = raw.iloc[1:].reset_index(drop=True)
+    if meta["schema"] not in READABLE:
+        raise KeytraceError(f"{path} is a keytrace ledger of schema {meta['schema']}; this "
+                            f"keytrace reads schemas {', '.join(map(str, READABLE))}: upgrade it")
+    return coerce(raw, source=str(path)), meta
 
 
 def _optional_text(col: pd.Series) -> pd.Series:

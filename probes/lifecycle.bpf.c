@@ -1,0 +1,74 @@
+// keytrace probe unit "lifecycle": fork, exec and exit from tracepoints (never kprobes: they
+// may be absent). Included last: its exit handler also frees the other units' per-thread state.
+
+#define KT_CLONE_THREAD 0x00010000
+
+// task_newtask has clone_flags, so threads (CLONE_THREAD) are told apart from processes.
+TRACEPOINT_PROBE(task, task_newtask)
+{
+    if (args->clone_flags & KT_CLONE_THREAD)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 parent = pid_tgid >> 32;
+    if (!wanted(parent))
+        return 0;
+    u32 child = args->pid;
+#ifdef KT_FILTER
+    u8 one = 1;
+    traced.update(&child, &one);
+#endif
+    struct event *e = new_event(OP_FORK, pid_tgid);
+    if (e) {
+        e->other = child;
+        submit(e);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!wanted(pid_tgid >> 32))
+        return 0;
+#ifdef KT_HAVE_MODULES
+    u32 tgid = pid_tgid >> 32;
+    walked.delete(&tgid);  // a new image has a new link_map chain
+#endif
+    struct event *e = new_event(OP_EXEC, pid_tgid);
+    if (e) {
+        e->other = args->old_pid;
+        unsigned short loc = args->data_loc_filename & 0xFFFF;
+        bpf_probe_read_kernel_str(&e->path, sizeof(e->path), (char *)args + loc);
+        submit(e);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
+    // Per-thread scratch entries die with the thread, traced or not.
+#ifdef KT_HAVE_KEYS
+    keys_thread_exit(tid);
+#endif
+#ifdef KT_HAVE_MODULES
+    modules_thread_exit(tid);
+#endif
+#ifdef KT_GROUP_DEAD
+    if (!args->group_dead)
+        return 0;
+#else
+    if (tgid != tid)
+        return 0;
+#endif
+    if (!wanted(tgid))
+        return 0;
+#ifdef KT_FILTER
+    traced.delete(&tgid);
+#endif
+    struct event *e = new_event(OP_EXIT, pid_tgid);
+    if (e)
+        submit(e);
+    return 0;
+}

@@ -1,0 +1,211 @@
+"""Compiling probe units with bcc, attaching them to files at any time, and detaching them on every
+exit path.
+
+A *unit* is one file of probes/ (`<name>.bpf.c`) and the functions it probes. The units of a
+program are compiled together, after probes/keytrace.h and the definitions generated from
+tracer.wire, so they share one ring buffer, one pid filter and one count of lost records.
+Tracepoints attach at compile time; uprobes attach per ELF file with attach(path, addresses),
+whenever a file is found (a container's libc, a static executable), and detach(path) removes them.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .. import wire
+from ..errors import KeytraceError
+from . import headers
+from .ringbuf import RingReader
+
+TRACEFS = Path("/sys/kernel/tracing")
+DEFAULT_RING_PAGES = 2048  # 8 MiB: ~24k records, 10 ms of a very busy host
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str                                     # probes/<name>.bpf.c
+    uprobes: dict = field(default_factory=dict)   # function -> (entry program, return or None)
+
+
+def probes_dir() -> Path:
+    """Where the probe sources are: KEYTRACE_PROBES, else inside the installed package
+    (tracer/probes: the wheel maps the repository's probes/ there), else beside tracer/ in a
+    checkout (an editable install)."""
+    if os.environ.get("KEYTRACE_PROBES"):
+        return Path(os.environ["KEYTRACE_PROBES"])
+    package = Path(__file__).resolve().parent.parent
+    for cand in (package / "probes", package.parent / "probes"):
+        if (cand / "keytrace.h").is_file():
+            return cand
+    return package / "probes"
+
+
+def source(units: Iterable[Unit]) -> str:
+    """One compile unit: the generated definitions, keytrace.h, then each unit's file. Pasted,
+    not #included: bcc rewrites map calls and tracepoint arguments in its main text only."""
+    d = probes_dir()
+    parts = ["#include <uapi/linux/ptrace.h>", wire.c_definitions()]
+    for name in ["keytrace.h"] + [f"{u.name}.bpf.c" for u in units]:
+        try:
+            parts += [f"// ---- {name}", (d / name).read_text()]
+        except OSError as e:
+            raise KeytraceError(f"cannot read probe source {d / name}: {e.strerror} "
+                                "(set KEYTRACE_PROBES to the probes/ directory)") from None
+    return "\n".join(parts) + "\n"
+
+
+def ensure_tracefs() -> None:
+    """bcc reads tracepoint formats from tracefs; mount it where it is missing."""
+    if (TRACEFS / "events").is_dir() or Path("/sys/kernel/debug/tracing/events").is_dir():
+        return
+    if os.system(f"mount -t tracefs nodev {TRACEFS} 2>/dev/null") != 0:
+        raise KeytraceError(f"tracefs is not mounted and mounting it failed: "
+                            f"mount -t tracefs nodev {TRACEFS}")
+
+
+def _exit_has_group_dead() -> bool:
+    fmt = TRACEFS / "events/sched/sched_process_exit/format"
+    try:
+        return "group_dead" in fmt.read_text()
+    except OSError:
+        return False
+
+
+class Program:
+    """Compiled probe units: open(), attach(file) as files are found, drain(), always close().
+
+    pids: trace only these processes and their descendants (filtered in the kernel);
+    None traces the whole host.
+    """
+
+    def __init__(self, units: Iterable[Unit], pids: Optional[Iterable[int]] = None,
+                 ring_pages: int = DEFAULT_RING_PAGES):
+        if ring_pages < 1 or ring_pages & (ring_pages - 1):
+            raise KeytraceError(f"ring buffer pages must be a power of two, not {ring_pages}")
+        self.units = list(units)
+        self.pids = None if pids is None else sorted(set(pids))
+        self.ring_pages = ring_pages
+        self.bpf = None
+        self.ring: Optional[RingReader] = None
+        self.files: dict[str, list] = {}  # path -> [(function, address, kinds)] attached there
+        self.attached = 0  # uprobes attached (entry and return counted apart)
+
+    def open(self) -> "Program":
+        try:
+            self._compile()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _compile(self) -> None:
+        ensure_tracefs()
+        headers.apply(headers.find())
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise KeytraceError("bcc is not importable: apt-get install python3-bpfcc, and run "
+                                "keytrace from /usr/bin/python3 or a venv made with "
+                                "--system-site-packages") from None
+        cflags = [f"-DKT_RING_PAGES={self.ring_pages}", f"-DKT_SELF={os.getpid()}"]
+        if self.pids is not None:
+            cflags.append("-DKT_FILTER")
+        if _exit_has_group_dead():
+            cflags.append("-DKT_GROUP_DEAD")
+        try:
+            self.bpf = BPF(text=source(self.units).encode(), cflags=cflags)
+        except KeytraceError:
+            raise
+        except Exception as e:
+            raise KeytraceError(f"compiling the probes failed: {e} (run keytrace doctor)") from None
+        # clang frees its working memory after the compile; hand it back to the system
+        # (about 30 MB of RSS here).
+        ct.CDLL(None).malloc_trim(0)
+        if self.pids is not None:
+            for pid in self.pids:
+                self.add_pid(pid)
+        events = self.bpf[b"events"]
+        self.ring = RingReader(events.map_fd, self.ring_pages * os.sysconf("SC_PAGE_SIZE"),
+                               wire.RECORD)
+
+    def attach(self, path: str, addresses: dict) -> int:
+        """Attach every unit's uprobes on the functions this file defines (name -> address).
+        Returns how many were attached; a failure detaches what this call attached."""
+        if path in self.files:
+            return 0
+        done: list = []
+        try:
+            for unit in self.units:
+                for func, (entry, ret) in unit.uprobes.items():
+                    if func not in addresses:
+                        continue
+                    addr = addresses[func]
+                    self.bpf.attach_uprobe(name=path.encode(), addr=addr, fn_name=entry.encode())
+                    done.append((addr, False))
+                    if ret:
+                        self.bpf.attach_uretprobe(name=path.encode(), addr=addr,
+                                                  fn_name=ret.encode())
+                        done.append((addr, True))
+        except Exception as e:
+            self._detach_all(path, done)
+            raise KeytraceError(f"attaching to {path} failed: {e}") from None
+        self.files[path] = done
+        self.attached += len(done)
+        return len(done)
+
+    def detach(self, path: str) -> None:
+        done = self.files.pop(path, [])
+        self._detach_all(path, done)
+        self.attached -= len(done)
+
+    def _detach_all(self, path: str, done: list) -> None:
+        for addr, is_return in done:
+            try:
+                if is_return:
+                    self.bpf.detach_uretprobe(name=path.encode(), addr=addr)
+                else:
+                    self.bpf.detach_uprobe(name=path.encode(), addr=addr)
+            except Exception:  # already gone with its file: nothing left to detach
+                pass
+
+    def add_pid(self, pid: int) -> None:
+        """Trace one more process (and its future children); filtered programs only."""
+        self.bpf[b"traced"][ct.c_uint(pid)] = ct.c_ubyte(1)
+
+    def drain(self) -> np.ndarray:
+        return self.ring.drain()
+
+    def stack(self, stack_id: int) -> list:
+        """A user stack's addresses, innermost first; the entry is then freed for reuse."""
+        table = self.bpf[b"stacks"]
+        try:
+            addrs = list(table.walk(stack_id))
+        except KeyError:
+            return []
+        try:
+            del table[ct.c_int(stack_id)]
+        except KeyError:
+            pass
+        return addrs
+
+    def lost(self) -> int:
+        """Records the kernel could not queue, since open()."""
+        return int(sum(self.bpf[b"lost"][ct.c_int(0)]))
+
+    def close(self) -> None:
+        """Detach everything; safe to call twice and after a failed open() or attach()."""
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        if self.bpf is not None:
+            try:
+                self.bpf.cleanup()  # detaches uprobes and tracepoints, closes the programs
+            finally:
+                self.bpf = None
+                self.files.clear()
+                self.attached = 0

@@ -1,0 +1,103 @@
+"""C libraries: which files they are, which flavour (glibc or musl), their key limit, and which
+of them to probe. Every "is this the C library" question in keytrace is answered here.
+
+glibc >= 2.34 has pthread_key_create/delete and dlopen/dlclose in libc.so.6; older glibc has the
+pthread functions in libpthread.so.0 and dlopen in libdl.so.2; musl has them all in its one
+libc (Alpine: /lib/ld-musl-x86_64.so.1; Debian's musl: /usr/lib/x86_64-linux-musl/libc.so).
+Files are told apart by (device, inode), so the libc of a container (reached through
+/proc/PID/map_files) gets probes of its own.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from . import proc
+from .elf import function_addresses
+
+GLIBC_KEYS_MAX = 1024   # PTHREAD_KEYS_MAX, glibc
+MUSL_KEYS_MAX = 128     # PTHREAD_KEYS_MAX, musl
+
+_GLIBC = r"libc\.so\.6|libc-2\.\d+\.so|libpthread\.so\.0|libpthread-2\.\d+\.so|libdl\.so\.2|libdl-2\.\d+\.so"
+_MUSL = r"ld-musl-[^/]*\.so\.1|libc\.musl-[^/]*\.so\.1|[^/]*-linux-musl[^/]*/libc\.so"
+_LOADER = r"ld-linux[^/]*\.so(\.\d+)?"
+# Files that may define the probed functions.
+CANDIDATE = re.compile(rf"(^|/)({_GLIBC}|{_MUSL})$")
+_MUSL_FILE = re.compile(rf"(^|/)({_MUSL})$")
+# The C library and the dynamic loader: frames there are plumbing, never a key's owner.
+_PLUMBING = re.compile(rf"(^|/)({_GLIBC}|{_MUSL}|{_LOADER})$")
+
+
+def is_candidate(path: str) -> bool:
+    return bool(CANDIDATE.search(path or ""))
+
+
+def is_musl(path: str) -> bool:
+    """Is this file musl's C library (by any of the names it is installed under)?"""
+    return bool(_MUSL_FILE.search(path or ""))
+
+
+def is_plumbing(path: str) -> bool:
+    return bool(_PLUMBING.search(path or ""))
+
+
+def key_limit(paths: Iterable[str]) -> int:
+    """PTHREAD_KEYS_MAX of the C library among a process's mapped files (glibc unless musl)."""
+    return MUSL_KEYS_MAX if any(map(is_musl, paths)) else GLIBC_KEYS_MAX
+
+
+@dataclass
+class Target:
+    """One ELF file to probe: where to open it and the address of each function it defines."""
+    path: str                                      # openable from here (may be a map_files link)
+    ident: tuple                                   # (st_dev, st_ino)
+    functions: dict = field(default_factory=dict)  # name -> address
+
+
+def target(path: str, functions: Iterable[str]) -> Optional[Target]:
+    ident, found = function_addresses(path, functions)
+    return Target(path, ident, found) if found else None
+
+
+def system_libraries() -> list[str]:
+    """The C library files the dynamic linker would give a new process (ld.so.cache)."""
+    out = []
+    try:
+        listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True,
+                                 timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        listing = ""
+    for line in listing.splitlines():
+        path = line.rpartition("=>")[2].strip()
+        if is_candidate(path) and "x86-64" in line:  # the probes read x86-64 registers
+            out.append(path)
+    for fallback in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6", "/usr/lib/libc.so.6",
+                     "/lib/ld-musl-x86_64.so.1", "/usr/lib/x86_64-linux-musl/libc.so"):
+        if os.path.exists(fallback):
+            out.append(fallback)
+    return out
+
+
+def mapped_libraries(pid: int) -> list[str]:
+    """Candidate files mapped by a process, as paths openable from here."""
+    # map_files reaches the very file mapped, in whatever mount namespace the process is.
+    return sorted({proc.map_file(pid, start, end) for start, end, _, path in proc.file_mappings(pid)
+                   if is_candidate(path)})
+
+
+def find_targets(functions: Iterable[str], pids: Optional[Iterable[int]] = None) -> list[Target]:
+    """Every distinct file defining any of functions, for these pids (all when None) and for
+    processes yet to start (the system's own C libraries)."""
+    functions = tuple(functions)
+    paths = list(system_libraries())
+    for pid in (proc.pids() if pids is None else pids):
+        paths.extend(mapped_libraries(pid))
+    seen: dict = {}
+    for p in paths:
+        t = target(p, functions)
+        if t is not None and t.ident not in seen:
+            seen[t.ident] = t
+    return list(seen.values())

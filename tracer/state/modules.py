@@ -1,0 +1,70 @@
+"""The module machine: which ELF module instances a process has mapped, from dlopen's link_map
+reports, /proc/PID/maps at first sight, and the munmap of their load bases.
+
+Reloading a library makes a new instance even at the same address: an instance ends when its
+base is unmapped, whatever is mapped there later.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+
+@dataclass(slots=True)
+class Module:
+    """One mapped instance of an ELF module."""
+    path: str
+    base: int             # load bias (link_map l_addr)
+    load: int             # the dlopen that reported it (0: found already mapped)
+    mapped: int           # ts
+    unmapped: Optional[int] = None
+    file: Optional[str] = None  # where to open it now, when known (a map_files link)
+
+
+@dataclass
+class Modules:
+    instances: list = field(default_factory=list)  # Module, in mapping order
+    loads: dict = field(default_factory=dict)      # dlopen id -> (path, handle, ts)
+    handles: dict = field(default_factory=dict)    # open handle -> [references, [dlopen ids]]
+    unloaded: set = field(default_factory=set)     # dlopen ids whose handle was closed for good
+
+    def map(self, path: str, base: int, load: int, ts: int, file: Optional[str] = None) -> None:
+        # Reported again while still mapped (a later dlopen's backward walk): one instance.
+        if any(m.base == base and m.path == path and m.unmapped is None
+               for m in self.instances[-64:]):
+            return
+        if path.startswith("/"):
+            self.instances.append(Module(path, base, load, ts, file=file))
+
+    def unmap(self, base: int, ts: int) -> None:
+        for m in reversed(self.instances):
+            if m.base == base and m.unmapped is None:
+                m.unmapped = ts
+                return
+
+    def dlopen(self, load: int, path: str, handle: int, ts: int) -> None:
+        if not handle:
+            return  # a failed dlopen
+        self.loads[load] = (path, handle, ts)
+        refs = self.handles.setdefault(handle, [0, []])
+        refs[0] += 1
+        refs[1].append(load)
+
+    def dlclose(self, handle: int) -> None:
+        refs = self.handles.get(handle)
+        if refs:
+            refs[0] -= 1
+            if refs[0] == 0:
+                # The last reference: by dlopen's count the instance is unloaded. (One pinned by
+                # RTLD_NODELETE or a dependency stays mapped: unmap() sees the truth.)
+                del self.handles[handle]
+                self.unloaded.update(refs[1])
+
+    @property
+    def paths(self) -> list:
+        return [m.path for m in self.instances]
+
+    def copy(self) -> "Modules":
+        return Modules(instances=[replace(m) for m in self.instances], loads=dict(self.loads),
+                       handles={h: [n, list(ids)] for h, (n, ids) in self.handles.items()},
+                       unloaded=set(self.unloaded))

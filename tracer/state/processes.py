@@ -1,0 +1,82 @@
+"""The process machine: a process is (pid, start); fork copies its parent's key table and
+modules, exec starts a new program image with an empty table, exit ends it. A recycled pid starts
+a new history instead of merging into the old one.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .keys import Keys
+from .modules import Modules
+
+
+@dataclass
+class Process:
+    pid: int
+    start: int                        # ns since the epoch
+    comm: str
+    exe: Optional[str] = None
+    parent: Optional[tuple] = None    # (pid, start) of the parent, when its fork was seen
+    exited: Optional[int] = None      # ts of its exit
+    keys: Keys = field(default_factory=Keys)
+    modules: Modules = field(default_factory=Modules)
+
+    @property
+    def ident(self) -> tuple:
+        return (self.pid, self.start)
+
+    @property
+    def active(self) -> bool:
+        """Did this process touch keys or libraries (directly or by inheritance)?"""
+        return self.keys.touched or bool(self.modules.loads)
+
+    def copy(self) -> "Process":
+        return Process(self.pid, self.start, self.comm, self.exe, self.parent, self.exited,
+                       self.keys.copy(), self.modules.copy())
+
+
+class Processes:
+    """Every process met, and the current one on each pid.
+
+    With keep_exited=False, exited processes that never touched keys are forgotten at once and
+    the rest after max_exited newer exits: memory then stays flat however long it runs.
+    """
+
+    def __init__(self, keep_exited: bool = True, max_exited: int = 10_000):
+        self.keep_exited = keep_exited
+        self.max_exited = max_exited
+        self.all: dict[tuple, Process] = {}
+        self.current: dict[int, Process] = {}
+        self._exited: deque = deque()
+
+    def begin(self, p: Process) -> Process:
+        self.all[p.ident] = p
+        self.current[p.pid] = p
+        return p
+
+    def fork(self, parent: Process, child: int, ts: int) -> Process:
+        old = self.current.get(child)
+        if old is not None:  # its exit was lost: close the old history
+            self.end(old, ts)
+        # A forked child starts with a copy of its parent's memory, key table included.
+        return self.begin(Process(child, ts, parent.comm, parent.exe, parent.ident,
+                                  keys=parent.keys.inherited(), modules=parent.modules.copy()))
+
+    def exec(self, p: Process, exe: str, comm: str) -> Process:
+        # A new program image: its key table, libraries and counters start empty.
+        return self.begin(Process(p.pid, p.start, comm, exe, p.parent))
+
+    def end(self, p: Process, ts: int) -> None:
+        p.exited = ts
+        if self.current.get(p.pid) is p:
+            del self.current[p.pid]
+        if self.keep_exited:
+            return
+        if not p.active:
+            del self.all[p.ident]
+            return
+        self._exited.append(p.ident)
+        while len(self._exited) > self.max_exited:
+            self.all.pop(self._exited.popleft(), None)

@@ -1,0 +1,152 @@
+"""The tracker: events in, per-process state out.
+
+Events arrive as frames (tracer.wire.decode, a saved file, or the host facts of observe()). The
+tracker keeps them (unless asked to keep only state) and replays them in order through the three
+state machines: processes (fork, exec, exit), modules (dlopen, map, munmap) and keys (create,
+delete). What the state *means* is decided in tracer.analysis, over snapshot() copies taken under
+the lock, so analysing never stalls the ingest.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Optional
+
+import numpy as np
+import pandas as pd
+
+from .. import wire
+from .processes import Process, Processes
+
+_C = wire.CODE
+_LEVEL_OPS = {_C["create"], _C["delete"]}
+
+
+class Tracker:
+    """Per-process pthread key state built from events.
+
+    keep_events: keep the event frames (``events``). With False only state is kept, and exited
+    processes are forgotten as tracer.state.processes.Processes says: memory stays flat.
+    """
+
+    def __init__(self, keep_events: bool = True, max_exited: int = 10_000,
+                 record_levels: bool = False):
+        self.keep_events = keep_events
+        # (ts, pid, comm, keys in use) after each create and delete, when asked for
+        self.levels: Optional[list] = [] if record_levels else None
+        self.lost = 0        # records the kernel could not queue
+        self.event_count = 0
+        self.last_ts = 0     # ns since the epoch of the newest event: "now" for a forecast
+        self._chunks: list[pd.DataFrame] = []
+        self._events: Optional[pd.DataFrame] = None
+        self._procs = Processes(keep_exited=keep_events, max_exited=max_exited)
+        self._lock = threading.Lock()  # ingest may run in a polling thread
+
+    # -- input -------------------------------------------------------------------------------
+    def ingest(self, frame: pd.DataFrame, lost: Optional[int] = None) -> None:
+        """Apply a frame of events (in time order) to the state; lost: the kernel's count of
+        records it could not queue so far, when known."""
+        with self._lock:
+            if lost is not None:
+                self.lost = lost
+            if frame.empty:
+                return
+            if self.keep_events:
+                self._chunks.append(frame)
+                self._events = None
+            self.event_count += len(frame)
+            self.last_ts = max(self.last_ts, int(frame["ts"].array.asi8.max()))
+            self._replay(frame)
+
+    def observe(self, pid: int, ts: int, comm: str, exe: Optional[str] = None,
+                start: Optional[int] = None, modules: Iterable[tuple] = ()) -> None:
+        """What the host showed of a process when it was met: see facts()."""
+        self.ingest(self.facts(pid, ts, comm, exe, start, modules))
+
+    @staticmethod
+    def facts(pid: int, ts: int, comm: str, exe: Optional[str] = None,
+              start: Optional[int] = None, modules: Iterable[tuple] = ()) -> pd.DataFrame:
+        """Host facts about a process as events: its identity (exe, start time) and the modules
+        it had mapped ((path, base) pairs). Kept like any event, so a saved ledger replays with
+        them; ingest them where they belong in the stream."""
+        rows = []
+        if exe is not None or start is not None:
+            rows.append(dict(op="seen", ts=ts, pid=pid, tid=pid, comm=comm, path=exe or "",
+                             handle=start or 0))
+        rows += [dict(op="map", ts=ts, pid=pid, tid=pid, comm=comm, path=path, handle=base)
+                 for path, base in modules]
+        return wire.decode(wire.records(rows), 0)
+
+    def knows(self, pid: int) -> bool:
+        """Is there a current (not exited) process on this pid?"""
+        with self._lock:
+            return pid in self._procs.current
+
+    def _replay(self, f: pd.DataFrame) -> None:
+        # One pass in time order: key values are reused by glibc after a delete, and fork/exec/
+        # exit cut histories, so the order of operations is the state. Columns go to Python
+        # lists first (one C-level conversion each); the loop itself touches only dicts.
+        cols = (
+            f["ts"].array.asi8.tolist(),
+            f["pid"].tolist(), f["comm"].astype(object).tolist(),
+            (f["op"].cat.codes + 1).tolist(), f["key"].fillna(-1).astype(np.int64).tolist(),
+            f["ret"].tolist(), f["destructor"].tolist(), f["caller"].tolist(),
+            f["path"].astype(object).tolist(), f["handle"].tolist(), f["load"].tolist(),
+            f["child"].tolist(), f["stack"].astype(object).tolist(),
+        )
+        procs = self._procs
+        current = procs.current
+        for ts, pid, comm, op, key, ret, destructor, caller, path, handle, load, child, stack \
+                in zip(*cols):
+            p = current.get(pid)
+            if p is None:
+                start = handle if op == _C["seen"] and handle else ts
+                p = procs.begin(Process(pid=pid, start=start, comm=comm))
+            if op == _C["create"]:
+                p.keys.create(key, caller, load, stack, destructor, ts)
+            elif op == _C["delete"]:
+                p.keys.delete(key, ret)
+            elif op == _C["create_failed"]:
+                p.keys.create_failed(ret, ts)
+            elif op == _C["map"]:
+                # The main program's link_map has no name; found already mapped (load 0): taken
+                # as mapped since the process (image) began.
+                p.modules.map(path or p.exe or "", handle, load, ts if load else p.start)
+            elif op == _C["unmap"]:
+                p.modules.unmap(handle, ts)
+            elif op == _C["dlopen"]:
+                p.modules.dlopen(load, path, handle, ts)
+            elif op == _C["dlclose"]:
+                p.modules.dlclose(handle)
+            elif op == _C["fork"]:
+                procs.fork(p, child, ts)
+            elif op == _C["exec"]:
+                p = procs.exec(p, path, comm)
+            elif op == _C["exit"]:
+                procs.end(p, ts)
+            elif op == _C["seen"]:
+                p.exe = p.exe or path or None
+            if op != _C["exit"]:
+                p.comm = comm  # thread names at exit are not the process's
+            if self.levels is not None and op in _LEVEL_OPS:
+                self.levels.append((ts, pid, p.comm, len(p.keys.live)))
+
+    # -- output ------------------------------------------------------------------------------
+    @property
+    def events(self) -> pd.DataFrame:
+        """Every event kept, in arrival order (empty when keep_events is False)."""
+        with self._lock:
+            if self._events is None:
+                self._events = (pd.concat(self._chunks, ignore_index=True) if self._chunks
+                                else wire.empty_events())
+                self._chunks = [self._events]
+            return self._events
+
+    def snapshot(self, only=None) -> tuple[list[Process], int]:
+        """Copies of the processes (those for which only(p) holds) and the newest event's ts,
+        taken under the lock: analyse them at leisure."""
+        with self._lock:
+            return ([p.copy() for p in self._procs.all.values() if only is None or only(p)],
+                    self.last_ts)
+
+    def processes(self) -> list[Process]:
+        return self.snapshot()[0]

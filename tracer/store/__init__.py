@@ -1,0 +1,1 @@
+"""Ledger and table files: Parquet, CSV or JSON lines (files)."""

@@ -1,0 +1,161 @@
+"""The record every probe writes, and the op codes: defined here once.
+
+The C side never spells a number: `c_definitions()` turns this module into the `#define`s and the
+`struct event` the probes are compiled with (tracer.bpf.loader puts it in front of the sources).
+A batch of records is decoded at once: strings are decoded per distinct value, timestamps are
+shifted to wall-clock time in one vector operation.
+
+Two kinds of rows share one events frame: the ones the kernel sends (KERNEL_OPS), and facts the
+host gave when a process was first met (HOST_OPS: its identity, modules mapped, keys already live).
+Both are saved, so a saved ledger replays exactly as the live one did.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+
+PATH_LEN = 256
+MAX_MODULES = 16        # link_map entries one dlopen reports
+MAX_ENTRIES = 65536     # per-pid and per-thread BPF hash maps
+DLOPEN_DEPTH = 4        # dlopens in flight on one thread (a constructor may dlopen)
+
+# Mirrors `struct event` field for field (all naturally aligned, no padding).
+RECORD = np.dtype([
+    ("ts", "<u8"),          # bpf_ktime_get_boot_ns()
+    ("load", "<u8"),        # create: the innermost dlopen in flight on the thread; dlopen/map: its id
+    ("destructor", "<u8"),  # create: destructor argument
+    ("caller", "<u8"),      # create: return address (the call site)
+    ("handle", "<u8"),      # dlopen: returned handle; dlclose: argument; map/unmap: load base
+    ("pid", "<u4"),         # tgid
+    ("tid", "<u4"),
+    ("other", "<u4"),       # fork: child pid; exec: pid before exec
+    ("op", "<u4"),
+    ("ret", "<i4"),         # create/delete: return value (a failed delete keeps op delete)
+    ("key", "<u4"),         # create (success) / delete: the key
+    ("stack", "<i4"),       # create: user stack id (negative: none)
+    ("index", "<u4"),       # map: position in the link_map chain
+    ("comm", "S16"),
+    ("path", f"S{PATH_LEN}"),  # dlopen: file argument; exec: filename; map: l_name
+])
+_C_TYPES = {"<u8": "u64", "<u4": "u32", "<i4": "s32"}
+
+# Op codes, in order; the index is the code (0 is never sent).
+KERNEL_OPS = ["create", "create_failed", "delete", "dlopen", "dlclose", "exec", "exit", "fork",
+              "map", "unmap"]
+# seen: a process met while already running (path: exe, handle: its start, ns since the epoch);
+# held: a key live in its table when it was met (key, destructor).
+HOST_OPS = ["seen", "held"]
+OPS = [""] + KERNEL_OPS + HOST_OPS
+OP_TYPE = pd.CategoricalDtype(OPS[1:])
+CODE = {name: i for i, name in enumerate(OPS) if name}
+
+# The columns of an events frame, in order: what decode() makes and what files hold.
+# stack: a create's user stack, caller first, as hex addresses separated by spaces.
+COLUMNS = ["ts", "pid", "tid", "comm", "op", "key", "ret", "destructor", "caller",
+           "path", "handle", "load", "child", "stack"]
+_KEYED = [CODE[o] for o in ("create", "delete", "held")]
+_PATHED = [CODE[o] for o in ("dlopen", "exec", "map", "seen")]
+
+
+def c_definitions() -> str:
+    """The op codes, limits and `struct event` for the C side, generated from this module."""
+    lines = [f"#define OP_{name.upper()} {code}" for name, code in CODE.items()
+             if name in KERNEL_OPS]
+    lines += [f"#define KT_PATH_LEN {PATH_LEN}", f"#define KT_MAX_MODULES {MAX_MODULES}",
+              f"#define KT_MAX_ENTRIES {MAX_ENTRIES}", f"#define KT_DLOPEN_DEPTH {DLOPEN_DEPTH}",
+              "struct event {"]
+    for name, (dt, _) in RECORD.fields.items():
+        if dt.kind == "S":
+            lines.append(f"    char {name}[{dt.itemsize}];")
+        else:
+            lines.append(f"    {_C_TYPES[dt.str]} {name};")
+    return "\n".join(lines + ["};", ""])
+
+
+def boot_to_wall_offset_ns() -> int:
+    """Add to a CLOCK_BOOTTIME reading (bpf_ktime_get_boot_ns) to get Unix time in ns."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def _decode_strings(raw: np.ndarray) -> pd.Categorical:
+    """comm repeats a lot: decode each distinct value once. The 16 bytes are hashed to one
+    integer for a hash-based factorize (np.unique would sort); a collision is checked for."""
+    lanes = np.ascontiguousarray(raw).view("<u8").reshape(len(raw), 2)
+    codes, _ = pd.factorize(lanes[:, 0] ^ (lanes[:, 1] * np.uint64(0x9E3779B97F4A7C15)))
+    reps = raw[np.unique(codes, return_index=True)[1]] if len(raw) else raw
+    if len(raw) and not (reps[codes] == raw).all():  # two names, one hash: do it the slow way
+        uniques, inverse = np.unique(raw, return_inverse=True)
+        reps, codes = uniques, inverse.reshape(-1)
+    names = [u.decode("utf-8", "replace") for u in reps]
+    if len(set(names)) < len(names):  # invalid UTF-8 decoded alike: let pandas merge them
+        return pd.Categorical(np.asarray(names, dtype=object)[codes])
+    return pd.Categorical.from_codes(codes, categories=names)
+
+
+def decode(batch: np.ndarray, wall_offset_ns: int,
+           stack_of: Optional[Callable[[int], list]] = None) -> pd.DataFrame:
+    """Turn a structured array of RECORD into an events frame (see COLUMNS).
+
+    stack_of(stack_id) gives a stack's addresses (from the BPF stack map), innermost first.
+    """
+    op = batch["op"].astype(np.int64)
+    if len(op) and (op.min() < 1 or op.max() >= len(OPS)):
+        raise ValueError(f"unknown op code in ring buffer record: {sorted(set(op.tolist()))}")
+    path_valid = np.isin(op, _PATHED)
+    paths = np.full(len(batch), None, dtype=object)
+    if path_valid.any():
+        paths[path_valid] = [p.decode("utf-8", "replace") for p in batch["path"][path_valid]]
+    frame = pd.DataFrame({
+        "ts": pd.to_datetime(batch["ts"].astype(np.int64) + wall_offset_ns, unit="ns", utc=True),
+        "pid": batch["pid"].astype(np.int64),
+        "tid": batch["tid"].astype(np.int64),
+        "comm": _decode_strings(batch["comm"]),
+        "op": pd.Categorical.from_codes(op - 1, dtype=OP_TYPE),
+        "key": pd.array(batch["key"], dtype="Int64"),
+        "ret": batch["ret"].astype(np.int64),
+        "destructor": batch["destructor"],
+        "caller": batch["caller"],
+        "path": pd.Series(paths, dtype=object),  # object: the same under pandas 2 and 3
+        "handle": batch["handle"],
+        "load": batch["load"],
+        "child": np.where(op == CODE["fork"], batch["other"], 0).astype(np.int64),
+        "stack": pd.Series(_stacks(batch, stack_of), dtype=object),
+    })
+    frame["key"] = frame["key"].mask(~np.isin(op, _KEYED))
+    return frame
+
+
+def _stacks(batch: np.ndarray, stack_of) -> np.ndarray:
+    out = np.full(len(batch), None, dtype=object)
+    if stack_of is None:
+        return out
+    ids = batch["stack"]
+    known = {sid: stack_of(sid) for sid in np.unique(ids[ids >= 0]).tolist()}  # one read each
+    # The walk from a function's entry skips its caller's frame; the caller goes first.
+    for i in np.flatnonzero(ids >= 0).tolist():
+        frames = [int(batch["caller"][i])] + known[int(ids[i])][1:]
+        out[i] = " ".join(f"{a:#x}" for a in frames)
+    return out
+
+
+def records(rows: list[dict]) -> np.ndarray:
+    """Records built from field dicts (op by name): host facts, and tests' synthetic events."""
+    a = np.zeros(len(rows), dtype=RECORD)
+    a["stack"] = -1
+    for i, r in enumerate(rows):
+        for k, v in r.items():
+            if k == "op":
+                v = CODE[v]
+            elif k in ("comm", "path"):
+                v = v.encode()[:RECORD[k].itemsize - 1]
+            elif k == "child":
+                k = "other"
+            a[i][k] = v
+    return a
+
+
+def empty_events() -> pd.DataFrame:
+    return decode(np.zeros(0, dtype=RECORD), 0)
