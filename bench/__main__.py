@@ -28,9 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tracer.ledger import Ledger  # noqa: E402
-from tracer.probes import ProbeSet  # noqa: E402
-from tracer.records import boot_to_wall_offset_ns, decode  # noqa: E402
+from tracer import Ledger  # noqa: E402
+from tracer.bpf import units  # noqa: E402
+from tracer.bpf.loader import Program  # noqa: E402
+from tracer.host import libc  # noqa: E402
+from tracer.wire import boot_to_wall_offset_ns, decode  # noqa: E402
 from tracer.workloads import compile_c  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -175,8 +177,10 @@ def ingest(work: Path, keyloop_pairs: int) -> dict:
     the ledger; then records lost per ring size with the normal 10 ms drain."""
     exe = compile_c(ROOT / "bench" / "keyloop.c", work, extra=("-O2",))
     loop = Loop(exe, Path(LIBC).parent, keyloop_pairs)
-    ps = ProbeSet([loop.p.pid], ring_pages=32768).open()  # 128 MiB
+    ps = Program(units.KEY_TRACER, [loop.p.pid], ring_pages=32768).open()  # 128 MiB
     try:
+        for t in libc.find_targets(units.functions(units.KEY_TRACER), [loop.p.pid]):
+            ps.attach(t.path, t.functions)
         loop.go()
         offset = boot_to_wall_offset_ns()
         led = Ledger(keep_events=False)

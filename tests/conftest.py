@@ -47,6 +47,10 @@ def bins(tmp_path_factory):
     b["libfast"] = str(compile_c(SOURCES / "libb.c", d, shared=True, extra=("-DKEYS=2",),
                                  name="libfast.so"))
     b["libtail"] = str(compile_c(FIXTURES / "libtail.c", d, shared=True, extra=("-O2",)))
+    # A constructor that dlopens: two dlopens in flight on one thread.
+    b["libinner"] = str(compile_c(SOURCES / "libleaky.c", d, shared=True, name="libinner.so"))
+    b["libouter"] = str(compile_c(FIXTURES / "libouter.c", d, shared=True,
+                                  extra=(f'-DINNER="{b["libinner"]}"',)))
     stripped = d / "stripped"
     stripped.mkdir(exist_ok=True)
     b["libb_stripped"] = str(stripped / "libb_stripped.so")

@@ -112,8 +112,8 @@ def test_state_only_ledger_stays_flat():
                           dict(op="create", pid=pid + 5000, key=0), dict(op="exit", pid=pid + 5000),
                           start_ns=10**9 + i * 10**6))
     assert led.events.empty
-    # pid 1 (alive, no keys) and at most 5 exited processes that touched keys.
-    assert len(led.processes()) <= 6
+    # pid 1 (alive, no keys) and the 5 newest exited processes that touched keys.
+    assert len(led.processes()) == 6
     assert led.event_count == 200
 
 

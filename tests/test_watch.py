@@ -5,10 +5,12 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 
 from conftest import json_rows, keytrace, uprobes_attached_by
 from tracer.errors import KeytraceError
+from tracer.host import libc, proc
 from tracer.session import KeyTracer, _gate_script
 
 pytestmark = pytest.mark.usefixtures("bpf")
@@ -156,10 +158,26 @@ def test_stop_detaches_every_probe(bins):
     t.stop()  # idempotent
 
 
-def test_a_failed_start_leaves_nothing_attached_and_no_process(bins):
-    t = KeyTracer(command=[bins["reload_host"], bins["libtidy"], "0"], ring_pages=3)
-    with pytest.raises(KeytraceError, match="power of two"):
+def test_a_failed_start_leaves_nothing_attached_and_no_process(bins, monkeypatch):
+    # The real libc attaches, then a second file cannot be probed: the start fails with probes
+    # already attached, and they must all go.
+    real = libc.find_targets
+    bogus = libc.Target("/nonexistent/libc.so.6", (0, 0), {"pthread_key_create": 0x1000})
+    monkeypatch.setattr(libc, "find_targets", lambda *a, **k: real(*a, **k) + [bogus])
+    attached = []
+    t = KeyTracer(command=[bins["reload_host"], bins["libtidy"], "0"],
+                  on_ready=lambda t: attached.append(t.attached))
+    original = t._attach_targets
+
+    def spy():
+        try:
+            original()
+        finally:
+            attached.append(t._probes.attached)
+    t._attach_targets = spy
+    with pytest.raises(KeytraceError, match="attaching to /nonexistent/libc.so.6 failed"):
         t.start()
+    assert attached and attached[0] > 0, "the real libc's probes were attached first"
     assert uprobes_attached_by(os.getpid()) == []
     assert t.process.poll() is not None  # the gated command never ran and is gone
 
@@ -244,3 +262,63 @@ def test_watching_pids_ends_when_they_have_exited(bins):
         target.kill()
     (row,) = json_rows(out)
     assert (row["pid"], row["creates"], row["alive"]) == (target.pid, 3, False)
+
+
+def test_a_dlopen_inside_a_constructor_keeps_both_records(bins):
+    with KeyTracer(command=[bins["reload_host"], bins["libouter"], "3"]) as t:
+        t.wait()
+    assert t.returncode == 0
+    ev = t.ledger.events
+    opens = ev[ev.op == "dlopen"]
+    assert sorted(opens.path.map(os.path.basename)) == ["libinner.so"] * 3 + ["libouter.so"] * 3
+    # Each key was made inside the inner dlopen, itself inside the outer one.
+    inner_ids = set(opens[opens.path == bins["libinner"]]["load"])
+    creates = ev[ev.op == "create"]
+    assert len(creates) == 3 and set(creates["load"]) <= inner_ids
+    reloads = t.ledger.reloads().set_index("loaded")
+    assert reloads.loc[bins["libouter"], "cycles"] == 3
+    assert reloads.loc[bins["libinner"], "keys_per_cycle"] == 1.0
+
+
+def test_a_pid_ledger_replays_with_exe_and_start(bins, tmp_path):
+    target = subprocess.Popen([bins["keymaker"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert target.stdout.readline().strip() == "ready"
+        started = proc.stat(target.pid).start_ns
+        path = tmp_path / "pid.parquet"
+        watch = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json", "-o", str(path),
+                                  "-p", str(target.pid)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert "probes attached" in watch.stderr.readline()
+        target.stdin.write("c 4\nd 1\nq\n")
+        target.stdin.flush()
+        target.wait(10)
+        out, errs = watch.communicate(timeout=30)
+        assert watch.returncode == 0, errs
+    finally:
+        target.kill()
+        target.wait()
+    (live,) = json_rows(out)
+    assert live["exe"] == bins["keymaker"]
+    # The process's own start (from /proc/PID/stat), not when keytrace first saw it.
+    assert abs(pd.Timestamp(live["start"]).value - started) < 20_000_000
+    (replayed,) = json_rows(keytrace("report", "--json", str(path)).stdout)
+    assert {k: v for k, v in replayed.items() if live[k] != v} == {}
+
+
+def test_a_host_wide_ledger_replays_exactly(bins, tmp_path):
+    path = tmp_path / "host.jsonl"
+    watch = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json", "-d", "4",
+                              "-o", str(path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "tracing the whole host" in watch.stderr.readline()
+        subprocess.run([bins["reload_host"], bins["libleaky"], "3"], check=True)
+        out, errs = watch.communicate(timeout=60)
+    finally:
+        watch.kill()
+        watch.wait()
+    assert watch.returncode == 0, errs
+    live = json_rows(out)
+    assert [r for r in live if r["exe"] == bins["reload_host"]]
+    assert json_rows(keytrace("report", "--json", str(path)).stdout) == live

@@ -120,6 +120,8 @@ class KeyTracer:
             atexit.register(self.stop)
             self._probes.open()
             self._attach_targets()
+            for pid in self.pids or ():
+                self._meet_running(pid)
             if gate_w is not None:
                 os.write(gate_w, b"go\n")
         except BaseException:
@@ -142,6 +144,16 @@ class KeyTracer:
             raise KeytraceError("no C library defining pthread_key_create was found to probe")
         for t in targets:
             self._probes.attach(t.path, t.functions)
+
+    def _meet_running(self, pid: int) -> None:
+        """A process traced by pid is met now, while it surely runs: its identity and modules."""
+        try:
+            st = proc.stat(pid)
+        except (OSError, IndexError, ValueError):
+            return
+        self._snapshotted.add(pid)
+        self.ledger.observe(pid, time.time_ns(), st.comm, exe=proc.exe(pid), start=st.start_ns,
+                            modules=[(path, base) for path, base, _ in proc.modules(pid)])
 
     def _spawn_gated(self, argv: Sequence[str]):
         path = shutil.which(argv[0])

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import KeytraceError
-from ..wire import COLUMNS, OP_TYPE
+from ..wire import COLUMNS, OP_TYPE, decode, records
 
 SCHEMA = 2        # 2: a meta row, host facts (seen, held); 1: events only
 READABLE = (1, 2)
@@ -76,15 +76,14 @@ def _write(out: pd.DataFrame, path, fmt: str) -> None:
 
 def save_events(events: pd.DataFrame, path, lost: int = 0) -> None:
     fmt = format_of(path)
-    meta = pd.DataFrame({c: [None] for c in COLUMNS})
-    meta = meta.assign(ts=events["ts"].min() if len(events) else pd.Timestamp(0, tz="UTC"),
-                       pid=0, tid=0, comm="", op=META, key=pd.NA, ret=0, destructor=0, caller=0,
-                       path=json.dumps({"schema": SCHEMA, "lost": int(lost)}), handle=0, load=0,
-                       child=0)
-    out = pd.concat([meta.astype({"ts": events["ts"].dtype}),
-                     events[COLUMNS].astype({"op": str, "comm": str})], ignore_index=True)
-    _write(out.astype({"key": "Int64", **{c: "uint64" for c in
-                                          ("destructor", "caller", "handle", "load")}}), path, fmt)
+    first = int(events["ts"].array.asi8.min()) if len(events) else 0
+    # The meta row is built like any event, so every column keeps its dtype (a float detour
+    # would round 64-bit addresses and nanosecond times).
+    head = decode(records([{"op": "seen", "ts": first}]), 0).astype({"op": str, "comm": str})
+    head.loc[0, "op"] = META
+    head.loc[0, "path"] = json.dumps({"schema": SCHEMA, "lost": int(lost)})
+    out = pd.concat([head, events[COLUMNS].astype({"op": str, "comm": str})], ignore_index=True)
+    _write(out, path, fmt)
 
 
 def load_events(path) -> tuple[pd.DataFrame, dict]:
