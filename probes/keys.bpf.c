@@ -44,7 +44,9 @@ int create_enter(struct pt_regs *ctx)
     return 0;
 }
 
-int create_return(struct pt_regs *ctx)
+// One return program per C library flavour (the loader attaches the musl one to musl's libc),
+// so a create says which limit applies even when its process is gone before user space looks.
+static __always_inline int create_return_in(struct pt_regs *ctx, u64 libc)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tid = (u32)pid_tgid;
@@ -59,6 +61,7 @@ int create_return(struct pt_regs *ctx)
         e->caller = a->caller;
         e->load = a->load;
         e->stack = a->stack;
+        e->handle = libc;
         if (ret == 0)
             bpf_probe_read_user(&e->key, sizeof(e->key), (void *)a->keyp);
         submit(e);
@@ -66,6 +69,9 @@ int create_return(struct pt_regs *ctx)
     create_inflight.delete(&tid);
     return 0;
 }
+
+int create_return(struct pt_regs *ctx) { return create_return_in(ctx, KT_LIBC_GLIBC); }
+int create_return_musl(struct pt_regs *ctx) { return create_return_in(ctx, KT_LIBC_MUSL); }
 
 // int pthread_key_delete(pthread_key_t key)
 int delete_enter(struct pt_regs *ctx)

@@ -37,8 +37,18 @@ def bins(tmp_path_factory):
     """Every C workload and fixture, compiled once per session."""
     d = tmp_path_factory.mktemp("bin")
     b = {k: str(v) for k, v in build_demo(d).items()}
-    for name in ("threads", "forker", "keymaker"):
+    for name in ("threads", "forker", "keymaker", "onekey"):
         b[name] = str(compile_c(FIXTURES / f"{name}.c", d))
+    b["keymaker_static"] = str(compile_c(FIXTURES / "keymaker.c", d, extra=("-static",),
+                                         name="keymaker-static"))
+    b["onekey_static"] = str(compile_c(FIXTURES / "onekey.c", d, extra=("-static",),
+                                       name="onekey-static"))
+    b["keymaker_musl"] = str(compile_c(FIXTURES / "keymaker.c", d, compiler="musl-gcc",
+                                       name="keymaker-musl"))
+    b["libbalanced"] = str(compile_c(FIXTURES / "libbalanced.c", d, shared=True))
+    # RTLD_NODELETE by link flag: dlclose never unloads it, a second dlopen makes no new key.
+    b["libnodelete"] = str(compile_c(SOURCES / "libleaky.c", d, shared=True,
+                                     extra=("-Wl,-z,nodelete",), name="libnodelete.so"))
     # The nested case of the incident: libA (as Imagick) needs libB (as libgomp), whose
     # constructor leaks a key. libfast leaks two per load; libtail is tidy through a tail call.
     libb = compile_c(SOURCES / "libb.c", d, shared=True)
@@ -110,3 +120,38 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "bpf" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.bpf)
+
+
+class Keymaker:
+    """A running keymaker fixture (tests/fixtures/keymaker.c), driven line by line."""
+
+    def __init__(self, argv, **kw):
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **kw)
+        assert self.p.stdout.readline().strip() == "ready"
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def do(self, cmd):
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        return self.p.stdout.readline().split()
+
+    def close(self):
+        self.p.kill()
+        self.p.wait()
+
+
+@pytest.fixture
+def keymaker(bins):
+    """Start keymakers (the default binary, or argv); every one is killed after the test."""
+    made = []
+
+    def start(argv=None, **kw):
+        k = Keymaker(argv or [bins["keymaker"]], **kw)
+        made.append(k)
+        return k
+    yield start
+    for k in made:
+        k.close()

@@ -20,7 +20,9 @@ def watch(*args):
 
 def test_nested_leak_names_libb_and_forecasts_the_incident(bins, tmp_path):
     ledger = tmp_path / "nested.parquet"
-    res = watch("--reloads-per-day", "1", "-o", str(ledger), "--", bins["reload_host"], bins["liba"], "5")
+    # One reload every 20 ms: spread over the time observed, so the rate can be measured.
+    res = watch("--reloads-per-day", "1", "-o", str(ledger), "--", bins["reload_host"], bins["liba"],
+                "5", "20000")
     (row,) = json_rows(res.stdout)
     assert row["library"] == bins["libb"]
     assert row["libraries"] == {bins["libb"]: 5}
@@ -75,7 +77,8 @@ def test_stripped_library_resolves_to_module_and_offset(bins, tmp_path):
 
 
 def test_two_libraries_leaking_at_different_rates(bins):
-    with KeyTracer(command=[bins["reload_host"], f'{bins["liba"]}:{bins["libfast"]}', "4"]) as t:
+    with KeyTracer(command=[bins["reload_host"], f'{bins["liba"]}:{bins["libfast"]}', "4",
+                            "20000"]) as t:
         t.wait()
     libs = t.ledger.by_library().set_index("library")
     assert libs.loc[bins["libb"], "live_keys"] == 4

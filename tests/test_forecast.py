@@ -18,13 +18,25 @@ def test_one_key_per_daily_reload_is_the_incident():
     assert fc.describe(f.days_left) == "2.8 years"
 
 
-def test_rate_measured_from_timestamps():
-    # 11 reloads over 5 days: 2 per day.
-    rate = fc.measured_reloads_per_day(cycles=11, span_ns=5 * fc.NS_PER_DAY)
-    assert rate == pytest.approx(2.0)
-    f = fc.forecast(0, 1024, NOW, leak_per_reload=1, reloads_per_day=rate)
+def test_rate_is_measured_over_the_time_observed():
+    # 10 completed cycles spread over 4 of the 5 days observed: 2 per day.
+    day = fc.NS_PER_DAY
+    rate = fc.reload_rate(None, cycles=10, first_ns=day, last_ns=5 * day, observed_ns=5 * day)
+    assert rate.reloads_per_day == pytest.approx(2.0)
+    assert rate.basis == "measured: 10 completed cycles in 5 days observed"
+    f = fc.forecast(0, 1024, NOW, leak_per_reload=1, reloads_per_day=rate.reloads_per_day)
     assert f.days_left == pytest.approx(512)
-    assert fc.measured_reloads_per_day(1, 10) is None and fc.measured_reloads_per_day(5, 0) is None
+
+
+def test_a_burst_or_a_couple_of_cycles_gives_no_rate():
+    day = fc.NS_PER_DAY
+    burst = fc.reload_rate(None, cycles=300, first_ns=0, last_ns=day // 100, observed_ns=day)
+    assert burst.reloads_per_day is None and "one burst" in burst.basis
+    two = fc.reload_rate(None, cycles=2, first_ns=0, last_ns=day, observed_ns=day)
+    assert two.reloads_per_day is None and two.basis.startswith("too little")
+    assert fc.reload_rate(None, 0, None, None, day).basis == ""
+    given = fc.reload_rate(1.0, cycles=2, first_ns=0, last_ns=1, observed_ns=day)
+    assert (given.reloads_per_day, given.basis) == (1.0, "given: 1 reloads/day")
 
 
 def test_zero_leak_gives_no_date():
@@ -40,6 +52,7 @@ def test_full_table_is_exhausted_now():
 
 def test_musl_limit():
     assert key_limit(["/usr/bin/app", "/lib/ld-musl-x86_64.so.1"]) == 128
+    assert key_limit(["/usr/bin/app", "/usr/lib/x86_64-linux-musl/libc.so"]) == 128  # Debian's
     assert key_limit(["/usr/bin/app", "/lib/x86_64-linux-gnu/libc.so.6"]) == 1024
     f = fc.forecast(100, key_limit(["/lib/libc.musl-x86_64.so.1"]), NOW, 2, 1)
     assert (f.limit, f.headroom, f.days_left) == (128, 28, 14)

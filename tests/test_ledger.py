@@ -5,10 +5,10 @@ from conftest import events
 from tracer import Ledger
 
 
-def summary_of(*rows, **kw):
+def summary_of(*rows, reloads_per_day=None, **kw):
     led = Ledger(**kw)
     led.ingest(events(*rows))
-    return led, led.summary()
+    return led, led.summary(reloads_per_day=reloads_per_day)
 
 
 def one(summary, **match):
@@ -19,11 +19,22 @@ def one(summary, **match):
     return rows.iloc[0]
 
 
-def test_create_without_delete_is_leaking():
-    _, s = summary_of(*[dict(op="create", pid=10, key=k) for k in range(3)])
+def test_keys_from_one_code_path_are_leaking():
+    # A per-request leak: the same call site keeps making keys that stay live.
+    _, s = summary_of(*[dict(op="create", pid=10, key=k, caller=0x4000) for k in range(3)])
     r = one(s, pid=10)
-    assert (r.creates, r.deletes, r.live_keys, bool(r.leaking), bool(r.critical)) == (3, 0, 3, True, False)
-    assert r.reason == "created 3 keys, deleted none"
+    assert (r.creates, r.deletes, r.live_keys, r.same_path_keys) == (3, 0, 3, 3)
+    assert bool(r.leaking) and not bool(r.critical) and bool(r.never_deleted)
+    assert r.reason == "3 keys live from one code path (0x4000)"
+
+
+def test_a_fixed_set_of_keys_is_not_a_leak_even_never_deleted():
+    # Start-up keys, one per call site, held to the end (and the process exits holding them).
+    _, s = summary_of(*[dict(op="create", pid=10, key=k, caller=0x4000 + 16 * k) for k in range(3)],
+                      dict(op="exit", pid=10))
+    r = one(s, pid=10)
+    assert (r.live_keys, r.same_path_keys, bool(r.never_deleted)) == (3, 1, True)
+    assert not bool(r.leaking) and r.days_left is None and pd.isna(r.exhaustion_eta)
 
 
 def test_balanced_is_not_flagged_and_reused_key_values_are_tracked():
@@ -50,26 +61,78 @@ def test_failed_create_is_critical_not_a_key():
     assert "EAGAIN: key table full" in r.reason
 
 
-def test_keys_outliving_dlclose_are_flagged_even_when_some_are_deleted():
-    load = 777
-    _, s = summary_of(
-        dict(op="create", pid=10, key=5),                       # unrelated, deleted below
-        dict(op="create", pid=10, key=6, load=load),           # made inside the dlopen
-        dict(op="dlopen", pid=10, load=load, handle=0xAB, path="/x/libleaky.so"),
-        dict(op="dlclose", pid=10, handle=0xAB),
-        dict(op="delete", pid=10, key=5))
+def cycle(load, keys, deletes=(), unmap=True, base=0x7F0000000000):
+    """One load/unload cycle of /x/lib.so: creates inside the dlopen, deletes at dlclose."""
+    rows = [dict(op="create", pid=10, key=k, caller=0x7F0000001000, load=load) for k in keys]
+    rows += [dict(op="dlopen", pid=10, load=load, handle=0xAB, path="/x/lib.so"),
+             dict(op="map", pid=10, load=load, handle=base, path="/x/lib.so")]
+    rows += [dict(op="delete", pid=10, key=k) for k in deletes] + [dict(op="dlclose", pid=10, handle=0xAB)]
+    return rows + ([dict(op="unmap", pid=10, handle=base)] if unmap else [])
+
+
+def test_a_balanced_reloader_leaves_nothing_and_gets_no_date():
+    # Each cycle makes 3 keys and deletes them; the instance loaded now holds its 3.
+    rows = []
+    for load in range(1, 6):
+        rows += cycle(load, keys=[0, 1, 2], deletes=[0, 1, 2])
+    rows += cycle(6, keys=[0, 1, 2], unmap=False)[:-1]  # loaded now, not closed
+    _, s = summary_of(*rows, reloads_per_day=1)
     r = one(s, pid=10)
-    assert (r.live_keys, r.keys_after_dlclose, bool(r.leaking)) == (1, 1, True)
-    assert r.reason == "1 key outlived dlclose of the library that created them"
+    assert (r.live_keys, r.leak_per_reload, r.reload_cycles) == (3, 0.0, 5)
+    assert not bool(r.leaking) and r.days_left is None and pd.isna(r.exhaustion_eta)
 
 
-def test_dlopen_refcount_keeps_library_loaded_until_last_dlclose():
-    _, s = summary_of(
-        dict(op="create", pid=10, key=1, load=1),
-        dict(op="dlopen", pid=10, load=1, handle=0xAB, path="/x/lib.so"),
-        dict(op="dlopen", pid=10, load=2, handle=0xAB, path="/x/lib.so"),
-        dict(op="dlclose", pid=10, handle=0xAB))
-    assert one(s, pid=10).keys_after_dlclose == 0
+def test_a_never_unloaded_library_is_not_a_leak():
+    # NODELETE: dlclose does not unmap it, and dlopen again makes no new key.
+    rows = cycle(1, keys=[0], unmap=False)
+    rows += [dict(op="dlopen", pid=10, load=2, handle=0xAB, path="/x/lib.so"),
+             dict(op="dlclose", pid=10, handle=0xAB)]
+    _, s = summary_of(*rows, reloads_per_day=1)
+    r = one(s, pid=10)
+    assert (r.live_keys, r.orphaned_keys, r.leak_per_reload) == (1, 0, 0.0)
+    assert not bool(r.leaking) and r.reason == ""
+
+
+def test_keys_left_by_completed_cycles_are_the_leak():
+    rows = []
+    for load in range(1, 5):
+        rows += cycle(load, keys=[load])
+    led, s = summary_of(*rows, reloads_per_day=1)
+    r = one(s, pid=10)
+    assert (r.live_keys, r.leak_per_reload, r.reload_cycles, r.same_path_keys) == (4, 1.0, 4, 4)
+    assert bool(r.leaking) and r.days_left == 1020 and r.rate_basis == "given: 1 reloads/day"
+    (c,) = led.reloads().itertuples()
+    assert (c.cycles, c.completed, c.keys_per_cycle) == (4, 4, 1.0)
+
+
+def test_the_live_table_is_the_state_tracing_starts_from():
+    led = Ledger()
+    # Met while running: 15 keys of an unloaded library (one destructor, now unmapped) and 2
+    # of its own (no destructor), then 5 more reloads traced.
+    held = [(k, 0x7F00DEAD, True) for k in range(15)] + [(15, 0, False), (16, 0, False)]
+    led.observe(10, 10**9, "daemon", exe="/usr/sbin/daemon", start=10**8, table="read", keys=held)
+    rows = []
+    for load in range(1, 6):
+        rows += cycle(load, keys=[16 + load])
+    led.ingest(events(*rows, start_ns=2 * 10**9))
+    # Reading the table again (a late probe) changes nothing: holding is idempotent.
+    led.observe(10, 3 * 10**9, "daemon", table="read", keys=held + [(17, 0x7F00BEEF, False)])
+    r = one(led.summary(reloads_per_day=1), pid=10)
+    assert (r.live_keys, r.held_keys, r.headroom) == (22, 17, 1002)
+    assert (r.exe, r.start.value, r.table) == ("/usr/sbin/daemon", 10**8, "read")
+    # The held keys share a destructor that is gone; the traced ones' library file does not
+    # exist here, so only the held ones can be called orphaned.
+    assert (r.orphaned_keys, r.same_path_keys) == (15, 15) and bool(r.leaking)
+    assert r.days_left == 1002  # one key a reload, one reload a day
+
+
+def test_an_unread_table_never_reads_as_zero():
+    led = Ledger()
+    led.observe(10, 10**9, "app", exe="/app", start=10**8, table="not read: permission denied")
+    led.ingest(events(dict(op="create", pid=10, key=3), start_ns=2 * 10**9))
+    r = one(led.summary(), pid=10)
+    assert r.live_keys == 1 and pd.isna(r.headroom)
+    assert "keys made before tracing are not counted" in r.reason
 
 
 def test_pid_reuse_starts_a_new_history():

@@ -18,40 +18,6 @@ from tracer.workloads import compile_c
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-class Keymaker:
-    """A running keymaker fixture, driven line by line."""
-
-    def __init__(self, argv, **kw):
-        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **kw)
-        assert self.p.stdout.readline().strip() == "ready"
-
-    @property
-    def pid(self):
-        return self.p.pid
-
-    def do(self, cmd):
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
-        return self.p.stdout.readline().split()
-
-    def close(self):
-        self.p.kill()
-        self.p.wait()
-
-
-@pytest.fixture
-def keymaker(bins):
-    made = []
-
-    def start(argv=None, **kw):
-        k = Keymaker(argv or [bins["keymaker"]], **kw)
-        made.append(k)
-        return k
-    yield start
-    for k in made:
-        k.close()
-
-
 def in_use(pid):
     (row,) = scan([pid]).to_dict(orient="records")
     assert row["status"] == "ok", row
@@ -229,3 +195,24 @@ def test_watch_reaches_a_libc_seen_only_in_another_mount_namespace(namespaced_ke
         time.sleep(0.05)
     (row,) = t.ledger.summary().to_dict(orient="records")
     assert row["live_keys"] == 4 == in_use(k.pid)["keys_in_use"]
+
+
+def test_a_library_reloaded_at_the_same_address_is_still_caught(keymaker, bins):
+    # Each reload maps libleaky where the last copy was: every destructor points into the
+    # mapping of today, none is orphaned, but they all share one destructor.
+    k = keymaker()
+    for _ in range(5):
+        assert k.do(f"r {bins['libleaky']}")[0] == "ok"
+    (row,) = scan([k.pid], reloads_per_day=1).to_dict(orient="records")
+    assert (row["keys_in_use"], row["orphaned_keys"], row["same_destructor_keys"]) == (5, 0, 5)
+    assert row["leaking"] and "5 keys share one destructor (libleaky.so!destroy+0x0)" in row["reason"]
+    assert row["days_left"] == pytest.approx(1019)
+
+
+def test_a_healthy_process_is_not_leaking(keymaker, bins):
+    k = keymaker()
+    k.do("c 3")                              # keys without destructor: nothing to group by
+    assert k.do(f"L {bins['libb']}")[0] == "ok"  # one key, its destructor mapped
+    (row,) = scan([k.pid], reloads_per_day=1).to_dict(orient="records")
+    assert (row["keys_in_use"], row["leaking"], row["reason"]) == (4, False, "")
+    assert pd.isna(row["days_left"])

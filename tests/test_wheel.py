@@ -1,5 +1,6 @@
 """What a fleet installs is a wheel, not a checkout: build it, install it into a fresh virtual
 environment, and trace with it from another directory (the probes must ship inside)."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_wheel_traces_from_anywhere(bpf, bins, tmp_path):
+    # Built from a clean copy: setuptools' build/ directory in a checkout can hold stale modules.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info",
+                                                             "__pycache__", "results"))
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT)],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(src)],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = dist.glob("keytrace-*.whl")
     venv = tmp_path / "venv"

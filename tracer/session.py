@@ -27,7 +27,9 @@ from .analysis.ledger import Ledger
 from .bpf import doctor, units
 from .bpf.loader import DEFAULT_RING_PAGES, Program
 from .errors import KeytraceError
-from .host import libc, proc
+from .host import keytable, libc, proc
+from .host.elf import elf_info
+from .host.sight import sight
 
 # The launched command waits on fd 3 until the probes are attached, then becomes the command
 # (exec keeps the pid, which is already in the kernel's filter). Through setpriv it gets a
@@ -81,16 +83,24 @@ class KeyTracer:
 
     pids: trace these running processes (and their children); command: launch this argv and
     trace it with its children; neither: trace the whole host. keep_events=False keeps only
-    per-process state (flat memory for long runs). on_ready is called once probes are attached.
+    per-process state (flat memory for long runs). on_ready is called once probes are attached;
+    on_note with each line worth telling a user while tracing (a C library probed late, a
+    process that cannot be traced), also kept in ``notes``.
+
+    A process met while already running (a -p pid, or host-wide at its first event) starts
+    from its live key table (tracer.host.sight): traced events are deltas on it.
     """
 
     def __init__(self, pids: Optional[Iterable[int]] = None, command: Optional[Sequence[str]] = None,
                  keep_events: bool = True, ring_pages: int = DEFAULT_RING_PAGES,
-                 interval: float = 0.01, on_ready: Optional[Callable[["KeyTracer"], None]] = None):
+                 interval: float = 0.01, on_ready: Optional[Callable[["KeyTracer"], None]] = None,
+                 on_note: Optional[Callable[[str], None]] = None):
         self.pids = None if pids is None else sorted({int(p) for p in pids})
         self.command = list(command) if command else None
         self.interval = interval
         self.on_ready = on_ready
+        self.on_note = on_note
+        self.notes: list[str] = []
         self.ledger = Ledger(keep_events=keep_events)
         self.process: Optional[Launched] = None
         self._ring_pages = ring_pages
@@ -101,6 +111,10 @@ class KeyTracer:
         self._offset = wire.boot_to_wall_offset_ns()
         self._poll_error: Optional[BaseException] = None
         self._snapshotted: set = set()  # pids whose current image's modules are in the ledger
+        self._probed: set = set()        # (dev, inode) of every file probed
+        self._pending: dict = {}         # exec'd pid -> deadline to find its C library
+        self._host_libc: Optional[str] = None
+        self._functions = units.functions(units.KEY_TRACER)
 
     # -- life cycle -----------------------------------------------------------------------------
     def start(self, background: bool = True) -> "KeyTracer":
@@ -120,7 +134,9 @@ class KeyTracer:
             atexit.register(self.stop)
             self._probes.open()
             self._attach_targets()
-            for pid in self.pids or ():
+            # Met now, while they surely run: the -p processes, and the launched command's gate
+            # (its exec starts a fresh, fully traced image).
+            for pid in (self.pids or []) + ([self.process.pid] if self.process else []):
                 self._meet_running(pid)
             if gate_w is not None:
                 os.write(gate_w, b"go\n")
@@ -138,22 +154,95 @@ class KeyTracer:
         return self
 
     def _attach_targets(self) -> None:
-        """Probes on every C library the traced processes (or the host) may use."""
-        targets = libc.find_targets(units.functions(units.KEY_TRACER), self._probes.pids)
+        """Probes on every C library the traced processes (or the host) may use, and on a
+        launched command that is itself one (a static executable)."""
+        targets = libc.find_targets(self._functions, self._probes.pids)
+        if self.command and self.process is not None:
+            exe = shutil.which(self.command[0])
+            static = exe and self._static_target(exe)
+            if static:
+                targets.append(static)
         if not targets:
             raise KeytraceError("no C library defining pthread_key_create was found to probe")
         for t in targets:
-            self._probes.attach(t.path, t.functions)
+            self._attach(t)
+        self._host_libc = keytable.host_libc()
+
+    def _attach(self, t: libc.Target) -> bool:
+        if t.ident in self._probed:
+            return False
+        self._probes.attach(t.path, t.functions, t.flavour)
+        self._probed.add(t.ident)
+        return True
+
+    def _static_target(self, path: str) -> Optional[libc.Target]:
+        """A statically linked glibc executable with symbols defines the functions itself."""
+        info = elf_info(path)
+        if info is None or not info.static:
+            return None
+        t = libc.target(path, self._functions)
+        return t if t is not None and keytable.layout(path)[1] != "no __pthread_keys" else None
+
+    def _note(self, text: str) -> None:
+        self.notes.append(text)
+        if self.on_note:
+            self.on_note(text)
+
+    def _sight(self, pid: int, identity: bool = True) -> dict:
+        """What the host shows of a running process (tracer.host.sight), its modules' munmaps
+        watched from now on, so their keys become orphaned when a reload unmaps them."""
+        seen = sight(pid, self._host_libc, identity)
+        units.watch_unmaps(self._probes, pid, [base for _, base in seen.get("modules", ())])
+        return seen
 
     def _meet_running(self, pid: int) -> None:
-        """A process traced by pid is met now, while it surely runs: its identity and modules."""
+        """A process traced by pid is met now, while it surely runs: who it is, its modules, and
+        its key table as the state tracing starts from."""
         try:
-            st = proc.stat(pid)
+            comm = proc.stat(pid).comm
         except (OSError, IndexError, ValueError):
             return
         self._snapshotted.add(pid)
-        self.ledger.observe(pid, time.time_ns(), st.comm, exe=proc.exe(pid), start=st.start_ns,
-                            modules=[(path, base) for path, base, _ in proc.modules(pid)])
+        self.ledger.observe(pid, time.time_ns(), comm, **self._sight(pid))
+
+    def _discover(self, now: float) -> None:
+        """C libraries of exec'd processes that no probe covers yet (a container's or a chroot's
+        copy, a static executable): probe them as soon as they are mapped, then read the
+        process's table, so the keys made before the probes arrived are counted too."""
+        for pid, (deadline, exec_path) in list(self._pending.items()):
+            alive = proc.exists(pid)
+            exe = f"/proc/{pid}/exe" if alive else exec_path  # gone already: the file it ran
+            info = elf_info(exe)
+            if info is not None and info.static:
+                del self._pending[pid]
+                found = self._static_target(exe)
+                if found is None:
+                    self._untraceable(pid, exec_path, exe)
+                    continue
+                fresh = [found]
+            else:
+                paths = libc.mapped_libraries(pid)
+                if paths or now > deadline or not alive:
+                    del self._pending[pid]  # mapped, or never will be
+                fresh = [t for t in (libc.target(p, self._functions, name) for p, name in paths) if t]
+            fresh = [t for t in fresh if t.ident not in self._probed]
+            if not fresh:
+                continue
+            for t in fresh:
+                self._attach(t)
+            self._note(f"probing {', '.join(t.path for t in fresh)} from now on: first mapped by "
+                       f"pid {pid} ({exec_path})")
+            try:
+                comm = proc.stat(pid).comm
+            except (OSError, IndexError, ValueError):
+                continue  # gone: nothing more to read
+            self.ledger.observe(pid, time.time_ns(), comm, **self._sight(pid, identity=False))
+
+    def _untraceable(self, pid: int, exec_path: str, exe: str) -> None:
+        """Say so when an exec'd program is one no probe can cover."""
+        why = ("statically linked without symbols" if libc.target(exe, self._functions) is None
+               else "statically linked with a C library other than glibc")
+        self._note(f"cannot trace pid {pid} ({exec_path}): {why}; its pthread keys are not counted")
 
     def _spawn_gated(self, argv: Sequence[str]):
         path = shutil.which(argv[0])
@@ -188,7 +277,13 @@ class KeyTracer:
                 self.ledger.ingest(frame.iloc[at:pos])
                 self.ledger.ingest(facts)
                 at = pos
-            self.ledger.ingest(frame.iloc[at:], lost=lost)
+            self.ledger.ingest(frame.iloc[at:], lost=lost, now=time.time_ns())
+            execs = frame[frame["op"] == "exec"]
+            now = time.monotonic()
+            self._pending.update((pid, (now + 0.5, path))
+                                 for pid, path in zip(execs["pid"].tolist(), execs["path"].tolist()))
+            if self._pending:
+                self._discover(now)
             return len(batch)
 
     def _meet(self, batch: np.ndarray, frame) -> list:
@@ -206,16 +301,19 @@ class KeyTracer:
             first = int(np.argmax(mine))
             comm = str(frame["comm"].iloc[first])
             if pid not in forked and not self.ledger.knows(pid):
-                try:
-                    start = proc.stat(pid).start_ns
-                except (OSError, IndexError, ValueError):
-                    start = None
-                out.append((first, Ledger.facts(pid, int(ts[first]) - 1, comm,
-                                                exe=proc.exe(pid), start=start)))
+                # Met while already running: its table now is the state to start from. An exec
+                # in this batch started the image the table belongs to: the facts go after it.
+                execs = np.flatnonzero(mine & (ops == wire.CODE["exec"]))
+                at = int(execs[-1]) + 1 if len(execs) else first
+                self._snapshotted.add(pid)
+                out.append((at, Ledger.facts(pid, int(ts[min(at, len(ts) - 1)]) - 1, comm,
+                                             **self._sight(pid))))
+                continue
             if pid not in self._snapshotted and creating[mine].any():
                 self._snapshotted.add(pid)
                 at = int(np.argmax(mine & creating))
                 mods = [(path, base) for path, base, _ in proc.modules(pid)]
+                units.watch_unmaps(self._probes, pid, [base for _, base in mods])
                 out.append((at, Ledger.facts(pid, int(ts[at]) - 1, comm, modules=mods)))
         # A new image (exec) or a new process on the same pid (exit) needs a new snapshot.
         self._snapshotted.difference_update(

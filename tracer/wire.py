@@ -28,7 +28,8 @@ RECORD = np.dtype([
     ("load", "<u8"),        # create: the innermost dlopen in flight on the thread; dlopen/map: its id
     ("destructor", "<u8"),  # create: destructor argument
     ("caller", "<u8"),      # create: return address (the call site)
-    ("handle", "<u8"),      # dlopen: returned handle; dlclose: argument; map/unmap: load base
+    ("handle", "<u8"),      # dlopen: returned handle; dlclose: argument; map/unmap: load base;
+                            # create: the C library it ran in (LIBCS)
     ("pid", "<u4"),         # tgid
     ("tid", "<u4"),
     ("other", "<u4"),       # fork: child pid; exec: pid before exec
@@ -42,12 +43,18 @@ RECORD = np.dtype([
 ])
 _C_TYPES = {"<u8": "u64", "<u4": "u32", "<i4": "s32"}
 
+# The C libraries a create can come from: the probe attached to each says which.
+LIBCS = ["glibc", "musl"]
+
 # Op codes, in order; the index is the code (0 is never sent).
 KERNEL_OPS = ["create", "create_failed", "delete", "dlopen", "dlclose", "exec", "exit", "fork",
               "map", "unmap"]
 # seen: a process met while already running (path: exe, handle: its start, ns since the epoch);
-# held: a key live in its table when it was met (key, destructor).
-HOST_OPS = ["seen", "held"]
+# mapped: a module it had mapped then (path, handle: load base), as /proc/PID/maps showed it;
+# table: its key table was read, or could not be (path: "read" or why not); tracing of it is
+#   complete from this row's ts on;
+# held: a key in use in that table (key, destructor; ret 1: the destructor lay in no mapping).
+HOST_OPS = ["seen", "mapped", "table", "held"]
 OPS = [""] + KERNEL_OPS + HOST_OPS
 OP_TYPE = pd.CategoricalDtype(OPS[1:])
 CODE = {name: i for i, name in enumerate(OPS) if name}
@@ -57,13 +64,14 @@ CODE = {name: i for i, name in enumerate(OPS) if name}
 COLUMNS = ["ts", "pid", "tid", "comm", "op", "key", "ret", "destructor", "caller",
            "path", "handle", "load", "child", "stack"]
 _KEYED = [CODE[o] for o in ("create", "delete", "held")]
-_PATHED = [CODE[o] for o in ("dlopen", "exec", "map", "seen")]
+_PATHED = [CODE[o] for o in ("dlopen", "exec", "map", "seen", "mapped", "table")]
 
 
 def c_definitions() -> str:
     """The op codes, limits and `struct event` for the C side, generated from this module."""
     lines = [f"#define OP_{name.upper()} {code}" for name, code in CODE.items()
              if name in KERNEL_OPS]
+    lines += [f"#define KT_LIBC_{name.upper()} {code}" for code, name in enumerate(LIBCS)]
     lines += [f"#define KT_PATH_LEN {PATH_LEN}", f"#define KT_MAX_MODULES {MAX_MODULES}",
               f"#define KT_MAX_ENTRIES {MAX_ENTRIES}", f"#define KT_DLOPEN_DEPTH {DLOPEN_DEPTH}",
               "struct event {"]

@@ -17,13 +17,15 @@ SOURCES = Path(__file__).resolve().parent / "workloads"
 
 
 def compile_c(src: Path, dest_dir: Path, shared: bool = False, extra: tuple = (),
-              name: Optional[str] = None) -> Path:
-    """Compile one C file to an executable (or a shared library), cached by content."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise KeytraceError("no C compiler (cc) to build the workload: apt-get install gcc libc6-dev")
+              name: Optional[str] = None, compiler: str = "cc") -> Path:
+    """Compile one C file to an executable (or a shared library), cached by content.
+    compiler: cc, or musl-gcc (Debian's musl-tools) for a program on musl."""
+    cc = shutil.which(compiler) or (compiler == "cc" and shutil.which("gcc"))
+    if not cc:
+        raise KeytraceError(f"no C compiler {compiler} to build the workload: "
+                            "apt-get install gcc libc6-dev (musl-tools for musl-gcc)")
     text = src.read_bytes()
-    digest = hashlib.sha256(text + repr((shared, extra, name)).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(text + repr((shared, extra, name, compiler)).encode()).hexdigest()[:12]
     name = name or (f"{src.stem}.so" if shared else src.stem)
     out = dest_dir / digest / name
     if out.exists():

@@ -94,7 +94,10 @@ class Resolver:
 
     def creator(self, site: Site) -> Optional[Module]:
         """The module that made the site's keys: the innermost frame outside libc and ld.so,
-        else the destructor's module."""
+        else the destructor's module. A held key (live when tracing began) is known by its
+        destructor only."""
+        if site.held:
+            return None if site.unmapped else self.module_at(site.destructor, site.first, 0)
         for f in self.stack(site):
             if f.module is not None and not libc.is_plumbing(f.module.path):
                 return f.module
@@ -104,23 +107,68 @@ class Resolver:
 
 
 class Attribution:
-    """Every site of one process tied to the module instance that made it (computed once)."""
+    """Every site of one process tied to the module instance that made it (computed once).
 
-    def __init__(self, proc: Process):
+    without_elf: name nothing (no ELF file is read); code paths are then raw addresses."""
+
+    def __init__(self, proc: Process, without_elf: bool = False):
         self.proc = proc
         self.resolver = Resolver(proc.modules.instances, proc.pid if proc.exited is None else None)
+        self.without_elf = without_elf
+        sites = proc.keys.sites.values()
         self.live = Counter(id(s) for s in proc.keys.live.values())
-        self.maker = {id(s): self.resolver.creator(s) for s in proc.keys.sites.values()}
+        self.maker = {id(s): None if without_elf else self.resolver.creator(s) for s in sites}
 
     def library_of(self, site: Site) -> str:
         m = self.maker[id(site)]
         return m.path if m else UNKNOWN
 
+    def orphaned(self, site: Site) -> bool:
+        """Its keys' maker is gone: glibc holds destructors into an unmapped instance."""
+        m = self.maker[id(site)]
+        return (site.held and site.unmapped) or (m is not None and m.unmapped is not None)
+
+    def code_path(self, site: Site) -> Optional[str]:
+        """What keeps making a site's keys, the same across reloads of one library: the
+        resolved user stack of a traced create; a held key's destructor (keys made by one
+        code path share it). None for a held key without destructor: nothing tells those apart."""
+        if site.held:
+            if not site.destructor:
+                return None
+            if site.unmapped or self.without_elf:
+                return f"destructor {site.destructor:#x}"
+            return f"destructor {self.resolver.frame(site.destructor, site.first, 0)}"
+        if self.without_elf:
+            return site.stack or f"{site.caller:#x}"
+        return " <- ".join(str(f) for f in self.resolver.stack(site))
+
+    def paths(self) -> Counter:
+        """How often each code path made keys that are live now. The keys one dlopen made
+        count once: a library's constructor making its fixed set is one occasion; each reload
+        that leaves its keys behind is another."""
+        keys: Counter = Counter()
+        loads: dict = defaultdict(set)
+        for site in self.proc.keys.sites.values():
+            n = self.live.get(id(site), 0)
+            path = self.code_path(site) if n else None
+            if path is None:
+                continue
+            if site.load:
+                loads[path].add(site.load)
+            else:
+                keys[path] += n
+        for path, ids in loads.items():
+            keys[path] += len(ids)
+        return keys
+
     def chain(self, site: Site) -> str:
         """How the keys came to be made, outermost first:
         exe -> dlopen(libA.so) -> ... -> libB.so!init+0x14 -> pthread_key_create."""
+        exe = os.path.basename(self.proc.exe or self.proc.comm)
+        if site.held:
+            return f"{exe} -> (in use when tracing began) -> {self.code_path(site) or 'no destructor'}"
         frames = self.resolver.stack(site)
-        parts = [os.path.basename(self.proc.exe or self.proc.comm)]
+        parts = [exe]
         loads = self.proc.modules.loads
         if site.load in loads:
             parts.append(f"dlopen({os.path.basename(loads[site.load][0])})")
@@ -129,6 +177,8 @@ class Attribution:
 
     def stack_note(self, site: Site) -> str:
         """Said when the user stack walk stopped early (frame pointers missing on the way)."""
+        if site.held:
+            return "made before tracing began: known by its destructor"
         n = len(site.stack.split()) if site.stack else 1
         return "" if n >= 3 else "stack cut short: a caller without frame pointers"
 
@@ -140,11 +190,10 @@ class Attribution:
         for site in self.proc.keys.sites.values():
             row = acc[self.library_of(site)]
             n = self.live.get(id(site), 0)
-            row["created"] += site.created
+            row["created"] += 0 if site.held else site.created
             row["deleted"] += site.deleted
             row["live_keys"] += n
-            m = self.maker[id(site)]
-            if m is not None and m.unmapped is not None:
+            if self.orphaned(site):
                 row["orphaned_keys"] += n
             if row["_top"] is None or (n, site.created) > row["_top"][0]:
                 row["_top"] = ((n, site.created), site)
@@ -153,10 +202,9 @@ class Attribution:
                 for lib, row in acc.items()]
 
     def reloads(self) -> list[dict]:
-        """Per dlopen'd path: load cycles and the keys each cycle leaves live, by maker.
-
-        Cycles after the first failed create do not count towards the rate: the table was full.
-        """
+        """Per dlopen'd path: load cycles, and the keys each *completed* cycle (its instance
+        unmapped since) leaves live, by maker. Keys of the instance loaded now are not left
+        behind. Cycles after the first failed create do not count: the table was full."""
         left: Counter = Counter()            # load id -> live keys made inside it
         makers: dict = defaultdict(Counter)  # load id -> creating library -> live keys
         for site in self.proc.keys.sites.values():
@@ -167,35 +215,46 @@ class Attribution:
         by_path: dict = defaultdict(list)
         for load, (path, _handle, ts) in self.proc.modules.loads.items():
             by_path[path].append((ts, load))
+        done = self.proc.modules.completed_loads()
         first_failure = self.proc.keys.first_failure
         rows = []
         for path, loads in by_path.items():
             loads.sort()
-            counted = [load for ts, load in loads if first_failure is None or ts < first_failure]
-            made = sum((makers[load] for load in counted), Counter())
-            per = sum(left[load] for load in counted) / len(counted) if counted else 0.0
+            counted = [(ts, load) for ts, load in loads
+                       if load in done and (first_failure is None or ts < first_failure)]
+            made = sum((makers[load] for _, load in counted), Counter())
+            per = sum(left[load] for _, load in counted) / len(counted) if counted else 0.0
             maker = made.most_common(1)[0][0] if made else ""
+            name = os.path.basename(path)
             rows.append({
-                "loaded": path, "cycles": len(loads),
-                "keys_left": sum(left[load] for _, load in loads),
+                "loaded": path, "cycles": len(loads), "completed": len(counted),
+                "keys_left": sum(left[load] for _, load in counted),
                 "keys_per_cycle": per, "made_by": maker,
-                "finding": (f"each load of {os.path.basename(path)} leaves {per:g} key"
-                            f"{'' if per == 1 else 's'}, made by {os.path.basename(maker)}"
-                            if per > 0 else f"loads of {os.path.basename(path)} leave no key"),
-                "first_load": loads[0][0], "last_load": loads[-1][0],
+                "finding": (f"each load of {name} leaves {per:g} key{'' if per == 1 else 's'}, "
+                            f"made by {os.path.basename(maker)}" if per > 0 else
+                            f"loads of {name} leave no key" if counted else
+                            f"{name} was never unloaded"),
+                "first_cycle": counted[0][0] if counted else None,
+                "last_cycle": counted[-1][0] if counted else None,
             })
         return rows
 
     def summary(self) -> dict:
         """The attribution fields of the process's summary row."""
-        libs = self.libraries()
+        libs = [] if self.without_elf else self.libraries()
         live = {row["library"]: row["live_keys"] for row in libs if row["live_keys"]}
         reloads = self.reloads()
+        paths = self.paths()
+        top = paths.most_common(1)[0] if paths else ("", 0)
+        timed = [r for r in reloads if r["completed"]]
         return {
             "library": max(live, key=live.get) if live else "",
             "libraries": dict(sorted(live.items(), key=lambda kv: -kv[1])),
-            "orphaned_keys": sum(row["orphaned_keys"] for row in libs),
+            "orphaned_keys": sum(self.live.get(id(s), 0) for s in self.proc.keys.sites.values()
+                                 if self.orphaned(s)),
+            "same_path_keys": top[1], "busiest_path": top[0],
             "leak_per_reload": sum(row["keys_per_cycle"] for row in reloads),
-            "reload_cycles": max((row["cycles"] for row in reloads), default=0),
-            "reload_span_ns": max((row["last_load"] - row["first_load"] for row in reloads), default=0),
+            "reload_cycles": max((row["completed"] for row in reloads), default=0),
+            "cycles_first": min((r["first_cycle"] for r in timed), default=None),
+            "cycles_last": max((r["last_cycle"] for r in timed), default=None),
         }

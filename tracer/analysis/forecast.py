@@ -4,7 +4,10 @@
     days left     = (limit - keys in use) / keys per day
 
 Reload cycles per day are given (--reloads-per-day: Apache reloads once a day at logrotate) or
-measured from the timestamps of the traced dlopens. No leak, no date.
+measured: completed cycles over the time the process was observed (from when tracing of it
+began to now, or to its exit). A measure that rests on too little (fewer than MIN_CYCLES
+cycles, or cycles bunched into one burst of the observed time) gives no date: it says so.
+No leak, no date.
 """
 from __future__ import annotations
 
@@ -16,11 +19,34 @@ import pandas as pd
 NS_PER_DAY = 86_400 * 10**9
 
 
-def measured_reloads_per_day(cycles: int, span_ns: int) -> Optional[float]:
-    """Reload cycles per day over the traced span (needs two cycles and some time between)."""
-    if cycles < 2 or span_ns <= 0:
-        return None
-    return (cycles - 1) * NS_PER_DAY / span_ns
+MIN_CYCLES = 3
+MIN_SPREAD = 0.25  # the cycles must cover this share of the observed time: not one burst
+
+
+@dataclass
+class Rate:
+    reloads_per_day: Optional[float]  # None: no rate to forecast with
+    basis: str                        # how it was had, in words
+
+
+def reload_rate(given: Optional[float], cycles: int, first_ns: Optional[int],
+                last_ns: Optional[int], observed_ns: int) -> Rate:
+    """The reload rate to forecast with: the given one, or completed cycles per day over the
+    observed time when they are enough and spread out, else none (and why)."""
+    if given:
+        return Rate(given, f"given: {given:g} reloads/day")
+    if cycles == 0:
+        return Rate(None, "")
+    seen = f"{cycles} completed cycle{'' if cycles == 1 else 's'} in {_span(observed_ns)} observed"
+    if cycles < MIN_CYCLES:
+        return Rate(None, f"too little to measure: {seen}")
+    if first_ns is None or observed_ns <= 0 or (last_ns - first_ns) < MIN_SPREAD * observed_ns:
+        return Rate(None, f"too little to measure: {seen}, all in one burst")
+    return Rate(cycles * NS_PER_DAY / observed_ns, f"measured: {seen}")
+
+
+def _span(ns: int) -> str:
+    return describe(ns / NS_PER_DAY) if ns > 0 else "no time"
 
 
 @dataclass

@@ -21,12 +21,12 @@ class Ledger(Tracker):
         """A ledger replayed from a file written by ``save`` (Parquet, CSV or JSON lines)."""
         events, meta = files.load_events(path)
         ledger = cls(**kwargs)
-        ledger.ingest(events, lost=meta.get("lost", 0))
+        ledger.ingest(events, lost=meta.get("lost", 0), now=meta.get("end"))
         return ledger
 
     def save(self, path) -> None:
         """Write the kept events, and the count of lost records, to path (by its extension)."""
-        files.save_events(self.events, path, lost=self.lost)
+        files.save_events(self.events, path, lost=self.lost, end=self.last_ts)
 
     def summary(self, all_processes: bool = False, reloads_per_day: Optional[float] = None,
                 attribute: bool = True) -> pd.DataFrame:

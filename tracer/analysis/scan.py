@@ -1,8 +1,10 @@
 """keytrace scan: the live pthread key table of every process, with no tracing history.
 
 The table is read by tracer.host.keytable; here every key in use gets its destructor named, and
-the same forecast the watch uses is applied. Every process gets a status: a kernel thread, musl,
-a process that exits mid-scan and a permission refusal are each said, never reported as zero keys.
+the watch's rules are applied to what the table shows (tracer.analysis.verdicts.is_leaking):
+orphaned keys, or many keys sharing one destructor (the signature of a library that leaks a key
+per reload, even reloaded at the same address). Every process gets a status: a kernel thread,
+musl, a process that exits mid-scan and a permission refusal are each said, never zero keys.
 """
 from __future__ import annotations
 
@@ -10,18 +12,19 @@ import os
 from collections import Counter
 from typing import Iterable, Optional
 
-import numpy as np
 import pandas as pd
 
 from ..host import keytable, proc
 from ..state.modules import Module
 from . import forecast as fc
 from .attribution import UNKNOWN, Resolver
+from .verdicts import SAME_PATH_KEYS, is_leaking
 
 OK = "ok"
 COLUMNS = ["pid", "comm", "exe", "status", "libc", "keys_in_use", "limit", "headroom",
-           "orphaned_keys", "library", "libraries", "destructors", "leak_per_reload",
-           "reloads_per_day", "days_left", "exhaustion_eta"]
+           "orphaned_keys", "same_destructor_keys", "library", "libraries", "destructors",
+           "leak_per_reload", "reloads_per_day", "days_left", "exhaustion_eta", "leaking",
+           "reason"]
 
 
 def scan_pid(pid: int, host_libc: Optional[str] = None) -> dict:
@@ -39,7 +42,8 @@ def scan_pid(pid: int, host_libc: Optional[str] = None) -> dict:
         row["status"] = str(u)
         return row
     row.update(status=OK, comm=t.comm, exe=t.exe, libc=t.libc, limit=t.limit,
-               keys_in_use=len(t.keys), headroom=t.limit - len(t.keys), orphaned_keys=0)
+               keys_in_use=len(t.keys), headroom=t.limit - len(t.keys), orphaned_keys=0,
+               same_destructor_keys=0)
     _name_destructors(row, t)
     return row
 
@@ -49,11 +53,8 @@ def _name_destructors(row: dict, t: keytable.Table) -> None:
     with_destr = t.destructors[t.destructors != 0]
     if not len(with_destr):
         return
-    starts = np.array([m[0] for m in t.maps], dtype=np.uint64)
-    ends = np.array([m[1] for m in t.maps], dtype=np.uint64)
-    i = np.searchsorted(starts, with_destr, side="right") - 1
-    mapped = (i >= 0) & (with_destr < ends[np.maximum(i, 0)])
-    row["orphaned_keys"] = int((~mapped).sum())
+    row["orphaned_keys"] = int(t.unmapped().sum())
+    row["same_destructor_keys"] = max(Counter(with_destr.tolist()).values())
     resolver = Resolver([Module(p, b, 0, 0, file=f) for p, b, f in t.modules])
     names, libs = Counter(), Counter()
     for addr, n in Counter(with_destr.tolist()).items():
@@ -65,14 +66,26 @@ def _name_destructors(row: dict, t: keytable.Table) -> None:
     row["library"] = libs.most_common(1)[0][0]
 
 
+def _reason(r) -> str:
+    parts = []
+    if r.status == OK and r.orphaned_keys:
+        parts.append(f"{r.orphaned_keys} key{'' if r.orphaned_keys == 1 else 's'} orphaned: "
+                     "destructor in no mapping")
+    if r.status == OK and r.same_destructor_keys >= SAME_PATH_KEYS:
+        top = next(iter(r.destructors), "")
+        parts.append(f"{r.same_destructor_keys} keys share one destructor ({top}): a library "
+                     "that leaks a key per load")
+    return "; ".join(parts)
+
+
 def scan(pids: Optional[Iterable[int]] = None, reloads_per_day: Optional[float] = None,
          leak_per_reload: Optional[dict] = None, default_leak: float = 1.0,
          progress=None) -> pd.DataFrame:
     """Scan processes (all by default) and return one row each, most keys in use first.
 
-    With reloads_per_day, each process that shows a leak gets a forecast: leak_per_reload
-    maps an executable path to keys per reload (from a saved ledger); otherwise a process with
-    orphaned keys is taken to leak default_leak keys per reload.
+    With reloads_per_day, each leaking process gets a forecast: leak_per_reload maps an
+    executable path to keys per reload (measured in a saved ledger); otherwise it is taken to
+    leak default_leak keys per reload.
     """
     targets = proc.pids() if pids is None else list(pids)
     host_libc = keytable.host_libc()
@@ -85,18 +98,23 @@ def scan(pids: Optional[Iterable[int]] = None, reloads_per_day: Optional[float] 
             progress()
     df = pd.DataFrame(rows, columns=COLUMNS)
     now = pd.Timestamp.now(tz="UTC")
+    ok = df["status"] == OK
+    df["leaking"] = ok & is_leaking(False, df["orphaned_keys"].fillna(0),
+                                    df["same_destructor_keys"].fillna(0))
     for i, r in df.iterrows():
-        leak = (leak_per_reload or {}).get(r.exe)
-        if leak is None and r.status == OK and r.orphaned_keys:
+        leak = (leak_per_reload or {}).get(r.exe) if r.leaking else None
+        if r.leaking and not leak:
             leak = default_leak
         df.at[i, "leak_per_reload"] = leak or 0.0
         df.at[i, "reloads_per_day"] = reloads_per_day or 0.0
-        if r.status == OK and reloads_per_day and leak:
+        df.at[i, "reason"] = _reason(r)
+        if r.leaking and reloads_per_day and leak:
             f = fc.forecast(int(r.keys_in_use), int(r.limit), now, leak, reloads_per_day)
             df.at[i, "days_left"] = f.days_left
             df.at[i, "exhaustion_eta"] = f.exhaustion_eta
+            df.at[i, "reason"] += f"; out of keys in {fc.describe(f.days_left)}"
     df["exhaustion_eta"] = pd.to_datetime(df["exhaustion_eta"], utc=True)
-    for col in ("keys_in_use", "limit", "headroom", "orphaned_keys"):
+    for col in ("keys_in_use", "limit", "headroom", "orphaned_keys", "same_destructor_keys"):
         df[col] = df[col].astype("Int64")
     df["ok"] = df["status"] == OK
     df = df.sort_values(["ok", "keys_in_use", "pid"], ascending=[False, False, True],

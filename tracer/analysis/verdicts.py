@@ -15,25 +15,28 @@ from ..state.tracker import Tracker
 from . import forecast as fc
 from .attribution import Attribution
 
-NEAR_LIMIT = 0.8  # a table this full is shown as an emergency, whatever the rate
+NEAR_LIMIT = 0.8   # a table this full is shown as an emergency, whatever the rate
+SAME_PATH_KEYS = 2  # live keys from one code path (or sharing one destructor) that make a leak
 
 # The summary's columns, in order: the JSON contract of `watch --json` and `report --json`.
 SUMMARY_COLUMNS = [
-    "pid", "start", "comm", "exe", "alive", "parent_pid",
+    "pid", "start", "comm", "exe", "alive", "parent_pid", "traced_since", "table",
     "creates", "deletes", "failed_creates", "failed_deletes", "last_failure_ret",
-    "live_keys", "keys_after_dlclose",
-    "library", "libraries", "orphaned_keys",
-    "limit", "headroom", "leak_per_reload", "reloads_per_day", "keys_per_day", "days_left",
-    "exhaustion_eta", "leaking", "critical", "reason",
+    "live_keys", "held_keys", "never_deleted",
+    "library", "libraries", "orphaned_keys", "same_path_keys", "busiest_path",
+    "limit", "headroom", "leak_per_reload", "reload_cycles", "reloads_per_day", "rate_basis",
+    "keys_per_day", "days_left", "exhaustion_eta", "leaking", "critical", "reason",
 ]
 FORECAST_COLUMNS = ["pid", "comm", "live_keys", "limit", "headroom", "leak_per_reload",
-                    "reloads_per_day", "keys_per_day", "days_left", "exhaustion_eta", "leaking"]
+                    "reload_cycles", "reloads_per_day", "rate_basis", "keys_per_day", "days_left",
+                    "exhaustion_eta", "leaking"]
 BRIEF_COLUMNS = ["pid", "comm", "creates", "deletes", "failed_creates", "live_keys", "limit",
                  "orphaned_keys", "library", "days_left", "leaking", "critical", "reason"]
 LIBRARY_COLUMNS = ["pid", "comm", "library", "created", "deleted", "live_keys", "orphaned_keys",
                    "stack", "stack_note"]
-RELOAD_COLUMNS = ["pid", "comm", "loaded", "cycles", "keys_left", "keys_per_cycle", "made_by",
-                  "finding"]
+RELOAD_COLUMNS = ["pid", "comm", "loaded", "cycles", "completed", "keys_left", "keys_per_cycle",
+                  "made_by", "finding"]
+_NO_ATTRIBUTION = {"library": "", "libraries": {}}
 
 
 def _errname(code: int) -> str:
@@ -44,74 +47,86 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _state(p, now: pd.Timestamp, reloads_per_day: Optional[float], attribute: bool) -> dict:
+def _ts(ns: Optional[int]):
+    return pd.Timestamp(ns, unit="ns", tz="UTC") if ns is not None else None
+
+
+def is_leaking(critical, orphaned_keys, same_path_keys):
+    """The verdict, for a summary row or a scan row alike (scalars or pandas columns):
+    a create failed, keys are orphaned, or one code path keeps making keys that stay live."""
+    return critical | (orphaned_keys > 0) | (same_path_keys >= SAME_PATH_KEYS)
+
+
+def _state(p, now_ns: int, reloads_per_day: Optional[float], attribute: bool) -> dict:
     k = p.keys
+    unknown = (p.table or "").startswith("not read")  # keys made before tracing: not known
     row = {
-        "pid": p.pid, "start": pd.Timestamp(p.start, unit="ns", tz="UTC"), "comm": p.comm,
-        "exe": p.exe or "", "alive": p.exited is None, "parent_pid": p.parent[0] if p.parent else 0,
+        "pid": p.pid, "start": _ts(p.start), "comm": p.comm, "exe": p.exe or "",
+        "alive": p.exited is None, "parent_pid": p.parent[0] if p.parent else 0,
+        "traced_since": _ts(p.traced_since),
+        "table": p.table or "",
         "creates": k.creates, "deletes": k.deletes, "failed_creates": k.failed_creates,
         "failed_deletes": k.failed_deletes, "last_failure_ret": k.last_failure_ret,
-        "live_keys": len(k.live),
-        "keys_after_dlclose": sum(1 for site in k.live.values() if site.load in p.modules.unloaded),
+        "live_keys": len(k.live), "held_keys": k.held_count,
+        "never_deleted": k.creates - k.failed_creates > 0 and k.deletes == 0,
     }
-    attr = (Attribution(p).summary() if attribute else
-            {"library": "", "libraries": {}, "orphaned_keys": 0, "leak_per_reload": 0.0,
-             "reload_cycles": 0, "reload_span_ns": 0})
-    rate = reloads_per_day or fc.measured_reloads_per_day(attr["reload_cycles"], attr["reload_span_ns"])
-    f = fc.forecast(row["live_keys"], libc.key_limit(p.modules.paths + [row["exe"]]),
-                    now, attr["leak_per_reload"], rate)
+    attr = Attribution(p, without_elf=not attribute).summary()
+    if not attribute:
+        attr.update(_NO_ATTRIBUTION)
+    observed = (p.exited or now_ns) - p.traced_since
+    rate = fc.reload_rate(reloads_per_day, attr["reload_cycles"], attr["cycles_first"],
+                          attr["cycles_last"], observed)
+    critical = k.failed_creates > 0
+    leaking = bool(is_leaking(critical, attr["orphaned_keys"], attr["same_path_keys"]))
+    limit = libc.MUSL_KEYS_MAX if p.libc == "musl" else libc.key_limit(p.modules.paths + [row["exe"]])
+    # No date without a leak, and none from a rate that rests on too little.
+    f = fc.forecast(len(k.live), limit, _ts(now_ns), attr["leak_per_reload"],
+                    rate.reloads_per_day if leaking else None)
     row.update(library=attr["library"], libraries=attr["libraries"],
-               orphaned_keys=attr["orphaned_keys"], limit=f.limit, headroom=f.headroom,
-               leak_per_reload=attr["leak_per_reload"], reloads_per_day=rate or 0.0,
-               keys_per_day=f.keys_per_day, days_left=f.days_left, exhaustion_eta=f.exhaustion_eta)
+               orphaned_keys=attr["orphaned_keys"], same_path_keys=attr["same_path_keys"],
+               busiest_path=attr["busiest_path"], limit=limit,
+               headroom=None if unknown else f.headroom,
+               leak_per_reload=attr["leak_per_reload"], reload_cycles=attr["reload_cycles"],
+               reloads_per_day=rate.reloads_per_day or 0.0, rate_basis=rate.basis,
+               keys_per_day=f.keys_per_day,
+               days_left=None if unknown and not critical else f.days_left,
+               exhaustion_eta=None if unknown and not critical else f.exhaustion_eta,
+               leaking=leaking, critical=critical)
+    row["reason"] = _reason(row)
     return row
+
+
+def _reason(r: dict) -> str:
+    parts = []
+    if r["critical"]:
+        parts.append(f"pthread_key_create failed {r['failed_creates']}x "
+                     f"({_errname(r['last_failure_ret'])}"
+                     + (": key table full" if r["last_failure_ret"] == errno.EAGAIN else "") + ")")
+    if r["orphaned_keys"]:
+        lib = f" (made by {os.path.basename(r['library'])})" if r["library"] else ""
+        parts.append(f"{_plural(r['orphaned_keys'], 'key')} orphaned: the library instance that "
+                     f"made them is unmapped{lib}")
+    if r["same_path_keys"] >= SAME_PATH_KEYS:
+        parts.append(f"{r['same_path_keys']} keys live from one code path ({r['busiest_path']})")
+    if r["leaking"]:
+        if r["days_left"] is not None and r["days_left"] > 0:
+            parts.append(f"out of keys in {fc.describe(r['days_left'])}")
+        elif r["rate_basis"].startswith("too little"):
+            parts.append(f"no date: the reload rate rests on {r['rate_basis'][len('too little to measure: '):]}")
+    if r["table"].startswith("not read"):
+        parts.append(f"keys made before tracing are not counted (table {r['table']})")
+    return "; ".join(parts)
 
 
 def summarize(procs, now_ns: int, reloads_per_day: Optional[float] = None,
               attribute: bool = True) -> pd.DataFrame:
-    """The per-process summary frame, judged."""
-    now = pd.Timestamp(now_ns, unit="ns", tz="UTC")
-    rows = [_state(p, now, reloads_per_day, attribute) for p in procs]
-    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS[:-3])
-    df["exhaustion_eta"] = pd.to_datetime(df["exhaustion_eta"], utc=True)
-    return judge(df)
-
-
-def judge(df: pd.DataFrame) -> pd.DataFrame:
-    """Add the verdict columns, and sort: critical, leaking, most keys.
-
-    - critical: a pthread_key_create failed (EAGAIN: the key table is full). A failure is
-      never counted as a leak of its own (no key was made), but it is the outage itself.
-    - leaking: keys were created and none deleted; or keys outlived the dlclose of the library
-      whose load made them; or keys are orphaned (their maker's instance is unmapped, so glibc
-      holds a dangling destructor); or the process is critical.
-    """
-    df = df.copy()
-    made = df["creates"] - df["failed_creates"]
-    never_deleted = (made > 0) & (df["deletes"] == 0)
-    df["critical"] = df["failed_creates"] > 0
-    df["leaking"] = (never_deleted | (df["keys_after_dlclose"] > 0) | (df["orphaned_keys"] > 0)
-                     | df["critical"])
-    reasons = []
-    for r, nd, n_made in zip(df.itertuples(), never_deleted, made):
-        parts = []
-        if r.critical:
-            parts.append(f"pthread_key_create failed {r.failed_creates}x ({_errname(r.last_failure_ret)}"
-                         + (": key table full" if r.last_failure_ret == errno.EAGAIN else "") + ")")
-        if nd:
-            parts.append(f"created {_plural(n_made, 'key')}, deleted none")
-        if r.orphaned_keys:
-            lib = f" (made by {os.path.basename(r.library)})" if r.library else ""
-            parts.append(f"{_plural(r.orphaned_keys, 'key')} orphaned: the library instance that "
-                         f"made them is unmapped{lib}")
-        elif r.keys_after_dlclose:
-            parts.append(f"{_plural(r.keys_after_dlclose, 'key')} outlived dlclose of the library "
-                         "that created them")
-        if r.leaking and r.days_left is not None and r.days_left > 0:
-            parts.append(f"out of keys in {fc.describe(r.days_left)}")
-        reasons.append("; ".join(parts))
-    df["reason"] = pd.Series(reasons, index=df.index, dtype=object)
-    df = df.astype({"leaking": bool, "critical": bool, "alive": bool})[SUMMARY_COLUMNS]
+    """The per-process summary frame, judged, sorted: critical, leaking, most keys."""
+    rows = [_state(p, now_ns, reloads_per_day, attribute) for p in procs]
+    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    for col in ("start", "traced_since", "exhaustion_eta"):
+        df[col] = pd.to_datetime(df[col], utc=True)
+    df["headroom"] = df["headroom"].astype("Int64")
+    df = df.astype({"leaking": bool, "critical": bool, "alive": bool, "never_deleted": bool})
     return df.sort_values(["critical", "leaking", "live_keys", "pid"],
                           ascending=[False, False, False, True], ignore_index=True)
 
@@ -130,8 +145,7 @@ def reloads(procs) -> pd.DataFrame:
     rows = []
     for p in procs:
         for row in Attribution(p).reloads():
-            rows.append({"pid": p.pid, "comm": p.comm, **{k: v for k, v in row.items()
-                                                          if k not in ("first_load", "last_load")}})
+            rows.append({"pid": p.pid, "comm": p.comm, **row})
     return pd.DataFrame(rows, columns=RELOAD_COLUMNS)
 
 

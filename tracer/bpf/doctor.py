@@ -64,7 +64,7 @@ def check_bpf_syscall() -> Check:
 
 def check_tracefs() -> Check:
     for p in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
-        if Path(p, "events").is_dir():
+        if os.path.isdir(os.path.join(p, "events")):  # unreadable (not root) counts as absent
             return Check("tracefs", True, f"mounted at {p}")
     return Check("tracefs", False, "not mounted (keytrace mounts it when it starts, as root)",
                  "mount -t tracefs nodev /sys/kernel/tracing")
@@ -116,13 +116,23 @@ CHECKS: list[Callable[[], Check]] = [check_privileges, check_bpf_syscall, check_
                                      check_uprobes, check_bcc, check_headers, check_libc]
 
 
+def _safe(check: Callable[[], Check]) -> Check:
+    """A check that cannot even look (not root, an odd filesystem) fails with what it met."""
+    try:
+        return check()
+    except OSError as e:
+        name = check.__name__.removeprefix("check_").replace("_", " ")
+        return Check(name, False, f"could not check: {e.strerror or e}",
+                     "run as root (sudo keytrace doctor)")
+
+
 def run_all() -> list[Check]:
-    return [c() for c in CHECKS]
+    return [_safe(c) for c in CHECKS]
 
 
 def require_tracing() -> None:
     """Raise the first failed prerequisite of tracing (cheap checks first)."""
     for check in (check_privileges, check_bpf_syscall, check_uprobes, check_bcc, check_headers):
-        c = check()
+        c = _safe(check)
         if not c.ok:
             raise KeytraceError(f"{c.name}: {c.detail}" + (f". Fix: {c.fix}" if c.fix else ""))

@@ -30,6 +30,7 @@ DEFAULT_RING_PAGES = 2048  # 8 MiB: ~24k records, 10 ms of a very busy host
 class Unit:
     name: str                                     # probes/<name>.bpf.c
     uprobes: dict = field(default_factory=dict)   # function -> (entry program, return or None)
+    variants: dict = field(default_factory=dict)  # flavour -> {program: its variant's program}
 
 
 def probes_dir() -> Path:
@@ -133,15 +134,18 @@ class Program:
         self.ring = RingReader(events.map_fd, self.ring_pages * os.sysconf("SC_PAGE_SIZE"),
                                wire.RECORD)
 
-    def attach(self, path: str, addresses: dict) -> int:
-        """Attach every unit's uprobes on the functions this file defines (name -> address).
-        Returns how many were attached; a failure detaches what this call attached."""
+    def attach(self, path: str, addresses: dict, flavour: str = "") -> int:
+        """Attach every unit's uprobes on the functions this file defines (name -> address),
+        with the programs of the given flavour where a unit has some. Returns how many were
+        attached; a failure detaches what this call attached."""
         if path in self.files:
             return 0
         done: list = []
         try:
             for unit in self.units:
-                for func, (entry, ret) in unit.uprobes.items():
+                swap = unit.variants.get(flavour, {})
+                for func, names in unit.uprobes.items():
+                    entry, ret = (swap.get(n, n) if n else n for n in names)
                     if func not in addresses:
                         continue
                     addr = addresses[func]

@@ -54,14 +54,24 @@ def summary_table(summary: pd.DataFrame, title: str = "pthread keys per process"
     for r in rows.itertuples():
         style = "bold red" if r.critical else "yellow" if r.leaking else None
         verdict = ("CRITICAL: " + r.reason if r.critical else
-                   "LEAKING: " + r.reason if r.leaking else "ok")
+                   "LEAKING: " + r.reason if r.leaking else
+                   "ok" + (f" ({r.reason})" if r.reason else ""))
+        known = "" if r.headroom is not pd.NA else ">="  # keys before tracing unknown
         t.add_row(str(r.pid), r.comm + ("" if r.alive else " (exited)"), str(r.creates),
-                  str(r.deletes), str(r.failed_creates), f"{r.live_keys}/{r.limit}",
+                  str(r.deletes), str(r.failed_creates), f"{known}{r.live_keys}/{r.limit}",
                   str(r.orphaned_keys), os.path.basename(r.library) or "-",
-                  forecast.describe(r.days_left) if r.leaking else "-", verdict, style=style)
+                  runs_out(r), verdict, style=style)
     if limit is not None and len(summary) > limit:
         t.caption = f"{len(summary) - limit} more processes"
     return t
+
+
+def runs_out(r) -> str:
+    if not r.leaking:
+        return "-"
+    if r.days_left is not None and r.days_left == r.days_left:
+        return forecast.describe(r.days_left)
+    return "too little data" if r.rate_basis.startswith("too little") else "no rate known"
 
 
 def frame_table(df: pd.DataFrame, title: str) -> Table:
@@ -134,6 +144,10 @@ def announce(t: KeyTracer) -> None:
               f"({', '.join(t.files)}); tracing {scope}", markup=False, soft_wrap=True)
 
 
+def note(text: str) -> None:
+    err.print(f"keytrace: {text}", markup=False, soft_wrap=True)
+
+
 def check_view(by: str) -> None:
     if by not in VIEWS:
         raise fail(f"--by takes one of {', '.join(VIEWS)}, not {by!r}", EXIT_USAGE)
@@ -187,7 +201,7 @@ def watch(
             check_writable(output)
         # Events are kept only to be saved: the report needs the state alone (flat memory).
         tracer = KeyTracer(pids=pid or None, command=command or None, ring_pages=ring_pages,
-                           keep_events=output is not None, on_ready=announce)
+                           keep_events=output is not None, on_ready=announce, on_note=note)
         run_session(tracer, duration, output, as_json, fail_on_leak, "pthread keys per process",
                     reloads_per_day, by)
     except KeytraceError as e:
@@ -251,7 +265,7 @@ def demo(
                   "libgomp_demo.so creates a pthread key per load and never deletes it, until glibc "
                   "refuses one; beside it a reload_host reloads the tidy libtidy.so",
                   markup=False, soft_wrap=True)
-        tracer = KeyTracer(command=cmd, keep_events=output is not None, on_ready=announce)
+        tracer = KeyTracer(command=cmd, keep_events=output is not None, on_ready=announce, on_note=note)
         ledger = run_session(tracer, None, output, as_json, False,
                              "keytrace demo: pthread keys per process", reloads_per_day)
         if not as_json:
@@ -264,18 +278,19 @@ def scan_table(df: pd.DataFrame, show_all: bool) -> Table:
     t = Table(title="pthread key tables (keytrace scan)", title_justify="left")
     for name, just in [("PID", "right"), ("COMM", "left"), ("KEYS", "right"), ("LIMIT", "right"),
                        ("ORPHANED", "right"), ("LIBRARY", "left"), ("RUNS OUT IN", "left"),
-                       ("STATUS", "left")]:
+                       ("STATUS", "left"), ("VERDICT", "left")]:
         t.add_column(name, justify=just, overflow="fold")
     shown = df if show_all else df[df["status"] != "kernel thread"]
     for r in shown.itertuples():
         ok = r.status == "ok"
         full = ok and verdicts.near_limit(r.keys_in_use, r.limit)
-        style = "bold red" if full else "yellow" if ok and r.orphaned_keys else None
+        style = "bold red" if full else "yellow" if r.leaking else None
+        dated = r.days_left is not None and r.days_left == r.days_left
         t.add_row(str(r.pid), r.comm, str(r.keys_in_use) if ok else "-",
                   str(r.limit) if ok else "-", str(r.orphaned_keys) if ok else "-",
                   os.path.basename(r.library) if r.library else "-",
-                  forecast.describe(r.days_left) if r.days_left is not None and r.days_left == r.days_left else "-",
-                  r.status, style=style)
+                  forecast.describe(r.days_left) if dated else "-",
+                  r.status, ("LEAKING: " + r.reason) if r.leaking else "-", style=style)
     counts = df["status"].value_counts()
     t.caption = ", ".join(f"{n} {status}" for status, n in counts.items())
     return t

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -20,25 +20,39 @@ PAGE = 4096
 
 @dataclass
 class ElfInfo:
-    path: str
+    path: str               # the first path the file was met by
     lo: int                 # first PT_LOAD vaddr, page-aligned: where the mapping starts
     hi: int                 # end of the last PT_LOAD
+    static: bool = False    # an executable with no PT_INTERP: no dynamic loader, no libc.so
     _syms: Optional[tuple] = None  # (starts, ends, names, debug file), read on first use
+    # Every path the file was met by, plain ones first: /proc links die with their process.
+    paths: list = field(default_factory=list)
+
+    def met_as(self, path: str) -> None:
+        if path not in self.paths:
+            self.paths.insert(0 if not path.startswith("/proc/") else len(self.paths), path)
+            del self.paths[8:]
 
     def _symbols(self) -> tuple:
         if self._syms is None:
             funcs: dict = {}
             debug = None
-            try:
-                with open(self.path, "rb") as fh:
-                    elf = ELFFile(fh)
-                    _functions(elf, funcs)
-                    debug = _debug_file(elf, self.path)
-                if debug is not None:
-                    with open(debug, "rb") as dfh:
-                        _functions(ELFFile(dfh), funcs)
-            except (OSError, ELFError, ValueError):
-                pass
+            for path in self.paths or [self.path]:
+                try:
+                    with open(path, "rb") as fh:
+                        elf = ELFFile(fh)
+                        _functions(elf, funcs)
+                        debug = _debug_file(elf, path)
+                    if debug is not None:
+                        with open(debug, "rb") as dfh:
+                            _functions(ELFFile(dfh), funcs)
+                    break
+                except OSError:  # a link of an exited process: try the next path
+                    continue
+                except (ELFError, ValueError):
+                    break
+            else:
+                return ([], [], [], None)  # no path works now: not kept, a later call retries
             starts = sorted(funcs)
             self._syms = (starts, [a + funcs[a][0] for a in starts], [funcs[a][1] for a in starts],
                           str(debug) if debug else None)
@@ -140,13 +154,18 @@ class FileCache:
 def _segments(path: str) -> Optional[ElfInfo]:
     try:
         with open(path, "rb") as fh:
-            loads = [s for s in ELFFile(fh).iter_segments() if s["p_type"] == "PT_LOAD"]
+            elf = ELFFile(fh)
+            segments = list(elf.iter_segments())
+            executable = elf["e_type"] == "ET_EXEC" or elf.get_section_by_name(".interp") is not None
     except (OSError, ELFError, ValueError):
         return None
+    loads = [s for s in segments if s["p_type"] == "PT_LOAD"]
     if not loads:
         return None
+    interp = any(s["p_type"] == "PT_INTERP" for s in segments)
     return ElfInfo(path=path, lo=min(s["p_vaddr"] for s in loads) & ~(PAGE - 1),
-                   hi=max(s["p_vaddr"] + s["p_memsz"] for s in loads))
+                   hi=max(s["p_vaddr"] + s["p_memsz"] for s in loads),
+                   static=not interp and executable)
 
 
 _INFOS = FileCache(_segments)
@@ -154,7 +173,10 @@ _INFOS = FileCache(_segments)
 
 def elf_info(path: str) -> Optional[ElfInfo]:
     """The ELF facts of the file at path (openable from here), or None if it is unreadable."""
-    return _INFOS.get(path)[1]
+    info = _INFOS.get(path)[1]
+    if info is not None:
+        info.met_as(path)
+    return info
 
 
 def _function_addresses(path: str, names: tuple) -> dict:

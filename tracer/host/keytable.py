@@ -124,6 +124,15 @@ class Table:
     maps: list             # proc.mappings
     modules: list          # proc.modules
 
+    def unmapped(self) -> np.ndarray:
+        """Per key: its destructor is set and lies in no mapping (the library that registered
+        it is gone: glibc holds a dangling pointer)."""
+        starts = np.array([m[0] for m in self.maps], dtype=np.uint64)
+        ends = np.array([m[1] for m in self.maps], dtype=np.uint64)
+        i = np.searchsorted(starts, self.destructors, side="right") - 1
+        mapped = (i >= 0) & (self.destructors < ends[np.maximum(i, 0)])
+        return (self.destructors != 0) & ~mapped
+
 
 def _status_of(e: OSError) -> str:
     if isinstance(e, (FileNotFoundError, ProcessLookupError)) or e.errno == errno.ESRCH:

@@ -55,11 +55,18 @@ class Target:
     path: str                                      # openable from here (may be a map_files link)
     ident: tuple                                   # (st_dev, st_ino)
     functions: dict = field(default_factory=dict)  # name -> address
+    flavour: str = "glibc"                         # glibc or musl
+
+    @property
+    def musl(self) -> bool:
+        return self.flavour == "musl"
 
 
-def target(path: str, functions: Iterable[str]) -> Optional[Target]:
+def target(path: str, functions: Iterable[str], name: Optional[str] = None) -> Optional[Target]:
+    """The target at path (name: the file's own name, when path is a /proc link)."""
     ident, found = function_addresses(path, functions)
-    return Target(path, ident, found) if found else None
+    flavour = "musl" if is_musl(name or path) else "glibc"
+    return Target(path, ident, found, flavour) if found else None
 
 
 def system_libraries() -> list[str]:
@@ -81,23 +88,23 @@ def system_libraries() -> list[str]:
     return out
 
 
-def mapped_libraries(pid: int) -> list[str]:
-    """Candidate files mapped by a process, as paths openable from here."""
+def mapped_libraries(pid: int) -> list[tuple[str, str]]:
+    """Candidate files mapped by a process: (path openable from here, name in its maps)."""
     # map_files reaches the very file mapped, in whatever mount namespace the process is.
-    return sorted({proc.map_file(pid, start, end) for start, end, _, path in proc.file_mappings(pid)
-                   if is_candidate(path)})
+    return sorted({(proc.map_file(pid, start, end), path)
+                   for start, end, _, path in proc.file_mappings(pid) if is_candidate(path)})
 
 
 def find_targets(functions: Iterable[str], pids: Optional[Iterable[int]] = None) -> list[Target]:
     """Every distinct file defining any of functions, for these pids (all when None) and for
     processes yet to start (the system's own C libraries)."""
     functions = tuple(functions)
-    paths = list(system_libraries())
+    paths = [(p, p) for p in system_libraries()]
     for pid in (proc.pids() if pids is None else pids):
         paths.extend(mapped_libraries(pid))
     seen: dict = {}
-    for p in paths:
-        t = target(p, functions)
+    for p, name in paths:
+        t = target(p, functions, name)
         if t is not None and t.ident not in seen:
             seen[t.ident] = t
     return list(seen.values())

@@ -12,14 +12,17 @@ from typing import Optional
 
 @dataclass(slots=True)
 class Site:
-    """Where keys come from: one call site (caller, stack) within one dlopen (load id)."""
+    """Where keys come from: one call site (caller, stack) within one dlopen (load id); or, for
+    keys already live when the process was met (held), their destructor."""
     caller: int
     load: int
     stack: Optional[str]
     destructor: int
-    first: int            # ts of its first create
+    first: int            # ts of its first create (held: when the table was read)
     created: int = 0
     deleted: int = 0
+    held: bool = False    # from the live table, not a traced create
+    unmapped: bool = False  # held: its destructor lay in no mapping when the table was read
 
 
 @dataclass
@@ -37,12 +40,30 @@ class Keys:
     def touched(self) -> bool:
         return bool(self.creates or self.deletes or self.failed_deletes or self.live)
 
+    @property
+    def held_count(self) -> int:
+        """Keys live when the process was met (from its table) and live still."""
+        return sum(1 for s in self.live.values() if s.held)
+
     def create(self, key: int, caller: int, load: int, stack: Optional[str], destructor: int,
                ts: int) -> None:
         self.creates += 1
         site = self.sites.get((caller, load, stack))
         if site is None:
             site = self.sites[(caller, load, stack)] = Site(caller, load, stack, destructor, ts)
+        site.created += 1
+        self.live[key] = site
+
+    def held(self, key: int, destructor: int, unmapped: bool, ts: int) -> None:
+        """A key the live table showed in use. The table already holds what traced events
+        before its reading did, so a key known live stays as it is: holding is idempotent, and
+        a table may be read again at any time without counting a key twice."""
+        if key in self.live:
+            return
+        site = self.sites.get(("held", destructor))
+        if site is None:
+            site = self.sites[("held", destructor)] = Site(0, 0, None, destructor, ts, held=True,
+                                                          unmapped=unmapped)
         site.created += 1
         self.live[key] = site
 
@@ -65,9 +86,9 @@ class Keys:
     def inherited(self) -> "Keys":
         """A forked child's table: the parent's live keys, in copies of their sites (the child's
         own creates and deletes must not touch the parent's), and no calls of its own yet."""
-        sites = {k: replace(s) for k, s in self.sites.items()}
-        return Keys(live={k: sites[(s.caller, s.load, s.stack)] for k, s in self.live.items()},
-                    sites=sites)
+        copies = {id(s): replace(s) for s in self.sites.values()}
+        return Keys(live={k: copies[id(s)] for k, s in self.live.items()},
+                    sites={k: copies[id(s)] for k, s in self.sites.items()})
 
     def copy(self) -> "Keys":
         """An independent snapshot (sites copied, so later counts do not leak into it)."""

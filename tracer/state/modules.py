@@ -25,8 +25,7 @@ class Module:
 class Modules:
     instances: list = field(default_factory=list)  # Module, in mapping order
     loads: dict = field(default_factory=dict)      # dlopen id -> (path, handle, ts)
-    handles: dict = field(default_factory=dict)    # open handle -> [references, [dlopen ids]]
-    unloaded: set = field(default_factory=set)     # dlopen ids whose handle was closed for good
+    dlcloses: int = 0
 
     def map(self, path: str, base: int, load: int, ts: int, file: Optional[str] = None) -> None:
         # Reported again while still mapped (a later dlopen's backward walk): one instance.
@@ -43,22 +42,17 @@ class Modules:
                 return
 
     def dlopen(self, load: int, path: str, handle: int, ts: int) -> None:
-        if not handle:
-            return  # a failed dlopen
-        self.loads[load] = (path, handle, ts)
-        refs = self.handles.setdefault(handle, [0, []])
-        refs[0] += 1
-        refs[1].append(load)
+        if handle:  # not a failed dlopen
+            self.loads[load] = (path, handle, ts)
 
     def dlclose(self, handle: int) -> None:
-        refs = self.handles.get(handle)
-        if refs:
-            refs[0] -= 1
-            if refs[0] == 0:
-                # The last reference: by dlopen's count the instance is unloaded. (One pinned by
-                # RTLD_NODELETE or a dependency stays mapped: unmap() sees the truth.)
-                del self.handles[handle]
-                self.unloaded.update(refs[1])
+        # Counted only: whether anything was unloaded is unmap()'s to say (a NODELETE library,
+        # or one another handle holds, stays mapped after its dlclose).
+        self.dlcloses += 1
+
+    def completed_loads(self) -> set:
+        """The dlopens whose instances have been unmapped: finished load cycles."""
+        return {m.load for m in self.instances if m.load and m.unmapped is not None}
 
     @property
     def paths(self) -> list:
@@ -66,5 +60,4 @@ class Modules:
 
     def copy(self) -> "Modules":
         return Modules(instances=[replace(m) for m in self.instances], loads=dict(self.loads),
-                       handles={h: [n, list(ids)] for h, (n, ids) in self.handles.items()},
-                       unloaded=set(self.unloaded))
+                       dlcloses=self.dlcloses)

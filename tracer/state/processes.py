@@ -20,6 +20,12 @@ class Process:
     exe: Optional[str] = None
     parent: Optional[tuple] = None    # (pid, start) of the parent, when its fork was seen
     exited: Optional[int] = None      # ts of its exit
+    # When tracing of this program image began: its fork or exec, or, met while already
+    # running, when its key table was read; table says what that read showed ("read", or why
+    # not; None: born under tracing, nothing to read).
+    traced_since: Optional[int] = None
+    table: Optional[str] = None
+    libc: str = ""                    # "musl" once a create ran in musl (its probe says so)
     keys: Keys = field(default_factory=Keys)
     modules: Modules = field(default_factory=Modules)
 
@@ -34,7 +40,8 @@ class Process:
 
     def copy(self) -> "Process":
         return Process(self.pid, self.start, self.comm, self.exe, self.parent, self.exited,
-                       self.keys.copy(), self.modules.copy())
+                       self.traced_since, self.table, self.libc, self.keys.copy(),
+                       self.modules.copy())
 
 
 class Processes:
@@ -56,17 +63,25 @@ class Processes:
         self.current[p.pid] = p
         return p
 
+    def restart(self, p: Process, start: int) -> None:
+        """Its true start time became known (/proc/PID/stat): it is identified by that."""
+        if start != p.start:
+            del self.all[p.ident]
+            p.start = start
+            self.all[p.ident] = p
+
     def fork(self, parent: Process, child: int, ts: int) -> Process:
         old = self.current.get(child)
         if old is not None:  # its exit was lost: close the old history
             self.end(old, ts)
         # A forked child starts with a copy of its parent's memory, key table included.
-        return self.begin(Process(child, ts, parent.comm, parent.exe, parent.ident,
-                                  keys=parent.keys.inherited(), modules=parent.modules.copy()))
+        return self.begin(Process(child, ts, parent.comm, parent.exe, parent.ident, traced_since=ts,
+                                  libc=parent.libc, keys=parent.keys.inherited(),
+                                  modules=parent.modules.copy()))
 
-    def exec(self, p: Process, exe: str, comm: str) -> Process:
+    def exec(self, p: Process, exe: str, comm: str, ts: int) -> Process:
         # A new program image: its key table, libraries and counters start empty.
-        return self.begin(Process(p.pid, p.start, comm, exe, p.parent))
+        return self.begin(Process(p.pid, p.start, comm, exe, p.parent, traced_since=ts))
 
     def end(self, p: Process, ts: int) -> None:
         p.exited = ts

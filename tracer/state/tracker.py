@@ -18,7 +18,9 @@ from .. import wire
 from .processes import Process, Processes
 
 _C = wire.CODE
-_LEVEL_OPS = {_C["create"], _C["delete"]}
+_LEVEL_OPS = {_C["create"], _C["delete"], _C["held"]}
+_HOST_CODES = len(wire.KERNEL_OPS)
+_MUSL = wire.LIBCS.index("musl")  # category codes from here on are host facts, not records
 
 
 class Tracker:
@@ -34,46 +36,54 @@ class Tracker:
         # (ts, pid, comm, keys in use) after each create and delete, when asked for
         self.levels: Optional[list] = [] if record_levels else None
         self.lost = 0        # records the kernel could not queue
-        self.event_count = 0
-        self.last_ts = 0     # ns since the epoch of the newest event: "now" for a forecast
+        self.event_count = 0  # records the kernel sent (host facts not counted)
+        self.last_ts = 0     # ns since the epoch up to which all is seen: "now" for a forecast
         self._chunks: list[pd.DataFrame] = []
         self._events: Optional[pd.DataFrame] = None
         self._procs = Processes(keep_exited=keep_events, max_exited=max_exited)
         self._lock = threading.Lock()  # ingest may run in a polling thread
 
     # -- input -------------------------------------------------------------------------------
-    def ingest(self, frame: pd.DataFrame, lost: Optional[int] = None) -> None:
+    def ingest(self, frame: pd.DataFrame, lost: Optional[int] = None,
+               now: Optional[int] = None) -> None:
         """Apply a frame of events (in time order) to the state; lost: the kernel's count of
-        records it could not queue so far, when known."""
+        records it could not queue so far; now: the time (ns since the epoch) up to which
+        everything is known to have been seen, quiet time included."""
         with self._lock:
             if lost is not None:
                 self.lost = lost
+            if now:
+                self.last_ts = max(self.last_ts, now)
             if frame.empty:
                 return
             if self.keep_events:
                 self._chunks.append(frame)
                 self._events = None
-            self.event_count += len(frame)
+            self.event_count += int((frame["op"].cat.codes < _HOST_CODES).sum())
             self.last_ts = max(self.last_ts, int(frame["ts"].array.asi8.max()))
             self._replay(frame)
 
-    def observe(self, pid: int, ts: int, comm: str, exe: Optional[str] = None,
-                start: Optional[int] = None, modules: Iterable[tuple] = ()) -> None:
+    def observe(self, pid: int, ts: int, comm: str, **facts) -> None:
         """What the host showed of a process when it was met: see facts()."""
-        self.ingest(self.facts(pid, ts, comm, exe, start, modules))
+        self.ingest(self.facts(pid, ts, comm, **facts))
 
     @staticmethod
     def facts(pid: int, ts: int, comm: str, exe: Optional[str] = None,
-              start: Optional[int] = None, modules: Iterable[tuple] = ()) -> pd.DataFrame:
-        """Host facts about a process as events: its identity (exe, start time) and the modules
-        it had mapped ((path, base) pairs). Kept like any event, so a saved ledger replays with
-        them; ingest them where they belong in the stream."""
+              start: Optional[int] = None, modules: Iterable[tuple] = (),
+              table: Optional[str] = None, keys: Iterable[tuple] = ()) -> pd.DataFrame:
+        """Host facts about a process as events: its identity (exe, start time), the modules it
+        had mapped ((path, base) pairs), and its key table (table: "read" or why not; keys:
+        (key, destructor, destructor unmapped) in use). Kept like any event, so a saved ledger
+        replays with them; ingest them where they belong in the stream."""
+        base = dict(ts=ts, pid=pid, tid=pid, comm=comm)
         rows = []
         if exe is not None or start is not None:
-            rows.append(dict(op="seen", ts=ts, pid=pid, tid=pid, comm=comm, path=exe or "",
-                             handle=start or 0))
-        rows += [dict(op="map", ts=ts, pid=pid, tid=pid, comm=comm, path=path, handle=base)
-                 for path, base in modules]
+            rows.append(dict(base, op="seen", path=exe or "", handle=start or 0))
+        rows += [dict(base, op="mapped", path=path, handle=addr) for path, addr in modules]
+        if table is not None:
+            rows.append(dict(base, op="table", path=table))
+        rows += [dict(base, op="held", key=key, destructor=destructor, ret=int(unmapped))
+                 for key, destructor, unmapped in keys]
         return wire.decode(wire.records(rows), 0)
 
     def knows(self, pid: int) -> bool:
@@ -100,14 +110,16 @@ class Tracker:
             p = current.get(pid)
             if p is None:
                 start = handle if op == _C["seen"] and handle else ts
-                p = procs.begin(Process(pid=pid, start=start, comm=comm))
+                p = procs.begin(Process(pid=pid, start=start, comm=comm, traced_since=ts))
             if op == _C["create"]:
                 p.keys.create(key, caller, load, stack, destructor, ts)
+                if handle == _MUSL:
+                    p.libc = "musl"
             elif op == _C["delete"]:
                 p.keys.delete(key, ret)
             elif op == _C["create_failed"]:
                 p.keys.create_failed(ret, ts)
-            elif op == _C["map"]:
+            elif op == _C["map"] or op == _C["mapped"]:
                 # The main program's link_map has no name; found already mapped (load 0): taken
                 # as mapped since the process (image) began.
                 p.modules.map(path or p.exe or "", handle, load, ts if load else p.start)
@@ -120,11 +132,17 @@ class Tracker:
             elif op == _C["fork"]:
                 procs.fork(p, child, ts)
             elif op == _C["exec"]:
-                p = procs.exec(p, path, comm)
+                p = procs.exec(p, path, comm, ts)
             elif op == _C["exit"]:
                 procs.end(p, ts)
+            elif op == _C["held"]:
+                p.keys.held(key, destructor, bool(ret), ts)
+            elif op == _C["table"]:
+                p.traced_since, p.table = ts, path
             elif op == _C["seen"]:
-                p.exe = p.exe or path or None
+                p.exe = path or p.exe
+                if handle:
+                    procs.restart(p, handle)
             if op != _C["exit"]:
                 p.comm = comm  # thread names at exit are not the process's
             if self.levels is not None and op in _LEVEL_OPS:
