@@ -117,10 +117,10 @@ def run_bpftrace(exe, libdir, n, returns: bool):
     return ns, counts == want
 
 
-def run_keytrace(exe, libdir, n):
+def run_keytrace(exe, libdir, n, sites="planned"):
     loop = Loop(exe, libdir, n)
-    t = spawn([*KEYTRACE, "watch", "--json", "-p", str(loop.p.pid)], stdout=subprocess.PIPE,
-              stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    t = spawn([*KEYTRACE, "watch", "--json", "--sites", sites, "-p", str(loop.p.pid)],
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     wait_for(t.stderr, "probes attached")
     ns = loop.go()
     out, err = t.communicate(timeout=60)
@@ -152,6 +152,7 @@ def overhead(work: Path, rounds: int, n_fast: int, n_traced: int, n_ltrace: int)
         "bpftrace count, 2 entry probes": lambda: run_bpftrace(exe, libdir, n_traced, False),
         "bpftrace count, keytrace's 4 probe points": lambda: run_bpftrace(exe, libdir, n_traced, True),
         "keytrace watch": lambda: run_keytrace(exe, libdir, n_traced),
+        "keytrace watch --sites entry": lambda: run_keytrace(exe, libdir, n_traced, "entry"),
         "ltrace -c": lambda: run_ltrace(exe, libdir, n_ltrace),
     }
     results = {name: {"ns": [], "verified": 0} for name in tools}
@@ -224,6 +225,31 @@ def startup(rounds: int) -> list:
     return times
 
 
+def one_shot(argv) -> tuple:
+    """Wall seconds and peak RSS (MB) of one whole run of argv, as its parent sees them."""
+    t0 = time.perf_counter()
+    p = spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
+def whole_run(rounds: int) -> dict:
+    """A whole ad-hoc run on a trivial command, keytrace against bpftrace, interleaved."""
+    probes = (f"uprobe:{LIBC}:pthread_key_create {{ @c = count(); }} "
+              f"uprobe:{LIBC}:pthread_key_delete {{ @d = count(); }}")
+    tools = {"keytrace watch --json -- /bin/true": [*KEYTRACE, "watch", "--json", "--", "/bin/true"],
+             "bpftrace (2 entry counts) -c /bin/true": ["bpftrace", "-e", probes, "-c", "/bin/true"]}
+    out = {name: {"s": [], "mb": []} for name in tools}
+    for _ in range(rounds):
+        for name, argv in tools.items():
+            secs, mb = one_shot(argv)
+            out[name]["s"].append(secs)
+            out[name]["mb"].append(mb)
+            print(f"  {name}: {secs:.2f} s, {mb:.0f} MB", flush=True)
+    return out
+
+
 def peak_rss(work: Path, events: int, save: bool) -> dict:
     threads = gen_threads(work)
     per_thread = 200  # 2 threads x (200 creates + 100 deletes) = 600 records a run
@@ -260,7 +286,11 @@ def report(res: dict, machine: str) -> str:
                      f"{'-' if name == 'untraced' else f'{added / 1000:.1f} us'} | "
                      f"{r['verified']}/{len(r['ns'])} rounds |")
     k = ov["keytrace watch"]["ns"]
+    floor = ov["untraced"]["ns"]
+    added = lambda name: [t - u for t, u in zip(ov[name]["ns"], floor)]  # noqa: E731
     ratios = {
+        "keytrace / bpftrace count, 2 entry probes (added cost)": [
+            a / b for a, b in zip(added("keytrace watch"), added("bpftrace count, 2 entry probes"))],
         "keytrace / bpftrace count, 2 entry probes": [a / b for a, b in zip(k, ov["bpftrace count, 2 entry probes"]["ns"])],
         "keytrace / bpftrace count, same 4 probe points": [a / b for a, b in zip(k, ov["bpftrace count, keytrace's 4 probe points"]["ns"])],
         "ltrace / keytrace": [a / b for a, b in zip(ov["ltrace -c"]["ns"], k)],
@@ -282,6 +312,10 @@ def report(res: dict, machine: str) -> str:
               f"`keytrace watch` (whole host) to \"probes attached\": {median_range(res['startup'])} s "
               f"over {len(res['startup'])} starts.\n", "| events | events kept (-o) | peak RSS |", "|---|---|---|"]
     lines += [f"| {r['events']} | {'yes' if r['saved'] else 'no'} | {r['peak_rss_mb']:.0f} MB |" for r in res["rss"]]
+    lines += ["", "A whole ad-hoc run on a trivial command (targets: 1.2 s, 150 MB):\n",
+              "| run | wall s, median (min-max) | peak RSS MB, median (min-max) |", "|---|---|---|"]
+    lines += [f"| {name} | {median_range(r['s'])} | {median_range(r['mb'])} |"
+              for name, r in res["whole_run"].items()]
     if res.get("scan"):
         lines += ["", "## Scan\n", res["scan"]]
     return "\n".join(lines) + "\n"
@@ -327,6 +361,7 @@ def main() -> None:
         res["ingest"] = ingest(work, 20000 if q else 100000)
         print("start-up and memory:", flush=True)
         res["startup"] = startup(3 if q else args.rounds)
+        res["whole_run"] = whole_run(3 if q else args.rounds)
         res["rss"] = [peak_rss(work, 60_000 if q else 1_000_000, False),
                       peak_rss(work, 60_000 if q else 1_000_000, True)]
         print("scan:", flush=True)

@@ -12,9 +12,42 @@ struct create_args {
     s64 stack;
 };
 
+// Per process (tgid) since its exec or since tracing began: counted before any record is
+// reserved, so a lost record may cost detail (which key, who made it), never a count.
+struct kt_counts {
+    u64 creates;          // successful
+    u64 failed_creates;
+    u64 deletes;          // successful
+    u64 failed_deletes;
+};
+
+BPF_TABLE("lru_hash", u32, struct kt_counts, counts, KT_MAX_ENTRIES);
 BPF_HASH(create_inflight, u32, struct create_args, KT_MAX_ENTRIES);
 BPF_HASH(delete_inflight, u32, u32, KT_MAX_ENTRIES);
 BPF_STACK_TRACE(stacks, 16384);
+
+// Count one call: which = 0 create, 1 failed create, 2 delete, 3 failed delete.
+static __always_inline void kt_count(u64 pid_tgid, int which)
+{
+    u32 tgid = pid_tgid >> 32;
+    struct kt_counts zero = {};
+    struct kt_counts *c = counts.lookup_or_try_init(&tgid, &zero);
+    if (!c)
+        return;
+    if (which == 0)
+        __sync_fetch_and_add(&c->creates, 1);
+    else if (which == 1)
+        __sync_fetch_and_add(&c->failed_creates, 1);
+    else if (which == 2)
+        __sync_fetch_and_add(&c->deletes, 1);
+    else
+        __sync_fetch_and_add(&c->failed_deletes, 1);
+}
+
+static __always_inline void keys_exec(u32 tgid)
+{
+    counts.delete(&tgid);  // a new image: its own counts, as the ledger's
+}
 
 static __always_inline void keys_thread_exit(u32 tid)
 {
@@ -54,6 +87,7 @@ static __always_inline int create_return_in(struct pt_regs *ctx, u64 libc)
     if (!a)
         return 0;
     int ret = PT_REGS_RC(ctx);
+    kt_count(pid_tgid, ret == 0 ? 0 : 1);
     struct event *e = new_event(ret == 0 ? OP_CREATE : OP_CREATE_FAILED, pid_tgid);
     if (e) {
         e->ret = ret;
@@ -93,6 +127,7 @@ int delete_return(struct pt_regs *ctx)
     if (!key)
         return 0;
     int ret = PT_REGS_RC(ctx);
+    kt_count(pid_tgid, ret == 0 ? 2 : 3);
     struct event *e = new_event(OP_DELETE, pid_tgid);
     if (e) {
         e->key = *key;
@@ -100,5 +135,75 @@ int delete_return(struct pt_regs *ctx)
         submit(e);
     }
     delete_inflight.delete(&tid);
+    return 0;
+}
+
+// ---- planned sites (tracer/host/planner.py): probes on instructions inside the functions
+// that the kernel emulates (a jcc), with a predicate on the flags that holds once per call.
+// The loader generates one small program per site from these helpers, with the site's
+// condition, registers and stack offset as constants: no entry single-step, no return probe.
+
+static __always_inline u64 kt_caller(struct pt_regs *ctx, u64 offset)
+{
+    u64 caller = 0;
+    bpf_probe_read_user(&caller, sizeof(caller), (void *)(PT_REGS_SP(ctx) + offset));
+    return caller;
+}
+
+static __always_inline int planned_create(struct pt_regs *ctx, u32 key, u64 destructor,
+                                          u64 caller_offset, u64 libc, u32 seq)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!wanted(pid_tgid >> 32))
+        return 0;
+    kt_count(pid_tgid, 0);
+    struct event *e = new_event(OP_CREATE, pid_tgid);
+    if (!e)
+        return 0;
+    e->key = key;
+    e->other = seq;
+    e->destructor = destructor;
+    e->caller = kt_caller(ctx, caller_offset);
+#ifdef KT_HAVE_MODULES
+    e->load = current_load((u32)pid_tgid);
+#endif
+    // The site is in a leaf function that pushed no frame: the walk sees what an entry
+    // probe sees (user space puts `caller` in front).
+    e->stack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    e->handle = libc;
+    submit(e);
+    return 0;
+}
+
+static __always_inline int planned_create_failed(struct pt_regs *ctx, s32 err, u64 caller_offset,
+                                                 u64 libc)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!wanted(pid_tgid >> 32))
+        return 0;
+    kt_count(pid_tgid, 1);
+    struct event *e = new_event(OP_CREATE_FAILED, pid_tgid);
+    if (!e)
+        return 0;
+    e->ret = err;
+    e->caller = kt_caller(ctx, caller_offset);
+    e->handle = libc;
+    submit(e);
+    return 0;
+}
+
+static __always_inline int planned_delete(struct pt_regs *ctx, u32 key, s32 ret, u32 seq)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!wanted(pid_tgid >> 32))
+        return 0;
+    kt_count(pid_tgid, ret == 0 ? 2 : 3);
+    struct event *e = new_event(OP_DELETE, pid_tgid);
+    if (!e)
+        return 0;
+    e->key = key;
+    e->ret = ret;
+    e->other = seq;
+    submit(e);
     return 0;
 }

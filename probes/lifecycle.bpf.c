@@ -30,9 +30,12 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!wanted(pid_tgid >> 32))
         return 0;
-#ifdef KT_HAVE_MODULES
     u32 tgid = pid_tgid >> 32;
+#ifdef KT_HAVE_MODULES
     walked.delete(&tgid);  // a new image has a new link_map chain
+#endif
+#ifdef KT_HAVE_KEYS
+    keys_exec(tgid);
 #endif
     struct event *e = new_event(OP_EXEC, pid_tgid);
     if (e) {

@@ -194,3 +194,15 @@ def test_comm_decoding_keeps_every_distinct_name():
     raw = np.array([b"a", b"bb", b"a", b"\xff\xfe", b"\xff\xfd", b""], dtype="S16")
     assert list(_decode_strings(raw)) == ["a", "bb", "a", "\ufffd\ufffd", "\ufffd\ufffd", ""]
     assert list(_decode_strings(raw[:0])) == []
+
+
+def test_generations_pair_a_key_reused_by_two_threads_out_of_order():
+    # Thread A deletes key 0 (its slot goes from sequence 1 to 2) and thread B creates it again
+    # (3): B's record reaches the ring first. Then a create whose delete came first.
+    _, s = summary_of(dict(op="create", pid=10, key=0, seq=1, caller=0x10),
+                      dict(op="create", pid=10, key=0, seq=3, caller=0x20),
+                      dict(op="delete", pid=10, key=0, seq=2),
+                      dict(op="delete", pid=10, key=7, seq=6),
+                      dict(op="create", pid=10, key=7, seq=5, caller=0x30))
+    r = one(s, pid=10)
+    assert (r.creates, r.deletes, r.live_keys) == (3, 2, 1)

@@ -11,6 +11,7 @@ or after a failed start) drains what is left, detaches every probe and ends a la
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
 import os
 import shutil
@@ -27,8 +28,8 @@ from .analysis.ledger import Ledger
 from .bpf import doctor, units
 from .bpf.loader import DEFAULT_RING_PAGES, Program
 from .errors import KeytraceError
-from .host import keytable, libc, proc
-from .host.elf import elf_info
+from .host import keytable, libc, planner, proc
+from .host.elf import build_id, elf_info
 from .host.sight import sight
 
 # The launched command waits on fd 3 until the probes are attached, then becomes the command
@@ -89,12 +90,16 @@ class KeyTracer:
 
     A process met while already running (a -p pid, or host-wide at its first event) starts
     from its live key table (tracer.host.sight): traced events are deltas on it.
+
+    sites: "planned" probes pthread_key_create/delete on instructions the kernel emulates
+    (tracer.host.planner), where a plan is proved and passes its self-test; "entry" uses
+    entry and return probes everywhere.
     """
 
     def __init__(self, pids: Optional[Iterable[int]] = None, command: Optional[Sequence[str]] = None,
                  keep_events: bool = True, ring_pages: int = DEFAULT_RING_PAGES,
                  interval: float = 0.01, on_ready: Optional[Callable[["KeyTracer"], None]] = None,
-                 on_note: Optional[Callable[[str], None]] = None):
+                 on_note: Optional[Callable[[str], None]] = None, sites: str = "planned"):
         self.pids = None if pids is None else sorted({int(p) for p in pids})
         self.command = list(command) if command else None
         self.interval = interval
@@ -115,7 +120,11 @@ class KeyTracer:
         self._pending: dict = {}         # exec'd pid -> deadline to find its C library
         self._host_libc: Optional[str] = None
         self._functions = units.functions(units.KEY_TRACER)
-
+        self._early: list = []           # records drained before the poll thread ran
+        self._reconciled = 0             # lost records the kernel's counts were last read for
+        self._lost_base = 0              # lost by the start-up self-test: not the ledger's
+        self.sites = sites
+        self.plan_notes: list[str] = []  # which probe sites each file got, and why
     # -- life cycle -----------------------------------------------------------------------------
     def start(self, background: bool = True) -> "KeyTracer":
         if self._probes is not None:
@@ -130,10 +139,14 @@ class KeyTracer:
             if self.command:
                 self.process, gate_w = self._spawn_gated(self.command)
                 filter_pids = (self.pids or []) + [self.process.pid]
-            self._probes = Program(units.KEY_TRACER, filter_pids, self._ring_pages)
+            targets = self._targets(filter_pids)
+            plans = self._plans(targets) if self.sites == "planned" else {}
+            self._probes = Program(units.KEY_TRACER, filter_pids, self._ring_pages,
+                                   plans=[(t.flavour, plans[t.ident]) for t in targets
+                                          if t.ident in plans])
             atexit.register(self.stop)
             self._probes.open()
-            self._attach_targets()
+            self._attach_targets(targets, plans)
             # Met now, while they surely run: the -p processes, and the launched command's gate
             # (its exec starts a fresh, fully traced image).
             for pid in (self.pids or []) + ([self.process.pid] if self.process else []):
@@ -153,10 +166,10 @@ class KeyTracer:
             self._thread.start()
         return self
 
-    def _attach_targets(self) -> None:
-        """Probes on every C library the traced processes (or the host) may use, and on a
-        launched command that is itself one (a static executable)."""
-        targets = libc.find_targets(self._functions, self._probes.pids)
+    def _targets(self, pids) -> list:
+        """Every C library the traced processes (or the host) may use, and a launched command
+        that is itself one (a static executable)."""
+        targets = libc.find_targets(self._functions, pids)
         if self.command and self.process is not None:
             exe = shutil.which(self.command[0])
             static = exe and self._static_target(exe)
@@ -164,14 +177,101 @@ class KeyTracer:
                 targets.append(static)
         if not targets:
             raise KeytraceError("no C library defining pthread_key_create was found to probe")
-        for t in targets:
-            self._attach(t)
-        self._host_libc = keytable.host_libc()
+        return targets
 
-    def _attach(self, t: libc.Target) -> bool:
+    def _plans(self, targets) -> dict:
+        """Planned probe sites (tracer.host.planner) for the targets keytrace can check here:
+        those of the very build of the C library this process runs on, which the self-test
+        exercises. Any other file gets entry and return probes."""
+        own = libc.own_libc()
+        own_build = build_id(own) if own else ""
+        out = {}
+        for t in targets:
+            try:
+                plan = planner.plan_file(t.path)
+            except planner.Refused as e:
+                self.plan_notes.append(f"{t.path}: entry probes ({e})")
+                continue
+            if not own_build or build_id(t.path) != own_build:
+                self.plan_notes.append(f"{t.path}: entry probes (a build the self-test cannot run)")
+                continue
+            out[t.ident] = plan
+        return out
+
+    def _attach_targets(self, targets, plans) -> None:
+        for t in targets:
+            self._attach(t, plans.get(t.ident))
+        self._host_libc = keytable.host_libc()
+        if plans:
+            self._self_test(targets, plans)
+            self._lost_base = self._probes.lost()
+
+    def _self_test(self, targets, plans) -> None:
+        """Prove the planned sites on this machine before trusting them: a short-lived child
+        makes 3 keys, deletes them, then deletes an invalid key and one twice; exactly those
+        events must come out. Otherwise the planned files fall back to entry probes."""
+        for _ in range(3):  # a record the kernel fails to queue (6.15+) is no verdict on a plan
+            got = self._exercise()
+            creates = [int(k) for op, k, r in got if op == wire.CODE["create"]]
+            deletes = sorted((int(k), int(r)) for op, k, r in got if op == wire.CODE["delete"])
+            failed = [r for op, k, r in got if op == wire.CODE["delete"] and r != 0]
+            ok = (len(got) == 8 and len(set(creates)) == 3
+                  and sorted(k for k, r in deletes if r == 0) == sorted(creates) and len(failed) == 2)
+            if ok:
+                break
+        names = ", ".join(sorted({os.path.basename(t.path) for t in targets if t.ident in plans}))
+        if ok:
+            self.plan_notes.insert(0, f"planned sites on {names} (self-test passed)")
+            return
+        self._note(f"the planned probe sites failed their self-test (saw {got}): entry probes "
+                   "instead")
+        for t in targets:
+            if t.ident in plans:
+                self._probes.detach(t.path)
+                self._probed.discard(t.ident)
+                self._attach(t, None)
+        self.plan_notes.insert(0, "entry probes (the planned sites failed their self-test)")
+
+    def _exercise(self) -> list:
+        """Run the self-test child and take its records out of the ring: (op, key, ret) each.
+        The child is a fork of this process, so Python's own after-fork key work comes first:
+        only records from the moment the child says it starts count, and every other record
+        drained meanwhile is kept for the ledger."""
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:  # the child: libc calls, then out without any Python cleanup
+            try:
+                os.close(r)
+                start = time.clock_gettime_ns(time.CLOCK_BOOTTIME)  # the records' clock
+                c = ctypes.CDLL(None)
+                keys = (ctypes.c_uint * 3)()
+                for i in range(3):
+                    c.pthread_key_create(ctypes.byref(keys, 4 * i), None)
+                for i in range(3):
+                    c.pthread_key_delete(keys[i])
+                c.pthread_key_delete(1 << 20)   # out of range: EINVAL
+                c.pthread_key_delete(keys[0])   # deleted already: EINVAL
+                os.write(w, str(start).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        if self._probes.pids is not None:
+            self._probes.add_pid(child)
+        os.waitpid(child, 0)
+        with os.fdopen(r) as fh:
+            start = int(fh.read() or 0)
+        batch = self._probes.drain()
+        mine = batch["pid"] == child
+        self._early.append(batch[~mine])
+        mine &= batch["ts"] >= start
+        ops = (wire.CODE["create"], wire.CODE["create_failed"], wire.CODE["delete"])
+        return [(int(o), int(k), int(r)) for o, k, r in zip(batch["op"][mine], batch["key"][mine],
+                                                             batch["ret"][mine]) if o in ops]
+
+    def _attach(self, t: libc.Target, plan: Optional[dict] = None) -> bool:
         if t.ident in self._probed:
             return False
-        self._probes.attach(t.path, t.functions, t.flavour)
+        self._probes.attach(t.path, t.functions, t.flavour, plan)
         self._probed.add(t.ident)
         return True
 
@@ -270,7 +370,10 @@ class KeyTracer:
             if self._probes is None:
                 return 0
             batch = self._probes.drain()
-            lost = self._probes.lost()
+            if self._early:  # drained during the start-up self-test
+                batch = np.concatenate(self._early + [batch])
+                self._early = []
+            lost = self._probes.lost() - self._lost_base
             frame = wire.decode(batch, self._offset, stack_of=self._probes.stack)
             at = 0
             for pos, facts in self._meet(batch, frame):
@@ -278,6 +381,11 @@ class KeyTracer:
                 self.ledger.ingest(facts)
                 at = pos
             self.ledger.ingest(frame.iloc[at:], lost=lost, now=time.time_ns())
+            if lost > self._reconciled:  # records were lost: the kernel's counts stand in
+                self._reconciled = lost
+                known = self.ledger.known_pids()
+                counts = {pid: c for pid, c in units.read_counts(self._probes).items() if pid in known}
+                self.ledger.ingest(Ledger.counted(counts, time.time_ns()))
             execs = frame[frame["op"] == "exec"]
             now = time.monotonic()
             self._pending.update((pid, (now + 0.5, path))

@@ -32,7 +32,8 @@ RECORD = np.dtype([
                             # create: the C library it ran in (LIBCS)
     ("pid", "<u4"),         # tgid
     ("tid", "<u4"),
-    ("other", "<u4"),       # fork: child pid; exec: pid before exec
+    ("other", "<u4"),       # fork: child pid; exec: pid before exec; create/delete/held on
+                            # planned sites: the slot's new sequence number (0: unknown)
     ("op", "<u4"),
     ("ret", "<i4"),         # create/delete: return value (a failed delete keeps op delete)
     ("key", "<u4"),         # create (success) / delete: the key
@@ -53,8 +54,10 @@ KERNEL_OPS = ["create", "create_failed", "delete", "dlopen", "dlclose", "exec", 
 # mapped: a module it had mapped then (path, handle: load base), as /proc/PID/maps showed it;
 # table: its key table was read, or could not be (path: "read" or why not); tracing of it is
 #   complete from this row's ts on;
-# held: a key in use in that table (key, destructor; ret 1: the destructor lay in no mapping).
-HOST_OPS = ["seen", "mapped", "table", "held"]
+# held: a key in use in that table (key, destructor; ret 1: the destructor lay in no mapping);
+# counted: the kernel's own counts for the process image, kept whatever records were lost
+#   (handle: creates, caller: failed creates, destructor: deletes, load: failed deletes).
+HOST_OPS = ["seen", "mapped", "table", "held", "counted"]
 OPS = [""] + KERNEL_OPS + HOST_OPS
 OP_TYPE = pd.CategoricalDtype(OPS[1:])
 CODE = {name: i for i, name in enumerate(OPS) if name}
@@ -62,7 +65,7 @@ CODE = {name: i for i, name in enumerate(OPS) if name}
 # The columns of an events frame, in order: what decode() makes and what files hold.
 # stack: a create's user stack, caller first, as hex addresses separated by spaces.
 COLUMNS = ["ts", "pid", "tid", "comm", "op", "key", "ret", "destructor", "caller",
-           "path", "handle", "load", "child", "stack"]
+           "path", "handle", "load", "child", "stack", "seq"]
 _KEYED = [CODE[o] for o in ("create", "delete", "held")]
 _PATHED = [CODE[o] for o in ("dlopen", "exec", "map", "seen", "mapped", "table")]
 
@@ -115,7 +118,9 @@ def decode(batch: np.ndarray, wall_offset_ns: int,
     path_valid = np.isin(op, _PATHED)
     paths = np.full(len(batch), None, dtype=object)
     if path_valid.any():
-        paths[path_valid] = [p.decode("utf-8", "replace") for p in batch["path"][path_valid]]
+        # A string ends at its first NUL: the bytes after it are a reused ring slot's leftovers.
+        paths[path_valid] = [p.split(b"\0", 1)[0].decode("utf-8", "replace")
+                             for p in batch["path"][path_valid]]
     frame = pd.DataFrame({
         "ts": pd.to_datetime(batch["ts"].astype(np.int64) + wall_offset_ns, unit="ns", utc=True),
         "pid": batch["pid"].astype(np.int64),
@@ -131,6 +136,7 @@ def decode(batch: np.ndarray, wall_offset_ns: int,
         "load": batch["load"],
         "child": np.where(op == CODE["fork"], batch["other"], 0).astype(np.int64),
         "stack": pd.Series(_stacks(batch, stack_of), dtype=object),
+        "seq": np.where(np.isin(op, _KEYED), batch["other"], 0).astype(np.int64),
     })
     frame["key"] = frame["key"].mask(~np.isin(op, _KEYED))
     return frame
@@ -159,7 +165,7 @@ def records(rows: list[dict]) -> np.ndarray:
                 v = CODE[v]
             elif k in ("comm", "path"):
                 v = v.encode()[:RECORD[k].itemsize - 1]
-            elif k == "child":
+            elif k in ("child", "seq"):
                 k = "other"
             a[i][k] = v
     return a

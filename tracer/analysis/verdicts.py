@@ -65,22 +65,23 @@ def _state(p, now_ns: int, reloads_per_day: Optional[float], attribute: bool) ->
         "alive": p.exited is None, "parent_pid": p.parent[0] if p.parent else 0,
         "traced_since": _ts(p.traced_since),
         "table": p.table or "",
-        "creates": k.creates, "deletes": k.deletes, "failed_creates": k.failed_creates,
-        "failed_deletes": k.failed_deletes, "last_failure_ret": k.last_failure_ret,
-        "live_keys": len(k.live), "held_keys": k.held_count,
-        "never_deleted": k.creates - k.failed_creates > 0 and k.deletes == 0,
+        "creates": k.creates + k.missed[0] + k.missed[1], "deletes": k.deletes + k.missed[2],
+        "failed_creates": k.failed_creates + k.missed[1],
+        "failed_deletes": k.failed_deletes + k.missed[3], "last_failure_ret": k.last_failure_ret,
+        "live_keys": k.live_count, "held_keys": k.held_count,
     }
+    row["never_deleted"] = row["creates"] - row["failed_creates"] > 0 and row["deletes"] == 0
     attr = Attribution(p, without_elf=not attribute).summary()
     if not attribute:
         attr.update(_NO_ATTRIBUTION)
     observed = (p.exited or now_ns) - p.traced_since
     rate = fc.reload_rate(reloads_per_day, attr["reload_cycles"], attr["cycles_first"],
                           attr["cycles_last"], observed)
-    critical = k.failed_creates > 0
+    critical = row["failed_creates"] > 0
     leaking = bool(is_leaking(critical, attr["orphaned_keys"], attr["same_path_keys"]))
     limit = libc.MUSL_KEYS_MAX if p.libc == "musl" else libc.key_limit(p.modules.paths + [row["exe"]])
     # No date without a leak, and none from a rate that rests on too little.
-    f = fc.forecast(len(k.live), limit, _ts(now_ns), attr["leak_per_reload"],
+    f = fc.forecast(k.live_count, limit, _ts(now_ns), attr["leak_per_reload"],
                     rate.reloads_per_day if leaking else None)
     row.update(library=attr["library"], libraries=attr["libraries"],
                orphaned_keys=attr["orphaned_keys"], same_path_keys=attr["same_path_keys"],

@@ -112,8 +112,28 @@ def check_libc() -> Check:
                  "install glibc's libc6 (keytrace probes libc.so.6 or libpthread.so.0)")
 
 
+def check_sites() -> Check:
+    """Which probe sites watch will use on the system libc: informational, never a failure
+    (entry probes work everywhere; planned sites are cheaper)."""
+    from ..host import planner
+    from ..host.libc import own_libc
+    path = own_libc()
+    if path is None:
+        return Check("probe sites", True, "entry and return probes (no C library found to plan)")
+    try:
+        plans = planner.plan_file(path)
+    except planner.Refused as e:
+        return Check("probe sites", True, f"entry and return probes on {path}: no plan ({e})")
+    sites = ", ".join(f"{s.event} at {f}+{s.address - p.address:#x}"
+                      + (" (emulated)" if s.emulated else " (single-stepped, rare path)")
+                      for f, p in sorted(plans.items()) for s in p.sites)
+    return Check("probe sites", True, f"planned sites on {path}, verified by a self-test at each "
+                 f"start: {sites}")
+
+
 CHECKS: list[Callable[[], Check]] = [check_privileges, check_bpf_syscall, check_tracefs,
-                                     check_uprobes, check_bcc, check_headers, check_libc]
+                                     check_uprobes, check_bcc, check_headers, check_libc,
+                                     check_sites]
 
 
 def _safe(check: Callable[[], Check]) -> Check:

@@ -19,6 +19,8 @@ import numpy as np
 
 from .. import wire
 from ..errors import KeytraceError
+from ..host import planner
+from ..host.elf import read_vaddr
 from . import headers
 from .ringbuf import RingReader
 
@@ -60,6 +62,44 @@ def source(units: Iterable[Unit]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _value(v: "planner.Value") -> str:
+    if v.kind == "const":
+        return str(v.value)
+    if v.kind == "reg":
+        return f"(ctx->{v.reg} >> {v.shift})"
+    raise KeytraceError(f"a planned site reads a value keytrace cannot: {v}")
+
+
+def conditions_source() -> str:
+    """kt_cc(flags, cc): whether the x86 condition code cc holds, from planner.CONDITIONS (one
+    table, shared with Python and tested against the processor)."""
+    cases = "\n".join(f"    case {cc}: return ({expr}) != 0;  // j{name}"
+                      for cc, (name, expr) in enumerate(planner.CONDITIONS))
+    return ("static __always_inline int kt_cc(u64 flags, int cc)\n{\n"
+            "    u64 CF = flags & 1, PF = (flags >> 2) & 1, ZF = (flags >> 6) & 1;\n"
+            "    u64 SF = (flags >> 7) & 1, OF = (flags >> 11) & 1;\n"
+            f"    switch (cc) {{\n{cases}\n    }}\n    return 0;\n}}\n")
+
+
+def site_source(name: str, site: "planner.Site", flavour: str) -> str:
+    """One program for one planned site: its predicate and its values as constants."""
+    holds = f"kt_cc(ctx->flags, {site.cc}) == {int(site.taken)}" if site.cc >= 0 else "1"
+    v = site.values
+    caller = v["caller"].offset
+    libc = f"KT_LIBC_{flavour.upper()}"
+    seq = _value(v["seq"]) if "seq" in v else "0"
+    call = {
+        "create": lambda: f"planned_create(ctx, {_value(v['key'])}, {_value(v['destructor'])}, "
+                          f"{caller}, {libc}, {seq})",
+        "create_failed": lambda: f"planned_create_failed(ctx, {_value(v['errno'])}, {caller}, {libc})",
+        "delete": lambda: f"planned_delete(ctx, {_value(v['key'])}, 0, {seq})",
+        "delete_failed": lambda: f"planned_delete(ctx, {_value(v['key']) if 'key' in v else 0}, "
+                                 f"{_value(v['errno'])}, 0)",
+    }[site.event]()
+    return (f"int {name}(struct pt_regs *ctx)  // {site.event} at {site.address:#x}\n"
+            f"{{\n    if (!({holds}))\n        return 0;\n    return {call};\n}}\n")
+
+
 def ensure_tracefs() -> None:
     """bcc reads tracepoint formats from tracefs; mount it where it is missing."""
     if (TRACEFS / "events").is_dir() or Path("/sys/kernel/debug/tracing/events").is_dir():
@@ -77,6 +117,14 @@ def _exit_has_group_dead() -> bool:
         return False
 
 
+def _check_bytes(path: str, p: "planner.Plan") -> None:
+    """The file holds, at every site, the instruction the plan was made for."""
+    for site in p.sites:
+        if read_vaddr(path, site.address, site.size) != site.insn:
+            raise KeytraceError(f"{path} changed under its plan: the bytes at {site.address:#x} "
+                                f"are not {site.insn.hex()}")
+
+
 class Program:
     """Compiled probe units: open(), attach(file) as files are found, drain(), always close().
 
@@ -85,10 +133,21 @@ class Program:
     """
 
     def __init__(self, units: Iterable[Unit], pids: Optional[Iterable[int]] = None,
-                 ring_pages: int = DEFAULT_RING_PAGES):
+                 ring_pages: int = DEFAULT_RING_PAGES, plans: Iterable = ()):
+        """plans: (flavour, {function: planner.Plan}) of the files to be probed on planned
+        sites; each gets programs of its own, attached with attach(..., plan=...)."""
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise KeytraceError(f"ring buffer pages must be a power of two, not {ring_pages}")
         self.units = list(units)
+        self.sites: dict = {}  # (build id, function) -> [(site, program name)]
+        self._site_text = [conditions_source()]
+        for flavour, functions in plans:
+            for function, p in sorted(functions.items()):
+                if (p.build_id, function) in self.sites:
+                    continue
+                named = [(site, f"kt_site_{len(self._site_text)}_{i}") for i, site in enumerate(p.sites)]
+                self.sites[(p.build_id, function)] = named
+                self._site_text += [site_source(name, site, flavour) for site, name in named]
         self.pids = None if pids is None else sorted(set(pids))
         self.ring_pages = ring_pages
         self.bpf = None
@@ -118,8 +177,9 @@ class Program:
             cflags.append("-DKT_FILTER")
         if _exit_has_group_dead():
             cflags.append("-DKT_GROUP_DEAD")
+        text = source(self.units) + "\n".join(self._site_text)
         try:
-            self.bpf = BPF(text=source(self.units).encode(), cflags=cflags)
+            self.bpf = BPF(text=text.encode(), cflags=cflags)
         except KeytraceError:
             raise
         except Exception as e:
@@ -134,19 +194,27 @@ class Program:
         self.ring = RingReader(events.map_fd, self.ring_pages * os.sysconf("SC_PAGE_SIZE"),
                                wire.RECORD)
 
-    def attach(self, path: str, addresses: dict, flavour: str = "") -> int:
+    def attach(self, path: str, addresses: dict, flavour: str = "", plan: Optional[dict] = None) -> int:
         """Attach every unit's uprobes on the functions this file defines (name -> address),
-        with the programs of the given flavour where a unit has some. Returns how many were
-        attached; a failure detaches what this call attached."""
+        with the programs of the given flavour where a unit has some; the functions of plan
+        ({function: planner.Plan}, compiled in) get their planned sites instead, each checked
+        against the file's bytes first. Returns how many were attached; a failure detaches what
+        this call attached."""
         if path in self.files:
             return 0
+        plan = plan or {}
         done: list = []
         try:
+            for function, p in plan.items():
+                _check_bytes(path, p)
+                for site, name in self.sites[(p.build_id, function)]:
+                    self.bpf.attach_uprobe(name=path.encode(), addr=site.address, fn_name=name.encode())
+                    done.append((site.address, False))
             for unit in self.units:
                 swap = unit.variants.get(flavour, {})
                 for func, names in unit.uprobes.items():
                     entry, ret = (swap.get(n, n) if n else n for n in names)
-                    if func not in addresses:
+                    if func not in addresses or func in plan:
                         continue
                     addr = addresses[func]
                     self.bpf.attach_uprobe(name=path.encode(), addr=addr, fn_name=entry.encode())
@@ -157,10 +225,15 @@ class Program:
                         done.append((addr, True))
         except Exception as e:
             self._detach_all(path, done)
+            if isinstance(e, KeytraceError):
+                raise
             raise KeytraceError(f"attaching to {path} failed: {e}") from None
         self.files[path] = done
         self.attached += len(done)
         return len(done)
+
+    def planned(self, build_id: str, functions) -> bool:
+        return all((build_id, f) in self.sites for f in functions)
 
     def detach(self, path: str) -> None:
         done = self.files.pop(path, [])

@@ -25,3 +25,10 @@ def watch_unmaps(program, pid: int, bases) -> None:
         key = table.Key()
         key.pid, key.base = pid, base
         table[key] = table.Leaf(1)
+
+
+def read_counts(program) -> dict:
+    """The keys unit's per-process counts: {pid: (creates, failed creates, deletes, failed
+    deletes)}, exact whatever records were lost."""
+    return {int(k.value): (v.creates, v.failed_creates, v.deletes, v.failed_deletes)
+            for k, v in program.bpf[b"counts"].items()}

@@ -140,8 +140,9 @@ def announce(t: KeyTracer) -> None:
     scope = ("the whole host" if t.pids is None and t.command is None
              else f"pid {t.process.pid} ({t.command[0]}) and its children" if t.command
              else "pids " + ", ".join(map(str, t.pids)) + " and their children")
+    sites = f"; {'; '.join(t.plan_notes)}" if t.plan_notes else ""
     err.print(f"keytrace: {t.attached} probes attached in {len(t.files)} file(s) "
-              f"({', '.join(t.files)}); tracing {scope}", markup=False, soft_wrap=True)
+              f"({', '.join(t.files)}); tracing {scope}{sites}", markup=False, soft_wrap=True)
 
 
 def note(text: str) -> None:
@@ -180,6 +181,10 @@ def watch(
                                    "(a power of two)."),
     reloads_per_day: Optional[float] = RELOADS_PER_DAY,
     by: str = BY,
+    sites: str = typer.Option("planned", "--sites", help="planned: probe instructions inside "
+                              "pthread_key_create/delete that the kernel emulates, where a plan "
+                              "is proved and passes its self-test (else entry probes); entry: "
+                              "entry and return probes everywhere."),
 ):
     """Trace pthread_key_create/delete (and dlopen/dlclose, fork, exec, exit) and report, per
     process, the keys created, deleted and still live, flagging leaks.
@@ -196,12 +201,15 @@ def watch(
       keytrace watch --reloads-per-day 1 --by library -- ./host libA.so 10
     """
     check_view(by)
+    if sites not in ("planned", "entry"):
+        raise fail(f"--sites takes planned or entry, not {sites!r}", EXIT_USAGE)
     try:
         if output is not None:
             check_writable(output)
         # Events are kept only to be saved: the report needs the state alone (flat memory).
         tracer = KeyTracer(pids=pid or None, command=command or None, ring_pages=ring_pages,
-                           keep_events=output is not None, on_ready=announce, on_note=note)
+                           keep_events=output is not None, on_ready=announce, on_note=note,
+                           sites=sites)
         run_session(tracer, duration, output, as_json, fail_on_leak, "pthread keys per process",
                     reloads_per_day, by)
     except KeytraceError as e:

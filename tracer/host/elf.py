@@ -200,3 +200,43 @@ def function_addresses(path: str, names) -> tuple:
         cache = _ADDRESSES[names] = FileCache(lambda p: _function_addresses(p, names))
     ident, found = cache.get(path)
     return (ident[:2] if ident else None), dict(found or {})
+
+
+def read_at(elf: ELFFile, vaddr: int, size: int) -> bytes:
+    """size bytes at a virtual address of an open ELF file (from its PT_LOAD segments)."""
+    for seg in elf.iter_segments():
+        if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= vaddr < seg["p_vaddr"] + seg["p_filesz"]:
+            elf.stream.seek(seg["p_offset"] + vaddr - seg["p_vaddr"])
+            return elf.stream.read(size)
+    raise ValueError(f"address {vaddr:#x} is not in the file")
+
+
+def read_vaddr(path: str, vaddr: int, size: int) -> bytes:
+    """size bytes at a virtual address of the ELF file at path; b"" when unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            return read_at(ELFFile(fh), vaddr, size)
+    except (OSError, ELFError, ValueError):
+        return b""
+
+
+def _build_id(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            for sec in ELFFile(fh).iter_sections():
+                if sec["sh_type"] == "SHT_NOTE":
+                    for note in sec.iter_notes():
+                        if note["n_type"] == "NT_GNU_BUILD_ID":
+                            bid = note["n_desc"]
+                            return bid.hex() if isinstance(bid, bytes) else bid
+    except (OSError, ELFError, ValueError):
+        pass
+    return ""
+
+
+_BUILD_IDS = FileCache(_build_id)
+
+
+def build_id(path: str) -> str:
+    """The GNU build-id of the file ("" when it has none): the same code, wherever it lies."""
+    return _BUILD_IDS.get(path)[1] or ""

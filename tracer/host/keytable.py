@@ -23,7 +23,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from . import libc, proc
-from .elf import FileCache, defined_symbols
+from .elf import FileCache, defined_symbols, read_at
 
 TABLE = "__pthread_keys"
 DESCRIPTORS = {
@@ -49,14 +49,6 @@ def _symbols(elf: ELFFile) -> dict:
     return {name: (sym["st_value"], sym["st_size"]) for name, sym in syms.items()}
 
 
-def _read(elf: ELFFile, vaddr: int, size: int) -> bytes:
-    for seg in elf.iter_segments():
-        if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= vaddr < seg["p_vaddr"] + seg["p_filesz"]:
-            elf.stream.seek(seg["p_offset"] + vaddr - seg["p_vaddr"])
-            return elf.stream.read(size)
-    raise ValueError(f"address {vaddr:#x} is not in the file")
-
-
 def _parse_file(path: str) -> tuple[Optional[int], Optional[int], Optional[Layout]]:
     try:
         with open(path, "rb") as fh:
@@ -67,11 +59,11 @@ def _parse_file(path: str) -> tuple[Optional[int], Optional[int], Optional[Layou
             table, size = syms[TABLE]
             if not all(d in syms for d in DESCRIPTORS.values()):
                 return table, size, None
-            bits, count, _ = struct.unpack("<3I", _read(elf, syms[DESCRIPTORS["table"]][0], 12))
-            (stride,) = struct.unpack("<I", _read(elf, syms[DESCRIPTORS["sizeof"]][0], 4))
+            bits, count, _ = struct.unpack("<3I", read_at(elf, syms[DESCRIPTORS["table"]][0], 12))
+            (stride,) = struct.unpack("<I", read_at(elf, syms[DESCRIPTORS["sizeof"]][0], 4))
             fields = {}
             for f in ("seq", "destr"):
-                fbits, _, off = struct.unpack("<3I", _read(elf, syms[DESCRIPTORS[f]][0], 12))
+                fbits, _, off = struct.unpack("<3I", read_at(elf, syms[DESCRIPTORS[f]][0], 12))
                 fields[f] = (off, fbits // 8)
     except (OSError, ELFError, ValueError, struct.error):
         return None, None, None
@@ -121,6 +113,7 @@ class Table:
     limit: int
     keys: np.ndarray       # key numbers in use
     destructors: np.ndarray  # their destructors (0: none), in the same order
+    seqs: np.ndarray       # their slots' sequence numbers (odd: in use), in the same order
     maps: list             # proc.mappings
     modules: list          # proc.modules
 
@@ -193,4 +186,5 @@ def read(pid: int, fallback: Optional[str] = None) -> Table:
         "offsets": [lay.seq[0], lay.destr[0]], "itemsize": lay.stride}))
     in_use = (table["seq"] & 1) == 1  # glibc: odd sequence number = key in use
     return Table(pid, st.comm, exe, st.start_ns, path, lay.count, np.flatnonzero(in_use),
-                 table["destr"][in_use].astype(np.uint64), maps, mods)
+                 table["destr"][in_use].astype(np.uint64), table["seq"][in_use].astype(np.uint64),
+                 maps, mods)

@@ -108,3 +108,10 @@ def find_targets(functions: Iterable[str], pids: Optional[Iterable[int]] = None)
         if t is not None and t.ident not in seen:
             seen[t.ident] = t
     return list(seen.values())
+
+
+def own_libc() -> Optional[str]:
+    """The C library this very process runs on (the one a self-test in a forked child uses)."""
+    mine = [name for _, name in mapped_libraries(os.getpid())]
+    libcs = [name for name in mine if os.path.basename(name).startswith("libc")]
+    return (libcs or mine or [None])[0]

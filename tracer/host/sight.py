@@ -26,5 +26,6 @@ def sight(pid: int, host_libc: Optional[str] = None, identity: bool = True) -> d
         return out
     out["table"] = "read"
     out["modules"] = [(path, base) for path, base, _ in t.modules]
-    out["keys"] = list(zip(t.keys.tolist(), t.destructors.tolist(), t.unmapped().tolist()))
+    out["keys"] = list(zip(t.keys.tolist(), t.destructors.tolist(), t.unmapped().tolist(),
+                           (t.seqs & 0xFFFFFFFF).tolist()))
     return out

@@ -2,7 +2,9 @@
 
 glibc hands a deleted key's number to the next create, so the order of operations is the state;
 pairing is by key value, never by caller (a destructor may tail-call pthread_key_delete from
-anywhere).
+anywhere). Where the probes see the slot's sequence number (planned sites, the live table), a
+key number has generations: a create of generation s and the delete that ends it (s + 1) are
+paired even when two threads' records reach the ring in the other order.
 """
 from __future__ import annotations
 
@@ -29,16 +31,33 @@ class Site:
 class Keys:
     live: dict = field(default_factory=dict)      # key -> Site that created it
     sites: dict = field(default_factory=dict)     # (caller, load, stack) -> Site
+    gen: dict = field(default_factory=dict)       # key -> sequence number of its live generation
+    ended: set = field(default_factory=set)       # (key, seq) deletes seen before their create
     creates: int = 0          # pthread_key_create calls, failed ones included
     failed_creates: int = 0
     deletes: int = 0          # successful pthread_key_delete calls
     failed_deletes: int = 0
     last_failure_ret: int = 0
     first_failure: Optional[int] = None  # ts of the first failed create
+    # Calls the kernel counted whose records were lost: (creates, failed creates, deletes,
+    # failed deletes). They cost detail (which key, who made it), never a count.
+    missed: tuple = (0, 0, 0, 0)
 
     @property
     def touched(self) -> bool:
         return bool(self.creates or self.deletes or self.failed_deletes or self.live)
+
+    def reconcile(self, creates: int, failed_creates: int, deletes: int, failed_deletes: int) -> None:
+        """The kernel's counts for this image: whatever the traced records fall short of was lost."""
+        traced = (self.creates - self.failed_creates, self.failed_creates, self.deletes,
+                  self.failed_deletes)
+        kernel = (creates, failed_creates, deletes, failed_deletes)
+        self.missed = tuple(max(0, k - t) for k, t in zip(kernel, traced))
+
+    @property
+    def live_count(self) -> int:
+        """Keys in use, those whose records were lost included."""
+        return max(0, len(self.live) + self.missed[0] - self.missed[2])
 
     @property
     def held_count(self) -> int:
@@ -46,15 +65,20 @@ class Keys:
         return sum(1 for s in self.live.values() if s.held)
 
     def create(self, key: int, caller: int, load: int, stack: Optional[str], destructor: int,
-               ts: int) -> None:
+               ts: int, seq: int = 0) -> None:
         self.creates += 1
         site = self.sites.get((caller, load, stack))
         if site is None:
             site = self.sites[(caller, load, stack)] = Site(caller, load, stack, destructor, ts)
         site.created += 1
+        if seq and (key, seq + 1) in self.ended:  # its delete came first: created and gone
+            self.ended.discard((key, seq + 1))
+            site.deleted += 1
+            return
         self.live[key] = site
+        self.gen[key] = seq
 
-    def held(self, key: int, destructor: int, unmapped: bool, ts: int) -> None:
+    def held(self, key: int, destructor: int, unmapped: bool, ts: int, seq: int = 0) -> None:
         """A key the live table showed in use. The table already holds what traced events
         before its reading did, so a key known live stays as it is: holding is idempotent, and
         a table may be read again at any time without counting a key twice."""
@@ -66,6 +90,7 @@ class Keys:
                                                           unmapped=unmapped)
         site.created += 1
         self.live[key] = site
+        self.gen[key] = seq
 
     def create_failed(self, ret: int, ts: int) -> None:
         self.creates += 1
@@ -74,12 +99,21 @@ class Keys:
         if self.first_failure is None:
             self.first_failure = ts
 
-    def delete(self, key: int, ret: int) -> None:
+    def delete(self, key: int, ret: int, seq: int = 0) -> None:
         if ret != 0:
             self.failed_deletes += 1
             return
         self.deletes += 1
+        live = self.gen.get(key, 0)
+        if seq and key in self.live and live and live != seq - 1:
+            if live < seq - 1:     # ends a generation whose create is still to come
+                self.ended.add((key, seq))
+            return                 # else it ended a generation already replaced: nothing live
+        if seq and key not in self.live:
+            self.ended.add((key, seq))
+            return
         site = self.live.pop(key, None)
+        self.gen.pop(key, None)
         if site is not None:
             site.deleted += 1
 
@@ -88,12 +122,13 @@ class Keys:
         own creates and deletes must not touch the parent's), and no calls of its own yet."""
         copies = {id(s): replace(s) for s in self.sites.values()}
         return Keys(live={k: copies[id(s)] for k, s in self.live.items()},
-                    sites={k: copies[id(s)] for k, s in self.sites.items()})
+                    sites={k: copies[id(s)] for k, s in self.sites.items()},
+                    gen=dict(self.gen), ended=set(self.ended))
 
     def copy(self) -> "Keys":
         """An independent snapshot (sites copied, so later counts do not leak into it)."""
         out = self.inherited()
         for name in ("creates", "failed_creates", "deletes", "failed_deletes",
-                     "last_failure_ret", "first_failure"):
+                     "last_failure_ret", "first_failure", "missed"):
             setattr(out, name, getattr(self, name))
         return out

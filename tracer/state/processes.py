@@ -56,11 +56,13 @@ class Processes:
         self.max_exited = max_exited
         self.all: dict[tuple, Process] = {}
         self.current: dict[int, Process] = {}
+        self.latest: dict[int, Process] = {}   # the newest process on each pid, exited or not
         self._exited: deque = deque()
 
     def begin(self, p: Process) -> Process:
         self.all[p.ident] = p
         self.current[p.pid] = p
+        self.latest[p.pid] = p
         return p
 
     def restart(self, p: Process, start: int) -> None:
@@ -91,7 +93,10 @@ class Processes:
             return
         if not p.active:
             del self.all[p.ident]
+            self.latest.pop(p.pid, None)
             return
         self._exited.append(p.ident)
         while len(self._exited) > self.max_exited:
-            self.all.pop(self._exited.popleft(), None)
+            gone = self.all.pop(self._exited.popleft(), None)
+            if gone is not None and self.latest.get(gone.pid) is gone:
+                del self.latest[gone.pid]

@@ -82,9 +82,21 @@ class Tracker:
         rows += [dict(base, op="mapped", path=path, handle=addr) for path, addr in modules]
         if table is not None:
             rows.append(dict(base, op="table", path=table))
-        rows += [dict(base, op="held", key=key, destructor=destructor, ret=int(unmapped))
-                 for key, destructor, unmapped in keys]
+        rows += [dict(base, op="held", key=key, destructor=destructor, ret=int(unmapped),
+                      seq=seq[0] if seq else 0) for key, destructor, unmapped, *seq in keys]
         return wire.decode(wire.records(rows), 0)
+
+    @staticmethod
+    def counted(counts: dict, ts: int) -> pd.DataFrame:
+        """The kernel's counts per pid ({pid: (creates, failed creates, deletes, failed
+        deletes)}) as host facts."""
+        rows = [dict(op="counted", ts=ts, pid=pid, tid=pid, handle=c, caller=fc, destructor=d,
+                     load=fd) for pid, (c, fc, d, fd) in counts.items()]
+        return wire.decode(wire.records(rows), 0)
+
+    def known_pids(self) -> set:
+        with self._lock:
+            return set(self._procs.latest)
 
     def knows(self, pid: int) -> bool:
         """Is there a current (not exited) process on this pid?"""
@@ -101,22 +113,27 @@ class Tracker:
             (f["op"].cat.codes + 1).tolist(), f["key"].fillna(-1).astype(np.int64).tolist(),
             f["ret"].tolist(), f["destructor"].tolist(), f["caller"].tolist(),
             f["path"].astype(object).tolist(), f["handle"].tolist(), f["load"].tolist(),
-            f["child"].tolist(), f["stack"].astype(object).tolist(),
+            f["child"].tolist(), f["stack"].astype(object).tolist(), f["seq"].tolist(),
         )
         procs = self._procs
         current = procs.current
-        for ts, pid, comm, op, key, ret, destructor, caller, path, handle, load, child, stack \
+        for ts, pid, comm, op, key, ret, destructor, caller, path, handle, load, child, stack, seq \
                 in zip(*cols):
             p = current.get(pid)
+            if op == _C["counted"]:  # may come after the exit: the newest process on the pid
+                p = p or procs.latest.get(pid)
+                if p is not None:
+                    p.keys.reconcile(handle, caller, destructor, load)
+                continue
             if p is None:
                 start = handle if op == _C["seen"] and handle else ts
                 p = procs.begin(Process(pid=pid, start=start, comm=comm, traced_since=ts))
             if op == _C["create"]:
-                p.keys.create(key, caller, load, stack, destructor, ts)
+                p.keys.create(key, caller, load, stack, destructor, ts, seq)
                 if handle == _MUSL:
                     p.libc = "musl"
             elif op == _C["delete"]:
-                p.keys.delete(key, ret)
+                p.keys.delete(key, ret, seq)
             elif op == _C["create_failed"]:
                 p.keys.create_failed(ret, ts)
             elif op == _C["map"] or op == _C["mapped"]:
@@ -136,7 +153,7 @@ class Tracker:
             elif op == _C["exit"]:
                 procs.end(p, ts)
             elif op == _C["held"]:
-                p.keys.held(key, destructor, bool(ret), ts)
+                p.keys.held(key, destructor, bool(ret), ts, seq)
             elif op == _C["table"]:
                 p.traced_since, p.table = ts, path
             elif op == _C["seen"]:

@@ -128,7 +128,7 @@ def _optional_text(col: pd.Series) -> pd.Series:
 
 def coerce(raw: pd.DataFrame, source: str = "input") -> pd.DataFrame:
     """Check the columns and restore the dtypes of an events frame read from anywhere."""
-    missing = [c for c in COLUMNS if c not in raw.columns and c != "stack"]  # stack: optional
+    missing = [c for c in COLUMNS if c not in raw.columns and c not in ("stack", "seq")]  # optional
     if missing:
         raise KeytraceError(f"{source} is not a keytrace ledger: missing column(s) "
                             f"{', '.join(missing)}")
@@ -156,6 +156,7 @@ def coerce(raw: pd.DataFrame, source: str = "input") -> pd.DataFrame:
             "child": raw["child"].astype("int64"),
             "stack": _optional_text(raw["stack"] if "stack" in raw.columns
                                     else pd.Series(None, index=raw.index)),
+            "seq": (raw["seq"] if "seq" in raw.columns else pd.Series(0, index=raw.index)).astype("int64"),
         })
     except (ValueError, TypeError, OverflowError) as e:
         raise KeytraceError(f"{source} is not a valid keytrace ledger: {e}") from None
