@@ -8,8 +8,8 @@ need=(python3-bpfcc libbpfcc bpfcc-tools python3-venv gcc libc6-dev bpftool)
 # Test fixtures on other C libraries: a musl program (musl-gcc) and static glibc ones; and PHP's
 # CLI, a real program that dlopens its extensions, for the healthy-host test.
 need+=(musl-tools php-cli)
-# For bench/ only: the tools keytrace is measured against.
-need+=(bpftrace ltrace)
+# For bench/ only: the tools keytrace is measured against, and GNU time for peak memory.
+need+=(bpftrace ltrace time)
 # Distribution kernel headers: keytrace merges them into a tree bcc accepts when the running
 # kernel ships none (cloud kernels, this VM).
 need+=(linux-headers-amd64)

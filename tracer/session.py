@@ -121,7 +121,7 @@ class KeyTracer:
         self._host_libc: Optional[str] = None
         self._functions = units.functions(units.KEY_TRACER)
         self._early: list = []           # records drained before the poll thread ran
-        self._reconciled = 0             # lost records the kernel's counts were last read for
+        self._reconciled = 0.0           # when the kernel's counts were last compared
         self._lost_base = 0              # lost by the start-up self-test: not the ledger's
         self.sites = sites
         self.plan_notes: list[str] = []  # which probe sites each file got, and why
@@ -364,8 +364,9 @@ class KeyTracer:
         except BaseException as e:  # surfaced by stop()/wait(), never lost in the thread
             self._poll_error = e
 
-    def poll(self) -> int:
-        """Drain the ring buffer into the ledger once; returns the number of events."""
+    def poll(self, final: bool = False) -> int:
+        """Drain the ring buffer into the ledger once; returns the number of events. final:
+        nothing more will come (the kernel's counts are then compared once more)."""
         with self._poll_lock:
             if self._probes is None:
                 return 0
@@ -381,8 +382,12 @@ class KeyTracer:
                 self.ledger.ingest(facts)
                 at = pos
             self.ledger.ingest(frame.iloc[at:], lost=lost, now=time.time_ns())
-            if lost > self._reconciled:  # records were lost: the kernel's counts stand in
-                self._reconciled = lost
+            # Records were lost: the kernel's counts stand in. They also count calls whose
+            # records are still in the ring, so they are compared again now and then, and
+            # once more at the end, when the ring is empty.
+            now = time.monotonic()
+            if lost and (final or now - self._reconciled >= 1.0):
+                self._reconciled = now
                 known = self.ledger.known_pids()
                 counts = {pid: c for pid, c in units.read_counts(self._probes).items() if pid in known}
                 self.ledger.ingest(Ledger.counted(counts, time.time_ns()))
@@ -465,7 +470,7 @@ class KeyTracer:
         self._thread = None
         try:
             if self._probes is not None and self._probes.bpf is not None:
-                self.poll()
+                self.poll(final=True)
         finally:
             if self._probes is not None:
                 self._probes.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -270,6 +271,25 @@ class Program:
             pass
         return addrs
 
+    def _detach_in_parallel(self) -> None:
+        """Each uprobe or tracepoint the kernel unregisters waits out an RCU grace period
+        (about 0.1 s here): one after the other that was most of a short run's time. In
+        parallel threads (bcc's calls release the GIL) the waits overlap."""
+        bpf = self.bpf
+        jobs = ([(bpf.detach_uprobe_event, name) for name in list(bpf.uprobe_fds)]
+                + [(bpf.detach_tracepoint, name) for name in list(bpf.tracepoint_fds)])
+        if not jobs:
+            return
+
+        def run(job):
+            fn, name = job
+            try:
+                fn(name)
+            except Exception:  # left for cleanup() to try again
+                pass
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            list(pool.map(run, jobs))
+
     def lost(self) -> int:
         """Records the kernel could not queue, since open()."""
         return int(sum(self.bpf[b"lost"][ct.c_int(0)]))
@@ -281,7 +301,8 @@ class Program:
             self.ring = None
         if self.bpf is not None:
             try:
-                self.bpf.cleanup()  # detaches uprobes and tracepoints, closes the programs
+                self._detach_in_parallel()
+                self.bpf.cleanup()  # detaches the rest, closes the programs
             finally:
                 self.bpf = None
                 self.files.clear()

@@ -42,6 +42,7 @@ class Keys:
     # Calls the kernel counted whose records were lost: (creates, failed creates, deletes,
     # failed deletes). They cost detail (which key, who made it), never a count.
     missed: tuple = (0, 0, 0, 0)
+    ends: int = 0   # live keys that ended: deletes that found their key, and keys replaced
 
     @property
     def touched(self) -> bool:
@@ -56,8 +57,16 @@ class Keys:
 
     @property
     def live_count(self) -> int:
-        """Keys in use, those whose records were lost included."""
-        return max(0, len(self.live) + self.missed[0] - self.missed[2])
+        """Keys in use. With records lost, the kernel's counts decide: every traced create added
+        a key and every end removed one, so what the records miss is the kernel's creates not
+        traced less its deletes that ended nothing traced."""
+        if self.missed == (0, 0, 0, 0):
+            return len(self.live)
+        traced_creates = self.creates - self.failed_creates
+        kernel_creates = traced_creates + self.missed[0]
+        kernel_deletes = self.deletes + self.missed[2]
+        return max(0, len(self.live) + (kernel_creates - traced_creates)
+                   - (kernel_deletes - self.ends))
 
     @property
     def held_count(self) -> int:
@@ -74,7 +83,10 @@ class Keys:
         if seq and (key, seq + 1) in self.ended:  # its delete came first: created and gone
             self.ended.discard((key, seq + 1))
             site.deleted += 1
+            self.ends += 1
             return
+        if key in self.live:  # still live by our records: the delete that freed it was lost
+            self.ends += 1
         self.live[key] = site
         self.gen[key] = seq
 
@@ -116,6 +128,7 @@ class Keys:
         self.gen.pop(key, None)
         if site is not None:
             site.deleted += 1
+            self.ends += 1
 
     def inherited(self) -> "Keys":
         """A forked child's table: the parent's live keys, in copies of their sites (the child's
@@ -129,6 +142,6 @@ class Keys:
         """An independent snapshot (sites copied, so later counts do not leak into it)."""
         out = self.inherited()
         for name in ("creates", "failed_creates", "deletes", "failed_deletes",
-                     "last_failure_ret", "first_failure", "missed"):
+                     "last_failure_ret", "first_failure", "missed", "ends"):
             setattr(out, name, getattr(self, name))
         return out
