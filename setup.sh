@@ -8,6 +8,8 @@ need=(python3-bpfcc libbpfcc bpfcc-tools python3-venv gcc libc6-dev bpftool)
 # Test fixtures on other C libraries: a musl program (musl-gcc) and static glibc ones; and PHP's
 # CLI, a real program that dlopens its extensions, for the healthy-host test.
 need+=(musl-tools php-cli)
+# promtool, for the alert rules' unit tests (Debian ships it in the server package).
+need+=(prometheus)
 # For bench/ only: the tools keytrace is measured against, and GNU time for peak memory.
 need+=(bpftrace ltrace time)
 # Distribution kernel headers: keytrace merges them into a tree bcc accepts when the running
@@ -20,6 +22,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+
+# The prometheus package would run a server of its own: the tests start theirs on loopback.
+systemctl disable prometheus >/dev/null 2>&1 || true
+systemctl stop prometheus >/dev/null 2>&1 || true
 
 mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing || true
 

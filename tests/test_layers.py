@@ -13,6 +13,7 @@ LAYERS = [
     ["tracer.state"],
     ["tracer.analysis"],
     ["tracer.session", "tracer.workloads"],
+    ["tracer.agent"],
     ["tracer.cli", "tracer.jupyter"],
 ]
 

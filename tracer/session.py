@@ -118,6 +118,8 @@ class KeyTracer:
         self._snapshotted: set = set()  # pids whose current image's modules are in the ledger
         self._probed: set = set()        # (dev, inode) of every file probed
         self._pending: dict = {}         # exec'd pid -> deadline to find its C library
+        self._reread: dict = {}          # pid -> the poll after which its table is read
+        self._polls = 0
         self._host_libc: Optional[str] = None
         self._functions = units.functions(units.KEY_TRACER)
         self._early: list = []           # records drained before the poll thread ran
@@ -295,15 +297,33 @@ class KeyTracer:
         units.watch_unmaps(self._probes, pid, [base for _, base in seen.get("modules", ())])
         return seen
 
-    def _meet_running(self, pid: int) -> None:
+    def check(self) -> None:
+        """Raise what stopped the background drain, if anything did."""
+        if self._poll_error is not None:
+            raise self._poll_error
+
+    def meet(self, pids: Optional[Iterable[int]] = None) -> int:
+        """Read the tables of these running processes (every user process when None) into the
+        ledger, as at first sight: a process known already gains any key the records missed,
+        and none twice. Returns how many were read."""
+        n = 0
+        for pid in (proc.pids() if pids is None else pids):
+            if pid != os.getpid():
+                n += self._meet_running(pid)
+        return n
+
+    def _meet_running(self, pid: int) -> int:
         """A process traced by pid is met now, while it surely runs: who it is, its modules, and
         its key table as the state tracing starts from."""
         try:
-            comm = proc.stat(pid).comm
+            st = proc.stat(pid)
         except (OSError, IndexError, ValueError):
-            return
+            return 0
+        if st.kernel_thread:
+            return 0
         self._snapshotted.add(pid)
-        self.ledger.observe(pid, time.time_ns(), comm, **self._sight(pid))
+        self.ledger.observe(pid, time.time_ns(), st.comm, **self._sight(pid))
+        return 1
 
     def _discover(self, now: float) -> None:
         """C libraries of exec'd processes that no probe covers yet (a container's or a chroot's
@@ -325,18 +345,28 @@ class KeyTracer:
                 if paths or now > deadline or not alive:
                     del self._pending[pid]  # mapped, or never will be
                 fresh = [t for t in (libc.target(p, self._functions, name) for p, name in paths) if t]
-            fresh = [t for t in fresh if t.ident not in self._probed]
+            fresh = list({t.ident: t for t in fresh if t.ident not in self._probed}.values())
             if not fresh:
                 continue
             for t in fresh:
                 self._attach(t)
             self._note(f"probing {', '.join(t.path for t in fresh)} from now on: first mapped by "
                        f"pid {pid} ({exec_path})")
+            # Its table is read once the ring's records up to now are in the ledger: an exec
+            # it made before the probes arrived must start the image the table belongs to.
+            self._reread[pid] = self._polls + 1
+
+    def _read_late(self) -> None:
+        for pid, due in list(self._reread.items()):
+            if self._polls < due:
+                continue
+            del self._reread[pid]
             try:
                 comm = proc.stat(pid).comm
             except (OSError, IndexError, ValueError):
                 continue  # gone: nothing more to read
-            self.ledger.observe(pid, time.time_ns(), comm, **self._sight(pid, identity=False))
+            self.ledger.observe(pid, time.time_ns(), comm, late=True,
+                                **self._sight(pid, identity=False))
 
     def _untraceable(self, pid: int, exec_path: str, exe: str) -> None:
         """Say so when an exec'd program is one no probe can cover."""
@@ -391,6 +421,9 @@ class KeyTracer:
                 known = self.ledger.known_pids()
                 counts = {pid: c for pid, c in units.read_counts(self._probes).items() if pid in known}
                 self.ledger.ingest(Ledger.counted(counts, time.time_ns()))
+            self._polls += 1
+            if self._reread:
+                self._read_late()
             execs = frame[frame["op"] == "exec"]
             now = time.monotonic()
             self._pending.update((pid, (now + 0.5, path))

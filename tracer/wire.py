@@ -53,7 +53,7 @@ KERNEL_OPS = ["create", "create_failed", "delete", "dlopen", "dlclose", "exec", 
 # seen: a process met while already running (path: exe, handle: its start, ns since the epoch);
 # mapped: a module it had mapped then (path, handle: load base), as /proc/PID/maps showed it;
 # table: its key table was read, or could not be (path: "read" or why not); tracing of it is
-#   complete from this row's ts on;
+#   complete from its first such row on (ret 1: from this row on: its C library was probed late);
 # held: a key in use in that table (key, destructor; ret 1: the destructor lay in no mapping);
 # counted: the kernel's own counts for the process image, kept whatever records were lost
 #   (handle: creates, caller: failed creates, destructor: deletes, load: failed deletes).

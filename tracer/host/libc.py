@@ -90,9 +90,13 @@ def system_libraries() -> list[str]:
 
 def mapped_libraries(pid: int) -> list[tuple[str, str]]:
     """Candidate files mapped by a process: (path openable from here, name in its maps)."""
-    # map_files reaches the very file mapped, in whatever mount namespace the process is.
-    return sorted({(proc.map_file(pid, start, end), path)
-                   for start, end, _, path in proc.file_mappings(pid) if is_candidate(path)})
+    # map_files reaches the very file mapped, in whatever mount namespace the process is; a
+    # file is mapped in several segments: one link (the first) per file.
+    first: dict = {}
+    for start, end, _, path in proc.file_mappings(pid):
+        if is_candidate(path) and path not in first:
+            first[path] = proc.map_file(pid, start, end)
+    return sorted((link, path) for path, link in first.items())
 
 
 def find_targets(functions: Iterable[str], pids: Optional[Iterable[int]] = None) -> list[Target]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -101,3 +102,19 @@ def modules(pid: int) -> list[tuple[str, int, str]]:
             if info is not None:
                 seen[path] = (path, start - info.lo, opened)
     return list(seen.values())
+
+
+_CONTAINER = re.compile(r"(?:docker|libpod|cri-containerd|crio)-([0-9a-f]{12,64})|"
+                        r"/(?:docker|lxc|kubepods[^/]*(?:/[^/]+)*)/([0-9a-f]{12,64})")
+
+
+def container(pid: int) -> str:
+    """The container a process runs in, from its cgroup path (the runtime's id, cut to 12
+    characters as `docker ps` shows it); "" on the host or when unreadable."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as fh:
+            text = fh.read()
+    except OSError:
+        return ""
+    m = _CONTAINER.search(text)
+    return (m.group(1) or m.group(2))[:12] if m else ""

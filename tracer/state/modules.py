@@ -26,20 +26,20 @@ class Modules:
     instances: list = field(default_factory=list)  # Module, in mapping order
     loads: dict = field(default_factory=dict)      # dlopen id -> (path, handle, ts)
     dlcloses: int = 0
+    mapped: dict = field(default_factory=dict)     # base -> the instance mapped there now
 
     def map(self, path: str, base: int, load: int, ts: int, file: Optional[str] = None) -> None:
-        # Reported again while still mapped (a later dlopen's backward walk): one instance.
-        if any(m.base == base and m.path == path and m.unmapped is None
-               for m in self.instances[-64:]):
-            return
+        now = self.mapped.get(base)
+        if now is not None and now.path == path:
+            return  # reported again while still mapped (a backward walk, a rescan): one instance
         if path.startswith("/"):
-            self.instances.append(Module(path, base, load, ts, file=file))
+            self.mapped[base] = Module(path, base, load, ts, file=file)
+            self.instances.append(self.mapped[base])
 
     def unmap(self, base: int, ts: int) -> None:
-        for m in reversed(self.instances):
-            if m.base == base and m.unmapped is None:
-                m.unmapped = ts
-                return
+        m = self.mapped.pop(base, None)
+        if m is not None:
+            m.unmapped = ts
 
     def dlopen(self, load: int, path: str, handle: int, ts: int) -> None:
         if handle:  # not a failed dlopen
@@ -59,5 +59,7 @@ class Modules:
         return [m.path for m in self.instances]
 
     def copy(self) -> "Modules":
-        return Modules(instances=[replace(m) for m in self.instances], loads=dict(self.loads),
-                       dlcloses=self.dlcloses)
+        copies = {id(m): replace(m) for m in self.instances}
+        return Modules(instances=list(copies.values()), loads=dict(self.loads),
+                       dlcloses=self.dlcloses,
+                       mapped={b: copies[id(m)] for b, m in self.mapped.items()})

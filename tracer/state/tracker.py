@@ -70,18 +70,20 @@ class Tracker:
     @staticmethod
     def facts(pid: int, ts: int, comm: str, exe: Optional[str] = None,
               start: Optional[int] = None, modules: Iterable[tuple] = (),
-              table: Optional[str] = None, keys: Iterable[tuple] = ()) -> pd.DataFrame:
+              table: Optional[str] = None, keys: Iterable[tuple] = (),
+              late: bool = False) -> pd.DataFrame:
         """Host facts about a process as events: its identity (exe, start time), the modules it
         had mapped ((path, base) pairs), and its key table (table: "read" or why not; keys:
-        (key, destructor, destructor unmapped) in use). Kept like any event, so a saved ledger
-        replays with them; ingest them where they belong in the stream."""
+        (key, destructor, destructor unmapped) in use); late: its C library was probed just now,
+        so tracing of it begins here. Kept like any event, so a saved ledger replays with them;
+        ingest them where they belong in the stream."""
         base = dict(ts=ts, pid=pid, tid=pid, comm=comm)
         rows = []
         if exe is not None or start is not None:
             rows.append(dict(base, op="seen", path=exe or "", handle=start or 0))
         rows += [dict(base, op="mapped", path=path, handle=addr) for path, addr in modules]
         if table is not None:
-            rows.append(dict(base, op="table", path=table))
+            rows.append(dict(base, op="table", path=table, ret=int(late)))
         rows += [dict(base, op="held", key=key, destructor=destructor, ret=int(unmapped),
                       seq=seq[0] if seq else 0) for key, destructor, unmapped, *seq in keys]
         return wire.decode(wire.records(rows), 0)
@@ -155,7 +157,12 @@ class Tracker:
             elif op == _C["held"]:
                 p.keys.held(key, destructor, bool(ret), ts, seq)
             elif op == _C["table"]:
-                p.traced_since, p.table = ts, path
+                # Read again later (a rescan, a late probe): tracing began at the first read,
+                # and a table read once stays "read".
+                if p.table is None or (p.table != "read" and path == "read"):
+                    p.table = path
+                if p.traced_since is None or ret:
+                    p.traced_since = ts
             elif op == _C["seen"]:
                 p.exe = path or p.exe
                 if handle:

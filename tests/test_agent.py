@@ -1,0 +1,180 @@
+"""keytrace agent against real probes: a leaky daemon that started before it and one started
+after it, as Prometheus would scrape them; faults at start; SIGTERM detaches everything."""
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import uprobes_attached_by
+
+pytestmark = pytest.mark.usefixtures("bpf")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(port) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def value(text, name, **labels):
+    """The sample of name whose labels include these, or None."""
+    for line in text.splitlines():
+        m = re.match(rf"{name}\{{(.*)\}} (\S+)$", line)
+        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+            return float(m.group(2))
+    return None
+
+
+def until(check, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.2)
+    return check()
+
+
+@pytest.fixture
+def agent(tmp_path):
+    started = []
+
+    def start(*args, port=None, state=tmp_path / "state"):
+        port = port or free_port()
+        p = subprocess.Popen([sys.executable, "-m", "tracer.cli", "agent", "--listen",
+                              f"127.0.0.1:{port}", "--refresh", "0.5", "--state-dir", str(state),
+                              *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started.append(p)
+        return p, port
+    yield start
+    for p in started:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def test_processes_before_and_after_the_agent(agent, keymaker, bins):
+    before = keymaker()
+    for _ in range(4):
+        before.do(f"r {bins['libleaky']}")  # the same address each time, 4 keys, one destructor
+    p, port = agent("--reloads-per-day", "1")
+    line = p.stderr.readline()
+    assert "serving http://" in line, line
+    text = metrics(port)  # the first scrape
+    assert value(text, "keytrace_process_pthread_keys", pid=before.pid) == 4
+    assert value(text, "keytrace_process_pthread_keys_leaking", pid=before.pid) == 1
+    assert value(text, "keytrace_process_pthread_keys_limit", pid=before.pid) == 1024
+
+    after = subprocess.Popen([bins["reload_host"], bins["libleaky"], "5", "20000", "20"])
+    try:
+        text = until(lambda: (lambda t: t if value(t, "keytrace_pthread_key_creates_total",
+                                                   exe=bins["reload_host"]) == 5 else None)(metrics(port)))
+        assert text, "the new process's creates never showed"
+        assert value(text, "keytrace_process_pthread_keys", pid=after.pid) == 5
+        assert value(text, "keytrace_process_pthread_keys_leaking", pid=after.pid) == 1
+        eta = value(text, "keytrace_process_pthread_keys_exhaustion_timestamp_seconds", pid=after.pid)
+        assert eta and 1000 * 86400 < eta - time.time() < 1030 * 86400  # 1019 reloads at 1/day
+        assert value(text, "keytrace_pthread_key_creates_total", exe=bins["reload_host"],
+                     library=bins["libleaky"]) == 5
+        assert value(text, "keytrace_build_info") == 1 and "process_resident_memory_bytes" in text
+    finally:
+        after.kill()
+        after.wait()
+    before.close()
+    gone = until(lambda: value(metrics(port), "keytrace_process_pthread_keys", pid=before.pid) is None)
+    assert gone, "an exited process keeps its series"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 0
+    assert uprobes_attached_by(p.pid) == []
+
+
+def test_a_port_in_use_is_one_line(agent):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        p, _ = agent(port=s.getsockname()[1])
+        out, errs = p.communicate(timeout=60)
+    assert p.returncode == 1 and errs.startswith("keytrace: error: cannot listen on 127.0.0.1:")
+    assert len(errs.strip().splitlines()) == 1 and "Traceback" not in errs
+
+
+def test_a_bad_listen_address_is_a_usage_error():
+    res = subprocess.run([sys.executable, "-m", "tracer.cli", "agent", "--listen", "nowhere"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--listen takes HOST:PORT" in res.stderr
+
+
+def test_a_restart_keeps_the_measured_date(agent, bins):
+    p, port = agent("--reloads-per-day", "1")
+    assert "serving" in p.stderr.readline()
+    host = subprocess.Popen([bins["reload_host"], bins["libleaky"], "5", "20000", "60"])
+    try:
+        eta = until(lambda: value(metrics(port), "keytrace_process_pthread_keys_exhaustion_timestamp_seconds",
+                                  pid=host.pid))
+        assert eta, "no date before the restart"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+        again, port = agent("--reloads-per-day", "1")
+        assert "serving" in again.stderr.readline()
+        # Its table alone says 5 keys and nothing of what each reload leaves: the date comes
+        # from what the first agent measured and kept.
+        after = until(lambda: value(metrics(port),
+                                    "keytrace_process_pthread_keys_exhaustion_timestamp_seconds",
+                                    pid=host.pid))
+        assert after and abs(after - eta) < 3600
+    finally:
+        host.kill()
+        host.wait()
+
+
+def test_a_corrupt_state_is_a_warning_and_a_fresh_start(agent, tmp_path):
+    state = tmp_path / "bad"
+    state.mkdir()
+    (state / "agent.sqlite").write_bytes(b"this is not a database" * 100)
+    p, port = agent(state=state)
+    first = p.stderr.readline()
+    assert "warning" in first and "starting afresh" in first, first
+    assert "serving" in p.stderr.readline()
+    assert value(metrics(port), "keytrace_build_info") == 1
+
+
+def test_an_unwritable_state_dir_is_one_line(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    res = subprocess.run([sys.executable, "-m", "tracer.cli", "agent", "--listen", "127.0.0.1:0",
+                          "--state-dir", str(blocked / "sub")], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1 and "state directory" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_copied_libc_in_its_own_namespace_started_after_the_agent(agent, keymaker, bins, tmp_path):
+    p, port = agent()
+    assert "serving" in p.stderr.readline()
+    hidden = tmp_path / "nslib"
+    hidden.mkdir()
+    script = (f'mount -t tmpfs none {hidden} && cp /lib/x86_64-linux-gnu/libc.so.6 {hidden}/ '
+              f'&& LD_LIBRARY_PATH={hidden} exec {bins["keymaker"]}')
+    k = keymaker(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
+    k.do("c 2")
+    k.do("x 5000")  # an invalid delete: nothing changes, but the process is seen doing it
+    got = until(lambda: value(metrics(port), "keytrace_process_pthread_keys", pid=k.pid) == 2)
+    assert got, "the namespaced process was not counted"
+    k.do("c 3")
+    assert until(lambda: value(metrics(port), "keytrace_process_pthread_keys", pid=k.pid) == 5)
+    assert until(lambda: value(metrics(port), "keytrace_process_pthread_keys_leaking", pid=k.pid) == 1)

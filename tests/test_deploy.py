@@ -1,0 +1,206 @@
+"""The deployment files: the Prometheus alerting rules, their promtool unit tests, and the
+systemd unit of `keytrace agent`.
+
+promtool comes from Debian's `prometheus` package. Without it the promtool tests skip, except
+under KEYTRACE_REQUIRE_BPF=1 (CI), where a missing promtool is a failure, so CI cannot pass by
+skipping them. systemd-analyze is part of systemd; where it is missing that test skips.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "deploy" / "prometheus" / "keytrace-rules.yml"
+RULE_TESTS = ROOT / "deploy" / "prometheus" / "keytrace-rules.test.yml"
+UNIT = ROOT / "deploy" / "systemd" / "keytrace-agent.service"
+REQUIRED = os.environ.get("KEYTRACE_REQUIRE_BPF") == "1"
+
+ALERTS = {"KeytracePthreadKeysNearLimit", "KeytracePthreadKeysExhaustionSoon",
+          "KeytracePthreadKeyCreateFailed", "KeytracePthreadKeysOrphaned", "KeytraceEventsLost"}
+# The metric names the agent exports (binding: the rules may use no others).
+METRICS = {
+    "keytrace_process_pthread_keys", "keytrace_process_pthread_keys_limit",
+    "keytrace_process_pthread_keys_orphaned", "keytrace_process_pthread_keys_leaking",
+    "keytrace_process_pthread_keys_exhaustion_timestamp_seconds",
+    "keytrace_pthread_key_creates_total", "keytrace_pthread_key_deletes_total",
+    "keytrace_pthread_key_create_failures_total",
+    "keytrace_events_lost_total", "keytrace_probed_files", "keytrace_scan_duration_seconds",
+    "keytrace_build_info",
+}
+CAPABILITIES = {"cap_bpf", "cap_perfmon", "cap_sys_ptrace", "cap_sys_resource", "cap_sys_admin"}
+
+try:
+    import yaml
+except ImportError:  # PyYAML comes with Debian's python3-yaml; the checks below fall back
+    yaml = None
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        msg = f"{name} not found (apt-get install --no-install-recommends prometheus)"
+        if REQUIRED:
+            pytest.fail(f"{msg}; it is required under KEYTRACE_REQUIRE_BPF=1")
+        pytest.skip(msg)
+    return path
+
+
+def _run(*cmd: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+
+# --- (a) promtool ---------------------------------------------------------------------------
+
+def test_promtool_check_rules():
+    r = _run(_tool("promtool"), "check", "rules", str(RULES.relative_to(ROOT)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"SUCCESS: {len(ALERTS)} rules found" in r.stdout, r.stdout
+
+
+def test_promtool_test_rules():
+    r = _run(_tool("promtool"), "test", "rules", str(RULE_TESTS.relative_to(ROOT)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout and "FAILED" not in r.stdout, r.stdout
+
+
+# --- (b) every rule has a firing and a quiet case ---------------------------------------------
+
+def _cases_minimal(text: str) -> list[tuple[str, bool]]:
+    """(alertname, fires) per alert_rule_test entry, read line by line (no PyYAML): an entry
+    fires when its exp_alerts is followed by a list item rather than being `[]`."""
+    cases, name, lines = [], None, text.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*(?:-\s+)?alertname:\s*['\"]?([\w:]+)", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.match(r"(\s*)(?:-\s+)?exp_alerts:\s*(\S.*)?$", line)
+        if m and name is not None:
+            if m.group(2) is not None:
+                fires = m.group(2).split("#")[0].strip() not in ("[]", "")
+            else:
+                nxt = next((ln for ln in lines[i + 1:] if ln.strip() and not ln.strip().startswith("#")), "")
+                fires = nxt.lstrip().startswith("-") and len(nxt) - len(nxt.lstrip()) >= len(m.group(1))
+            cases.append((name, fires))
+            name = None
+    return cases
+
+
+def _alerts_minimal(text: str) -> set[str]:
+    return set(re.findall(r"^\s*-\s+alert:\s*['\"]?([\w:]+)", text, re.M))
+
+
+def _rules() -> list[dict]:
+    doc = yaml.safe_load(RULES.read_text())
+    return [r for g in doc["groups"] for r in g["rules"]]
+
+
+def _cases() -> list[tuple[str, list]]:
+    """(alertname, exp_alerts) per alert_rule_test entry."""
+    doc = yaml.safe_load(RULE_TESTS.read_text())
+    return [(t["alertname"], t.get("exp_alerts") or [])
+            for group in doc["tests"] for t in group.get("alert_rule_test") or []]
+
+
+def test_every_rule_has_firing_and_quiet_cases():
+    if yaml is not None:
+        alerts = {r["alert"] for r in _rules() if "alert" in r}
+        cases = [(name, bool(exp)) for name, exp in _cases()]
+    else:
+        alerts = _alerts_minimal(RULES.read_text())
+        cases = _cases_minimal(RULE_TESTS.read_text())
+    assert alerts == ALERTS
+    # A case naming no rule passes promtool silently when it expects nothing: catch typos.
+    unknown = {name for name, _ in cases} - alerts
+    assert not unknown, f"tests name alerts that no rule defines: {sorted(unknown)}"
+    missing = [f"{a}: no {kind} case" for a in sorted(alerts)
+               for kind, want in (("firing", True), ("non-firing", False))
+               if (a, want) not in cases]
+    assert not missing, "; ".join(missing)
+
+
+@pytest.mark.skipif(yaml is None, reason="PyYAML not importable")
+def test_rules_are_labelled_and_annotated():
+    """Each rule has a severity, and summary and description annotations, the description
+    naming the series through $labels; each firing case expects those labels and annotations."""
+    rules = {r["alert"]: r for r in _rules()}
+    for name, rule in rules.items():
+        assert rule.get("labels", {}).get("severity") in ("info", "warning", "critical"), name
+        ann = rule.get("annotations", {})
+        assert ann.get("summary") and ann.get("description"), name
+        assert "$labels." in ann["description"], name
+        used = set(re.findall(r"\bkeytrace_\w+", rule["expr"]))
+        assert used <= METRICS, f"{name} uses metrics the agent does not export: {used - METRICS}"
+    for name, exp in _cases():
+        for alert in exp:
+            assert alert["exp_labels"]["severity"] == rules[name]["labels"]["severity"], name
+            assert set(alert.get("exp_annotations", {})) >= {"summary", "description"}, name
+
+
+def test_minimal_parser_agrees():
+    """The no-PyYAML fallback reads the same cases as PyYAML does."""
+    if yaml is None:
+        pytest.skip("PyYAML not importable: nothing to compare with")
+    assert _alerts_minimal(RULES.read_text()) == {r["alert"] for r in _rules()}
+    assert _cases_minimal(RULE_TESTS.read_text()) == [(n, bool(e)) for n, e in _cases()]
+
+
+# --- (c) the systemd unit -------------------------------------------------------------------
+
+def test_systemd_unit_verifies(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not found")
+    text = UNIT.read_text()
+    assert re.search(r"^ExecStart=/usr/local/bin/keytrace agent\s*$", text, re.M)
+    # `systemd-analyze verify` fails when ExecStart's binary does not exist, and
+    # /usr/local/bin/keytrace exists only on a host where keytrace was installed there. Verify a
+    # copy whose ExecStart names an executable that does exist: the venv's keytrace, else this
+    # Python. Everything else in the unit is verified as written.
+    exe = Path(sys.executable).parent / "keytrace"
+    exe = exe if os.access(exe, os.X_OK) else Path(sys.executable)
+    unit = tmp_path / UNIT.name
+    unit.write_text(re.sub(r"^ExecStart=/usr/local/bin/keytrace", f"ExecStart={exe}", text,
+                           flags=re.M))
+    r = _run(analyze, "verify", str(unit))
+    assert r.returncode == 0, r.stdout + r.stderr
+    # verify exits 0 on an unknown key or a bad value ("ignoring"): any message about the unit
+    # file is a failure.
+    complaints = [ln for ln in (r.stdout + r.stderr).splitlines() if UNIT.name in ln]
+    assert not complaints, "\n".join(complaints)
+    # An unknown capability name is dropped without a word; the debug dump of the loaded unit
+    # shows what systemd parsed (where this systemd prints it).
+    env = dict(os.environ, SYSTEMD_LOG_LEVEL="debug")
+    dump = _run(analyze, "verify", str(unit), env=env)
+    for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
+        m = re.search(rf"^\s*{key}:\s*(.*)$", dump.stdout + dump.stderr, re.M)
+        if m:
+            assert CAPABILITIES <= set(m.group(1).split()), f"{key}: {m.group(1)}"
+
+
+def test_systemd_unit_contents():
+    text = UNIT.read_text()
+    keys = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";")):
+            k, v = line.split("=", 1)
+            keys.setdefault(k.strip(), []).append(v.strip())
+    assert keys["Type"] == ["simple"]
+    assert keys["Restart"] == ["on-failure"]
+    assert "RestartSec" in keys
+    assert keys["StateDirectory"] == ["keytrace"] and keys["CacheDirectory"] == ["keytrace"]
+    assert keys["WantedBy"] == ["multi-user.target"]
+    assert any("agent.md" in d for d in keys["Documentation"])
+    for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
+        assert {c.lower() for c in keys[key][0].split()} == CAPABILITIES, key
+    # Hardening that would stop tracing or hide processes stays off.
+    for key, bad in (("ProtectKernelTunables", "yes"), ("ProtectKernelModules", "yes"),
+                     ("PrivateTmp", "yes"), ("ProtectProc", "invisible"), ("ProcSubset", "pid")):
+        assert bad not in keys.get(key, []), f"{key}={bad} breaks the agent"

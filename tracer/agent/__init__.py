@@ -1,0 +1,1 @@
+"""keytrace agent: always on, host-wide, exported to Prometheus (a front-end, like cli/)."""

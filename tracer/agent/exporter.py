@@ -1,0 +1,247 @@
+"""The agent: every process's key table read at start, the whole host traced, tables read
+again every scan interval, and the verdicts exported to Prometheus.
+
+Scrapes never touch the ledger: a refresh thread computes a Snapshot every few seconds (the
+analysis runs on a copy taken under the ingest lock) and the collector serves the latest one,
+so a scrape is cheap and never stalls the drain. Counters are monotonic sums kept here: what
+each process (pid, start) added since the last refresh, by executable and by the library that
+made the keys; creates the kernel counted whose records were lost go to library "?".
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Callable, Optional
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ..analysis import forecast as fc
+from ..analysis import verdicts
+from ..analysis.attribution import UNKNOWN, Attribution
+from ..analysis.ledger import Ledger
+from ..host import proc
+from ..session import KeyTracer
+from .state import State
+
+PROCESS_LABELS = ["pid", "comm", "exe", "container"]
+
+
+@dataclass
+class Snapshot:
+    rows: list = field(default_factory=list)     # per process: dicts of the summary, bounded
+    creates: dict = field(default_factory=dict)  # (exe, library) -> total
+    deletes: dict = field(default_factory=dict)
+    failures: dict = field(default_factory=dict)  # exe -> total
+    lost: int = 0
+    probed: int = 0
+    scan_seconds: float = 0.0
+
+
+class Totals:
+    """Monotonic counters from per-process counts that may restart (a new process on a pid)."""
+
+    def __init__(self):
+        self.seen: dict = {}                  # (ident, exe, library) -> last count
+        self.sum: dict = defaultdict(float)   # (exe, library) -> total
+
+    def add(self, ident, exe: str, library: str, count: int) -> None:
+        key = (ident, exe, library)
+        before = self.seen.get(key, 0)
+        if count > before:
+            self.sum[(exe, library)] += count - before
+            self.seen[key] = count
+
+    def forget(self, live_idents: set) -> None:
+        """Drop the last counts of processes the ledger forgot (their totals stay)."""
+        self.seen = {k: v for k, v in self.seen.items() if k[0] in live_idents}
+
+
+class Agent:
+    def __init__(self, tracer: KeyTracer, max_processes: int = 100,
+                 reloads_per_day: Optional[float] = None, scan_interval: float = 300.0,
+                 refresh: float = 5.0, log: Callable[[str], None] = lambda s: None,
+                 state: Optional[State] = None):
+        self.tracer = tracer
+        self.state = state
+        self.prior = state.load() if state else {}  # (pid, start) -> facts saved before a restart
+        self.ledger: Ledger = tracer.ledger
+        self.max_processes = max_processes
+        self.reloads_per_day = reloads_per_day
+        self.scan_interval = scan_interval
+        self.refresh_every = refresh
+        self.log = log
+        self.snapshot = Snapshot()
+        self._creates, self._deletes, self._failures = Totals(), Totals(), Totals()
+        self._stop = threading.Event()
+        self._scan_seconds = 0.0
+
+    # -- the loop -----------------------------------------------------------------------------
+    def scan(self) -> int:
+        """Read every process's table into the ledger (a daemon up for years is known at once)."""
+        t0 = time.monotonic()
+        n = self.tracer.meet()
+        self._scan_seconds = time.monotonic() - t0
+        return n
+
+    def run(self, stop: threading.Event) -> None:
+        """Refresh the snapshot every refresh seconds and rescan every scan interval, until stop."""
+        next_scan = time.monotonic() + self.scan_interval
+        while not stop.is_set():
+            self.tracer.check()  # a drain that died must end the agent, not freeze its metrics
+            self.refresh()
+            if time.monotonic() >= next_scan:
+                self.scan()
+                next_scan = time.monotonic() + self.scan_interval
+            stop.wait(self.refresh_every)
+
+    def refresh(self) -> Snapshot:
+        procs, now = self.ledger.snapshot()
+        summary = verdicts.summarize([p for p in procs if p.active], now, self.reloads_per_day)
+        alive = summary[summary["alive"]]
+        shown = alive.sort_values(["leaking", "live_keys"], ascending=False).head(self.max_processes)
+        rows = []
+        for r in shown.to_dict(orient="records"):
+            r["container"] = proc.container(r["pid"])
+            self._recall(r, now)
+            rows.append(r)
+        for p in procs:
+            self._count(p)
+        live = {p.ident for p in procs}
+        for t in (self._creates, self._deletes, self._failures):
+            t.forget(live)
+        self.snapshot = Snapshot(rows, dict(self._creates.sum), dict(self._deletes.sum),
+                                 {exe: n for (exe, _), n in self._failures.sum.items()},
+                                 self.ledger.lost, len(self.tracer.files), self._scan_seconds)
+        self.save(alive, now)
+        return self.snapshot
+
+    def _prior(self, pid: int, start: int) -> Optional[dict]:
+        """The saved facts of this very process: same pid, same start. A start is known to the
+        clock tick from /proc/PID/stat and to the nanosecond from a traced fork, so the two
+        readings of one process agree within a tick or two (10 ms each)."""
+        for (p, s), saved in self.prior.items():
+            if p == pid and abs(s - start) < 25_000_000:
+                return saved
+        return None
+
+    def _recall(self, r: dict, now: int) -> None:
+        """A process measured before a restart keeps its leak rate, date and library."""
+        saved = self._prior(r["pid"], r["start"].value)
+        if not saved:
+            return
+        if not r["library"] or r["library"] == UNKNOWN:
+            r["library"] = saved["library"]
+        rate = self.reloads_per_day or saved["reloads_per_day"]
+        if r["leaking"] and r["days_left"] is None and saved["leak_per_reload"] > 0 and rate:
+            f = fc.forecast(r["live_keys"], r["limit"], verdicts._ts(now), saved["leak_per_reload"], rate)
+            r.update(leak_per_reload=saved["leak_per_reload"], reloads_per_day=rate,
+                     days_left=f.days_left, exhaustion_eta=f.exhaustion_eta)
+
+    def save(self, alive=None, now: Optional[int] = None) -> None:
+        """Keep the measured leaks of the processes alive now (and what was recalled)."""
+        if self.state is None:
+            return
+        if alive is None:
+            procs, now = self.ledger.snapshot(lambda p: p.exited is None and p.active)
+            alive = verdicts.summarize(procs, now, self.reloads_per_day)
+        keep = {}
+        for r in alive.to_dict(orient="records"):
+            ident = (r["pid"], r["start"].value)
+            if r["leak_per_reload"] > 0 and r["reloads_per_day"] > 0:
+                keep[ident] = {**r, "start": r["start"].value}
+            elif self._prior(*ident):
+                keep[ident] = {**self._prior(*ident), "pid": r["pid"], "start": r["start"].value}
+        self.state.save(list(keep.values()), now or time.time_ns())
+
+    def _count(self, p) -> None:
+        exe = p.exe or p.comm
+        a = Attribution(p)
+        made: dict = defaultdict(lambda: [0, 0])
+        for site in p.keys.sites.values():
+            if not site.held:
+                lib = a.library_of(site)
+                made[lib][0] += site.created
+                made[lib][1] += site.deleted
+        made[UNKNOWN][0] += p.keys.missed[0]
+        made[UNKNOWN][1] += p.keys.missed[2]
+        for lib, (created, deleted) in made.items():
+            self._creates.add(p.ident, exe, lib, created)
+            self._deletes.add(p.ident, exe, lib, deleted)
+        self._failures.add(p.ident, exe, "", p.keys.failed_creates + p.keys.missed[1])
+
+
+class Collector:
+    """prometheus_client collector serving an Agent's latest snapshot."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    def collect(self):
+        s = self.agent.snapshot
+        gauges = {
+            "keys": GaugeMetricFamily("keytrace_process_pthread_keys",
+                                      "pthread keys in use by the process", labels=PROCESS_LABELS),
+            "limit": GaugeMetricFamily("keytrace_process_pthread_keys_limit",
+                                       "PTHREAD_KEYS_MAX of its C library", labels=PROCESS_LABELS),
+            "orphaned": GaugeMetricFamily("keytrace_process_pthread_keys_orphaned",
+                                          "keys whose maker's instance is unmapped",
+                                          labels=PROCESS_LABELS),
+            "leaking": GaugeMetricFamily("keytrace_process_pthread_keys_leaking",
+                                         "1 when the process is at risk of running out",
+                                         labels=PROCESS_LABELS),
+            "eta": GaugeMetricFamily("keytrace_process_pthread_keys_exhaustion_timestamp_seconds",
+                                     "when pthread_key_create will fail, where a leak rate is known",
+                                     labels=PROCESS_LABELS),
+        }
+        for r in s.rows:
+            labels = [str(r["pid"]), r["comm"], r["exe"], r["container"]]
+            gauges["keys"].add_metric(labels, r["live_keys"])
+            gauges["limit"].add_metric(labels, r["limit"])
+            gauges["orphaned"].add_metric(labels, r["orphaned_keys"])
+            gauges["leaking"].add_metric(labels, 1 if r["leaking"] else 0)
+            eta = r["exhaustion_eta"]
+            if eta is not None and eta == eta:
+                gauges["eta"].add_metric(labels, eta.timestamp())
+        yield from gauges.values()
+        for name, doc, values in (("keytrace_pthread_key_creates", "pthread_key_create calls that "
+                                   "made a key", s.creates),
+                                  ("keytrace_pthread_key_deletes", "pthread_key_delete calls that "
+                                   "freed a key", s.deletes)):
+            c = CounterMetricFamily(name, doc, labels=["exe", "library"])
+            for (exe, lib), n in sorted(values.items()):
+                c.add_metric([exe, lib], n)
+            yield c
+        c = CounterMetricFamily("keytrace_pthread_key_create_failures",
+                                "pthread_key_create calls that failed (EAGAIN: table full)",
+                                labels=["exe"])
+        for exe, n in sorted(s.failures.items()):
+            c.add_metric([exe], n)
+        yield c
+        yield CounterMetricFamily("keytrace_events_lost", "records the kernel could not queue "
+                                  "(counts stay exact)", value=s.lost)
+        yield GaugeMetricFamily("keytrace_probed_files", "files carrying keytrace's uprobes",
+                                value=s.probed)
+        yield GaugeMetricFamily("keytrace_scan_duration_seconds",
+                                "how long the last read of every process's table took",
+                                value=s.scan_seconds)
+        info = GaugeMetricFamily("keytrace_build_info", "keytrace's version", labels=["version"])
+        info.add_metric([version()], 1)
+        yield info
+
+
+def registry(agent: Agent) -> CollectorRegistry:
+    reg = CollectorRegistry()
+    reg.register(Collector(agent))
+    ProcessCollector(registry=reg)
+    return reg
+
+
+def version() -> str:
+    try:
+        return metadata.version("keytrace")
+    except metadata.PackageNotFoundError:
+        return "unknown"
