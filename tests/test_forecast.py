@@ -83,3 +83,18 @@ def test_orphan_even_when_the_reload_maps_at_the_same_address(bins):
     assert "1 key orphaned" in row.reason
     (cycle,) = led.reloads().itertuples()
     assert (cycle.cycles, cycle.keys_per_cycle) == (2, 1.0)
+
+
+def test_held_orphaned_keys_are_named_by_what_maps_there_since(bins):
+    # Met mid-reload: the table's keys point into a library unmapped at that moment; the next
+    # traced load maps it back at the same base, which names them (still orphaned).
+    lib = bins["libb"]
+    base = 0x7F0000000000
+    destroy = base + elf_info(lib).address_of("destroy")
+    led = Ledger()
+    led.observe(7, 10**9, "host", exe="/x/host", start=1, table="read",
+                keys=[(k, destroy, True) for k in range(3)])
+    led.ingest(events(dict(op="dlopen", pid=7, load=1, handle=0xA0, path=lib),
+                      dict(op="map", pid=7, load=1, handle=base, path=lib), start_ns=2 * 10**9))
+    (row,) = led.summary().itertuples()
+    assert (row.library, row.orphaned_keys, row.live_keys) == (lib, 3, 3)

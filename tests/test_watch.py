@@ -215,14 +215,19 @@ def test_a_killed_tracer_leaves_no_probe_and_no_command(bins):
 
 
 def test_demo_flags_the_leaky_host_only(tmp_path):
-    res = keytrace("demo", "--json", "--interval-ms", "0", timeout=300)
+    saved = tmp_path / "demo.parquet"
+    res = keytrace("demo", "--json", "--interval-ms", "0", "-o", str(saved), timeout=300)
     assert res.returncode == 0, res.stderr
+    # Seen once in a full-suite run, never alone: the library came out "?". What the ledger
+    # held then is in the message, for whoever meets it next.
+    why = (res.stderr[-600:] + keytrace("report", str(saved), "--by", "library").stdout[-1500:]
+           + keytrace("report", str(saved), "--by", "reload").stdout[-800:])
     rows = json_rows(res.stdout)
     leaky = [r for r in rows if r["leaking"]]
     tidy = [r for r in rows if not r["leaking"]]
     assert len(leaky) == 1 and len(tidy) == 1
     assert leaky[0]["critical"] and leaky[0]["failed_creates"] == 1 and leaky[0]["live_keys"] == 1024
-    assert leaky[0]["library"].endswith("/libgomp_demo.so") and leaky[0]["orphaned_keys"] == 1024
+    assert leaky[0]["library"].endswith("/libgomp_demo.so") and leaky[0]["orphaned_keys"] == 1024, why
     assert tidy[0]["creates"] == tidy[0]["deletes"] == 1200 and tidy[0]["exhaustion_eta"] is None
 
 

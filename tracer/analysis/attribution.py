@@ -81,6 +81,17 @@ class Resolver:
                         best = m
         return best
 
+    def module_ever_at(self, addr: int) -> Optional[Module]:
+        """The newest instance ever mapped over addr, unmapped or not: what a destructor that
+        lies in no mapping now pointed into (a library reloaded since maps there again)."""
+        best = None
+        for group in self._groups.values():
+            if self._contains(group[0], addr):
+                newest = max(group, key=lambda m: m.mapped)
+                if best is None or newest.mapped > best.mapped:
+                    best = newest
+        return best
+
     def frame(self, addr: int, ts: int, load: int) -> Frame:
         m = self.module_at(addr, ts, load)
         if m is None:
@@ -97,7 +108,9 @@ class Resolver:
         else the destructor's module. A held key (live when tracing began) is known by its
         destructor only."""
         if site.held:
-            return None if site.unmapped else self.module_at(site.destructor, site.first, 0)
+            if site.unmapped:  # orphaned whatever we find: still, name the library if we can
+                return self.module_ever_at(site.destructor)
+            return self.module_at(site.destructor, site.first, 0)
         for f in self.stack(site):
             if f.module is not None and not libc.is_plumbing(f.module.path):
                 return f.module
