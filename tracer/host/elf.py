@@ -158,9 +158,15 @@ class FileCache:
             return None, None
         ident = (st.st_dev, st.st_ino, st.st_mtime_ns)
         if ident not in self.results:
+            try:
+                result = self.parse(path)
+            except OSError:
+                # Could not be read just now (a /proc/PID/map_files link whose mapping went
+                # away between the stat and the open): no answer about the file, none kept.
+                return ident, None
             if len(self.results) >= self.limit:  # a bound for long-running agents
                 self.results.clear()
-            self.results[ident] = self.parse(path)
+            self.results[ident] = result
         return ident, self.results[ident]
 
     def clear(self) -> None:
@@ -173,7 +179,7 @@ def _segments(path: str) -> Optional[ElfInfo]:
             elf = ELFFile(fh)
             segments = list(elf.iter_segments())
             executable = elf["e_type"] == "ET_EXEC" or elf.get_section_by_name(".interp") is not None
-    except (OSError, ELFError, ValueError):
+    except (ELFError, ValueError):  # not an ELF file: that is an answer (OSError is not)
         return None
     loads = [s for s in segments if s["p_type"] == "PT_LOAD"]
     if not loads:
@@ -199,7 +205,7 @@ def _function_addresses(path: str, names: tuple) -> dict:
     try:
         with open(path, "rb") as fh:
             syms = defined_symbols(ELFFile(fh), names, kinds=("STT_FUNC",))
-    except (OSError, ELFError, ValueError):
+    except (ELFError, ValueError):
         return {}
     return {name: sym["st_value"] for name, sym in syms.items()}
 
@@ -245,7 +251,7 @@ def _build_id(path: str) -> str:
                         if note["n_type"] == "NT_GNU_BUILD_ID":
                             bid = note["n_desc"]
                             return bid.hex() if isinstance(bid, bytes) else bid
-    except (OSError, ELFError, ValueError):
+    except (ELFError, ValueError):
         pass
     return ""
 

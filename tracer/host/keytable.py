@@ -65,7 +65,7 @@ def _parse_file(path: str) -> tuple[Optional[int], Optional[int], Optional[Layou
             for f in ("seq", "destr"):
                 fbits, _, off = struct.unpack("<3I", read_at(elf, syms[DESCRIPTORS[f]][0], 12))
                 fields[f] = (off, fbits // 8)
-    except (OSError, ELFError, ValueError, struct.error):
+    except (ELFError, ValueError, struct.error):  # an OSError is no answer: FileCache keeps none
         return None, None, None
     if bits // 8 != stride:
         return table, size, None
