@@ -10,7 +10,6 @@ Prints a markdown table. Every process it starts is ended, and the agent stopped
 """
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket

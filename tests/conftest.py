@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,14 @@ def keymaker(bins):
     yield start
     for k in made:
         k.close()
+
+
+def terminate(p: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM (what a unit or an operator sends), then SIGKILL if it will not go."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from conftest import uprobes_attached_by
+from conftest import terminate, uprobes_attached_by
 
 pytestmark = pytest.mark.usefixtures("bpf")
 
@@ -59,13 +59,7 @@ def agent(tmp_path):
         return p, port
     yield start
     for p in started:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        terminate(p)
 
 
 def test_processes_before_and_after_the_agent(agent, keymaker, bins):

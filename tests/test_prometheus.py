@@ -3,7 +3,6 @@ there, and the exhaustion alert goes pending or firing for a leaky reloader (a t
 rules, with `for:` cut to a second)."""
 import json
 import shutil
-import signal
 import subprocess
 import urllib.parse
 import urllib.request
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REQUIRE_BPF
+from conftest import REQUIRE_BPF, terminate
 from test_agent import agent, free_port, until  # noqa: F401  (agent is a fixture)
 
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "keytrace-rules.yml"
@@ -60,12 +59,7 @@ def prometheus(tmp_path):
         return port
     yield start
     for p in running:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        terminate(p)
 
 
 def test_prometheus_sees_the_series_and_the_exhaustion_alert(agent, prometheus, bins):  # noqa: F811
