@@ -127,7 +127,9 @@ def test_sigterm_stops_and_reports(bins):
     out, errs = proc.communicate(timeout=30)
     assert proc.returncode == 0, errs
     (row,) = json_rows(out)
-    assert row["creates"] >= 1 and row["creates"] == row["deletes"]
+    # keytrace ends the launched command on SIGTERM: it may die between a load's create and its
+    # unload's delete, leaving at most that one key.
+    assert row["creates"] >= 1 and row["creates"] - row["deletes"] in (0, 1)
 
 
 def test_output_file_replays_to_the_same_summary(bins, tmp_path):

@@ -76,6 +76,7 @@ class Agent:
         self.log = log
         self.snapshot = Snapshot()
         self._creates, self._deletes, self._failures = Totals(), Totals(), Totals()
+        self._counted: dict = {}  # ident -> the counts last turned into totals
         self._stop = threading.Event()
         self._scan_seconds = 0.0
 
@@ -113,6 +114,7 @@ class Agent:
         live = {p.ident for p in procs}
         for t in (self._creates, self._deletes, self._failures):
             t.forget(live)
+        self._counted = {i: sig for i, sig in self._counted.items() if i in live}
         self.snapshot = Snapshot(rows, dict(self._creates.sum), dict(self._deletes.sum),
                                  {exe: n for (exe, _), n in self._failures.sum.items()},
                                  self.ledger.lost, len(self.tracer.files), self._scan_seconds)
@@ -158,6 +160,11 @@ class Agent:
         self.state.save(list(keep.values()), now or time.time_ns())
 
     def _count(self, p) -> None:
+        # Naming the library of each site reads ELF files: only when the process's counts moved.
+        sig = (p.keys.creates, p.keys.deletes, p.keys.missed)
+        if self._counted.get(p.ident) == sig:
+            return
+        self._counted[p.ident] = sig
         exe = p.exe or p.comm
         a = Attribution(p)
         made: dict = defaultdict(lambda: [0, 0])

@@ -233,9 +233,6 @@ class Program:
         self.attached += len(done)
         return len(done)
 
-    def planned(self, build_id: str, functions) -> bool:
-        return all((build_id, f) in self.sites for f in functions)
-
     def detach(self, path: str) -> None:
         done = self.files.pop(path, [])
         self._detach_all(path, done)

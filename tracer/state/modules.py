@@ -25,7 +25,6 @@ class Module:
 class Modules:
     instances: list = field(default_factory=list)  # Module, in mapping order
     loads: dict = field(default_factory=dict)      # dlopen id -> (path, handle, ts)
-    dlcloses: int = 0
     mapped: dict = field(default_factory=dict)     # base -> the instance mapped there now
 
     def map(self, path: str, base: int, load: int, ts: int, file: Optional[str] = None) -> None:
@@ -45,11 +44,6 @@ class Modules:
         if handle:  # not a failed dlopen
             self.loads[load] = (path, handle, ts)
 
-    def dlclose(self, handle: int) -> None:
-        # Counted only: whether anything was unloaded is unmap()'s to say (a NODELETE library,
-        # or one another handle holds, stays mapped after its dlclose).
-        self.dlcloses += 1
-
     def completed_loads(self) -> set:
         """The dlopens whose instances have been unmapped: finished load cycles."""
         return {m.load for m in self.instances if m.load and m.unmapped is not None}
@@ -61,5 +55,4 @@ class Modules:
     def copy(self) -> "Modules":
         copies = {id(m): replace(m) for m in self.instances}
         return Modules(instances=list(copies.values()), loads=dict(self.loads),
-                       dlcloses=self.dlcloses,
                        mapped={b: copies[id(m)] for b, m in self.mapped.items()})

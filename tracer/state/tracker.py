@@ -146,8 +146,7 @@ class Tracker:
                 p.modules.unmap(handle, ts)
             elif op == _C["dlopen"]:
                 p.modules.dlopen(load, path, handle, ts)
-            elif op == _C["dlclose"]:
-                p.modules.dlclose(handle)
+            # dlclose: kept in the events, but unmapping (unmap) is what says a library is gone
             elif op == _C["fork"]:
                 procs.fork(p, child, ts)
             elif op == _C["exec"]:
