@@ -11,10 +11,18 @@ Layers, imports pointing down only:
     session               KeyTracer: probes in, a live Ledger out
     cli/, jupyter         front-ends
 """
-from .analysis.ledger import Ledger
-from .analysis.scan import scan
-from .errors import KeytraceError
-from .session import KeyTracer
+from importlib import import_module
 
 __all__ = ["KeyTracer", "Ledger", "KeytraceError", "scan"]
 __version__ = "0.2.0"
+
+# Imported on first use, so that `import tracer.<module>` loads no more than that module needs
+# (the agent decides what pandas may load before pandas is imported).
+_EXPORTS = {"KeyTracer": ".session", "Ledger": ".analysis.ledger", "KeytraceError": ".errors",
+            "scan": ".analysis.scan"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'tracer' has no attribute {name!r}")

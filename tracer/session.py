@@ -79,6 +79,39 @@ class Launched:
         self.send_signal(signal.SIGKILL)
 
 
+def gate_execs() -> int:
+    """The execs from the gate to the command itself: the gate's, and setpriv's if used."""
+    return 2 if "setpriv" in _gate_script() else 1
+
+
+def spawn_gated(argv: Sequence[str]) -> tuple:
+    """Start argv held at a gate: (Launched, the gate's write end). It runs once "go" is
+    written there; closing the write end unwritten makes it exit 127 instead."""
+    path = shutil.which(argv[0])
+    if path is None:
+        raise KeytraceError(f"command not found: {argv[0]}")
+    r, w = os.pipe()
+    try:
+        # posix_spawn puts the gate's read end on fd 3 and nothing else of ours is inherited.
+        pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _gate_script(), "keytrace-gate", path, *argv[1:]],
+                             os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, r, 3)])
+    finally:
+        os.close(r)
+    return Launched(pid), w
+
+
+def end_command(p: Optional[Launched]) -> None:
+    """End a launched command still running: SIGTERM, then SIGKILL after 5 s."""
+    if p is None or p.poll() is not None:
+        return
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(5)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 class KeyTracer:
     """Trace pthread key creation and deletion.
 
@@ -118,6 +151,7 @@ class KeyTracer:
         self._snapshotted: set = set()  # pids whose current image's modules are in the ledger
         self._probed: set = set()        # (dev, inode) of every file probed
         self._pending: dict = {}         # exec'd pid -> deadline to find its C library
+        self._settled: set = set()       # images (exe, mount ns) known to map probed files only
         self._reread: dict = {}          # pid -> the poll after which its table is read
         self._polls = 0
         self._host_libc: Optional[str] = None
@@ -310,6 +344,10 @@ class KeyTracer:
         for pid in (proc.pids() if pids is None else pids):
             if pid != os.getpid():
                 n += self._meet_running(pid)
+                if pids is None and self.pids is None:
+                    # and the drain looks again for unprobed C libraries: a copy an image maps
+                    # only under some environment (LD_LIBRARY_PATH) is found here at the latest
+                    self._pending.setdefault(pid, (0.0, "", True))
         return n
 
     def _meet_running(self, pid: int) -> int:
@@ -329,25 +367,41 @@ class KeyTracer:
         """C libraries of exec'd processes that no probe covers yet (a container's or a chroot's
         copy, a static executable): probe them as soon as they are mapped, then read the
         process's table, so the keys made before the probes arrived are counted too."""
-        for pid, (deadline, exec_path) in list(self._pending.items()):
-            alive = proc.exists(pid)
-            exe = f"/proc/{pid}/exe" if alive else exec_path  # gone already: the file it ran
-            info = elf_info(exe)
-            if info is not None and info.static:
+        for pid, (deadline, exec_path, *recheck) in list(self._pending.items()):
+            if self._discover_pid(pid, exec_path, now > deadline, bool(recheck)):
                 del self._pending[pid]
-                found = self._static_target(exe)
-                if found is None:
-                    self._untraceable(pid, exec_path, exe)
-                    continue
-                fresh = [found]
-            else:
-                paths = libc.mapped_libraries(pid)
-                if paths or now > deadline or not alive:
-                    del self._pending[pid]  # mapped, or never will be
-                fresh = [t for t in (libc.target(p, self._functions, name) for p, name in paths) if t]
-            fresh = list({t.ident: t for t in fresh if t.ident not in self._probed}.values())
-            if not fresh:
-                continue
+
+    def _discover_pid(self, pid: int, exec_path: str, last_try: bool = False,
+                      recheck: bool = False) -> bool:
+        """Probe the C library pid's image runs on if none covers it yet; False: its libraries
+        are not mapped yet, try again. An image (executable file, mount namespace) once found
+        on probed files is not read again (reading maps at every exec of a fork/exec-heavy host
+        cost more than the rest of the agent): recheck reads it all the same (a rescan)."""
+        image = proc.image(pid)
+        if image is not None and image in self._settled and not recheck:
+            return True
+        exec_path = exec_path or proc.exe(pid) or ""
+        alive = image is not None
+        exe = f"/proc/{pid}/exe" if alive else exec_path  # gone already: the file it ran
+        info = elf_info(exe)
+        if info is not None and info.static:
+            if recheck:
+                return True  # a static image is decided once, at its exec
+            found = self._static_target(exe)
+            if found is None:
+                self._untraceable(pid, exec_path, exe)
+                return True
+            fresh, done = [found], True
+        else:
+            paths = libc.mapped_libraries(pid)
+            done = bool(paths) or last_try or not alive  # mapped, or never will be
+            fresh = [t for t in (libc.target(p, self._functions, name) for p, name in paths) if t]
+        if done and alive:
+            if len(self._settled) > 4096:
+                self._settled.clear()
+            self._settled.add(image)
+        fresh = list({t.ident: t for t in fresh if t.ident not in self._probed}.values())
+        if fresh:
             for t in fresh:
                 self._attach(t)
             self._note(f"probing {', '.join(t.path for t in fresh)} from now on: first mapped by "
@@ -355,6 +409,7 @@ class KeyTracer:
             # Its table is read once the ring's records up to now are in the ledger: an exec
             # it made before the probes arrived must start the image the table belongs to.
             self._reread[pid] = self._polls + 1
+        return done
 
     def _read_late(self) -> None:
         for pid, due in list(self._reread.items()):
@@ -375,17 +430,7 @@ class KeyTracer:
         self._note(f"cannot trace pid {pid} ({exec_path}): {why}; its pthread keys are not counted")
 
     def _spawn_gated(self, argv: Sequence[str]):
-        path = shutil.which(argv[0])
-        if path is None:
-            raise KeytraceError(f"command not found: {argv[0]}")
-        r, w = os.pipe()
-        try:
-            # posix_spawn puts the gate's read end on fd 3 and nothing else of ours is inherited.
-            pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _gate_script(), "keytrace-gate", path, *argv[1:]],
-                                 os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, r, 3)])
-        finally:
-            os.close(r)
-        return Launched(pid), w
+        return spawn_gated(argv)
 
     def _run(self) -> None:
         try:
@@ -405,13 +450,21 @@ class KeyTracer:
                 batch = np.concatenate(self._early + [batch])
                 self._early = []
             lost = self._probes.lost() - self._lost_base
-            frame = wire.decode(batch, self._offset, stack_of=self._probes.stack)
-            at = 0
-            for pos, facts in self._meet(batch, frame):
-                self.ledger.ingest(frame.iloc[at:pos])
-                self.ledger.ingest(facts)
-                at = pos
-            self.ledger.ingest(frame.iloc[at:], lost=lost, now=time.time_ns())
+            if len(batch):
+                frame = wire.decode(batch, self._offset, stack_of=self._probes.stack)
+                at = 0
+                for pos, facts in self._meet(batch, frame):
+                    self.ledger.ingest(frame.iloc[at:pos])
+                    self.ledger.ingest(facts)
+                    at = pos
+                self.ledger.ingest(frame.iloc[at:], lost=lost, now=time.time_ns())
+                execs = batch["op"] == wire.CODE["exec"]
+                if execs.any():
+                    now = time.monotonic() + 0.5
+                    self._pending.update((pid, (now, path)) for pid, path in zip(
+                        batch["pid"][execs].tolist(), frame["path"][execs].tolist()))
+            else:  # a quiet poll: no frame to build (decoding costs ~3 ms even when empty)
+                self.ledger.advance(lost=lost, now=time.time_ns())
             # Records were lost: the kernel's counts stand in. They also count calls whose
             # records are still in the ring, so they are compared again now and then, and
             # once more at the end, when the ring is empty.
@@ -424,12 +477,8 @@ class KeyTracer:
             self._polls += 1
             if self._reread:
                 self._read_late()
-            execs = frame[frame["op"] == "exec"]
-            now = time.monotonic()
-            self._pending.update((pid, (now + 0.5, path))
-                                 for pid, path in zip(execs["pid"].tolist(), execs["path"].tolist()))
             if self._pending:
-                self._discover(now)
+                self._discover(time.monotonic())
             return len(batch)
 
     def _meet(self, batch: np.ndarray, frame) -> list:
@@ -442,10 +491,12 @@ class KeyTracer:
         forked = set(batch["other"][ops == wire.CODE["fork"]].tolist())
         creating = (ops == wire.CODE["create"]) | (ops == wire.CODE["create_failed"])
         out = []
+        comms = frame["comm"].array  # categorical: names by code, looked up without pandas
+        codes, names = comms.codes, list(comms.categories)
         for pid in np.unique(pids).tolist():
             mine = pids == pid
             first = int(np.argmax(mine))
-            comm = str(frame["comm"].iloc[first])
+            comm = names[codes[first]]
             if pid not in forked and not self.ledger.knows(pid):
                 # Met while already running: its table now is the state to start from. An exec
                 # in this batch started the image the table belongs to: the facts go after it.
@@ -511,15 +562,7 @@ class KeyTracer:
             atexit.unregister(self.stop)
 
     def _end_command(self) -> None:
-        p = self.process
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        end_command(self.process)
 
     def __enter__(self) -> "KeyTracer":
         return self.start()

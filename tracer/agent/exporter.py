@@ -94,6 +94,7 @@ class Agent:
         while not stop.is_set():
             self.tracer.check()  # a drain that died must end the agent, not freeze its metrics
             self.refresh()
+            proc.trim_heap()  # what a refresh or a burst of events freed: back to the system
             if time.monotonic() >= next_scan:
                 self.scan()
                 next_scan = time.monotonic() + self.scan_interval

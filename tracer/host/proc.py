@@ -1,6 +1,7 @@
 """Everything keytrace reads from /proc: processes, their identity, mappings and ELF modules."""
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import time
@@ -62,6 +63,22 @@ def exists(pid: int) -> bool:
 
 def pids() -> list[int]:
     return sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system. glibc keeps what a burst of work freed
+    (raising its mmap threshold as it goes), so an always-on process would keep its peak."""
+    ctypes.CDLL(None).malloc_trim(0)
+
+
+def image(pid: int) -> Optional[tuple]:
+    """What decides which files a process maps: its executable file and its mount namespace
+    ((dev, inode) each); None when it is gone or unreadable."""
+    try:
+        exe, ns = os.stat(f"/proc/{pid}/exe"), os.stat(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+    return (exe.st_dev, exe.st_ino, ns.st_ino)
 
 
 def mappings(pid: int) -> list[tuple[int, int, int, str]]:

@@ -49,11 +49,8 @@ class Tracker:
         """Apply a frame of events (in time order) to the state; lost: the kernel's count of
         records it could not queue so far; now: the time (ns since the epoch) up to which
         everything is known to have been seen, quiet time included."""
+        self.advance(lost, now)
         with self._lock:
-            if lost is not None:
-                self.lost = lost
-            if now:
-                self.last_ts = max(self.last_ts, now)
             if frame.empty:
                 return
             if self.keep_events:
@@ -62,6 +59,14 @@ class Tracker:
             self.event_count += int((frame["op"].cat.codes < _HOST_CODES).sum())
             self.last_ts = max(self.last_ts, int(frame["ts"].array.asi8.max()))
             self._replay(frame)
+
+    def advance(self, lost: Optional[int] = None, now: Optional[int] = None) -> None:
+        """No events, but news: the lost count so far, and that all is seen up to now."""
+        with self._lock:
+            if lost is not None:
+                self.lost = lost
+            if now:
+                self.last_ts = max(self.last_ts, now)
 
     def observe(self, pid: int, ts: int, comm: str, **facts) -> None:
         """What the host showed of a process when it was met: see facts()."""
