@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from .. import wire
 from ..errors import KeytraceError
 from ..host import planner
 from ..host.elf import read_vaddr
+from ..host.proc import trim_heap
 from . import headers
 from .ringbuf import RingReader
 
@@ -49,11 +51,12 @@ def probes_dir() -> Path:
     return package / "probes"
 
 
-def source(units: Iterable[Unit]) -> str:
-    """One compile unit: the generated definitions, keytrace.h, then each unit's file. Pasted,
-    not #included: bcc rewrites map calls and tracepoint arguments in its main text only."""
+def source(units: Iterable[Unit], prelude: str = "") -> str:
+    """One compile unit: the generated definitions (and prelude), keytrace.h, then each unit's
+    file. Pasted, not #included: bcc rewrites map calls and tracepoint arguments in its main
+    text only."""
     d = probes_dir()
-    parts = ["#include <uapi/linux/ptrace.h>", wire.c_definitions()]
+    parts = ["#include <uapi/linux/ptrace.h>", wire.c_definitions(), prelude]
     for name in ["keytrace.h"] + [f"{u.name}.bpf.c" for u in units]:
         try:
             parts += [f"// ---- {name}", (d / name).read_text()]
@@ -126,6 +129,36 @@ def _check_bytes(path: str, p: "planner.Plan") -> None:
                                 f"are not {site.insn.hex()}")
 
 
+MADV_PAGEOUT = 21  # linux 5.4: reclaim these pages now; contents kept (file pages re-read)
+
+
+def release_compiler() -> int:
+    """Hand back what the compile left resident: clang's freed heap (~30 MB) and
+    the pages of LLVM and clang's own code and read-only data that it touched (~85 MB), which
+    nothing uses again until the next compile. MADV_PAGEOUT only reclaims: a later compile
+    faults the pages back in. Returns the bytes of mappings advised."""
+    trim_heap()
+    libc = ct.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int]
+    advised = 0
+    try:
+        with open("/proc/self/maps") as fh:
+            maps = fh.read().splitlines()
+    except OSError:
+        return 0
+    for line in maps:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or "w" in parts[1] or not _COMPILER.search(parts[5]):
+            continue  # written pages (relocated data) are anonymous: nowhere to put them
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if libc.madvise(lo, hi - lo, MADV_PAGEOUT) == 0:
+            advised += hi - lo
+    return advised
+
+
+_COMPILER = re.compile(r"/lib(LLVM|clang)[^/]*\.so")
+
+
 class Program:
     """Compiled probe units: open(), attach(file) as files are found, drain(), always close().
 
@@ -134,14 +167,18 @@ class Program:
     """
 
     def __init__(self, units: Iterable[Unit], pids: Optional[Iterable[int]] = None,
-                 ring_pages: int = DEFAULT_RING_PAGES, plans: Iterable = ()):
+                 ring_pages: int = DEFAULT_RING_PAGES, plans: Iterable = (),
+                 prelude: str = "", programs: str = ""):
         """plans: (flavour, {function: planner.Plan}) of the files to be probed on planned
-        sites; each gets programs of its own, attached with attach(..., plan=...)."""
+        sites; each gets programs of its own, attached with attach(..., plan=...). prelude:
+        definitions the units need (before them); programs: generated programs (after them),
+        attached with attach_programs()."""
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise KeytraceError(f"ring buffer pages must be a power of two, not {ring_pages}")
         self.units = list(units)
         self.sites: dict = {}  # (build id, function) -> [(site, program name)]
-        self._site_text = [conditions_source()]
+        self._site_text = [conditions_source(), programs]
+        self.prelude = prelude
         for flavour, functions in plans:
             for function, p in sorted(functions.items()):
                 if (p.build_id, function) in self.sites:
@@ -153,6 +190,7 @@ class Program:
         self.ring_pages = ring_pages
         self.bpf = None
         self.ring: Optional[RingReader] = None
+        self._readers: list = []  # reader()s, closed with the program
         self.files: dict[str, list] = {}  # path -> [(function, address, kinds)] attached there
         self.attached = 0  # uprobes attached (entry and return counted apart)
 
@@ -178,16 +216,14 @@ class Program:
             cflags.append("-DKT_FILTER")
         if _exit_has_group_dead():
             cflags.append("-DKT_GROUP_DEAD")
-        text = source(self.units) + "\n".join(self._site_text)
+        text = source(self.units, self.prelude) + "\n".join(self._site_text)
         try:
             self.bpf = BPF(text=text.encode(), cflags=cflags)
         except KeytraceError:
             raise
         except Exception as e:
             raise KeytraceError(f"compiling the probes failed: {e} (run keytrace doctor)") from None
-        # clang frees its working memory after the compile; hand it back to the system
-        # (about 30 MB of RSS here).
-        ct.CDLL(None).malloc_trim(0)
+        release_compiler()
         if self.pids is not None:
             for pid in self.pids:
                 self.add_pid(pid)
@@ -233,6 +269,31 @@ class Program:
         self.attached += len(done)
         return len(done)
 
+    def attach_programs(self, path: str, probes: Iterable[tuple]) -> int:
+        """Attach generated programs to one file: (address, program name, is_return) each.
+        Returns how many; a failure detaches what this call attached."""
+        if path in self.files:
+            raise KeytraceError(f"{path} is probed already")
+        done: list = []
+        try:
+            for addr, name, is_return in probes:
+                attach = self.bpf.attach_uretprobe if is_return else self.bpf.attach_uprobe
+                attach(name=path.encode(), addr=addr, fn_name=name.encode())
+                done.append((addr, is_return))
+        except Exception as e:
+            self._detach_all(path, done)
+            raise KeytraceError(f"attaching to {path} failed: {e}") from None
+        self.files[path] = done
+        self.attached += len(done)
+        return len(done)
+
+    def reader(self, map_name: str, record: np.dtype, pages: int) -> RingReader:
+        """A batch reader of another ring buffer of the program, of records of one dtype."""
+        r = RingReader(self.bpf[map_name.encode()].map_fd, pages * os.sysconf("SC_PAGE_SIZE"),
+                       record)
+        self._readers.append(r)
+        return r
+
     def detach(self, path: str) -> None:
         done = self.files.pop(path, [])
         self._detach_all(path, done)
@@ -248,9 +309,10 @@ class Program:
             except Exception:  # already gone with its file: nothing left to detach
                 pass
 
-    def add_pid(self, pid: int) -> None:
-        """Trace one more process (and its future children); filtered programs only."""
-        self.bpf[b"traced"][ct.c_uint(pid)] = ct.c_ubyte(1)
+    def add_pid(self, pid: int, after_execs: int = 0) -> None:
+        """Trace one more process (and its future children); filtered programs only.
+        after_execs: only once it has made that many more execs."""
+        self.bpf[b"traced"][ct.c_uint(pid)] = ct.c_ubyte(1 + after_execs)
 
     def drain(self) -> np.ndarray:
         return self.ring.drain()
@@ -293,9 +355,9 @@ class Program:
 
     def close(self) -> None:
         """Detach everything; safe to call twice and after a failed open() or attach()."""
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
+        for r in self._readers + ([self.ring] if self.ring is not None else []):
+            r.close()
+        self.ring, self._readers = None, []
         if self.bpf is not None:
             try:
                 self._detach_in_parallel()
