@@ -18,14 +18,17 @@
 
 BPF_RINGBUF_OUTPUT(events, KT_RING_PAGES);
 BPF_PERCPU_ARRAY(lost, u64, 1);                  // reservations that failed
-BPF_HASH(traced, u32, u8, KT_MAX_ENTRIES);        // tgid filter, used with KT_FILTER
+// tgid filter, used with KT_FILTER: 1 traced; 1 + n: traced once n more execs are done (a
+// launched command's gate and setpriv, whose own work is not the command's)
+BPF_HASH(traced, u32, u8, KT_MAX_ENTRIES);
 
 static __always_inline int wanted(u32 tgid)
 {
     if (tgid == KT_SELF)
         return 0;
 #ifdef KT_FILTER
-    return traced.lookup(&tgid) != NULL;
+    u8 *v = traced.lookup(&tgid);
+    return v && *v == 1;
 #else
     return 1;
 #endif

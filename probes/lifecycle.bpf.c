@@ -28,6 +28,12 @@ TRACEPOINT_PROBE(task, task_newtask)
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
+#ifdef KT_FILTER
+    u32 me = pid_tgid >> 32;
+    u8 *v = traced.lookup(&me);
+    if (v && *v > 1)
+        (*v)--;
+#endif
     if (!wanted(pid_tgid >> 32))
         return 0;
     u32 tgid = pid_tgid >> 32;
@@ -57,6 +63,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #endif
 #ifdef KT_HAVE_MODULES
     modules_thread_exit(tid);
+#endif
+#ifdef KT_HAVE_CALLS
+    calls_thread_exit(tid);
 #endif
 #ifdef KT_GROUP_DEAD
     if (!args->group_dead)

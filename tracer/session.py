@@ -84,17 +84,20 @@ def gate_execs() -> int:
     return 2 if "setpriv" in _gate_script() else 1
 
 
-def spawn_gated(argv: Sequence[str]) -> tuple:
+def spawn_gated(argv: Sequence[str], stdout_to_stderr: bool = False) -> tuple:
     """Start argv held at a gate: (Launched, the gate's write end). It runs once "go" is
-    written there; closing the write end unwritten makes it exit 127 instead."""
+    written there; closing the write end unwritten makes it exit 127 instead. stdout_to_stderr:
+    its standard output goes to our standard error (ours then holds only what we print)."""
     path = shutil.which(argv[0])
     if path is None:
         raise KeytraceError(f"command not found: {argv[0]}")
     r, w = os.pipe()
     try:
         # posix_spawn puts the gate's read end on fd 3 and nothing else of ours is inherited.
+        actions = [(os.POSIX_SPAWN_DUP2, r, 3)] + ([(os.POSIX_SPAWN_DUP2, 2, 1)]
+                                                   if stdout_to_stderr else [])
         pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _gate_script(), "keytrace-gate", path, *argv[1:]],
-                             os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, r, 3)])
+                             os.environ, file_actions=actions)
     finally:
         os.close(r)
     return Launched(pid), w

@@ -42,7 +42,7 @@ RECORD = np.dtype([
     ("comm", "S16"),
     ("path", f"S{PATH_LEN}"),  # dlopen: file argument; exec: filename; map: l_name
 ])
-_C_TYPES = {"<u8": "u64", "<u4": "u32", "<i4": "s32"}
+_C_TYPES = {"<u8": "u64", "<u4": "u32", "<i4": "s32"}  # numpy type -> C
 
 # The C libraries a create can come from: the probe attached to each says which.
 LIBCS = ["glibc", "musl"]
@@ -76,14 +76,50 @@ def c_definitions() -> str:
              if name in KERNEL_OPS]
     lines += [f"#define KT_LIBC_{name.upper()} {code}" for code, name in enumerate(LIBCS)]
     lines += [f"#define KT_PATH_LEN {PATH_LEN}", f"#define KT_MAX_MODULES {MAX_MODULES}",
-              f"#define KT_MAX_ENTRIES {MAX_ENTRIES}", f"#define KT_DLOPEN_DEPTH {DLOPEN_DEPTH}",
-              "struct event {"]
-    for name, (dt, _) in RECORD.fields.items():
-        if dt.kind == "S":
-            lines.append(f"    char {name}[{dt.itemsize}];")
+              f"#define KT_MAX_ENTRIES {MAX_ENTRIES}", f"#define KT_DLOPEN_DEPTH {DLOPEN_DEPTH}"]
+    return "\n".join(lines + [c_struct("event", RECORD), ""])
+
+
+def c_struct(name: str, dtype: np.dtype) -> str:
+    """A C struct mirroring a numpy record dtype, field for field."""
+    lines = [f"struct {name} {{"]
+    for field, (dt, _) in dtype.fields.items():
+        if dt.subdtype is not None:
+            base, shape = dt.subdtype
+            dims = "".join(f"[{n}]" for n in shape)
+            lines.append(f"    {_C_TYPES[base.str]} {field}{dims};")
+        elif dt.kind == "S":
+            lines.append(f"    char {field}[{dt.itemsize}];")
         else:
-            lines.append(f"    {_C_TYPES[dt.str]} {name};")
-    return "\n".join(lines + ["};", ""])
+            lines.append(f"    {_C_TYPES[dt.str]} {field};")
+    return "\n".join(lines + ["};"])
+
+
+# ---- keytrace calls: a record per call entry and per return, when calls are not only counted --
+CALL_ARGS = 6      # x86-64 passes the first six integer arguments in registers
+CALL_STRINGS = 2   # strings read per call (tracer.host.prototypes.MAX_STRINGS)
+CALL_KINDS = ["entry", "return"]
+
+
+def call_record(strsize: int) -> np.dtype:
+    """The calls unit's record for a given -s: strings are read strsize + 2 bytes long, so that
+    one longer than strsize is known to be cut (rounded up to keep the record aligned)."""
+    width = (strsize + 2 + 7) & ~7
+    return np.dtype([
+        ("ts", "<u8"),             # bpf_ktime_get_boot_ns()
+        ("args", "<u8", (CALL_ARGS,)),  # entry: rdi rsi rdx rcx r8 r9; return: rax in args[0]
+        ("pid", "<u4"),
+        ("tid", "<u4"),
+        ("fn", "<u4"),             # index of the probed function
+        ("kind", "<u4"),           # CALL_KINDS
+        ("stack", "<i4"),          # entry: user stack id (negative: none)
+        ("cut", "<u4"),            # bit i: string i filled its buffer; bit 2 + i: unreadable
+        ("err", "<i4"),            # return: errno of the last syscall that failed in the call
+        ("spare", "<u4"),
+        ("comm", "S16"),
+        ("str0", f"S{width}"),
+        ("str1", f"S{width}"),
+    ])
 
 
 def boot_to_wall_offset_ns() -> int:

@@ -13,7 +13,6 @@ from typing import List, Optional
 
 import pandas as pd
 import typer
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
@@ -25,20 +24,16 @@ from ..host import libc
 from ..session import KeyTracer
 from ..store.files import check_writable, json_lines, save_table
 
-EXIT_ERROR, EXIT_USAGE, EXIT_LEAK = 1, 2, 3
+from . import calls as calls_command
+from .console import EXIT_ERROR, EXIT_LEAK, EXIT_USAGE, err, fail, out
+
 VIEWS = ("process", "library", "reload")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Trace pthread key creation and deletion with eBPF uprobes, and flag the "
-                       "processes that leak keys before they run out (glibc allows 1024).")
-# Piped output gets a width that fits the verdicts instead of rich's default 80 columns.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-
-
-def fail(message: str, code: int = EXIT_ERROR) -> "typer.Exit":
-    err.print(f"keytrace: error: {message}", markup=False, soft_wrap=True)
-    return typer.Exit(code)
+                       "processes that leak keys before they run out (glibc allows 1024); "
+                       "trace or count any library call (keytrace calls).")
+app.command(context_settings={"allow_interspersed_args": False})(calls_command.calls)
 
 
 # -- presentation ----------------------------------------------------------------------------
@@ -426,7 +421,9 @@ def agent(
         state = State(state_dir, log)
     except KeytraceError as e:
         raise fail(str(e))
-    tracer = KeyTracer(keep_events=False, on_note=note)
+    # Drained every 50 ms: a frame costs ~3 ms to build whatever its size, and 50 ms of a busy
+    # host fit the ring many times over.
+    tracer = KeyTracer(keep_events=False, on_note=note, interval=0.05)
     a = Agent(tracer, max_processes, reloads_per_day, scan_interval, refresh, log, state)
     try:
         server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry(a))

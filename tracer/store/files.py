@@ -163,12 +163,12 @@ def coerce(raw: pd.DataFrame, source: str = "input") -> pd.DataFrame:
 
 
 def save_table(df: pd.DataFrame, path) -> None:
-    """Save an analysis frame (a scan, a summary) by extension; dict columns become JSON text
-    in CSV and Parquet."""
+    """Save an analysis frame (a scan, a summary, calls) by extension; dict and list columns
+    become JSON text in CSV and Parquet."""
     fmt = format_of(path)
     out = df.copy()
     if fmt != "jsonl":
         for col in out.columns:
-            if out[col].map(lambda v: isinstance(v, dict)).any():
+            if out[col].map(lambda v: isinstance(v, (dict, list))).any():
                 out[col] = out[col].map(json.dumps)
     _write(out, path, fmt)

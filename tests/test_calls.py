@@ -1,0 +1,142 @@
+"""keytrace calls: real probes on real programs, counts checked against what the programs do."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+
+from tracer.calls import CallTracer
+from tracer.workloads import compile_c
+
+from conftest import FIXTURES, json_rows, keytrace
+
+N = 150
+# What tests/fixtures/caller.c does with N and "threads fork": rand in main, 2 threads, a child.
+EXPECTED = {"rand": 4 * N, "getpid": N, "strlen": N, "open": N, "work": N, "work_more": N}
+HARDENED = ("-fno-plt", "-fcf-protection", "-Wl,-z,now")
+
+
+@pytest.fixture(scope="module")
+def callers(tmp_path_factory):
+    """caller linked -z now -fno-plt -fcf-protection against libcallee.so, as a PIE and not."""
+    d = tmp_path_factory.mktemp("calls")
+    lib = compile_c(FIXTURES / "libcallee.c", d, shared=True)
+    link = ("-DWITH_CALLEE", str(lib), f"-Wl,-rpath,{lib.parent}") + HARDENED
+    return {"pie": str(compile_c(FIXTURES / "caller.c", d, extra=("-pie", "-fPIE") + link,
+                                 name="caller")),
+            "nopie": str(compile_c(FIXTURES / "caller.c", d, extra=("-no-pie", "-fno-PIE") + link,
+                                   name="caller-nopie"))}
+
+
+def counted(rows) -> dict:
+    return {r["function"]: r["calls"] for r in rows}
+
+
+def test_counts_exact_where_ltrace_sees_nothing(bpf, callers):
+    r = keytrace("calls", "-c", "--json", "-e", "rand", "-e", "getpid", "-e", "strlen", "-e", "open",
+                 "--", callers["pie"], str(N), "threads", "fork")
+    assert r.returncode == 0, r.stderr
+    assert counted(json_rows(r.stdout)) == {f: EXPECTED[f] for f in ("rand", "getpid", "strlen", "open")}
+    assert "on planned sites" in r.stderr
+    if shutil.which("ltrace"):
+        lt = subprocess.run(["ltrace", "-c", "-f", "-e", "rand+getpid+strlen+open", callers["pie"],
+                             str(N)], capture_output=True, text=True, timeout=120)
+        # -z now -fno-plt: no PLT to break on, so ltrace counts nothing of what ran
+        assert "rand" not in lt.stderr and "getpid" not in lt.stderr, lt.stderr
+
+
+@pytest.mark.parametrize("kind", ["pie", "nopie"])
+def test_pie_and_non_pie_count_exactly_across_libraries(bpf, callers, kind):
+    with CallTracer(["rand", "libc:getpi?", "libcallee:work*"], command=[callers[kind], str(N),
+                    "threads", "fork"], count=True) as t:
+        assert t.wait(60) == "exited"
+    df = t.counts()
+    assert dict(zip(df["function"], df["calls"])) == {f: EXPECTED[f] for f in
+                                                       ("rand", "getpid", "work", "work_more")}
+    assert set(df["library"]) == {"libc.so.6", "libcallee.so"}
+    assert df["errors"].isna().all()  # no return probes without timing
+
+
+def test_planned_sites_and_entry_probes_count_the_same(bpf, callers):
+    results = {}
+    for sites in ("planned", "entry"):
+        with CallTracer(["rand", "getpid", "open", "strlen"], sites=sites, count=True,
+                        command=[callers["pie"], str(N), "threads", "fork"]) as t:
+            t.wait(60)
+        results[sites] = dict(zip(t.counts()["function"], t.counts()["calls"]))
+        placement = {t.functions[i].name: how for i, how in t.placement.items()}
+        if sites == "planned":
+            assert placement["rand"].startswith("planned"), placement
+            assert placement["getpid"].startswith("entry"), placement  # mov; syscall: no plan
+        else:
+            assert all(how.startswith("entry") for how in placement.values())
+    assert results["planned"] == results["entry"] == {f: EXPECTED[f] for f in
+                                                      ("rand", "getpid", "open", "strlen")}
+
+
+def test_trace_shows_threads_fork_strings_and_errno(bpf, callers):
+    r = keytrace("calls", "-e", "rand", "-e", "open", "-e", "strlen", "-s", "10", "-T",
+                 "--", callers["pie"], "3", "threads", "fork")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if "!" in ln]
+    assert sum("libc.so.6!rand() = " in ln for ln in lines) == 12
+    pids = {ln.split()[0] for ln in lines}
+    assert any("/" in p for p in pids), "thread calls are shown as PID/TID"
+    assert len({p.split("/")[0] for p in pids}) == 2, "the forked child is followed"
+    opened = [ln for ln in lines if "!open(" in ln]
+    assert len(opened) == 3
+    assert all('open("/nonexiste"..., 0) = -1 ENOENT (No such file or directory) <0.' in ln
+               for ln in opened), opened
+    assert any('strlen("' in ln and ") = " in ln for ln in lines)
+
+
+def test_json_lines_and_files(bpf, callers, tmp_path):
+    out = tmp_path / "calls.parquet"
+    r = keytrace("calls", "--json", "-T", "-e", "open", "-o", str(out), "--", callers["nopie"], "2")
+    assert r.returncode == 0, r.stderr
+    rows = json_rows(r.stdout)
+    assert len(rows) == 2
+    assert rows[0]["function"] == "open" and rows[0]["args"][0].startswith("/nonexistent/")
+    assert rows[0]["ret"] == -1 and rows[0]["errno"] == "ENOENT" and rows[0]["duration_ns"] > 0
+    saved = pd.read_parquet(out)
+    assert len(saved) == 2 and list(saved["function"]) == ["open", "open"]
+    assert json.loads(saved["args"][0])[0].startswith('"/nonexistent/')
+    table = tmp_path / "counts.csv"
+    r = keytrace("calls", "-c", "-e", "rand", "-o", str(table), "--", callers["pie"], "5")
+    assert r.returncode == 0, r.stderr
+    assert pd.read_csv(table).set_index("function")["calls"].to_dict() == {"rand": 5}
+    assert "5" in r.stdout and "libc.so.6!rand" in r.stdout
+
+
+def test_latency_histograms_errors_and_stacks_in_the_kernel(bpf, callers):
+    with CallTracer(["rand", "open"], command=[callers["pie"], str(N)], count=True, timing=True,
+                    stacks=True) as t:
+        t.wait(60)
+    df = t.counts().set_index("function")
+    assert df.loc["rand", "calls"] == N and df.loc["open", "calls"] == N
+    assert df.loc["open", "errors"] == N and df.loc["rand", "errors"] == 0
+    assert (df["total_ns"] > 0).all() and (df["max_ns"] >= df["mean_ns"]).all()
+    hist = t.histograms().groupby("function")["calls"].sum()
+    assert hist["rand"] == N and hist["open"] == N
+    stacks = t.stack_counts()
+    assert stacks.groupby("function")["calls"].sum().to_dict() == {"open": N, "rand": N}
+    assert stacks["stack"].str.startswith("0x").all()
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("libsssl:SSL_read", "no library matches 'libsssl': did you mean"),
+    ("mallocc", "no function in libc.so.6 matches 'mallocc': did you mean malloc"),
+    ("libc:", "pattern"),
+])
+def test_bad_patterns_are_one_line(pattern, message):
+    r = keytrace("calls", "-c", "-e", pattern, "--", "true")
+    assert r.returncode == 1, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_no_pattern_is_a_usage_error():
+    r = keytrace("calls", "--", "true")
+    assert r.returncode == 2 and "-e" in r.stderr

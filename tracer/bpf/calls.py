@@ -1,0 +1,109 @@
+"""The calls unit's programs, one small wrapper per probed function, and what its maps hold.
+
+Each function gets an index; its wrappers pass that index and what to read (which arguments are
+strings, what return value is a failure) as constants to the helpers of probes/calls.bpf.c, so
+the verifier sees straight-line code and the kernel does no lookups to know the function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .. import wire
+from .loader import Unit
+
+CALLS = Unit("calls")
+SLOTS = 64  # log2 latency buckets per function (KC_SLOTS)
+ERR_MODES = {None: 0, "int": 1, "long": 2, "null": 3}  # KC_ERR_*
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One function, as the kernel side sees it."""
+    index: int
+    strings: tuple = ()          # argument positions read as strings (at most CALL_STRINGS)
+    failure: Optional[str] = None  # what return is a failure: "int", "long", "null" or None
+
+
+def prelude(count: int, strsize: int, ring_pages: int, stacks: bool, errno: bool = False) -> str:
+    """errno: watch failed system calls inside traced calls (a tracepoint on every syscall
+    exit of the host, so only when a traced function reports failures through errno)."""
+    lines = [f"#define KC_FUNCS {max(count, 1)}", f"#define KC_RING_PAGES {ring_pages}"]
+    if stacks:
+        lines.append("#define KC_STACKS")
+    if errno:
+        lines.append("#define KC_ERRNO")
+    return "\n".join(lines + [wire.c_struct("call", wire.call_record(strsize)), ""])
+
+
+def programs(probes: Iterable[Probe], mode: str) -> str:
+    """The wrappers for mode "count" (kc_count_N), "time" (kc_enter_N and kc_exit_N) or
+    "trace" (kc_entry_N and kc_return_N)."""
+    out = []
+    for p in probes:
+        i = p.index
+        if mode == "count":
+            out.append(f"int kc_count_{i}(struct pt_regs *ctx) {{ return kc_count(ctx, {i}); }}")
+        elif mode == "time":
+            out.append(f"int kc_enter_{i}(struct pt_regs *ctx) {{ return kc_enter(ctx, {i}); }}")
+            out.append(f"int kc_exit_{i}(struct pt_regs *ctx) "
+                       f"{{ return kc_exit(ctx, {i}, {ERR_MODES[p.failure]}); }}")
+        else:
+            s0, s1 = (list(p.strings[:wire.CALL_STRINGS]) + [-1, -1])[:2]
+            out.append(f"int kc_entry_{i}(struct pt_regs *ctx) "
+                       f"{{ return kc_trace_entry(ctx, {i}, {s0}, {s1}); }}")
+            out.append(f"int kc_return_{i}(struct pt_regs *ctx) "
+                       f"{{ return kc_trace_return(ctx, {i}); }}")
+    return "\n".join(out) + "\n"
+
+
+def names(index: int, mode: str) -> tuple:
+    """(entry program, return program or None) of a function in a mode."""
+    return {"count": (f"kc_count_{index}", None),
+            "time": (f"kc_enter_{index}", f"kc_exit_{index}"),
+            "trace": (f"kc_entry_{index}", f"kc_return_{index}")}[mode]
+
+
+def read_stats(program, count: int) -> np.ndarray:
+    """Per function: calls, errors, total_ns, max_ns, summed over CPUs (max: the largest)."""
+    table = program.bpf[b"kc_stats"]
+    out = np.zeros((count, 4), dtype=np.uint64)
+    for i in range(count):
+        per_cpu = table[table.Key(i)]
+        out[i, 0] = sum(v.calls for v in per_cpu)
+        out[i, 1] = sum(v.errors for v in per_cpu)
+        out[i, 2] = sum(v.total_ns for v in per_cpu)
+        out[i, 3] = max((v.max_ns for v in per_cpu), default=0)
+    return out
+
+
+def read_histograms(program, count: int) -> np.ndarray:
+    """[function, log2 bucket] counts: bucket b holds calls of 2**b to 2**(b+1) - 1 ns."""
+    table = program.bpf[b"kc_hist"]
+    out = np.zeros((count, SLOTS), dtype=np.uint64)
+    for i in range(count):
+        for b in range(SLOTS):
+            out[i, b] = sum(table[table.Key(i * SLOTS + b)])
+    return out
+
+
+def read_stack_counts(program) -> dict:
+    """{(function index, stack id): calls} (with --stack)."""
+    return {(int(k.fn), int(k.stack)): int(v.value)
+            for k, v in program.bpf[b"kc_stack_counts"].items()}
+
+
+def stack(program, stack_id: int) -> list:
+    """A user stack's addresses, innermost first."""
+    if stack_id < 0:
+        return []
+    try:
+        return list(program.bpf[b"kc_stacks"].walk(stack_id))
+    except KeyError:
+        return []
+
+
+def lost(program) -> int:
+    return int(sum(program.bpf[b"kc_lost"][0]))

@@ -1,0 +1,314 @@
+"""CallTracer: `keytrace calls`, ltrace's interface on keytrace's engine.
+
+Patterns are resolved to functions (tracer.host.patterns), typed from the prototype table or
+DWARF (tracer.host.prototypes), and probed in one of three modes:
+
+  count (-c)       one probe per function bumps a per-CPU counter; no record per call. It sits
+                   on the function's planned site (an emulated instruction of its prologue,
+                   tracer.host.planner.plan_entry) where there is one, else on the entry;
+  time (-c -T)     entry and return probes: counts, errors, total and max time, and a log2
+                   latency histogram per function, all kept in the kernel;
+  trace (default)  an entry record (arguments, strings) and a return record per call, paired
+                   per thread into ltrace's lines.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import threading
+import time
+from collections import defaultdict
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import wire
+from .analysis import calls as report
+from .bpf import calls as kc
+from .bpf import doctor, units
+from .bpf.loader import DEFAULT_RING_PAGES, Program
+from .errors import KeytraceError
+from .host import patterns as pat
+from .host import planner, proc
+from .host import prototypes as protos
+from .session import Launched, end_command, gate_execs, spawn_gated
+
+LIFECYCLE_PAGES = 64  # fork/exec/exit records only: 256 KiB
+
+
+def prototype(t: pat.Target) -> Optional[protos.Prototype]:
+    """The table's prototype, else what DWARF says (an IFUNC pair named a|b: by the first)."""
+    name = t.function.split("|")[0]
+    return protos.lookup(name) or protos.dwarf_prototype(t.path, name)
+
+
+class CallTracer:
+    """Trace or count library calls. patterns: [LIB:]FUNC globs and !FUNC exclusions; pids or
+    command (argv) as KeyTracer takes them, neither: the whole host. count: kernel counters
+    only (-c); timing: durations (-T); stacks: user stacks (--stack). on_call(call) gets each
+    finished call (a dict, see tracer.analysis.calls) in trace mode; keep: also keep them.
+    quiet_stdout: the launched command writes its standard output to our standard error."""
+
+    def __init__(self, patterns: Sequence[str], pids: Optional[Iterable[int]] = None,
+                 command: Optional[Sequence[str]] = None, count: bool = False,
+                 timing: bool = False, stacks: bool = False, strsize: int = 32,
+                 sites: str = "planned", limit: int = pat.DEFAULT_LIMIT, keep: bool = True,
+                 on_call: Optional[Callable[[dict], None]] = None, interval: float = 0.05,
+                 ring_pages: int = DEFAULT_RING_PAGES,
+                 on_note: Optional[Callable[[str], None]] = None, quiet_stdout: bool = False):
+        if strsize < 0:
+            raise KeytraceError(f"-s takes a size of 0 or more, not {strsize}")
+        if sites not in ("planned", "entry"):
+            raise KeytraceError(f"sites is planned or entry, not {sites!r}")
+        self.patterns = list(patterns)
+        self.pids = None if pids is None else sorted({int(p) for p in pids})
+        self.command = list(command) if command else None
+        self.mode = ("time" if timing else "count") if count else "trace"
+        self.timing, self.stacks, self.strsize = timing, stacks, strsize
+        self.sites, self.limit, self.keep = sites, limit, keep
+        self.on_call, self.on_note = on_call, on_note
+        self.interval, self.ring_pages = interval, ring_pages
+        self.quiet_stdout = quiet_stdout  # the command's stdout to our stderr (JSON on ours)
+        self.targets: list = []
+        self.functions: list = []
+        self.placement: dict = {}   # function index -> "planned +0x4" or why the entry
+        self.notes: list = []
+        self.calls: list = []
+        self.process: Optional[Launched] = None
+        self.lost = 0
+        self._program: Optional[Program] = None
+        self._reader = None
+        self._pairer: Optional[report.Pairer] = None
+        self._final: Optional[tuple] = None  # (stats, histograms, stack counts) read at stop
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self) -> "CallTracer":
+        if self._program is not None:
+            raise KeytraceError("this tracer is already started")
+        for pid in self.pids or ():
+            if not proc.exists(pid):
+                raise KeytraceError(f"no process with pid {pid}")
+        exe = None
+        if self.command:
+            exe = shutil.which(self.command[0])
+            if exe is None:
+                raise KeytraceError(f"command not found: {self.command[0]}")
+        # A pattern that names nothing is told first: it needs no privileges to find out.
+        self.targets = pat.resolve(self.patterns, self.pids or (), exe, self.limit)
+        doctor.require_tracing()
+        self.functions = [report.Function(t.library, t.function, prototype(t)) for t in self.targets]
+        for t in self.targets:
+            if t.ifunc and "resolver" in t.ifunc:
+                self._note(t.ifunc)
+        gate = None
+        try:
+            filter_pids = self.pids
+            if self.command:
+                self.process, gate = spawn_gated(self.command, self.quiet_stdout)
+                filter_pids = self.pids or []  # the gate's pid: from its exec on, below
+            probes = [kc.Probe(i, tuple(protos.string_args(f.proto)), report.failure_of(f.proto))
+                      for i, f in enumerate(self.functions)]
+            trace_pages = self.ring_pages if self.mode == "trace" else 1
+            self._program = Program(
+                [kc.CALLS, units.LIFECYCLE], filter_pids, LIFECYCLE_PAGES,
+                prelude=kc.prelude(len(probes), self.strsize, trace_pages, self.stacks,
+                                   errno=self.mode == "trace" and any(
+                                       f.proto and f.proto.errno_on == "-1" for f in self.functions)),
+                programs=kc.programs(probes, self.mode))
+            atexit.register(self.stop)
+            self._program.open()
+            if self.process is not None:
+                self._program.add_pid(self.process.pid, after_execs=gate_execs())
+            self._attach()
+            if self.mode == "trace":
+                self._reader = self._program.reader("kc_events", wire.call_record(self.strsize),
+                                                    trace_pages)
+                self._pairer = report.Pairer(self.functions, self.strsize,
+                                             wire.boot_to_wall_offset_ns(),
+                                             self._stack if self.stacks else None)
+            if gate is not None:
+                os.write(gate, b"go\n")
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            if gate is not None:
+                os.close(gate)
+        self._thread = threading.Thread(target=self._run, name="keytrace-calls", daemon=True)
+        self._thread.start()
+        return self
+
+    def _attach(self) -> None:
+        by_path: dict = defaultdict(list)
+        for i, t in enumerate(self.targets):
+            entry, ret = kc.names(i, self.mode)
+            at = t.address
+            if self.mode == "count":
+                at, self.placement[i] = self._site(t)
+            else:
+                self.placement[i] = "entry and return"
+            by_path[t.path].append((at, entry, False))
+            if ret:
+                by_path[t.path].append((t.address, ret, True))
+        for path, probes in by_path.items():
+            self._program.attach_programs(path, probes)
+
+    def _site(self, t: pat.Target) -> tuple:
+        """(address, how) of a counting probe: the planned site, else the entry."""
+        if self.sites != "planned":
+            return t.address, "entry (asked for)"
+        try:
+            site = planner.plan_entry(t.path, t.address, t.size, t.function)
+        except planner.Refused as e:
+            return t.address, f"entry ({e})"
+        return site.address, f"planned +{site.address - t.address:#x} ({site.insn.hex()})"
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval):
+                self.poll()
+        except BaseException as e:  # surfaced by wait()/stop(), never lost in the thread
+            self._error = e
+
+    def poll(self) -> int:
+        """Drain the rings once; returns the calls finished."""
+        with self._lock:
+            if self._program is None or self._program.bpf is None:
+                return 0
+            done = []
+            if self._reader is not None:
+                done = self._pairer.feed(self._reader.drain())
+            life = self._program.drain()
+            for pid in life["pid"][life["op"] == wire.CODE["exit"]].tolist():
+                if self._pairer is not None:
+                    done += self._pairer.end(pid)
+            if self._reader is not None:
+                self.lost = kc.lost(self._program)
+            for call in done:
+                if self.keep:
+                    self.calls.append(call)
+                if self.on_call:
+                    self.on_call(call)
+            return len(done)
+
+    def wait(self, duration: Optional[float] = None, stop: Optional[threading.Event] = None) -> str:
+        """Until the command (or every pid) has exited, duration passed, or stop is set:
+        "exited", "duration" or "stopped"."""
+        deadline = None if duration is None else time.monotonic() + duration
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self.process is not None and self.process.poll() is not None:
+                return "exited"
+            if self.pids and self.process is None and not any(proc.alive(p) for p in self.pids):
+                return "exited"
+            if deadline is not None and time.monotonic() >= deadline:
+                return "duration"
+            if stop is not None and stop.is_set():
+                return "stopped"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Drain, read the counters, detach every probe, end a launched command. Idempotent."""
+        end_command(self.process)
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+        try:
+            if self._program is not None and self._program.bpf is not None:
+                self.poll()
+                if self._pairer is not None:
+                    for call in self._pairer.end():
+                        if self.keep:
+                            self.calls.append(call)
+                        if self.on_call:
+                            self.on_call(call)
+                self._final = self._counters()
+        finally:
+            if self._program is not None:
+                self._program.close()
+                self._program = None
+            atexit.unregister(self.stop)
+
+    def __enter__(self) -> "CallTracer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _note(self, text: str) -> None:
+        self.notes.append(text)
+        if self.on_note:
+            self.on_note(text)
+
+    # -- results --------------------------------------------------------------------------------
+    def _stack(self, stack_id: int) -> list:
+        return kc.stack(self._program, stack_id)
+
+    def _counters(self) -> tuple:
+        n = len(self.functions)
+        stats = kc.read_stats(self._program, n)
+        hist = kc.read_histograms(self._program, n) if self.mode == "time" else None
+        stacks = None
+        if self.stacks and self.mode != "trace":
+            counts = kc.read_stack_counts(self._program)
+            walked = {sid: self._stack(sid) for _, sid in counts}
+            stacks = (counts, walked)
+        return stats, hist, stacks
+
+    def _now(self) -> tuple:
+        if self._final is not None:
+            return self._final
+        with self._lock:
+            if self._program is None:
+                raise KeytraceError("this tracer was never started")
+            return self._counters()
+
+    @property
+    def attached(self) -> int:
+        return self._program.attached if self._program is not None else 0
+
+    def counts(self) -> pd.DataFrame:
+        """ltrace -c's table (tracer.analysis.calls.COUNT_COLUMNS), from the kernel's counters."""
+        if self.mode == "trace":
+            return _counted_calls(self.functions, self.calls, self.timing)
+        return report.counts_frame(self.functions, self._now()[0], self.mode == "time")
+
+    def histograms(self) -> pd.DataFrame:
+        """The log2 latency histograms of -c -T."""
+        hist = self._now()[1] if self.mode == "time" else None
+        if hist is None:
+            raise KeytraceError("latency histograms need count=True, timing=True (-c -T)")
+        return report.histogram_frame(self.functions, hist)
+
+    def stack_counts(self) -> pd.DataFrame:
+        stacks = self._now()[2] if self.mode != "trace" else None
+        if stacks is None:
+            raise KeytraceError("calls per stack need count=True, stacks=True (-c --stack)")
+        counts, walked = stacks
+        return report.stacks_frame(self.functions, counts, lambda sid: walked.get(sid, []))
+
+    def frame(self) -> pd.DataFrame:
+        """Every call kept (trace mode), as a frame (tracer.analysis.calls.CALL_COLUMNS)."""
+        return report.calls_frame(self.calls)
+
+
+def _counted_calls(functions: list, calls: list, timing: bool) -> pd.DataFrame:
+    """-c's table from traced calls (trace mode): the same columns."""
+    index = {(f.library, f.name): i for i, f in enumerate(functions)}
+    stats = np.zeros((len(functions), 4), dtype=np.uint64)
+    for c in calls:
+        i = index[(c["library"], c["function"])]
+        stats[i, 0] += 1
+        stats[i, 1] += bool(c.get("error"))
+        d = c["duration_ns"] or 0
+        stats[i, 2] += d
+        stats[i, 3] = max(int(stats[i, 3]), d)
+    return report.counts_frame(functions, stats, timing)

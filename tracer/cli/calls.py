@@ -1,0 +1,192 @@
+"""`keytrace calls`: ltrace's interface on keytrace's engine. Thin: tracer.calls probes,
+tracer.analysis.calls decides what a line, a table and a histogram say; here they are printed."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..analysis import calls as report
+from ..calls import CallTracer
+from ..errors import KeytraceError
+from ..store.files import check_writable, json_lines, save_table
+from .console import EXIT_USAGE, err, fail, out
+
+
+def calls(
+    command: Optional[List[str]] = typer.Argument(
+        None, help="Launch this command (after --) and trace it with its children."),
+    pattern: List[str] = typer.Option(..., "-e", "--pattern", help="[LIB:]FUNC to probe, globs "
+                                      "allowed (repeatable); LIB defaults to libc and is a short "
+                                      "name (libssl), a soname or a path; '!FUNC' excludes."),
+    pid: Optional[List[int]] = typer.Option(None, "--pid", "-p", help="Trace this process and "
+                                            "its children (repeatable). Default: the whole host."),
+    count: bool = typer.Option(False, "-c", "--count", help="Count calls in the kernel (no "
+                               "record per call) and print ltrace -c's table at the end."),
+    timing: bool = typer.Option(False, "-T", "--time", help="Time each call; with -c: total, "
+                                "mean and max time, errors, and a log2 latency histogram."),
+    stack: bool = typer.Option(False, "--stack", help="The user stack of each call; with -c, "
+                               "calls per stack."),
+    duration: Optional[float] = typer.Option(None, "--duration", "-d", min=0,
+                                             help="Stop after this many seconds."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the calls (with -c: "
+                                          "the table): .parquet, .csv or .jsonl, by extension."),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines: one object per call (with "
+                                 "-c: per function). A launched command's own output then goes "
+                                 "to standard error."),
+    strsize: int = typer.Option(32, "-s", "--string-size", min=0, help="Show strings up to this "
+                                "many bytes."),
+    sites: str = typer.Option("planned", "--sites", help="planned: a -c probe sits on an "
+                              "instruction of the prologue the kernel emulates, where one is "
+                              "proved to run once per call (else the entry); entry: on the entry."),
+):
+    """Trace library calls like ltrace, or count them in the kernel like ltrace -c, with uprobes
+    instead of ptrace: no stop per call, and calls that ltrace cannot see (binaries linked with
+    -z now -fno-plt) are counted too. Every call of the function counts, whoever calls it (the
+    program, or the library itself).
+
+    Ends on Ctrl-C, SIGTERM, --duration, when the launched command exits, or when every --pid
+    process has exited.
+
+    \b
+    Examples (beside their ltrace equivalents):
+      keytrace calls -e malloc -e free -- ls              ltrace -e malloc+free ls
+      keytrace calls -c -e 'libc:str*' -- ./server        ltrace -c -e 'str*' ./server
+      keytrace calls -c -T -e 'libssl:SSL_*' -p 1234      ltrace -c -T -e 'SSL_*@libssl*' -p 1234
+      keytrace calls -T -e open -e '!open64' -- make      ltrace -T -e open-open64 make
+      keytrace calls -e getenv -s 64 --json -- ./app      (no ltrace equivalent)
+    """
+    if sites not in ("planned", "entry"):
+        raise fail(f"--sites takes planned or entry, not {sites!r}", EXIT_USAGE)
+    try:
+        if output is not None:
+            check_writable(output)
+        stdout = sys.stdout
+        show = None
+        if not count and output is None or not count and as_json:
+            show = ((lambda c: _write(stdout, json.dumps(report.json_record(c, timing)) + "\n"))
+                    if as_json else
+                    (lambda c: _write(stdout, report.line(c, timing) + _stack(c, stack) + "\n")))
+        tracer = CallTracer(pattern, pids=pid or None, command=command or None, count=count,
+                            timing=timing, stacks=stack, strsize=strsize, sites=sites,
+                            keep=output is not None, on_call=show, quiet_stdout=as_json,
+                            on_note=lambda t: err.print(f"keytrace: {t}", markup=False,
+                                                        soft_wrap=True))
+        _run(tracer, duration)
+    except KeytraceError as e:
+        raise fail(str(e))
+    if tracer.lost:
+        err.print(f"keytrace: warning: {tracer.lost} call records were lost (ring buffer full): "
+                  "lines are missing; -c counts in the kernel and loses none", markup=False)
+    if count:
+        _report_counts(tracer, timing, stack, as_json, output)
+    elif output is not None:
+        save_table(tracer.frame(), output)
+        err.print(f"keytrace: wrote {len(tracer.calls)} calls to {output}", markup=False)
+
+
+def _write(stream, text: str) -> None:
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:  # keytrace calls ... | head
+        pass
+
+
+def _stack(call: dict, wanted: bool) -> str:
+    if not wanted or not call.get("stack"):
+        return ""
+    return "".join(f"\n    {a}" for a in call["stack"].split())
+
+
+def _run(tracer: CallTracer, duration: Optional[float]) -> None:
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        tracer.start()
+        placed = sum(1 for how in tracer.placement.values() if how.startswith("planned"))
+        files = len({t.path for t in tracer.targets})
+        where = (f"; {placed} on planned sites" if tracer.mode == "count" else "")
+        err.print(f"keytrace: {len(tracer.targets)} function(s) in {files} file(s), "
+                  f"{tracer.attached} probes{where}", markup=False, soft_wrap=True)
+        try:
+            tracer.wait(duration=duration, stop=stop)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        tracer.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report_counts(tracer: CallTracer, timing: bool, stack: bool, as_json: bool,
+                   output: Optional[Path]) -> None:
+    table = tracer.counts()
+    hist = tracer.histograms() if timing else None
+    if output is not None:
+        save_table(table, output)
+        err.print(f"keytrace: wrote {len(table)} functions to {output}", markup=False)
+    if as_json:
+        rows = table.drop(columns=["time_pct"])
+        if hist is not None:
+            by = {k: g[["from_ns", "to_ns", "calls"]].to_dict(orient="records")
+                  for k, g in hist.groupby(["library", "function"])}
+            rows = rows.assign(histogram=[by.get((r.library, r.function), [])
+                                          for r in rows.itertuples()])
+        sys.stdout.write(json_lines(rows))
+        sys.stdout.flush()
+        return
+    out.print(_counts_table(table, timing))
+    if hist is not None:
+        for (lib, fn), g in hist.groupby(["library", "function"], sort=False):
+            out.print(_histogram(f"{lib}!{fn}", g))
+    if stack:
+        out.print(_stacks_table(tracer.stack_counts()))
+
+
+def _counts_table(df, timing: bool) -> Table:
+    t = Table(title="calls, counted in the kernel", title_justify="left")
+    if timing:
+        for name in ("% time", "seconds", "usecs/call", "max usecs", "calls", "errors"):
+            t.add_column(name, justify="right")
+    else:
+        t.add_column("calls", justify="right")
+    t.add_column("function")
+    for r in df.itertuples():
+        fn = f"{r.library}!{r.function}"
+        if timing:
+            t.add_row(f"{r.time_pct:.2f}", f"{r.total_ns / 1e9:.6f}", f"{r.mean_ns / 1e3:.3f}",
+                      f"{r.max_ns / 1e3:.3f}", str(r.calls), str(r.errors), fn)
+        else:
+            t.add_row(str(r.calls), fn)
+    total = int(df["calls"].sum())
+    if timing:
+        t.add_row("100.00", f"{df['total_ns'].sum() / 1e9:.6f}", "", "", str(total),
+                  str(int(df["errors"].sum())), "total", style="bold")
+    else:
+        t.add_row(str(total), "total", style="bold")
+    return t
+
+
+def _histogram(name: str, g) -> Table:
+    t = Table(title=f"{name}: latency", title_justify="left")
+    for col, just in (("ns", "right"), ("calls", "right"), ("", "left")):
+        t.add_column(col, justify=just)
+    top = max(int(g["calls"].max()), 1)
+    for r in g.itertuples():
+        t.add_row(f"{r.from_ns} .. {r.to_ns}", str(r.calls), "#" * max(1, round(40 * r.calls / top)))
+    return t
+
+
+def _stacks_table(df) -> Table:
+    t = Table(title="calls per user stack", title_justify="left")
+    for col in ("calls", "function", "stack (innermost first)"):
+        t.add_column(col)
+    for r in df.head(20).itertuples():
+        t.add_row(str(r.calls), f"{r.library}!{r.function}", r.stack or "(no stack)")
+    return t

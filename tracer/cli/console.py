@@ -1,0 +1,18 @@
+"""What every command prints through: stdout and stderr consoles, one-line errors, exit codes."""
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+EXIT_ERROR, EXIT_USAGE, EXIT_LEAK = 1, 2, 3
+
+# Piped output gets a width that fits the verdicts instead of rich's default 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> "typer.Exit":
+    err.print(f"keytrace: error: {message}", markup=False, soft_wrap=True)
+    return typer.Exit(code)

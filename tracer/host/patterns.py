@@ -1,0 +1,482 @@
+"""`keytrace calls -e PATTERN`: which functions of which files a list of patterns names.
+
+A pattern is `[LIB:]FUNC`, with fnmatch globs in both parts; `!` in front excludes what it
+matches. LIB (libc when left out) is a short name (`libssl`: libssl.so, libssl.so.3,
+libssl-1.1.so), a soname (`libc.so.6`), a glob over those names (`libssl*`), a path to a library
+or program, or `exe` (or the program's own file name) for the main program of the traced pids
+or command. As bpftrace does, names are looked up in ld.so.cache (`ldconfig -p`, x86-64 entries)
+and, when pids are given, first in the files those processes map, opened through
+/proc/PID/map_files so that a process in a mount namespace of its own gets its own files.
+
+FUNC globs match the defined function symbols (STT_FUNC, STT_GNU_IFUNC) of .dynsym and .symtab
+(and of the separate debug file, when one is installed), `@VERSION` suffixes cut off. Aliases
+(malloc, __libc_malloc) share an address: matching any of them selects it once, shown by the
+shortest name that does not start with an underscore. Files are told apart by (st_dev, st_ino).
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import functools
+import glob as globbing
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from ..errors import KeytraceError
+from . import proc
+from .elf import FileCache, _debug_file, _tables
+from .libc import is_musl
+
+DEFAULT_LIBRARY = "libc"
+DEFAULT_LIMIT = 1000
+MAIN = "exe"  # the LIB that names the main program of the traced pids or command
+USAGE = "a pattern is [LIB:]FUNC or !FUNC to exclude, globs allowed: libc:malloc, 'libssl:SSL_*'"
+_GLOB = re.compile(r"[*?\[]")
+_FUNCTION_TYPES = (2, 10)  # STT_FUNC, STT_GNU_IFUNC
+
+
+@dataclass(frozen=True)
+class Target:
+    """One function to probe."""
+    path: str      # openable from here (may be a /proc/PID/map_files link)
+    name: str      # the file's display path: /usr/lib/x86_64-linux-gnu/libc.so.6
+    library: str   # short display name: the soname or the file name, libc.so.6
+    function: str  # display name: the shortest alias not starting with "_"
+    address: int   # the symbol's st_value: what bcc's attach_uprobe(name=path, addr=...) wants
+    size: int
+    # "": a plain function; else why the address is not the symbol's: an IFUNC's implementation
+    # ("strlen: __strlen_avx2"), or why it could not be found (then the resolver's address)
+    ifunc: str = ""
+
+
+@dataclass(frozen=True)
+class Pattern:
+    text: str                # as given
+    library: Optional[str]   # None: not given (libc for an inclusion, any for an exclusion)
+    function: str
+    exclude: bool
+
+
+def parse_pattern(text: str) -> Pattern:
+    """`[!][LIB:]FUNC` split and checked; KeytraceError when it is malformed."""
+    body = text.strip()
+    exclude = body.startswith("!")
+    body = body[1:] if exclude else body
+    if not body:
+        raise KeytraceError(f"empty pattern {text!r}: {USAGE}")
+    # FUNC never holds a ':' (symbols are mangled names); a path as LIB might.
+    library, colon, function = body.rpartition(":")
+    if colon and not library:
+        raise KeytraceError(f"pattern {text!r} has an empty library before ':': {USAGE}")
+    if colon and not function:
+        raise KeytraceError(f"pattern {text!r} has an empty function after ':': {USAGE}")
+    _check_glob(function, text, "function")
+    if colon and "/" not in library:
+        _check_glob(library, text, "library")
+    return Pattern(text, library if colon else None, function, exclude)
+
+
+def _check_glob(part: str, text: str, what: str) -> None:
+    if re.search(r"\s", part) or (what == "function" and "/" in part):
+        raise KeytraceError(f"bad {what} glob {part!r} in pattern {text!r}: {USAGE}")
+    i = part.find("[")
+    while i >= 0:
+        # As fnmatch reads a bracket: '!' negates, a ']' right after the opening is literal.
+        j = i + 1 + (part[i + 1:i + 2] == "!")
+        j += part[j:j + 1] == "]"
+        end = part.find("]", j)
+        if end < 0:
+            raise KeytraceError(f"bad {what} glob {part!r} in pattern {text!r}: '[' is not closed")
+        i = part.find("[", end + 1)
+
+
+# ---- libraries ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def ld_cache() -> dict:
+    """soname -> path of the x86-64 entries of ld.so.cache, the dynamic linker's first choice
+    for each name (as `ldconfig -p` lists them, best first). ld_cache.cache_clear() rereads it."""
+    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
+    try:
+        text = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=10,
+                              check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    found: dict = {}
+    for m in re.finditer(r"^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(\S.*?)\s*$", text, re.MULTILINE):
+        if "x86-64" in (flag.strip() for flag in m.group(2).split(",")):  # x86-64 probes
+            found.setdefault(m.group(1), m.group(3))
+    return found
+
+
+@dataclass(frozen=True)
+class _Library:
+    path: str       # openable from here
+    name: str       # display path
+    library: str    # short display name
+    ident: tuple    # (st_dev, st_ino)
+    aliases: tuple  # names a LIB may match: sonames, file names
+    main: bool = False
+
+
+def _identity(path: str) -> Optional[tuple]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _display_library(aliases: Sequence[str]) -> str:
+    """A versioned soname (libssl.so.3) rather than the development link's (libssl.so)."""
+    rank = [(not re.search(r"\.so\.\d", a), ".so" not in a) for a in aliases]
+    return aliases[rank.index(min(rank))]
+
+
+@functools.lru_cache(maxsize=1)
+def _cache_files(entries: tuple) -> dict:
+    """(st_dev, st_ino) -> [sonames] for ld.so.cache's entries (keyed by them, so that
+    ld_cache.cache_clear() clears this too)."""
+    files: dict = {}
+    for soname, path in entries:
+        ident = _identity(path)
+        if ident is not None:
+            files.setdefault(ident, []).append(soname)
+    return files
+
+
+def _sonames(ident: tuple) -> list:
+    return _cache_files(tuple(ld_cache().items())).get(ident, [])
+
+
+def _library(opened: str, display: str, main: bool = False) -> Optional[_Library]:
+    """The file at opened (display: its path as its process sees it)."""
+    ident = _identity(opened)
+    if ident is None:
+        return None
+    path = opened
+    if opened.startswith("/proc/") and _identity(display) == ident:
+        path = display  # the same file in our mount namespace: a path that outlives the process
+    aliases = tuple(dict.fromkeys([*_sonames(ident), os.path.basename(display)]))
+    library = os.path.basename(display) if main else _display_library(aliases)
+    return _Library(path, display, library, ident, aliases, main)
+
+
+def _cache_libraries() -> list:
+    out = []
+    for ident, sonames in _cache_files(tuple(ld_cache().items())).items():
+        path = os.path.realpath(ld_cache()[sonames[0]])  # as /proc/PID/maps would show it
+        out.append(_Library(path, path, _display_library(sonames), ident,
+                            tuple(dict.fromkeys([*sonames, os.path.basename(path)]))))
+    return out
+
+
+def _short_name(spec: str):
+    """libssl matches libssl.so, libssl.so.3 and libssl-1.1.so (not libssl3.so)."""
+    return re.compile(rf"{re.escape(spec)}(\.so(\..*)?|-\d[^/]*\.so(\..*)?)\Z").match
+
+
+class _Scope:
+    """The files a LIB may name, for these pids and this command; read once, when needed."""
+
+    def __init__(self, pids: Sequence[int], exe: Optional[str]):
+        self.pids, self.exe = list(pids), exe
+        self._mapped: Optional[list] = None
+        self._main: Optional[list] = None
+
+    def mapped(self) -> list:
+        if self._mapped is None:
+            self._mapped = []
+            for pid in self.pids:
+                program = proc.exe(pid)
+                for path, _, link in proc.modules(pid):
+                    lib = _library(link, path, main=path == program)
+                    if lib is not None:
+                        self._mapped.append(lib)
+        return self._mapped
+
+    def main(self) -> list:
+        if self._main is None:
+            self._main = [lib for lib in self.mapped() if lib.main]
+            if self.exe:
+                path = os.path.abspath(self.exe) if "/" in self.exe else shutil.which(self.exe)
+                lib = _library(path, os.path.realpath(path), main=True) if path else None
+                if lib is None:
+                    raise KeytraceError(f"no such program: {self.exe}")
+                self._main.append(lib)
+        return self._main
+
+    def needed(self) -> list:
+        """The libraries the command's program names (DT_NEEDED), found where its loader
+        would look first: RUNPATH/RPATH ($ORIGIN too), then LD_LIBRARY_PATH."""
+        if not self.exe or self.pids:
+            return []
+        out = []
+        for program in self.main():
+            try:
+                with open(program.path, "rb") as fh:
+                    dyn = ELFFile(fh).get_section_by_name(".dynamic")
+                    tags = list(dyn.iter_tags()) if dyn is not None else []
+            except (OSError, ELFError, ValueError):
+                continue
+            origin = os.path.dirname(program.name)
+            dirs = [d.replace("$ORIGIN", origin).replace("${ORIGIN}", origin)
+                    for t in tags if t.entry.d_tag in ("DT_RUNPATH", "DT_RPATH")
+                    for d in (t.runpath if t.entry.d_tag == "DT_RUNPATH" else t.rpath).split(":")]
+            dirs += [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
+            for t in tags:
+                if t.entry.d_tag == "DT_NEEDED":
+                    path = next((os.path.join(d, t.needed) for d in dirs
+                                 if os.path.exists(os.path.join(d, t.needed))), None)
+                    lib = _library(path, os.path.realpath(path)) if path else None
+                    if lib is not None:
+                        out.append(lib)
+        return out
+
+    def libraries(self, spec: str) -> list:
+        """The files spec names, one per identity; KeytraceError when there is none."""
+        if spec == MAIN:
+            found = self.main()
+            if not found:
+                raise KeytraceError(f"'{MAIN}' names the traced program: give -p PID or a command")
+        elif "/" in spec:
+            found = self._paths(spec)
+        else:
+            match = self._matcher(spec)
+            found = [lib for lib in self.mapped() + self.main() + self.needed() if match(lib)]
+            if not found:  # not mapped (yet): what the dynamic linker would load
+                found = [lib for lib in _cache_libraries() if match(lib)]
+            if not found:
+                raise KeytraceError(self._unknown(spec))
+        return list({lib.ident: lib for lib in reversed(found)}.values())[::-1]
+
+    def _matcher(self, spec: str):
+        short = _short_name(spec) if not _GLOB.search(spec) and ".so" not in spec else None
+
+        def match(lib: _Library) -> bool:
+            if spec == DEFAULT_LIBRARY and is_musl(lib.name):
+                return True
+            return any(fnmatch.fnmatchcase(a, spec) or (short and short(a)) for a in lib.aliases)
+        return match
+
+    def _paths(self, spec: str) -> list:
+        found = []
+        spec = os.path.abspath(spec)
+        for path in (sorted(globbing.glob(spec)) if _GLOB.search(spec) else [spec]):
+            mapped = [lib for lib in self.mapped() if lib.name == path]
+            lib = mapped[0] if mapped else _library(path, os.path.realpath(path))
+            if lib is None:  # the path as the traced processes see it
+                lib = next((_library(f"/proc/{pid}/root{path}", path) for pid in self.pids
+                            if _identity(f"/proc/{pid}/root{path}")), None)
+            if lib is not None and (path == spec or _FUNCTIONS.get(lib.path)[1] is not None):
+                found.append(lib)  # what a glob finds that is not ELF is not a library
+        if not found:
+            where = f" (nor under /proc/{self.pids[0]}/root)" if self.pids else ""
+            raise KeytraceError(f"no such file: {spec}{where}")
+        return found
+
+    def _unknown(self, spec: str) -> str:
+        names: dict = {}  # a name or its stem -> the name to suggest
+        for lib in _cache_libraries() + self.mapped() + self.main() + self.needed():
+            for alias in (lib.library, *lib.aliases):
+                names.setdefault(alias, lib.library)
+                names.setdefault(alias.split(".so")[0], lib.library)
+        query = _GLOB.sub("", spec)
+        close = list(dict.fromkeys(names[n] for n in difflib.get_close_matches(query, names, n=6)))
+        where = "ld.so.cache" + (" or the files mapped by pid " + ", ".join(map(str, self.pids))
+                                 if self.pids else "")
+        hint = f": did you mean {', '.join(close[:3])}?" if close else f" in {where}"
+        return f"no library matches {spec!r}{hint}"
+
+
+# ---- functions ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Functions:
+    """The function symbols of one file, one entry per address."""
+    addresses: tuple
+    sizes: tuple
+    display: tuple
+    index: dict
+    ifuncs: frozenset  # addresses of STT_GNU_IFUNC symbols: resolvers, run once at load      # every name -> positions of its addresses (one name may have several)
+
+
+def _read_functions(path: str) -> Optional[_Functions]:
+    try:
+        with open(path, "rb") as fh:
+            elf = ELFFile(fh)
+            tables = _tables(elf)
+            debug = _debug_file(elf, path)
+    except (ELFError, ValueError):
+        return None  # not an ELF file: an answer (an OSError is not)
+    try:
+        if debug is not None:  # the separate debug file's .symtab: the local functions too
+            with open(debug, "rb") as dfh:
+                tables += _tables(ELFFile(dfh))
+    except (OSError, ELFError, ValueError):
+        pass  # the file's own tables still stand
+    found: dict = {}  # address -> [size, names]
+    ifuncs = set()
+    for _, syms, names in tables:
+        funcs = np.flatnonzero(np.isin(syms["info"] & 0xF, _FUNCTION_TYPES)
+                               & (syms["value"] != 0) & (syms["shndx"] != 0))
+        values, sizes = syms["value"][funcs].tolist(), syms["size"][funcs].tolist()
+        ifuncs.update(syms["value"][funcs][(syms["info"][funcs] & 0xF) == 10].tolist())
+        for i, value, size in zip(funcs.tolist(), values, sizes):
+            name = names[i].split("@")[0]
+            if name:
+                entry = found.setdefault(value, [0, []])
+                entry[0] = max(entry[0], size)
+                if name not in entry[1]:
+                    entry[1].append(name)
+    addresses = sorted(found)
+    index: dict = {}
+    for pos, address in enumerate(addresses):
+        for name in found[address][1]:
+            index.setdefault(name, []).append(pos)
+    return _Functions(tuple(addresses), tuple(found[a][0] for a in addresses),
+                      tuple(min(found[a][1], key=lambda n: (n.startswith("_"), len(n), n))
+                            for a in addresses), index, frozenset(ifuncs))
+
+
+_FUNCTIONS = FileCache(_read_functions)
+
+
+def _functions(lib: _Library) -> _Functions:
+    table = _FUNCTIONS.get(lib.path)[1]
+    if table is None:
+        if _identity(lib.path) is None:
+            raise KeytraceError(f"cannot read {lib.name}: the file or its process is gone")
+        raise KeytraceError(f"{lib.name} is not an ELF file")
+    return table
+
+
+def _matching(table: _Functions, function: str) -> list:
+    """Positions of the addresses whose names function matches."""
+    if not _GLOB.search(function):
+        return table.index.get(function, [])
+    match = re.compile(fnmatch.translate(function)).match
+    return sorted({p for name, positions in table.index.items() if match(name) for p in positions})
+
+
+def _no_function(pattern: Pattern, libs: list) -> str:
+    names = {n for lib in libs for n in _functions(lib).index}
+    query = _GLOB.sub("", pattern.function)
+    if not query.startswith("_"):
+        names = {n for n in names if not n.startswith("_")} or names
+    close = difflib.get_close_matches(query, sorted(names), n=3)
+    shown = [lib.library for lib in libs]
+    where = (", ".join(shown) if len(shown) <= 3
+             else f"{len(shown)} libraries matching {pattern.library!r}")
+    hint = f": did you mean {', '.join(close)}?" if close else ""
+    return f"no function in {where} matches {pattern.function!r}{hint}"
+
+
+def _target(lib: _Library, table: _Functions, pos: int, asked: Optional[str] = None) -> Target:
+    address, name = table.addresses[pos], asked or table.display[pos]
+    if address not in table.ifuncs:
+        return Target(lib.path, lib.name, lib.library, name, address, table.sizes[pos])
+    found = _implementation(lib, name)
+    if found is None:
+        return Target(lib.path, lib.name, lib.library, name, address, table.sizes[pos],
+                      ifunc=f"{name} is an IFUNC and keytrace does not map {lib.library} itself: "
+                            "its resolver is probed, which runs at load only")
+    impl = table.addresses.index(found) if found in table.addresses else None
+    size = table.sizes[impl] if impl is not None else 0
+    what = table.display[impl] if impl is not None else f"{found:#x}"
+    return Target(lib.path, lib.name, lib.library, name, found, size, ifunc=f"{name}: {what}")
+
+
+def _implementation(lib: _Library, name: str) -> Optional[int]:
+    """The address (file vaddr) an IFUNC's resolver chose. It runs once, at load, so probes go
+    on its choice. This process maps the same file, on the same processor: dlsym here returns
+    the choice a traced process made too. None when this process does not map the file."""
+    import ctypes  # only for IFUNCs
+    for path, bias, opened in proc.modules(os.getpid()):
+        if _identity(opened) == lib.ident:
+            try:
+                fn = getattr(ctypes.CDLL(path), name)
+            except (OSError, AttributeError):
+                return None
+            return ctypes.cast(fn, ctypes.c_void_p).value - bias
+    return None
+
+
+def _one_per_address(targets: list) -> list:
+    """IFUNCs may choose one implementation (memcpy and memmove): probed once, named by both."""
+    by: dict = {}
+    for t in targets:
+        key = (_identity(t.path), t.address)
+        if key in by:
+            first = by[key]
+            by[key] = Target(first.path, first.name, first.library, f"{first.function}|{t.function}",
+                             first.address, first.size, first.ifunc)
+        else:
+            by[key] = t
+    return list(by.values())
+
+
+# ---- resolution --------------------------------------------------------------------------
+
+def resolve(patterns: Sequence[str], pids: Sequence[int] = (), exe: Optional[str] = None,
+            limit: int = DEFAULT_LIMIT) -> list[Target]:
+    """The functions the patterns select, exclusions applied, sorted by (library, function).
+    pids: the traced processes (their mapped files are looked at first); exe: the traced
+    command's program (a path or a name on PATH). KeytraceError, one line, when a pattern
+    names nothing or the selection exceeds limit."""
+    parsed = [parse_pattern(p) for p in patterns]
+    if not any(not p.exclude for p in parsed):
+        raise KeytraceError(f"nothing to trace: no pattern selects functions ({USAGE})")
+    missing = [pid for pid in pids if not proc.exists(pid)]
+    if missing:
+        raise KeytraceError(f"no process {missing[0]}")
+    scope = _Scope(pids, exe)
+    selected: dict = {}   # (ident, address) -> Target
+    chosen: dict = {}     # inclusion pattern -> its keys
+    libs_of: dict = {}    # ident -> _Library
+    for pattern in (p for p in parsed if not p.exclude):
+        libs = scope.libraries(pattern.library or DEFAULT_LIBRARY)
+        keys = chosen.setdefault(pattern.text, [])
+        for lib in libs:
+            table = _functions(lib)
+            libs_of.setdefault(lib.ident, lib)
+            for pos in _matching(table, pattern.function):
+                key = (lib.ident, table.addresses[pos])
+                keys.append(key)
+                if key not in selected:
+                    # a name asked for is the name shown (strchr, not its alias index)
+                    asked = None if _GLOB.search(pattern.function) else pattern.function
+                    selected[key] = _target(lib, table, pos, asked)
+        if not keys:
+            raise KeytraceError(_no_function(pattern, libs))
+    excluded: dict = {}  # key -> the exclusion that removed it
+    for pattern in (p for p in parsed if p.exclude):
+        within = ({lib.ident for lib in scope.libraries(pattern.library)}
+                  if pattern.library else None)
+        for ident, lib in libs_of.items():
+            if within is None or ident in within:
+                table = _functions(lib)
+                for pos in _matching(table, pattern.function):
+                    excluded.setdefault((ident, table.addresses[pos]), pattern.text)
+    for text, keys in chosen.items():
+        if all(k in excluded for k in keys):
+            by = ", ".join(repr(t) for t in dict.fromkeys(excluded[k] for k in keys))
+            raise KeytraceError(f"every function matching {text!r} is excluded (by {by})")
+    final = _one_per_address([t for k, t in selected.items() if k not in excluded])
+    if len(final) > limit:
+        counts = {text: len({k for k in keys if k not in excluded})
+                  for text, keys in chosen.items()}
+        worst = max(counts, key=counts.get)
+        raise KeytraceError(f"the patterns select {len(final)} functions ({counts[worst]} by "
+                            f"{worst!r}), more than the limit of {limit}: narrow them or "
+                            "exclude some with '!FUNC'")
+    return sorted(final, key=lambda t: (t.library, t.function, t.name, t.address))
