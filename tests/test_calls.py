@@ -140,3 +140,18 @@ def test_bad_patterns_are_one_line(pattern, message):
 def test_no_pattern_is_a_usage_error():
     r = keytrace("calls", "--", "true")
     assert r.returncode == 2 and "-e" in r.stderr
+
+
+def test_a_process_with_a_copied_libc_in_its_own_mount_namespace(bpf, keymaker, bins, tmp_path):
+    hidden = tmp_path / "nslib"
+    hidden.mkdir()
+    script = (f'mount -t tmpfs none {hidden} && cp /lib/x86_64-linux-gnu/libc.so.6 {hidden}/ '
+              f'&& LD_LIBRARY_PATH={hidden} exec {bins["keymaker"]}')
+    k = keymaker(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
+    with CallTracer(["pthread_key_create", "pthread_key_delete"], pids=[k.pid], count=True) as t:
+        # its libc is not at any path of ours: it is reached through the process's map_files
+        assert {tg.path.startswith(f"/proc/{k.pid}/map_files/") for tg in t.targets} == {True}
+        k.do("c 3")
+        k.do("d 2")
+    assert dict(zip(t.counts()["function"], t.counts()["calls"])) == {
+        "pthread_key_create": 3, "pthread_key_delete": 2}

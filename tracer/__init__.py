@@ -1,6 +1,6 @@
 """keytrace: find pthread key leaks with eBPF uprobes, into pandas.
 
-    from tracer import KeyTracer, Ledger, scan
+    from tracer import KeyTracer, Ledger, scan, CallTracer
 
 Layers, imports pointing down only:
     errors, wire          the record and op codes, defined once
@@ -8,17 +8,17 @@ Layers, imports pointing down only:
     store/                ledger and table files
     state/                processes, modules, keys: the state machines, and the tracker
     analysis/             attribution, forecast, verdicts, scan, the Ledger's queries
-    session               KeyTracer: probes in, a live Ledger out
+    session, calls        KeyTracer: probes in, a live Ledger out; CallTracer: any library call
     cli/, jupyter         front-ends
 """
 from importlib import import_module
 
-__all__ = ["KeyTracer", "Ledger", "KeytraceError", "scan"]
+__all__ = ["CallTracer", "KeyTracer", "Ledger", "KeytraceError", "scan"]
 __version__ = "0.2.0"
 
 # Imported on first use, so that `import tracer.<module>` loads no more than that module needs
 # (the agent decides what pandas may load before pandas is imported).
-_EXPORTS = {"KeyTracer": ".session", "Ledger": ".analysis.ledger", "KeytraceError": ".errors",
+_EXPORTS = {"CallTracer": ".calls", "KeyTracer": ".session", "Ledger": ".analysis.ledger", "KeytraceError": ".errors",
             "scan": ".analysis.scan"}
 
 

@@ -396,7 +396,7 @@ class KeyTracer:
                 return True
             fresh, done = [found], True
         else:
-            paths = libc.mapped_libraries(pid)
+            paths = libc.mapped_libraries(pid) if alive else []
             done = bool(paths) or last_try or not alive  # mapped, or never will be
             fresh = [t for t in (libc.target(p, self._functions, name) for p, name in paths) if t]
         if done and alive:
@@ -454,18 +454,19 @@ class KeyTracer:
                 self._early = []
             lost = self._probes.lost() - self._lost_base
             if len(batch):
-                frame = wire.decode(batch, self._offset, stack_of=self._probes.stack)
-                at = 0
-                for pos, facts in self._meet(batch, frame):
-                    self.ledger.ingest(frame.iloc[at:pos])
+                at, stack_of = 0, self._probes.stack
+                for pos, facts in self._meet(batch):
+                    self.ledger.ingest_records(batch[at:pos], self._offset, stack_of)
                     self.ledger.ingest(facts)
                     at = pos
-                self.ledger.ingest(frame.iloc[at:], lost=lost, now=time.time_ns())
+                self.ledger.ingest_records(batch[at:], self._offset, stack_of, lost=lost,
+                                           now=time.time_ns())
                 execs = batch["op"] == wire.CODE["exec"]
                 if execs.any():
                     now = time.monotonic() + 0.5
-                    self._pending.update((pid, (now, path)) for pid, path in zip(
-                        batch["pid"][execs].tolist(), frame["path"][execs].tolist()))
+                    self._pending.update(
+                        (pid, (now, raw.split(b"\0", 1)[0].decode("utf-8", "replace")))
+                        for pid, raw in zip(batch["pid"][execs].tolist(), batch["path"][execs]))
             else:  # a quiet poll: no frame to build (decoding costs ~3 ms even when empty)
                 self.ledger.advance(lost=lost, now=time.time_ns())
             # Records were lost: the kernel's counts stand in. They also count calls whose
@@ -484,22 +485,20 @@ class KeyTracer:
                 self._discover(time.monotonic())
             return len(batch)
 
-    def _meet(self, batch: np.ndarray, frame) -> list:
+    def _meet(self, batch: np.ndarray) -> list:
         """Tell the ledger what the host shows of the processes this batch is the first news
         of (identity), and of those about to create keys in a program image whose modules it
         does not know yet (so their callers can be named). dlopens after that are reported by
         the probes themselves."""
         ops, pids = batch["op"], batch["pid"]
-        ts = frame["ts"].array.asi8
+        ts = batch["ts"].astype(np.int64) + self._offset
         forked = set(batch["other"][ops == wire.CODE["fork"]].tolist())
         creating = (ops == wire.CODE["create"]) | (ops == wire.CODE["create_failed"])
         out = []
-        comms = frame["comm"].array  # categorical: names by code, looked up without pandas
-        codes, names = comms.codes, list(comms.categories)
         for pid in np.unique(pids).tolist():
             mine = pids == pid
             first = int(np.argmax(mine))
-            comm = names[codes[first]]
+            comm = batch["comm"][first].decode("utf-8", "replace")
             if pid not in forked and not self.ledger.knows(pid):
                 # Met while already running: its table now is the state to start from. An exec
                 # in this batch started the image the table belongs to: the facts go after it.

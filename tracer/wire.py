@@ -178,6 +178,29 @@ def decode(batch: np.ndarray, wall_offset_ns: int,
     return frame
 
 
+def columns(batch: np.ndarray, wall_offset_ns: int,
+            stack_of: Optional[Callable[[int], list]] = None) -> tuple:
+    """What a replay reads of each record, as Python lists straight from the records (no frame:
+    an always-on tracer that keeps no events need not pay pandas per drain): ts, pid, comm, op
+    (code), key (-1: none), ret, destructor, caller, path, handle, load, child, stack, seq."""
+    op = batch["op"].astype(np.int64)
+    if len(op) and (op.min() < 1 or op.max() >= len(OPS)):
+        raise ValueError(f"unknown op code in ring buffer record: {sorted(set(op.tolist()))}")
+    keyed = np.isin(op, _KEYED)
+    uniques, inverse = np.unique(batch["comm"], return_inverse=True)
+    names = [u.decode("utf-8", "replace") for u in uniques]
+    paths = [None] * len(batch)
+    for i in np.flatnonzero(np.isin(op, _PATHED)).tolist():
+        paths[i] = batch["path"][i].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return ((batch["ts"].astype(np.int64) + wall_offset_ns).tolist(), batch["pid"].tolist(),
+            [names[i] for i in inverse.reshape(-1).tolist()], op.tolist(),
+            np.where(keyed, batch["key"], -1).tolist(), batch["ret"].tolist(),
+            batch["destructor"].tolist(), batch["caller"].tolist(), paths,
+            batch["handle"].tolist(), batch["load"].tolist(),
+            np.where(op == CODE["fork"], batch["other"], 0).tolist(),
+            _stacks(batch, stack_of).tolist(), np.where(keyed, batch["other"], 0).tolist())
+
+
 def _stacks(batch: np.ndarray, stack_of) -> np.ndarray:
     out = np.full(len(batch), None, dtype=object)
     if stack_of is None:

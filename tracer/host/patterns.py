@@ -217,7 +217,7 @@ class _Scope:
 
     def needed(self) -> list:
         """The libraries the command's program names (DT_NEEDED), found where its loader
-        would look first: RUNPATH/RPATH ($ORIGIN too), then LD_LIBRARY_PATH."""
+        would look: RUNPATH/RPATH ($ORIGIN too), LD_LIBRARY_PATH, then ld.so.cache."""
         if not self.exe or self.pids:
             return []
         out = []
@@ -236,7 +236,8 @@ class _Scope:
             for t in tags:
                 if t.entry.d_tag == "DT_NEEDED":
                     path = next((os.path.join(d, t.needed) for d in dirs
-                                 if os.path.exists(os.path.join(d, t.needed))), None)
+                                 if os.path.exists(os.path.join(d, t.needed))),
+                                ld_cache().get(t.needed))
                     lib = _library(path, os.path.realpath(path)) if path else None
                     if lib is not None:
                         out.append(lib)
@@ -254,7 +255,7 @@ class _Scope:
             match = self._matcher(spec)
             found = [lib for lib in self.mapped() + self.main() + self.needed() if match(lib)]
             if not found:  # not mapped (yet): what the dynamic linker would load
-                found = [lib for lib in _cache_libraries() if match(lib)]
+                found = [lib for lib in _cache_libraries() if match(lib, cached=True)]
             if not found:
                 raise KeytraceError(self._unknown(spec))
         return list({lib.ident: lib for lib in reversed(found)}.values())[::-1]
@@ -262,9 +263,11 @@ class _Scope:
     def _matcher(self, spec: str):
         short = _short_name(spec) if not _GLOB.search(spec) and ".so" not in spec else None
 
-        def match(lib: _Library) -> bool:
+        def match(lib: _Library, cached: bool = False) -> bool:
+            # "libc" is musl too for a process that maps musl; from ld.so.cache (nothing traced
+            # maps one) it is the system's libc.so.N, not musl's loader that the cache also lists
             if spec == DEFAULT_LIBRARY and is_musl(lib.name):
-                return True
+                return not cached
             return any(fnmatch.fnmatchcase(a, spec) or (short and short(a)) for a in lib.aliases)
         return match
 

@@ -6,7 +6,7 @@ base is unmapped, whatever is mapped there later.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -53,6 +53,7 @@ class Modules:
         return [m.path for m in self.instances]
 
     def copy(self) -> "Modules":
-        copies = {id(m): replace(m) for m in self.instances}
+        copies = {id(m): Module(m.path, m.base, m.load, m.mapped, m.unmapped, m.file)
+                  for m in self.instances}  # (dataclasses.replace: 4x slower, per fork)
         return Modules(instances=list(copies.values()), loads=dict(self.loads),
                        mapped={b: copies[id(m)] for b, m in self.mapped.items()})

@@ -58,7 +58,22 @@ class Tracker:
                 self._events = None
             self.event_count += int((frame["op"].cat.codes < _HOST_CODES).sum())
             self.last_ts = max(self.last_ts, int(frame["ts"].array.asi8.max()))
-            self._replay(frame)
+            self._replay(self._columns(frame))
+
+    def ingest_records(self, batch: np.ndarray, wall_offset_ns: int, stack_of=None,
+                       lost: Optional[int] = None, now: Optional[int] = None) -> None:
+        """Records as the ring gives them (tracer.wire.RECORD): decoded into a frame when events
+        are kept, else replayed straight from the records."""
+        if self.keep_events:
+            return self.ingest(wire.decode(batch, wall_offset_ns, stack_of=stack_of), lost, now)
+        self.advance(lost, now)
+        if not len(batch):
+            return
+        cols = wire.columns(batch, wall_offset_ns, stack_of)
+        with self._lock:
+            self.event_count += int((batch["op"] <= _HOST_CODES).sum())
+            self.last_ts = max(self.last_ts, max(cols[0]))
+            self._replay(cols)
 
     def advance(self, lost: Optional[int] = None, now: Optional[int] = None) -> None:
         """No events, but news: the lost count so far, and that all is seen up to now."""
@@ -110,11 +125,10 @@ class Tracker:
         with self._lock:
             return pid in self._procs.current
 
-    def _replay(self, f: pd.DataFrame) -> None:
-        # One pass in time order: key values are reused by glibc after a delete, and fork/exec/
-        # exit cut histories, so the order of operations is the state. Columns go to Python
-        # lists first (one C-level conversion each); the loop itself touches only dicts.
-        cols = (
+    @staticmethod
+    def _columns(f: pd.DataFrame) -> tuple:
+        """A frame's columns as tracer.wire.columns gives them from records."""
+        return (
             f["ts"].array.asi8.tolist(),
             f["pid"].tolist(), f["comm"].astype(object).tolist(),
             (f["op"].cat.codes + 1).tolist(), f["key"].fillna(-1).astype(np.int64).tolist(),
@@ -122,6 +136,11 @@ class Tracker:
             f["path"].astype(object).tolist(), f["handle"].tolist(), f["load"].tolist(),
             f["child"].tolist(), f["stack"].astype(object).tolist(), f["seq"].tolist(),
         )
+
+    def _replay(self, cols: tuple) -> None:
+        # One pass in time order: key values are reused by glibc after a delete, and fork/exec/
+        # exit cut histories, so the order of operations is the state. Columns come as Python
+        # lists (one C-level conversion each); the loop itself touches only dicts.
         procs = self._procs
         current = procs.current
         for ts, pid, comm, op, key, ret, destructor, caller, path, handle, load, child, stack, seq \
