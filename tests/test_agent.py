@@ -86,6 +86,9 @@ def test_processes_before_and_after_the_agent(agent, keymaker, bins):
         assert value(text, "keytrace_pthread_key_creates_total", exe=bins["reload_host"],
                      library=bins["libleaky"]) == 5
         assert value(text, "keytrace_build_info") == 1 and "process_resident_memory_bytes" in text
+        # always on, it carries no pandas nor pyarrow (about 80 MB resident between them)
+        maps = open(f"/proc/{p.pid}/maps").read()
+        assert "/pandas/" not in maps and "/pyarrow/" not in maps
     finally:
         after.kill()
         after.wait()

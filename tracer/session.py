@@ -24,13 +24,13 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from . import wire
-from .analysis.ledger import Ledger
 from .bpf import doctor, units
 from .bpf.loader import DEFAULT_RING_PAGES, Program
 from .errors import KeytraceError
 from .host import keytable, libc, planner, proc
 from .host.elf import build_id, elf_info
 from .host.sight import sight
+from .state.tracker import Tracker
 
 # The launched command waits on fd 3 until the probes are attached, then becomes the command
 # (exec keeps the pid, which is already in the kernel's filter). Through setpriv it gets a
@@ -130,19 +130,26 @@ class KeyTracer:
     sites: "planned" probes pthread_key_create/delete on instructions the kernel emulates
     (tracer.host.planner), where a plan is proved and passes its self-test; "entry" uses
     entry and return probes everywhere.
+
+    ledger: the state to feed, a tracer.analysis Ledger by default; an agent passes a bare
+    Tracker, which needs no pandas.
     """
 
     def __init__(self, pids: Optional[Iterable[int]] = None, command: Optional[Sequence[str]] = None,
                  keep_events: bool = True, ring_pages: int = DEFAULT_RING_PAGES,
                  interval: float = 0.01, on_ready: Optional[Callable[["KeyTracer"], None]] = None,
-                 on_note: Optional[Callable[[str], None]] = None, sites: str = "planned"):
+                 on_note: Optional[Callable[[str], None]] = None, sites: str = "planned",
+                 ledger: Optional[Tracker] = None):
         self.pids = None if pids is None else sorted({int(p) for p in pids})
         self.command = list(command) if command else None
         self.interval = interval
         self.on_ready = on_ready
         self.on_note = on_note
         self.notes: list[str] = []
-        self.ledger = Ledger(keep_events=keep_events)
+        if ledger is None:
+            from .analysis.ledger import Ledger
+            ledger = Ledger(keep_events=keep_events)
+        self.ledger = ledger
         self.process: Optional[Launched] = None
         self._ring_pages = ring_pages
         self._probes: Optional[Program] = None
@@ -457,7 +464,7 @@ class KeyTracer:
                 at, stack_of = 0, self._probes.stack
                 for pos, facts in self._meet(batch):
                     self.ledger.ingest_records(batch[at:pos], self._offset, stack_of)
-                    self.ledger.ingest(facts)
+                    self.ledger.ingest_records(facts, 0)
                     at = pos
                 self.ledger.ingest_records(batch[at:], self._offset, stack_of, lost=lost,
                                            now=time.time_ns())
@@ -477,7 +484,7 @@ class KeyTracer:
                 self._reconciled = now
                 known = self.ledger.known_pids()
                 counts = {pid: c for pid, c in units.read_counts(self._probes).items() if pid in known}
-                self.ledger.ingest(Ledger.counted(counts, time.time_ns()))
+                self.ledger.ingest_records(Tracker.counted(counts, time.time_ns()), 0)
             self._polls += 1
             if self._reread:
                 self._read_late()
@@ -505,7 +512,7 @@ class KeyTracer:
                 execs = np.flatnonzero(mine & (ops == wire.CODE["exec"]))
                 at = int(execs[-1]) + 1 if len(execs) else first
                 self._snapshotted.add(pid)
-                out.append((at, Ledger.facts(pid, int(ts[min(at, len(ts) - 1)]) - 1, comm,
+                out.append((at, Tracker.fact_records(pid, int(ts[min(at, len(ts) - 1)]) - 1, comm,
                                              **self._sight(pid))))
                 continue
             if pid not in self._snapshotted and creating[mine].any():
@@ -513,7 +520,7 @@ class KeyTracer:
                 at = int(np.argmax(mine & creating))
                 mods = [(path, base) for path, base, _ in proc.modules(pid)]
                 units.watch_unmaps(self._probes, pid, [base for _, base in mods])
-                out.append((at, Ledger.facts(pid, int(ts[at]) - 1, comm, modules=mods)))
+                out.append((at, Tracker.fact_records(pid, int(ts[at]) - 1, comm, modules=mods)))
         # A new image (exec) or a new process on the same pid (exit) needs a new snapshot.
         self._snapshotted.difference_update(
             pids[(ops == wire.CODE["exec"]) | (ops == wire.CODE["exit"])].tolist())

@@ -11,11 +11,14 @@ Both are saved, so a saved ledger replays exactly as the live one did.
 """
 from __future__ import annotations
 
+import functools
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PATH_LEN = 256
 MAX_MODULES = 16        # link_map entries one dlopen reports
@@ -59,7 +62,6 @@ KERNEL_OPS = ["create", "create_failed", "delete", "dlopen", "dlclose", "exec", 
 #   (handle: creates, caller: failed creates, destructor: deletes, load: failed deletes).
 HOST_OPS = ["seen", "mapped", "table", "held", "counted"]
 OPS = [""] + KERNEL_OPS + HOST_OPS
-OP_TYPE = pd.CategoricalDtype(OPS[1:])
 CODE = {name: i for i, name in enumerate(OPS) if name}
 
 # The columns of an events frame, in order: what decode() makes and what files hold.
@@ -127,9 +129,18 @@ def boot_to_wall_offset_ns() -> int:
     return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
-def _decode_strings(raw: np.ndarray) -> pd.Categorical:
+@functools.lru_cache(maxsize=1)
+def op_type() -> "pd.CategoricalDtype":
+    """The op column's dtype. (pandas is imported where frames are built: an agent that
+    replays records straight from the ring never loads it.)"""
+    import pandas as pd
+    return pd.CategoricalDtype(OPS[1:])
+
+
+def _decode_strings(raw: np.ndarray) -> "pd.Categorical":
     """comm repeats a lot: decode each distinct value once. The 16 bytes are hashed to one
     integer for a hash-based factorize (np.unique would sort); a collision is checked for."""
+    import pandas as pd
     lanes = np.ascontiguousarray(raw).view("<u8").reshape(len(raw), 2)
     codes, _ = pd.factorize(lanes[:, 0] ^ (lanes[:, 1] * np.uint64(0x9E3779B97F4A7C15)))
     reps = raw[np.unique(codes, return_index=True)[1]] if len(raw) else raw
@@ -143,11 +154,12 @@ def _decode_strings(raw: np.ndarray) -> pd.Categorical:
 
 
 def decode(batch: np.ndarray, wall_offset_ns: int,
-           stack_of: Optional[Callable[[int], list]] = None) -> pd.DataFrame:
+           stack_of: Optional[Callable[[int], list]] = None) -> "pd.DataFrame":
     """Turn a structured array of RECORD into an events frame (see COLUMNS).
 
     stack_of(stack_id) gives a stack's addresses (from the BPF stack map), innermost first.
     """
+    import pandas as pd
     op = batch["op"].astype(np.int64)
     if len(op) and (op.min() < 1 or op.max() >= len(OPS)):
         raise ValueError(f"unknown op code in ring buffer record: {sorted(set(op.tolist()))}")
@@ -162,7 +174,7 @@ def decode(batch: np.ndarray, wall_offset_ns: int,
         "pid": batch["pid"].astype(np.int64),
         "tid": batch["tid"].astype(np.int64),
         "comm": _decode_strings(batch["comm"]),
-        "op": pd.Categorical.from_codes(op - 1, dtype=OP_TYPE),
+        "op": pd.Categorical.from_codes(op - 1, dtype=op_type()),
         "key": pd.array(batch["key"], dtype="Int64"),
         "ret": batch["ret"].astype(np.int64),
         "destructor": batch["destructor"],
@@ -230,5 +242,5 @@ def records(rows: list[dict]) -> np.ndarray:
     return a
 
 
-def empty_events() -> pd.DataFrame:
+def empty_events() -> "pd.DataFrame":
     return decode(np.zeros(0, dtype=RECORD), 0)

@@ -6,6 +6,8 @@ analysis runs on a copy taken under the ingest lock) and the collector serves th
 so a scrape is cheap and never stalls the drain. Counters are monotonic sums kept here: what
 each process (pid, start) added since the last refresh, by executable and by the library that
 made the keys; creates the kernel counted whose records were lost go to library "?".
+
+The agent works on the verdicts' rows (dicts), never frames: it does not load pandas.
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ..analysis import forecast as fc
 from ..analysis import verdicts
 from ..analysis.attribution import UNKNOWN, Attribution
-from ..analysis.ledger import Ledger
 from ..host import proc
 from ..session import KeyTracer
+from ..state.tracker import Tracker
 from .state import State
 
 PROCESS_LABELS = ["pid", "comm", "exe", "container"]
@@ -68,7 +70,7 @@ class Agent:
         self.tracer = tracer
         self.state = state
         self.prior = state.load() if state else {}  # (pid, start) -> facts saved before a restart
-        self.ledger: Ledger = tracer.ledger
+        self.ledger: Tracker = tracer.ledger
         self.max_processes = max_processes
         self.reloads_per_day = reloads_per_day
         self.scan_interval = scan_interval
@@ -102,12 +104,12 @@ class Agent:
 
     def refresh(self) -> Snapshot:
         procs, now = self.ledger.snapshot()
-        summary = verdicts.summarize([p for p in procs if p.active], now, self.reloads_per_day)
-        alive = summary[summary["alive"]]
-        shown = alive.sort_values(["leaking", "live_keys"], ascending=False).head(self.max_processes)
+        alive = [r for r in verdicts.rows([p for p in procs if p.active], now, self.reloads_per_day)
+                 if r["alive"]]
+        shown = sorted(alive, key=lambda r: (not r["leaking"], -r["live_keys"]))[:self.max_processes]
         rows = []
-        for r in shown.to_dict(orient="records"):
-            r["container"] = proc.container(r["pid"])
+        for r in shown:
+            r = dict(r, container=proc.container(r["pid"]))
             self._recall(r, now)
             rows.append(r)
         for p in procs:
@@ -133,7 +135,7 @@ class Agent:
 
     def _recall(self, r: dict, now: int) -> None:
         """A process measured before a restart keeps its leak rate, date and library."""
-        saved = self._prior(r["pid"], r["start"].value)
+        saved = self._prior(r["pid"], r["start"])
         if not saved:
             return
         if not r["library"] or r["library"] == UNKNOWN:
@@ -150,14 +152,14 @@ class Agent:
             return
         if alive is None:
             procs, now = self.ledger.snapshot(lambda p: p.exited is None and p.active)
-            alive = verdicts.summarize(procs, now, self.reloads_per_day)
+            alive = verdicts.rows(procs, now, self.reloads_per_day)
         keep = {}
-        for r in alive.to_dict(orient="records"):
-            ident = (r["pid"], r["start"].value)
+        for r in alive:
+            ident = (r["pid"], r["start"])
             if r["leak_per_reload"] > 0 and r["reloads_per_day"] > 0:
-                keep[ident] = {**r, "start": r["start"].value}
+                keep[ident] = r
             elif self._prior(*ident):
-                keep[ident] = {**self._prior(*ident), "pid": r["pid"], "start": r["start"].value}
+                keep[ident] = {**self._prior(*ident), "pid": r["pid"], "start": r["start"]}
         self.state.save(list(keep.values()), now or time.time_ns())
 
     def _count(self, p) -> None:
@@ -211,9 +213,8 @@ class Collector:
             gauges["limit"].add_metric(labels, r["limit"])
             gauges["orphaned"].add_metric(labels, r["orphaned_keys"])
             gauges["leaking"].add_metric(labels, 1 if r["leaking"] else 0)
-            eta = r["exhaustion_eta"]
-            if eta is not None and eta == eta:
-                gauges["eta"].add_metric(labels, eta.timestamp())
+            if r["exhaustion_eta"] is not None:
+                gauges["eta"].add_metric(labels, r["exhaustion_eta"].timestamp())
         yield from gauges.values()
         for name, doc, values in (("keytrace_pthread_key_creates", "pthread_key_create calls that "
                                    "made a key", s.creates),

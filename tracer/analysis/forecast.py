@@ -12,11 +12,13 @@ No leak, no date.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Optional
 
-import pandas as pd
-
 NS_PER_DAY = 86_400 * 10**9
+# pandas' calendar ends in 2262: a date beyond it is "never", in effect (and a frame could not
+# hold it)
+NEVER = datetime(2262, 1, 1, tzinfo=timezone.utc)
 
 
 MIN_CYCLES = 3
@@ -55,10 +57,10 @@ class Forecast:
     headroom: int
     keys_per_day: float
     days_left: Optional[float]
-    exhaustion_eta: Optional[pd.Timestamp]
+    exhaustion_eta: Optional[datetime]
 
 
-def forecast(live_keys: int, limit: int, now: pd.Timestamp, leak_per_reload: float,
+def forecast(live_keys: int, limit: int, now: datetime, leak_per_reload: float,
              reloads_per_day: Optional[float]) -> Forecast:
     headroom = max(limit - live_keys, 0)
     per_day = leak_per_reload * reloads_per_day if (leak_per_reload > 0 and reloads_per_day) else 0.0
@@ -68,8 +70,10 @@ def forecast(live_keys: int, limit: int, now: pd.Timestamp, leak_per_reload: flo
         return Forecast(limit, headroom, 0.0, None, None)
     days = headroom / per_day
     try:
-        eta = now + pd.Timedelta(days=days)
-    except (OverflowError, ValueError):  # beyond pandas' calendar (year 2262): never, in effect
+        eta = now + timedelta(days=days)
+    except (OverflowError, ValueError):  # beyond the calendar: never, in effect
+        eta = None
+    if eta is not None and eta >= NEVER:
         eta = None
     return Forecast(limit, headroom, per_day, days, eta)
 

@@ -1,14 +1,16 @@
 """The rules: what makes a process leaking or critical, which library is responsible, and how
-long is left. Written once; the CLI, the Python API and the Jupyter views all read the frames
-built here (from snapshots of the tracker's per-process state).
+long is left. Written once; the CLI, the Python API and the Jupyter views read the frames built
+here, the agent the same rows as dicts (from snapshots of the tracker's per-process state).
+
+pandas is imported by the functions that build frames only: the agent, which needs rows, never
+loads it (about 40 MB resident).
 """
 from __future__ import annotations
 
 import errno
 import os
-from typing import Optional
-
-import pandas as pd
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Optional
 
 from ..host import libc
 from ..state.tracker import Tracker
@@ -37,6 +39,10 @@ LIBRARY_COLUMNS = ["pid", "comm", "library", "created", "deleted", "live_keys", 
 RELOAD_COLUMNS = ["pid", "comm", "loaded", "cycles", "completed", "keys_left", "keys_per_cycle",
                   "made_by", "finding"]
 _NO_ATTRIBUTION = {"library": "", "libraries": {}}
+_TIMES = ("start", "traced_since")  # ns since the epoch in rows; datetimes in frames
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _errname(code: int) -> str:
@@ -47,8 +53,8 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _ts(ns: Optional[int]):
-    return pd.Timestamp(ns, unit="ns", tz="UTC") if ns is not None else None
+def _ts(ns: Optional[int]) -> Optional[datetime]:
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc) if ns is not None else None
 
 
 def is_leaking(critical, orphaned_keys, same_path_keys):
@@ -61,9 +67,9 @@ def _state(p, now_ns: int, reloads_per_day: Optional[float], attribute: bool) ->
     k = p.keys
     unknown = (p.table or "").startswith("not read")  # keys made before tracing: not known
     row = {
-        "pid": p.pid, "start": _ts(p.start), "comm": p.comm, "exe": p.exe or "",
+        "pid": p.pid, "start": p.start, "comm": p.comm, "exe": p.exe or "",
         "alive": p.exited is None, "parent_pid": p.parent[0] if p.parent else 0,
-        "traced_since": _ts(p.traced_since),
+        "traced_since": p.traced_since,
         "table": p.table or "",
         "creates": k.creates + k.missed[0] + k.missed[1], "deletes": k.deletes + k.missed[2],
         "failed_creates": k.failed_creates + k.missed[1],
@@ -119,38 +125,47 @@ def _reason(r: dict) -> str:
     return "; ".join(parts)
 
 
+def rows(procs, now_ns: int, reloads_per_day: Optional[float] = None,
+         attribute: bool = True) -> list:
+    """The per-process summary as dicts (SUMMARY_COLUMNS; start and traced_since in ns since
+    the epoch), judged, sorted: critical, leaking, most keys."""
+    out = [_state(p, now_ns, reloads_per_day, attribute) for p in procs]
+    return sorted(out, key=lambda r: (not r["critical"], not r["leaking"], -r["live_keys"], r["pid"]))
+
+
 def summarize(procs, now_ns: int, reloads_per_day: Optional[float] = None,
-              attribute: bool = True) -> pd.DataFrame:
+              attribute: bool = True) -> "pd.DataFrame":
     """The per-process summary frame, judged, sorted: critical, leaking, most keys."""
-    rows = [_state(p, now_ns, reloads_per_day, attribute) for p in procs]
-    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-    for col in ("start", "traced_since", "exhaustion_eta"):
-        df[col] = pd.to_datetime(df[col], utc=True)
+    import pandas as pd
+    df = pd.DataFrame(rows(procs, now_ns, reloads_per_day, attribute), columns=SUMMARY_COLUMNS)
+    for col in _TIMES:
+        df[col] = pd.to_datetime(df[col], unit="ns", utc=True)
+    df["exhaustion_eta"] = pd.to_datetime(df["exhaustion_eta"], utc=True)
     df["headroom"] = df["headroom"].astype("Int64")
-    df = df.astype({"leaking": bool, "critical": bool, "alive": bool, "never_deleted": bool})
-    return df.sort_values(["critical", "leaking", "live_keys", "pid"],
-                          ascending=[False, False, False, True], ignore_index=True)
+    return df.astype({"leaking": bool, "critical": bool, "alive": bool, "never_deleted": bool})
 
 
-def by_library(procs) -> pd.DataFrame:
-    rows = []
+def by_library(procs) -> "pd.DataFrame":
+    import pandas as pd
+    out = []
     for p in procs:
         a = Attribution(p)
         for row in a.libraries():
-            rows.append({"pid": p.pid, "comm": p.comm, **row})
-    return (pd.DataFrame(rows, columns=LIBRARY_COLUMNS)
+            out.append({"pid": p.pid, "comm": p.comm, **row})
+    return (pd.DataFrame(out, columns=LIBRARY_COLUMNS)
             .sort_values(["live_keys", "pid"], ascending=[False, True], ignore_index=True))
 
 
-def reloads(procs) -> pd.DataFrame:
-    rows = []
+def reloads(procs) -> "pd.DataFrame":
+    import pandas as pd
+    out = []
     for p in procs:
         for row in Attribution(p).reloads():
-            rows.append({"pid": p.pid, "comm": p.comm, **row})
-    return pd.DataFrame(rows, columns=RELOAD_COLUMNS)
+            out.append({"pid": p.pid, "comm": p.comm, **row})
+    return pd.DataFrame(out, columns=RELOAD_COLUMNS)
 
 
-def flagged(summary: pd.DataFrame) -> pd.DataFrame:
+def flagged(summary: "pd.DataFrame") -> "pd.DataFrame":
     """The processes a --fail-on-leak gate fails on."""
     return summary[summary["leaking"]]
 
@@ -159,9 +174,10 @@ def near_limit(keys_in_use, limit) -> bool:
     return keys_in_use >= NEAR_LIMIT * limit
 
 
-def keys_over_time(events: pd.DataFrame) -> pd.DataFrame:
+def keys_over_time(events: "pd.DataFrame") -> "pd.DataFrame":
     """Keys in use per process after each create and delete: the events replayed through the
     same state machines as the ledger (exec empties a table, fork copies it)."""
+    import pandas as pd
     t = Tracker(keep_events=False, record_levels=True)
     t.ingest(events)
     df = pd.DataFrame(t.levels, columns=["ts", "pid", "comm", "live_keys"])

@@ -6,9 +6,10 @@ __all__ = ["app", "main"]
 
 def main() -> None:
     if sys.argv[1:2] == ["agent"]:
-        # The agent never writes Parquet, and pandas imports pyarrow whenever it can: ~40 MB
-        # resident for good. A None entry makes that import fail, as if pyarrow were absent.
-        sys.modules.setdefault("pyarrow", None)
+        # Always on: only what the agent needs is loaded (no pandas, no pyarrow).
+        from .agent import main as run_agent
+        run_agent()
+        return
     from .app import main as run
     run()
 

@@ -24,8 +24,9 @@ from ..host import libc
 from ..session import KeyTracer
 from ..store.files import check_writable, json_lines, save_table
 
+from . import agent as agent_command
 from . import calls as calls_command
-from .console import EXIT_ERROR, EXIT_LEAK, EXIT_USAGE, err, fail, out
+from .console import EXIT_ERROR, EXIT_LEAK, EXIT_USAGE, RELOADS_PER_DAY, err, fail, note, out
 
 VIEWS = ("process", "library", "reload")
 
@@ -34,6 +35,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                        "processes that leak keys before they run out (glibc allows 1024); "
                        "trace or count any library call (keytrace calls).")
 app.command(context_settings={"allow_interspersed_args": False})(calls_command.calls)
+app.command()(agent_command.agent)
 
 
 # -- presentation ----------------------------------------------------------------------------
@@ -140,19 +142,12 @@ def announce(t: KeyTracer) -> None:
               f"({', '.join(t.files)}); tracing {scope}{sites}", markup=False, soft_wrap=True)
 
 
-def note(text: str) -> None:
-    err.print(f"keytrace: {text}", markup=False, soft_wrap=True)
-
-
 def check_view(by: str) -> None:
     if by not in VIEWS:
         raise fail(f"--by takes one of {', '.join(VIEWS)}, not {by!r}", EXIT_USAGE)
 
 
 # Options shared by watch and report (typer reads these as declarations, so one serves both).
-RELOADS_PER_DAY = typer.Option(
-    None, "--reloads-per-day", min=0, help="Reload cycles per day for the forecast (default: "
-    "measured from the traced dlopens). Apache's daily graceful restart: 1.")
 BY = typer.Option("process", "--by", help="Report per process, library (which library made the "
                   "keys) or reload (what each load/unload cycle leaves).")
 
@@ -376,85 +371,6 @@ def scan(
 
 # Prometheus' default port allocations have used up 9100-9999 and go on past 10000 (10019 is
 # taken): this one is past what we could read of the list. Register it before relying on it.
-AGENT_PORT = 10451
-
-
-@app.command()
-def agent(
-    listen: str = typer.Option(f"127.0.0.1:{AGENT_PORT}", "--listen", help="HOST:PORT to serve "
-                               "/metrics on (loopback by default: put a Prometheus scrape or a "
-                               "proxy in front)."),
-    scan_interval: float = typer.Option(300.0, "--scan-interval", min=1, help="Seconds between "
-                                        "two reads of every process's key table (reconciles "
-                                        "what the probes may have missed)."),
-    max_processes: int = typer.Option(100, "--max-processes", min=1, help="At most this many "
-                                      "per-process series: flagged processes first, then the "
-                                      "most keys in use."),
-    reloads_per_day: Optional[float] = RELOADS_PER_DAY,
-    refresh: float = typer.Option(5.0, "--refresh", min=0.1, help="Seconds between two "
-                                  "recomputations of what /metrics serves (a scrape only reads "
-                                  "the latest)."),
-    state_dir: Path = typer.Option(Path("/var/lib/keytrace"), "--state-dir", help="Where the "
-                                   "measured leaks are kept across restarts (SQLite)."),
-):
-    """Run always on: read every process's key table, trace the whole host, and export the
-    verdicts to Prometheus (per process: keys, limit, orphaned, leaking, exhaustion time;
-    counters of creates, deletes and failures by executable and library).
-
-    Ends on SIGTERM or Ctrl-C, detaching every probe.
-
-    \b
-    Examples:
-      keytrace agent
-      keytrace agent --listen 0.0.0.0:10451 --reloads-per-day 1
-      curl -s localhost:10451/metrics | grep keytrace_process_pthread_keys_leaking
-    """
-    from prometheus_client import start_http_server
-
-    from ..agent.exporter import Agent, registry
-    from ..agent.state import State
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise fail(f"--listen takes HOST:PORT, not {listen!r}", EXIT_USAGE)
-    log = lambda s: err.print(f"keytrace agent: {s}", markup=False, soft_wrap=True)  # noqa: E731
-    try:
-        state = State(state_dir, log)
-    except KeytraceError as e:
-        raise fail(str(e))
-    # Drained every 50 ms: a frame costs ~3 ms to build whatever its size, and 50 ms of a busy
-    # host fit the ring many times over.
-    tracer = KeyTracer(keep_events=False, on_note=note, interval=0.05)
-    a = Agent(tracer, max_processes, reloads_per_day, scan_interval, refresh, log, state)
-    try:
-        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry(a))
-    except OSError as e:
-        raise fail(f"cannot listen on {listen}: {e.strerror or e}")
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    started = False
-    try:
-        tracer.start()
-        started = True
-        n = a.scan()
-        a.refresh()
-        err.print(f"keytrace agent: {tracer.attached} probes attached in {len(tracer.files)} "
-                  f"file(s); {n} processes read in {a.snapshot.scan_seconds:.2f} s; serving "
-                  f"http://{listen}/metrics", markup=False, soft_wrap=True)
-        a.run(stop)
-    except KeytraceError as e:
-        raise fail(str(e))
-    finally:
-        try:
-            if started:
-                a.save()  # what was measured survives the restart
-        finally:
-            tracer.stop()
-            server.shutdown()
-            state.close()
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-
 @app.command()
 def doctor():
     """Check every prerequisite of tracing and print the fix for each failure.

@@ -16,3 +16,13 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 def fail(message: str, code: int = EXIT_ERROR) -> "typer.Exit":
     err.print(f"keytrace: error: {message}", markup=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def note(text: str) -> None:
+    err.print(f"keytrace: {text}", markup=False, soft_wrap=True)
+
+
+# Options shared by several commands (typer reads these as declarations, so one serves all).
+RELOADS_PER_DAY = typer.Option(
+    None, "--reloads-per-day", min=0, help="Reload cycles per day for the forecast (default: "
+    "measured from the traced dlopens). Apache's daily graceful restart: 1.")

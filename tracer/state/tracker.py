@@ -9,12 +9,14 @@ the lock, so analysing never stalls the ingest.
 from __future__ import annotations
 
 import threading
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import numpy as np
-import pandas as pd
 
 from .. import wire
+
+if TYPE_CHECKING:  # frames are built on demand: a tracker fed records never imports pandas
+    import pandas as pd
 from .processes import Process, Processes
 
 _C = wire.CODE
@@ -44,7 +46,7 @@ class Tracker:
         self._lock = threading.Lock()  # ingest may run in a polling thread
 
     # -- input -------------------------------------------------------------------------------
-    def ingest(self, frame: pd.DataFrame, lost: Optional[int] = None,
+    def ingest(self, frame: "pd.DataFrame", lost: Optional[int] = None,
                now: Optional[int] = None) -> None:
         """Apply a frame of events (in time order) to the state; lost: the kernel's count of
         records it could not queue so far; now: the time (ns since the epoch) up to which
@@ -85,13 +87,18 @@ class Tracker:
 
     def observe(self, pid: int, ts: int, comm: str, **facts) -> None:
         """What the host showed of a process when it was met: see facts()."""
-        self.ingest(self.facts(pid, ts, comm, **facts))
+        self.ingest_records(self.fact_records(pid, ts, comm, **facts), 0)
+
+    @classmethod
+    def facts(cls, pid: int, ts: int, comm: str, **facts) -> "pd.DataFrame":
+        """fact_records() as an events frame."""
+        return wire.decode(cls.fact_records(pid, ts, comm, **facts), 0)
 
     @staticmethod
-    def facts(pid: int, ts: int, comm: str, exe: Optional[str] = None,
-              start: Optional[int] = None, modules: Iterable[tuple] = (),
-              table: Optional[str] = None, keys: Iterable[tuple] = (),
-              late: bool = False) -> pd.DataFrame:
+    def fact_records(pid: int, ts: int, comm: str, exe: Optional[str] = None,
+                     start: Optional[int] = None, modules: Iterable[tuple] = (),
+                     table: Optional[str] = None, keys: Iterable[tuple] = (),
+                     late: bool = False) -> np.ndarray:
         """Host facts about a process as events: its identity (exe, start time), the modules it
         had mapped ((path, base) pairs), and its key table (table: "read" or why not; keys:
         (key, destructor, destructor unmapped) in use); late: its C library was probed just now,
@@ -106,15 +113,15 @@ class Tracker:
             rows.append(dict(base, op="table", path=table, ret=int(late)))
         rows += [dict(base, op="held", key=key, destructor=destructor, ret=int(unmapped),
                       seq=seq[0] if seq else 0) for key, destructor, unmapped, *seq in keys]
-        return wire.decode(wire.records(rows), 0)
+        return wire.records(rows)  # ts: ns since the epoch already (wall offset 0)
 
     @staticmethod
-    def counted(counts: dict, ts: int) -> pd.DataFrame:
+    def counted(counts: dict, ts: int) -> np.ndarray:
         """The kernel's counts per pid ({pid: (creates, failed creates, deletes, failed
-        deletes)}) as host facts."""
+        deletes)}) as host facts: records, to ingest_records(..., 0)."""
         rows = [dict(op="counted", ts=ts, pid=pid, tid=pid, handle=c, caller=fc, destructor=d,
                      load=fd) for pid, (c, fc, d, fd) in counts.items()]
-        return wire.decode(wire.records(rows), 0)
+        return wire.records(rows)
 
     def known_pids(self) -> set:
         with self._lock:
@@ -126,7 +133,7 @@ class Tracker:
             return pid in self._procs.current
 
     @staticmethod
-    def _columns(f: pd.DataFrame) -> tuple:
+    def _columns(f: "pd.DataFrame") -> tuple:
         """A frame's columns as tracer.wire.columns gives them from records."""
         return (
             f["ts"].array.asi8.tolist(),
@@ -197,8 +204,9 @@ class Tracker:
 
     # -- output ------------------------------------------------------------------------------
     @property
-    def events(self) -> pd.DataFrame:
+    def events(self) -> "pd.DataFrame":
         """Every event kept, in arrival order (empty when keep_events is False)."""
+        import pandas as pd
         with self._lock:
             if self._events is None:
                 self._events = (pd.concat(self._chunks, ignore_index=True) if self._chunks

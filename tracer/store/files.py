@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import KeytraceError
-from ..wire import COLUMNS, OP_TYPE, decode, records
+from ..wire import COLUMNS, decode, op_type, records
 
 SCHEMA = 2        # 2: a meta row, host facts (seen, held); 1: events only
 READABLE = (1, 2)
@@ -133,7 +133,7 @@ def coerce(raw: pd.DataFrame, source: str = "input") -> pd.DataFrame:
                             f"{', '.join(missing)}")
     try:
         ops = raw["op"].astype(str)
-        unknown = sorted(set(ops) - set(OP_TYPE.categories))
+        unknown = sorted(set(ops) - set(op_type().categories))
         if unknown:
             raise ValueError(f"unknown op {unknown[0]!r}")
         ts = raw["ts"]
@@ -144,7 +144,7 @@ def coerce(raw: pd.DataFrame, source: str = "input") -> pd.DataFrame:
             "pid": raw["pid"].astype("int64"),
             "tid": raw["tid"].astype("int64"),
             "comm": pd.Categorical(raw["comm"].fillna("").astype(str)),
-            "op": pd.Categorical(ops, dtype=OP_TYPE),
+            "op": pd.Categorical(ops, dtype=op_type()),
             "key": pd.to_numeric(raw["key"], errors="raise").astype("Int64"),
             "ret": raw["ret"].astype("int64"),
             "destructor": raw["destructor"].astype("uint64"),
