@@ -9,8 +9,10 @@ Files are told apart by (device, inode), so the libc of a container (reached thr
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -69,18 +71,31 @@ def target(path: str, functions: Iterable[str], name: Optional[str] = None) -> O
     return Target(path, ident, found, flavour) if found else None
 
 
-def system_libraries() -> list[str]:
-    """The C library files the dynamic linker would give a new process (ld.so.cache)."""
-    out = []
+def read_ld_cache() -> dict:
+    """soname -> path of the x86-64 entries of ld.so.cache (the probes read x86-64 registers),
+    the dynamic linker's first choice for each name (`ldconfig -p` lists the best first)."""
+    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
     try:
-        listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True,
-                                 timeout=10).stdout
+        text = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=10,
+                              check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
-        listing = ""
-    for line in listing.splitlines():
-        path = line.rpartition("=>")[2].strip()
-        if is_candidate(path) and "x86-64" in line:  # the probes read x86-64 registers
-            out.append(path)
+        return {}
+    found: dict = {}
+    for m in re.finditer(r"^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(\S.*?)\s*$", text, re.MULTILINE):
+        if "x86-64" in (flag.strip() for flag in m.group(2).split(",")):
+            found.setdefault(m.group(1), m.group(3))
+    return found
+
+
+# Read once per process where names are resolved (keytrace calls); ld_cache.cache_clear()
+# rereads it.
+ld_cache = functools.lru_cache(maxsize=1)(read_ld_cache)
+
+
+def system_libraries() -> list[str]:
+    """The C library files the dynamic linker would give a new process (ld.so.cache, read now:
+    an agent may run for months)."""
+    out = [path for path in read_ld_cache().values() if is_candidate(path)]
     for fallback in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6", "/usr/lib/libc.so.6",
                      "/lib/ld-musl-x86_64.so.1", "/usr/lib/x86_64-linux-musl/libc.so"):
         if os.path.exists(fallback):

@@ -22,7 +22,6 @@ import glob as globbing
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -34,7 +33,7 @@ from elftools.elf.elffile import ELFFile
 from ..errors import KeytraceError
 from . import proc
 from .elf import FileCache, _debug_file, _tables
-from .libc import is_musl
+from .libc import is_musl, ld_cache
 
 DEFAULT_LIBRARY = "libc"
 DEFAULT_LIMIT = 1000
@@ -101,21 +100,6 @@ def _check_glob(part: str, text: str, what: str) -> None:
 
 # ---- libraries ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
-def ld_cache() -> dict:
-    """soname -> path of the x86-64 entries of ld.so.cache, the dynamic linker's first choice
-    for each name (as `ldconfig -p` lists them, best first). ld_cache.cache_clear() rereads it."""
-    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
-    try:
-        text = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=10,
-                              check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    found: dict = {}
-    for m in re.finditer(r"^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(\S.*?)\s*$", text, re.MULTILINE):
-        if "x86-64" in (flag.strip() for flag in m.group(2).split(",")):  # x86-64 probes
-            found.setdefault(m.group(1), m.group(3))
-    return found
 
 
 @dataclass(frozen=True)
