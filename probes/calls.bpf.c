@@ -121,6 +121,8 @@ static __always_inline struct kc_frame *kc_push(u32 tid, u32 fn)
     struct kc_frame *f = &t->f[d & (KC_DEPTH - 1)];
     f->ts = bpf_ktime_get_ns();
     f->fn = fn;
+    f->str[0] = 0;
+    f->str[1] = 0;
     f->err = 0;
     return f;
 }
@@ -152,21 +154,16 @@ static __always_inline int kc_enter(struct pt_regs *ctx, u32 fn)
     return 0;
 }
 
-static __always_inline int kc_exit(struct pt_regs *ctx, u32 fn, int err)
+// A call that returned: its time, whether it failed, its histogram bucket.
+static __always_inline void kc_account(u32 fn, struct kc_frame *f, u64 ret, int err)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    if (!wanted(id >> 32))
-        return 0;
-    struct kc_frame *f = kc_pop((u32)id, fn);
-    if (!f)
-        return 0;
     u64 ns = bpf_ktime_get_ns() - f->ts;
     struct kc_stat *s = kc_stats.lookup(&fn);
     if (s) {
         s->total_ns += ns;
         if (ns > s->max_ns)
             s->max_ns = ns;
-        if (kc_failed(PT_REGS_RC(ctx), err))
+        if (kc_failed(ret, err))
             s->errors++;
     }
     u32 slot = 0;
@@ -179,10 +176,21 @@ static __always_inline int kc_exit(struct pt_regs *ctx, u32 fn, int err)
     u64 *h = kc_hist.lookup(&at);
     if (h)
         (*h)++;
+}
+
+static __always_inline int kc_exit(struct pt_regs *ctx, u32 fn, int err)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (!wanted(id >> 32))
+        return 0;
+    struct kc_frame *f = kc_pop((u32)id, fn);
+    if (f)
+        kc_account(fn, f, PT_REGS_RC(ctx), err);
     return 0;
 }
 
-// Tracing: an entry record (arguments, up to two strings) and a return record per call. A
+// Tracing: an entry record (arguments, up to two strings) and a return record per call, and the
+// same counters as -c -T (exact when records are lost). A
 // string is read at entry and again at return: a page the program has not touched yet (its
 // .rodata, say) cannot be faulted in by a probe, but the call itself has touched it by then.
 // cut: bit i string i filled its buffer (is longer); bit 2 + i: it could not be read.
@@ -230,6 +238,10 @@ static __always_inline int kc_trace_entry(struct pt_regs *ctx, u32 fn, int s0, i
     u64 id = bpf_get_current_pid_tgid();
     if (!wanted(id >> 32))
         return 0;
+    struct kc_stat *s = kc_stats.lookup(&fn);
+    if (s)
+        s->calls++;
+    struct kc_frame *f = kc_push((u32)id, fn);
     struct call *e = kc_record(id, fn, 0);
     if (!e)
         return 0;
@@ -241,7 +253,6 @@ static __always_inline int kc_trace_entry(struct pt_regs *ctx, u32 fn, int s0, i
     e->args[5] = PT_REGS_PARM6(ctx);
     u64 p0 = s0 >= 0 && s0 < 6 ? e->args[s0] : 0, p1 = s1 >= 0 && s1 < 6 ? e->args[s1] : 0;
     kc_strings(e, p0, p1);
-    struct kc_frame *f = kc_push((u32)id, fn);
     if (f) {
         f->str[0] = p0;
         f->str[1] = p1;
@@ -253,17 +264,19 @@ static __always_inline int kc_trace_entry(struct pt_regs *ctx, u32 fn, int s0, i
     return 0;
 }
 
-static __always_inline int kc_trace_return(struct pt_regs *ctx, u32 fn)
+static __always_inline int kc_trace_return(struct pt_regs *ctx, u32 fn, int err)
 {
     u64 id = bpf_get_current_pid_tgid();
     if (!wanted(id >> 32))
         return 0;
+    struct kc_frame *f = kc_pop((u32)id, fn);
+    if (f)
+        kc_account(fn, f, PT_REGS_RC(ctx), err);
     struct call *e = kc_record(id, fn, 1);
     if (!e)
         return 0;
     __builtin_memset(&e->args, 0, sizeof(e->args));
     e->args[0] = PT_REGS_RC(ctx);
-    struct kc_frame *f = kc_pop((u32)id, fn);
     if (f) {
         kc_strings(e, f->str[0], f->str[1]);
         e->err = f->err;

@@ -81,8 +81,9 @@ def test_trace_shows_threads_fork_strings_and_errno(bpf, callers):
     r = keytrace("calls", "-e", "rand", "-e", "open", "-e", "strlen", "-s", "10", "-T",
                  "--", callers["pie"], "3", "threads", "fork")
     assert r.returncode == 0, r.stderr
-    lines = [ln for ln in r.stdout.splitlines() if "!" in ln]
+    lines = [ln for ln in r.stdout.splitlines() if ln[:1].isdigit()]  # then -T's histograms
     assert sum("libc.so.6!rand() = " in ln for ln in lines) == 12
+    assert "libc.so.6!rand: latency" in r.stdout
     pids = {ln.split()[0] for ln in lines}
     assert any("/" in p for p in pids), "thread calls are shown as PID/TID"
     assert len({p.split("/")[0] for p in pids}) == 2, "the forked child is followed"
@@ -155,3 +156,15 @@ def test_a_process_with_a_copied_libc_in_its_own_mount_namespace(bpf, keymaker, 
         k.do("d 2")
     assert dict(zip(t.counts()["function"], t.counts()["calls"])) == {
         "pthread_key_create": 3, "pthread_key_delete": 2}
+
+
+def test_tracing_keeps_the_kernel_counters_too(bpf, callers):
+    """Lines and the kernel's counts agree; -T's histograms hold every returned call."""
+    with CallTracer(["rand", "open"], command=[callers["pie"], "20", "threads"], timing=True) as t:
+        t.wait(60)
+    lines = pd.Series([c["function"] for c in t.calls]).value_counts().to_dict()
+    assert lines == {"rand": 60, "open": 20}
+    df = t.counts().set_index("function")
+    assert df["calls"].to_dict() == lines and df.loc["open", "errors"] == 20
+    assert t.histograms().groupby("function")["calls"].sum().to_dict() == lines
+    assert all(c["duration_ns"] > 0 for c in t.calls)

@@ -21,7 +21,6 @@ import time
 from collections import defaultdict
 from typing import Callable, Iterable, Optional, Sequence
 
-import numpy as np
 import pandas as pd
 
 from . import wire
@@ -255,7 +254,7 @@ class CallTracer:
     def _counters(self) -> tuple:
         n = len(self.functions)
         stats = kc.read_stats(self._program, n)
-        hist = kc.read_histograms(self._program, n) if self.mode == "time" else None
+        hist = kc.read_histograms(self._program, n) if self.mode != "count" else None
         stacks = None
         if self.stacks and self.mode != "trace":
             counts = kc.read_stack_counts(self._program)
@@ -276,16 +275,15 @@ class CallTracer:
         return self._program.attached if self._program is not None else 0
 
     def counts(self) -> pd.DataFrame:
-        """ltrace -c's table (tracer.analysis.calls.COUNT_COLUMNS), from the kernel's counters."""
-        if self.mode == "trace":
-            return _counted_calls(self.functions, self.calls, self.timing)
-        return report.counts_frame(self.functions, self._now()[0], self.mode == "time")
+        """ltrace -c's table (tracer.analysis.calls.COUNT_COLUMNS), from the kernel's counters
+        (exact when records are lost); errors and times where calls are probed at return."""
+        return report.counts_frame(self.functions, self._now()[0], self.mode != "count")
 
     def histograms(self) -> pd.DataFrame:
-        """The log2 latency histograms of -c -T."""
-        hist = self._now()[1] if self.mode == "time" else None
+        """The log2 latency histograms, kept in the kernel (any mode but -c without -T)."""
+        hist = self._now()[1] if self.mode != "count" else None
         if hist is None:
-            raise KeytraceError("latency histograms need count=True, timing=True (-c -T)")
+            raise KeytraceError("latency histograms need timing=True (-T) when counting (-c)")
         return report.histogram_frame(self.functions, hist)
 
     def stack_counts(self) -> pd.DataFrame:
@@ -298,17 +296,3 @@ class CallTracer:
     def frame(self) -> pd.DataFrame:
         """Every call kept (trace mode), as a frame (tracer.analysis.calls.CALL_COLUMNS)."""
         return report.calls_frame(self.calls)
-
-
-def _counted_calls(functions: list, calls: list, timing: bool) -> pd.DataFrame:
-    """-c's table from traced calls (trace mode): the same columns."""
-    index = {(f.library, f.name): i for i, f in enumerate(functions)}
-    stats = np.zeros((len(functions), 4), dtype=np.uint64)
-    for c in calls:
-        i = index[(c["library"], c["function"])]
-        stats[i, 0] += 1
-        stats[i, 1] += bool(c.get("error"))
-        d = c["duration_ns"] or 0
-        stats[i, 2] += d
-        stats[i, 3] = max(int(stats[i, 3]), d)
-    return report.counts_frame(functions, stats, timing)

@@ -55,7 +55,7 @@ def programs(probes: Iterable[Probe], mode: str) -> str:
             out.append(f"int kc_entry_{i}(struct pt_regs *ctx) "
                        f"{{ return kc_trace_entry(ctx, {i}, {s0}, {s1}); }}")
             out.append(f"int kc_return_{i}(struct pt_regs *ctx) "
-                       f"{{ return kc_trace_return(ctx, {i}); }}")
+                       f"{{ return kc_trace_return(ctx, {i}, {ERR_MODES[p.failure]}); }}")
     return "\n".join(out) + "\n"
 
 

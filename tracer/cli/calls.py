@@ -29,8 +29,9 @@ def calls(
                                             "its children (repeatable). Default: the whole host."),
     count: bool = typer.Option(False, "-c", "--count", help="Count calls in the kernel (no "
                                "record per call) and print ltrace -c's table at the end."),
-    timing: bool = typer.Option(False, "-T", "--time", help="Time each call; with -c: total, "
-                                "mean and max time, errors, and a log2 latency histogram."),
+    timing: bool = typer.Option(False, "-T", "--time", help="Time each call (<seconds> on each "
+                                "line) and keep a log2 latency histogram per function in the "
+                                "kernel; with -c: total, mean and max time, and errors too."),
     stack: bool = typer.Option(False, "--stack", help="The user stack of each call; with -c, "
                                "calls per stack."),
     duration: Optional[float] = typer.Option(None, "--duration", "-d", min=0,
@@ -86,9 +87,12 @@ def calls(
                   "lines are missing; -c counts in the kernel and loses none", markup=False)
     if count:
         _report_counts(tracer, timing, stack, as_json, output)
-    elif output is not None:
+        return
+    if output is not None:
         save_table(tracer.frame(), output)
         err.print(f"keytrace: wrote {len(tracer.calls)} calls to {output}", markup=False)
+    if timing and not as_json:  # -T: the kernel's latency histograms after the lines
+        _print_histograms(tracer.histograms())
 
 
 def _write(stream, text: str) -> None:
@@ -143,8 +147,7 @@ def _report_counts(tracer: CallTracer, timing: bool, stack: bool, as_json: bool,
         return
     out.print(_counts_table(table, timing))
     if hist is not None:
-        for (lib, fn), g in hist.groupby(["library", "function"], sort=False):
-            out.print(_histogram(f"{lib}!{fn}", g))
+        _print_histograms(hist)
     if stack:
         out.print(_stacks_table(tracer.stack_counts()))
 
@@ -171,6 +174,11 @@ def _counts_table(df, timing: bool) -> Table:
     else:
         t.add_row(str(total), "total", style="bold")
     return t
+
+
+def _print_histograms(hist) -> None:
+    for (lib, fn), g in hist.groupby(["library", "function"], sort=False):
+        out.print(_histogram(f"{lib}!{fn}", g))
 
 
 def _histogram(name: str, g) -> Table:
