@@ -36,3 +36,19 @@ def test_the_wheel_traces_from_anywhere(bpf, bins, tmp_path):
     assert res.returncode == 0, res.stderr
     (row,) = json_rows(res.stdout)
     assert (row["creates"], row["live_keys"], row["leaking"]) == (3, 3, True)
+    # every command's modules and probe units are in the wheel
+    res = subprocess.run([venv / "bin/keytrace", "calls", "-c", "--json", "-e", "pthread_key_create",
+                          "--", bins["reload_host"], bins["libleaky"], "3"], capture_output=True,
+                         text=True, cwd=elsewhere, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert [r["calls"] for r in json_rows(res.stdout) if "calls" in r] == [3]
+    res = subprocess.run([venv / "bin/python", "-c", "import tracer.agent.exporter, tracer.calls"],
+                         capture_output=True, text=True, cwd=elsewhere, timeout=60)
+    assert res.returncode == 0, res.stderr
+
+
+def test_every_package_of_the_tree_is_in_the_wheel():
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    tree = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "tracer").rglob("__init__.py")}
+    assert tree <= listed, f"packages missing from pyproject.toml: {sorted(tree - listed)}"
