@@ -101,6 +101,25 @@ def main() -> None:
             off += [before, after]
             ratios.append(on[-1] / ((before + after) / 2))
         out["loop"] = (statistics.median(off), statistics.median(on), statistics.median(ratios))
+        # The same loop under bpftrace with uprobes on the same libc functions: what any uprobe
+        # tool pays there (the kernel installs breakpoints into every new image's libc).
+        bt_ratios = []
+        lib = "/lib/x86_64-linux-gnu/libc.so.6"
+        script = " ".join(f"uprobe:{lib}:{f} {{ @{f} = count(); }}" for f in
+                          ("dlopen", "dlclose", "pthread_key_create", "pthread_key_delete"))
+        for _ in range(ROUNDS):
+            before = loop_time(n_loop)
+            bt = spawn(["bpftrace", "-e", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True)
+            while "Attaching" not in (bt.stdout.readline() or "Attaching"):
+                pass
+            time.sleep(1)
+            during = loop_time(n_loop)
+            bt.send_signal(signal.SIGINT)
+            bt.communicate(timeout=60)
+            after = loop_time(n_loop)
+            bt_ratios.append(during / ((before + after) / 2))
+        out["bpftrace_loop"] = statistics.median(bt_ratios)
 
         agent = start_agent()
         settle(port)
@@ -144,6 +163,8 @@ def main() -> None:
           f"{out['scrape'][0] * 1000:.0f} ms ({out['scrape'][1] * 1000:.0f} ms) | < 100 ms |")
     print(f"| fork/exec loop ({n_loop} x /bin/true), agent off / on, medians of {ROUNDS} "
           f"rounds | {off:.2f} s / {on:.2f} s; paired: {100 * (ratio - 1):+.1f} % | <= 2 % loss |")
+    print(f"| the same loop under bpftrace, uprobes on the same 4 libc functions, paired | "
+          f"{100 * (out['bpftrace_loop'] - 1):+.1f} % | (for comparison) |")
 
 
 if __name__ == "__main__":
