@@ -178,14 +178,20 @@ static __always_inline void kc_account(u32 fn, struct kc_frame *f, u64 ret, int 
         (*h)++;
 }
 
-static __always_inline int kc_exit(struct pt_regs *ctx, u32 fn, int err)
+// The call of fn returning on this thread: accounted, its frame (NULL: not kept) returned.
+static __always_inline struct kc_frame *kc_returned(struct pt_regs *ctx, u64 id, u32 fn, int err)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    if (!wanted(id >> 32))
-        return 0;
     struct kc_frame *f = kc_pop((u32)id, fn);
     if (f)
         kc_account(fn, f, PT_REGS_RC(ctx), err);
+    return f;
+}
+
+static __always_inline int kc_exit(struct pt_regs *ctx, u32 fn, int err)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (wanted(id >> 32))
+        kc_returned(ctx, id, fn, err);
     return 0;
 }
 
@@ -269,9 +275,7 @@ static __always_inline int kc_trace_return(struct pt_regs *ctx, u32 fn, int err)
     u64 id = bpf_get_current_pid_tgid();
     if (!wanted(id >> 32))
         return 0;
-    struct kc_frame *f = kc_pop((u32)id, fn);
-    if (f)
-        kc_account(fn, f, PT_REGS_RC(ctx), err);
+    struct kc_frame *f = kc_returned(ctx, id, fn, err);
     struct call *e = kc_record(id, fn, 1);
     if (!e)
         return 0;
