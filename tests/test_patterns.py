@@ -99,9 +99,17 @@ def test_aliases_select_one_address_shown_by_the_name_asked_for():
     [alias] = resolve(["libc:__libc_malloc"])
     assert alias.address == malloc.address and alias.function == "__libc_malloc"
     assert resolve(["libc:malloc", "libc:__libc_malloc", "malloc"]) == [malloc]
-    # a glob shows an address by its plain alias; a name asked for, as asked (strchr, not index)
-    assert {t.function for t in resolve(["libc:__libc_mallo?"])} == {"malloc"}
+    # a name asked for is shown as asked; a glob shows the plainest name it matched
     assert [t.function for t in resolve(["strchr"])] == ["strchr"]
+    assert {t.function for t in resolve(["libc:__libc_mallo?"])} == {"__libc_malloc"}
+    assert "strchr" in {t.function for t in resolve(["libc:strc*"])}  # not its alias index
+
+
+@needs_glibc
+def test_a_glob_excludes_by_the_name_shown_an_exact_name_by_any_alias():
+    shown = {t.function for t in resolve(["libc:m*", "!_*"])}
+    assert "malloc" in shown and not any(n.startswith("_") for n in shown)  # __libc_malloc aside
+    assert "malloc" not in {t.function for t in resolve(["libc:m*", "!__libc_malloc"])}
 
 
 def test_version_suffixes_are_cut_and_each_version_is_selected(tmp_path):
@@ -117,7 +125,9 @@ def test_version_suffixes_are_cut_and_each_version_is_selected(tmp_path):
     found = resolve([f"{lib}:f"])
     assert [t.function for t in found] == ["f", "f"]
     assert sorted(t.address for t in found) == sorted([local["old_f"], local["new_f"]])
-    assert resolve([f"{lib}:*_f"]) == found
+    by_glob = resolve([f"{lib}:*_f"])  # the same two addresses, by the names the glob matched
+    assert {t.address for t in by_glob} == {t.address for t in found}
+    assert {t.function for t in by_glob} == {"old_f", "new_f"}
     assert "matches 'f@V1'" in error_of([f"{lib}:f@V1"])  # .symtab's f@V1 is f
 
 

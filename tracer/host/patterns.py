@@ -292,9 +292,10 @@ class _Functions:
     """The function symbols of one file, one entry per address."""
     addresses: tuple
     sizes: tuple
-    display: tuple
-    index: dict
-    ifuncs: frozenset  # addresses of STT_GNU_IFUNC symbols: resolvers, run once at load      # every name -> positions of its addresses (one name may have several)
+    display: tuple     # the plainest name of each address
+    names: tuple       # every name of each address
+    index: dict        # every name -> positions of its addresses (one name may have several)
+    ifuncs: frozenset  # addresses of STT_GNU_IFUNC symbols: resolvers, run once at load
 
 
 def _read_functions(path: str) -> Optional[_Functions]:
@@ -331,8 +332,8 @@ def _read_functions(path: str) -> Optional[_Functions]:
         for name in found[address][1]:
             index.setdefault(name, []).append(pos)
     return _Functions(tuple(addresses), tuple(found[a][0] for a in addresses),
-                      tuple(min(found[a][1], key=lambda n: (n.startswith("_"), len(n), n))
-                            for a in addresses), index, frozenset(ifuncs))
+                      tuple(min(found[a][1], key=_plainest) for a in addresses),
+                      tuple(tuple(found[a][1]) for a in addresses), index, frozenset(ifuncs))
 
 
 _FUNCTIONS = FileCache(_read_functions)
@@ -366,6 +367,17 @@ def _no_function(pattern: Pattern, libs: list) -> str:
              else f"{len(shown)} libraries matching {pattern.library!r}")
     hint = f": did you mean {', '.join(close)}?" if close else ""
     return f"no function in {where} matches {pattern.function!r}{hint}"
+
+
+def _shown(table: _Functions, pos: int, function: str) -> str:
+    if not _GLOB.search(function):
+        return function
+    match = re.compile(fnmatch.translate(function)).match
+    return min((n for n in table.names[pos] if match(n)), key=_plainest, default=table.display[pos])
+
+
+def _plainest(name: str) -> tuple:
+    return (name.startswith("_"), len(name), name)
 
 
 def _target(lib: _Library, table: _Functions, pos: int, asked: Optional[str] = None) -> Target:
@@ -440,15 +452,24 @@ def resolve(patterns: Sequence[str], pids: Sequence[int] = (), exe: Optional[str
                 key = (lib.ident, table.addresses[pos])
                 keys.append(key)
                 if key not in selected:
-                    # a name asked for is the name shown (strchr, not its alias index)
-                    asked = None if _GLOB.search(pattern.function) else pattern.function
-                    selected[key] = _target(lib, table, pos, asked)
+                    # the name shown is the one asked for, or the plainest the glob matched
+                    # (strchr, not its alias index)
+                    selected[key] = _target(lib, table, pos, _shown(table, pos, pattern.function))
         if not keys:
             raise KeytraceError(_no_function(pattern, libs))
     excluded: dict = {}  # key -> the exclusion that removed it
     for pattern in (p for p in parsed if p.exclude):
         within = ({lib.ident for lib in scope.libraries(pattern.library)}
                   if pattern.library else None)
+        if _GLOB.search(pattern.function):
+            # A glob excludes by the name shown: '!_*' must not drop malloc for its alias
+            # __libc_malloc. An exact name below excludes its address by any alias.
+            match = re.compile(fnmatch.translate(pattern.function)).match
+            for key, t in selected.items():
+                if (within is None or key[0] in within) and any(
+                        match(n) for n in t.function.split("|")):
+                    excluded.setdefault(key, pattern.text)
+            continue
         for ident, lib in libs_of.items():
             if within is None or ident in within:
                 table = _functions(lib)
