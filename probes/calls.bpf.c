@@ -89,14 +89,19 @@ static __always_inline void kc_stack(struct pt_regs *ctx, u32 fn)
 #endif
 }
 
+static __always_inline void kc_called(u32 fn)
+{
+    struct kc_stat *s = kc_stats.lookup(&fn);
+    if (s)
+        s->calls++;
+}
+
 // -c: one probe, one per-CPU increment.
 static __always_inline int kc_count(struct pt_regs *ctx, u32 fn)
 {
     if (!wanted(bpf_get_current_pid_tgid() >> 32))
         return 0;
-    struct kc_stat *s = kc_stats.lookup(&fn);
-    if (s)
-        s->calls++;
+    kc_called(fn);
     kc_stack(ctx, fn);
     return 0;
 }
@@ -146,9 +151,7 @@ static __always_inline int kc_enter(struct pt_regs *ctx, u32 fn)
     u64 id = bpf_get_current_pid_tgid();
     if (!wanted(id >> 32))
         return 0;
-    struct kc_stat *s = kc_stats.lookup(&fn);
-    if (s)
-        s->calls++;
+    kc_called(fn);
     kc_stack(ctx, fn);
     kc_push((u32)id, fn);
     return 0;
@@ -244,9 +247,7 @@ static __always_inline int kc_trace_entry(struct pt_regs *ctx, u32 fn, int s0, i
     u64 id = bpf_get_current_pid_tgid();
     if (!wanted(id >> 32))
         return 0;
-    struct kc_stat *s = kc_stats.lookup(&fn);
-    if (s)
-        s->calls++;
+    kc_called(fn);
     struct kc_frame *f = kc_push((u32)id, fn);
     struct call *e = kc_record(id, fn, 0);
     if (!e)

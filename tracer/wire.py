@@ -153,6 +153,22 @@ def _decode_strings(raw: np.ndarray) -> "pd.Categorical":
     return pd.Categorical.from_codes(codes, categories=names)
 
 
+def _ops(batch: np.ndarray) -> np.ndarray:
+    op = batch["op"].astype(np.int64)
+    if len(op) and (op.min() < 1 or op.max() >= len(OPS)):
+        raise ValueError(f"unknown op code in ring buffer record: {sorted(set(op.tolist()))}")
+    return op
+
+
+def _paths(batch: np.ndarray, op: np.ndarray) -> list:
+    """Each record's path, None where its op has none. A string ends at its first NUL: the
+    bytes after it are a reused ring slot's leftovers."""
+    paths = [None] * len(batch)
+    for i in np.flatnonzero(np.isin(op, _PATHED)).tolist():
+        paths[i] = batch["path"][i].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return paths
+
+
 def decode(batch: np.ndarray, wall_offset_ns: int,
            stack_of: Optional[Callable[[int], list]] = None) -> "pd.DataFrame":
     """Turn a structured array of RECORD into an events frame (see COLUMNS).
@@ -160,15 +176,8 @@ def decode(batch: np.ndarray, wall_offset_ns: int,
     stack_of(stack_id) gives a stack's addresses (from the BPF stack map), innermost first.
     """
     import pandas as pd
-    op = batch["op"].astype(np.int64)
-    if len(op) and (op.min() < 1 or op.max() >= len(OPS)):
-        raise ValueError(f"unknown op code in ring buffer record: {sorted(set(op.tolist()))}")
-    path_valid = np.isin(op, _PATHED)
-    paths = np.full(len(batch), None, dtype=object)
-    if path_valid.any():
-        # A string ends at its first NUL: the bytes after it are a reused ring slot's leftovers.
-        paths[path_valid] = [p.split(b"\0", 1)[0].decode("utf-8", "replace")
-                             for p in batch["path"][path_valid]]
+    op = _ops(batch)
+    paths = np.array(_paths(batch, op), dtype=object)
     frame = pd.DataFrame({
         "ts": pd.to_datetime(batch["ts"].astype(np.int64) + wall_offset_ns, unit="ns", utc=True),
         "pid": batch["pid"].astype(np.int64),
@@ -195,15 +204,11 @@ def columns(batch: np.ndarray, wall_offset_ns: int,
     """What a replay reads of each record, as Python lists straight from the records (no frame:
     an always-on tracer that keeps no events need not pay pandas per drain): ts, pid, comm, op
     (code), key (-1: none), ret, destructor, caller, path, handle, load, child, stack, seq."""
-    op = batch["op"].astype(np.int64)
-    if len(op) and (op.min() < 1 or op.max() >= len(OPS)):
-        raise ValueError(f"unknown op code in ring buffer record: {sorted(set(op.tolist()))}")
+    op = _ops(batch)
     keyed = np.isin(op, _KEYED)
     uniques, inverse = np.unique(batch["comm"], return_inverse=True)
     names = [u.decode("utf-8", "replace") for u in uniques]
-    paths = [None] * len(batch)
-    for i in np.flatnonzero(np.isin(op, _PATHED)).tolist():
-        paths[i] = batch["path"][i].split(b"\0", 1)[0].decode("utf-8", "replace")
+    paths = _paths(batch, op)
     return ((batch["ts"].astype(np.int64) + wall_offset_ns).tolist(), batch["pid"].tolist(),
             [names[i] for i in inverse.reshape(-1).tolist()], op.tolist(),
             np.where(keyed, batch["key"], -1).tolist(), batch["ret"].tolist(),

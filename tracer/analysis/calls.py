@@ -49,6 +49,8 @@ class Pairer:
         self.strsize = strsize
         self.offset = offset_ns
         self.stack_of = stack_of
+        # per function: which arguments are strings, in the record's string slots' order
+        self.string_args = [protos.string_args(f.proto) for f in functions]
         self.open: dict = {}  # tid -> [entry row]
 
     def feed(self, batch: np.ndarray) -> list:
@@ -88,8 +90,7 @@ class Pairer:
 
     def _strings(self, row: dict, ret) -> None:
         """Strings unreadable at entry, as read at return (their pages touched by the call)."""
-        fn = self.functions[row["_fn"]]
-        for slot, at in enumerate(protos.string_args(fn.proto)):
+        for slot, at in enumerate(self.string_args[row["_fn"]]):
             if at not in row["_strings"] and row["_raw"][at]:
                 got = self._read(ret, slot)
                 if got is not None:
@@ -101,7 +102,7 @@ class Pairer:
         fn = self.functions[int(r["fn"])]
         args = [int(a) for a in r["args"]]
         strings, cut = {}, set()
-        for slot, at in enumerate(protos.string_args(fn.proto)):
+        for slot, at in enumerate(self.string_args[int(r["fn"])]):
             got = self._read(r, slot) if args[at] else None
             if got is not None:
                 strings[at] = got[0]

@@ -69,8 +69,8 @@ def calls(
         if output is not None:
             check_writable(output)
         stdout = sys.stdout
-        show = None
-        if not count and output is None or not count and as_json:
+        show = None  # tracing prints each call, unless it only goes to a file (-o without --json)
+        if not count and (output is None or as_json):
             show = ((lambda c: _write(stdout, json.dumps(report.json_record(c, timing)) + "\n"))
                     if as_json else
                     (lambda c: _write(stdout, report.line(c, timing) + _stack(c, stack) + "\n")))
