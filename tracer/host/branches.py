@@ -1,0 +1,106 @@
+"""Where code enters a function other than at its top: every direct jmp, jcc and call of a whole
+ELF file, and every function symbol, by target address.
+
+A probe past a function's first instruction counts the calls of that function only when nothing
+else reaches it: glibc's mempcpy jumps into memmove past memmove's entry, so a site there counts
+mempcpy's calls as memmove's. The whole file's code is decoded once per build (capstone's light
+mode, ~0.3 s for libc) and kept in memory by file identity and on disk by build id.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from .elf import FileCache, _tables, build_id
+
+CACHE_DIR = Path(os.environ.get("KEYTRACE_CACHE", "/var/cache/keytrace"))
+SYMBOL = -1  # the source of an entry that is a symbol, not a branch
+_SHF_EXECINSTR = 0x4
+
+
+def _decode(path: str) -> np.ndarray:
+    """[(target, source)] of the file's direct branches and calls, and [(symbol, SYMBOL)] of its
+    function symbols, sorted by target."""
+    pairs: list = []
+    with open(path, "rb") as fh:
+        elf = ELFFile(fh)
+        md = Cs(CS_ARCH_X86, CS_MODE_64)
+        for sec in elf.iter_sections():
+            if not sec["sh_flags"] & _SHF_EXECINSTR or sec["sh_type"] != "SHT_PROGBITS":
+                continue
+            data, base = sec.data(), sec["sh_addr"]
+            at = 0
+            while at < len(data):  # a byte that does not decode ends a run: skip it, go on
+                for addr, size, mnemonic, op in md.disasm_lite(data[at:], base + at):
+                    at = addr + size - base
+                    if (mnemonic[0] == "j" or mnemonic.startswith("call")) and op[:2] == "0x":
+                        pairs.append((int(op, 16), addr))
+                else:
+                    at += 1
+        for _, syms, _names in _tables(elf):
+            funcs = (np.isin(syms["info"] & 0xF, (2, 10)) & (syms["value"] != 0)
+                     & (syms["shndx"] != 0))
+            pairs += [(int(v), SYMBOL) for v in np.unique(syms["value"][funcs]).tolist()]
+    out = np.array(pairs or [(0, 0)], dtype=np.int64).reshape(-1, 2)
+    return out[np.argsort(out[:, 0], kind="stable")]
+
+
+def _load(path: str) -> Optional[np.ndarray]:
+    bid = build_id(path)
+    cache = CACHE_DIR / f"branches-{bid}.npy" if bid else None
+    if cache is not None:
+        try:
+            return np.load(cache)
+        except (OSError, ValueError):
+            pass
+    try:
+        pairs = _decode(path)
+    except (ELFError, ValueError):
+        return None
+    if cache is not None:
+        try:
+            CACHE_DIR.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, pairs)
+            tmp.replace(cache)
+        except OSError:
+            pass  # decoded again next time
+    return pairs
+
+
+_ENTRIES = FileCache(_load, limit=64)
+
+
+def entries(path: str) -> Optional[np.ndarray]:
+    """[(target, source)] of a file, sorted by target; None when it is no ELF file."""
+    return _ENTRIES.get(path)[1]
+
+
+def entering(path: str, lo: int, hi: int, inside: Optional[tuple] = None) -> list:
+    """The (target, source) entries with lo < target <= hi, except branches whose source lies
+    in inside = (start, end) (a function's own branches, which its own analysis covers).
+    Source SYMBOL: a function symbol starts there. [] when the file cannot be read: the
+    caller then has no proof and must not assume there is none (see sole_entry)."""
+    pairs = entries(path)
+    if pairs is None:
+        return []
+    a, b = np.searchsorted(pairs[:, 0], [lo + 1, hi + 1])
+    found = pairs[a:b]
+    if inside is not None:
+        own = (found[:, 1] >= inside[0]) & (found[:, 1] < inside[1])
+        found = found[~own]
+    return [(int(t), int(s)) for t, s in found.tolist()]
+
+
+def describe(entry: tuple, function: str, start: int) -> str:
+    """`a jump at 0x16d7c6 lands at memmove+0x3`, for a refusal."""
+    target, source = entry
+    where = f"{function}+{target - start:#x}"
+    return (f"another function symbol starts at {where}" if source == SYMBOL
+            else f"a jump or call at {source:#x} lands at {where}")
