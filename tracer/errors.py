@@ -3,3 +3,7 @@
 
 class KeytraceError(Exception):
     """A failure the user can act on; the message says what and, where known, how to fix it."""
+
+
+class UsageError(KeytraceError):
+    """A mistake in what was asked (a pattern, an option): the command line's exit status 2."""

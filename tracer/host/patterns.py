@@ -30,9 +30,9 @@ import numpy as np
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from ..errors import KeytraceError
+from ..errors import KeytraceError, UsageError
 from . import proc
-from .elf import FileCache, _debug_file, _tables
+from .elf import FileCache, _debug_file, _tables, elf_info
 from .libc import is_musl, ld_cache
 
 DEFAULT_LIBRARY = "libc"
@@ -55,6 +55,8 @@ class Target:
     # "": a plain function; else why the address is not the symbol's: an IFUNC's implementation
     # ("strlen: __strlen_avx2"), or why it could not be found (then the resolver's address)
     ifunc: str = ""
+    # why no probe can go on it at all (its code is not in the file: the vDSO's); "" if one can
+    unprobeable: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,22 +73,26 @@ def parse_pattern(text: str) -> Pattern:
     exclude = body.startswith("!")
     body = body[1:] if exclude else body
     if not body:
-        raise KeytraceError(f"empty pattern {text!r}: {USAGE}")
+        raise UsageError(f"empty pattern {text!r}: {USAGE}")
     # FUNC never holds a ':' (symbols are mangled names); a path as LIB might.
     library, colon, function = body.rpartition(":")
     if colon and not library:
-        raise KeytraceError(f"pattern {text!r} has an empty library before ':': {USAGE}")
+        raise UsageError(f"pattern {text!r} has an empty library before ':': {USAGE}")
     if colon and not function:
-        raise KeytraceError(f"pattern {text!r} has an empty function after ':': {USAGE}")
+        raise UsageError(f"pattern {text!r} has an empty function after ':': {USAGE}")
     _check_glob(function, text, "function")
     if colon and "/" not in library:
         _check_glob(library, text, "library")
     return Pattern(text, library if colon else None, function, exclude)
 
 
+def is_glob(text: str) -> bool:
+    return bool(_GLOB.search(text))
+
+
 def _check_glob(part: str, text: str, what: str) -> None:
     if re.search(r"\s", part) or (what == "function" and "/" in part):
-        raise KeytraceError(f"bad {what} glob {part!r} in pattern {text!r}: {USAGE}")
+        raise UsageError(f"bad {what} glob {part!r} in pattern {text!r}: {USAGE}")
     i = part.find("[")
     while i >= 0:
         # As fnmatch reads a bracket: '!' negates, a ']' right after the opening is literal.
@@ -94,7 +100,7 @@ def _check_glob(part: str, text: str, what: str) -> None:
         j += part[j:j + 1] == "]"
         end = part.find("]", j)
         if end < 0:
-            raise KeytraceError(f"bad {what} glob {part!r} in pattern {text!r}: '[' is not closed")
+            raise UsageError(f"bad {what} glob {part!r} in pattern {text!r}: '[' is not closed")
         i = part.find("[", end + 1)
 
 
@@ -392,6 +398,13 @@ def _target(lib: _Library, table: _Functions, pos: int, asked: Optional[str] = N
     impl = table.addresses.index(found) if found in table.addresses else None
     size = table.sizes[impl] if impl is not None else 0
     what = table.display[impl] if impl is not None else f"{found:#x}"
+    info = elf_info(lib.path)
+    if info is not None and not info.lo <= found < info.hi:
+        # time, gettimeofday: the resolver hands out the vDSO's function, kernel-provided code
+        return Target(lib.path, lib.name, lib.library, name, address, table.sizes[pos],
+                      ifunc=f"{name}: the vDSO's",
+                      unprobeable=f"{lib.library} runs {name} in the vDSO (code the kernel maps "
+                                  "into every process, which no uprobe can reach)")
     return Target(lib.path, lib.name, lib.library, name, found, size, ifunc=f"{name}: {what}")
 
 

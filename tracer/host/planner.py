@@ -26,6 +26,7 @@ from capstone import x86 as X
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from . import branches, isa
 from .elf import defined_symbols
 
 FUNCTIONS = ("pthread_key_create", "pthread_key_delete")
@@ -147,21 +148,15 @@ def _cc(insn) -> int:
 
 
 def _emulated(insn) -> bool:
-    """Whether arch/x86/kernel/uprobes.c emulates the instruction rather than single-step it."""
-    op, b = insn.opcode, insn.bytes
-    if insn.id == X.X86_INS_NOP:      # 90; the 0f 1f forms on recent kernels (insn_is_nop)
-        return True
-    if 0x66 in insn.prefix:           # the kernel refuses 16-bit branches
-        return False
-    if _cc(insn) >= 0 or op[0] in (0xEB, 0xE9, 0xE8):
-        return True
-    # push reg: one byte, or 41 5x for r8..r15 (no other prefix)
-    return 0x50 <= op[0] <= 0x57 and (len(b) == 1 or (len(b) == 2 and b[0] == 0x41))
+    """Whether arch/x86/kernel/uprobes.c emulates the instruction rather than single-step it
+    (a legacy one: it also "emulates" VEX/EVEX instructions, wrongly; see tracer.host.isa)."""
+    v = isa.view(bytes(insn.bytes))
+    return v.action == "emulated" and v.encoding == "legacy"
 
 
 def _probeable(insn) -> bool:
-    """The kernel refuses a uprobe on an instruction with a lock or ES/CS/SS/DS prefix."""
-    return not any(p in (0xF0, 0x26, 0x2E, 0x36, 0x3E) for p in insn.prefix)
+    """Whether the kernel accepts a uprobe on the instruction at all."""
+    return isa.view(bytes(insn.bytes)).action != "refused"
 
 
 @dataclass
@@ -463,6 +458,18 @@ def _analyse(fn: _Function, kind: str) -> list:
     return sites
 
 
+def _no_other_entry(path: str, fn: _Function, sites: tuple) -> None:
+    """The proof covers the ways in from the function's top: no jump or call from elsewhere in
+    the file, and no other symbol, may land where a site can be reached from."""
+    for target, source in branches.entering(path, fn.address, fn.end - 1,
+                                            inside=(fn.address, fn.end)):
+        b = fn.block_of.get(target)
+        if b is None or any(fn.block_of[s.address] in fn.reach_from(b) for s in sites):
+            raise Refused(f"{fn.name}: " + branches.describe((target, source), fn.name,
+                                                             fn.address)
+                          + ": counts would include calls that did not enter at its top")
+
+
 def _returns_errno(fn: _Function, b: int, event: str) -> None:
     """A failure site's block must mean that failure: entered once per call at most (an
     unconditional site in a loop could fire twice), and every way on from its `mov $imm,%eax`
@@ -579,8 +586,10 @@ def _plan_or_reason(path: str, function: str, kind: str):
         by_build = (build_id, function, kind)
         if build_id and by_build in _CACHE:
             return _CACHE[by_build]
-        result = Plan(path, function, address, len(code), build_id,
-                      tuple(_analyse(_Function(function, address, code), kind)))
+        fn = _Function(function, address, code)
+        sites = tuple(_analyse(fn, kind))
+        _no_other_entry(path, fn, sites)
+        result = Plan(path, function, address, len(code), build_id, sites)
     except Refused as e:
         return str(e)
     except CsError as e:          # capstone cannot give an instruction's details
@@ -590,21 +599,23 @@ def _plan_or_reason(path: str, function: str, kind: str):
     return result
 
 
-def plan_entry(path: str, address: int, size: int, name: str = "") -> Site:
+def plan_entry(path: str, address: int, size: int, name: str = "", unsafe=None) -> Site:
     """A site that counts every call of any function exactly once, emulated: the first
     instruction of the entry block the kernel emulates (typically the `push` after `endbr64`),
-    where no branch of the function lands on it or on what comes before it (a loop back into
-    the prologue would count one call twice). The arguments may have moved by then: a site for
-    counting, not for reading them. Raises Refused."""
+    where nothing in the whole file lands between the entry and the site (a loop back into the
+    prologue would count one call twice; mempcpy jumping into memmove's body would count
+    mempcpy's calls as memmove's). The arguments may have moved by then: a site for counting,
+    not for reading them. unsafe(bytes) says why an instruction may not be probed (None: it
+    may). Raises Refused."""
     name = name or f"{address:#x}"
     try:
         st = os.stat(path)
     except OSError as e:
         raise Refused(f"cannot read {path}: {e.strerror}") from None
-    ident = ((st.st_dev, st.st_ino, st.st_mtime_ns), address, size)
+    ident = ((st.st_dev, st.st_ino, st.st_mtime_ns), address, size, unsafe)
     if ident not in _CACHE:
         try:
-            _CACHE[ident] = _entry_site(name, address, _code(path, address, size))
+            _CACHE[ident] = _entry_site(path, name, address, unsafe)
         except Refused as e:
             _CACHE[ident] = str(e)
         except CsError as e:
@@ -618,32 +629,86 @@ def plan_entry(path: str, address: int, size: int, name: str = "") -> Site:
 _PROLOGUE = 8  # instructions looked at for a site: prologues are short
 
 
-def _entry_site(name: str, address: int, code: bytes) -> Site:
+def _prologue(path: str, address: int) -> list:
+    """The first instructions from address, with details (fewer near a segment's end)."""
     md = Cs(CS_ARCH_X86, CS_MODE_64)
-    # Every branch target, from a light decode (no operand details: 5x faster over a libc)
-    lite = list(md.disasm_lite(code, address))
-    if sum(size for _, size, _, _ in lite) != len(code):
-        raise Refused(f"{name}: not all of its bytes decode")
     md.detail = True
+    return list(md.disasm(_code(path, address, 16 * _PROLOGUE, partial=True), address, _PROLOGUE))
+
+
+def _ends_block(insn) -> bool:
+    return bool(insn.group(X.X86_GRP_JUMP) or insn.group(X.X86_GRP_CALL)
+                or insn.group(X.X86_GRP_RET) or insn.id in _TRAPS)
+
+
+def _only_entry(path: str, name: str, address: int, site: int) -> None:
+    hits = branches.entering(path, address, site)
+    if hits:
+        raise Refused(f"{name}: {branches.describe(hits[0], name, address)}, at or before "
+                      f"the site at +{site - address:#x}")
+
+
+def _entry_site(path: str, name: str, address: int, unsafe) -> Site:
     site = None
-    for insn in md.disasm(code[:16 * _PROLOGUE], address, _PROLOGUE):
-        if _emulated(insn) and _probeable(insn):
+    for insn in _prologue(path, address):
+        if _emulated(insn) and _probeable(insn) and not (unsafe and unsafe(bytes(insn.bytes))):
             site = insn
             break
-        if (insn.group(X.X86_GRP_JUMP) or insn.group(X.X86_GRP_CALL) or insn.group(X.X86_GRP_RET)
-                or insn.id in _TRAPS):
+        if _ends_block(insn):
             raise Refused(f"{name}: its entry block ends before an emulated instruction")
     if site is None:
         raise Refused(f"{name}: no emulated instruction in its first {_PROLOGUE}")
-    for at, _, mnemonic, op in lite:
-        if (mnemonic[0] == "j" or mnemonic.startswith("call")) and op.startswith("0x"):
-            if address < int(op, 16) <= site.address:
-                raise Refused(f"{name}: {mnemonic} at {at - address:#x} lands in the prologue")
+    _only_entry(path, name, address, site.address)
     return Site(site.address, site.size, bytes(site.bytes), True, "call", -1, False, {})
 
 
-def _code(path: str, address: int, size: int) -> bytes:
-    """The bytes of [address, address + size) of an x86-64 ELF file's loaded segments."""
+# Where a function finds its arguments and its return address: an entry probe moved past an
+# instruction must find them unchanged.
+_ENTRY_STATE = {"di", "si", "dx", "cx", "r8", "r9", "sp"}
+
+
+def entry_site(path: str, address: int, name: str, unsafe) -> Site:
+    """Where an entry probe (and a return probe, which takes the return address at the stack
+    pointer) goes: the entry itself when it is safe to probe, else the first later instruction
+    that is, reached once per call with the arguments, the stack pointer and memory as they
+    were at the entry: the instructions skipped write none of them, none of them branches, and
+    nothing in the file lands between the entry and the site. unsafe(bytes) says why an
+    instruction may not be probed (None: it may). Raises Refused, saying why."""
+    try:
+        insns = _prologue(path, address)
+    except CsError as e:
+        raise Refused(f"{name}: capstone: {e}") from None
+    if not insns:
+        raise Refused(f"{name}: the bytes at its entry do not decode")
+    first = unsafe(bytes(insns[0].bytes))
+    if first is None:
+        return _site_at(insns[0])
+    for insn, nxt in zip(insns, insns[1:]):
+        changed = (_writes(insn) & _ENTRY_STATE) or _writes_memory(insn)
+        if _ends_block(insn) or changed:
+            what = "branches" if _ends_block(insn) else "changes what an entry probe reads"
+            raise Refused(f"{name}: its entry `{insn.mnemonic} {insn.op_str}` cannot be probed "
+                          f"safely here ({first}), and the next safe instruction comes after "
+                          f"one that {what}")
+        if unsafe(bytes(nxt.bytes)) is None:
+            _only_entry(path, name, address, nxt.address)
+            return _site_at(nxt)
+    raise Refused(f"{name}: no instruction of its first {len(insns)} can be probed safely "
+                  f"here ({first})")
+
+
+def _site_at(insn) -> Site:
+    return Site(insn.address, insn.size, bytes(insn.bytes), isa.view(insn.bytes).action == "emulated",
+                "call", -1, False, {})
+
+
+def _writes_memory(insn) -> bool:
+    return any(o.type == X.X86_OP_MEM and o.access & 2 for o in insn.operands)  # CS_AC_WRITE
+
+
+def _code(path: str, address: int, size: int, partial: bool = False) -> bytes:
+    """The bytes of [address, address + size) of an x86-64 ELF file's loaded segments
+    (partial: as many as the segment holds from address)."""
     if not size:
         raise Refused(f"the function at {address:#x} has no size in the symbol table")
     try:
@@ -652,10 +717,11 @@ def _code(path: str, address: int, size: int) -> bytes:
             if elf["e_machine"] != "EM_X86_64":
                 raise Refused(f"{path} is not x86-64 code")
             for seg in elf.iter_segments():
+                end = seg["p_vaddr"] + seg["p_filesz"]
                 if (seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= address
-                        and address + size <= seg["p_vaddr"] + seg["p_filesz"]):
+                        and (address + size <= end or (partial and address < end))):
                     fh.seek(seg["p_offset"] + address - seg["p_vaddr"])
-                    return fh.read(size)
+                    return fh.read(min(size, end - address))
     except (OSError, ELFError, ValueError) as e:
         raise Refused(f"cannot read {path}: {e}") from None
     raise Refused(f"{address:#x} lies in no loaded segment of {path}")
