@@ -26,9 +26,9 @@ import pandas as pd
 from . import wire
 from .analysis import calls as report
 from .bpf import calls as kc
-from .bpf import doctor, units
+from .bpf import doctor, stepcheck, units
 from .bpf.loader import DEFAULT_RING_PAGES, Program
-from .errors import KeytraceError
+from .errors import KeytraceError, UsageError
 from .host import patterns as pat
 from .host import planner, proc
 from .host import prototypes as protos
@@ -56,7 +56,8 @@ class CallTracer:
                  sites: str = "planned", limit: int = pat.DEFAULT_LIMIT, keep: bool = True,
                  on_call: Optional[Callable[[dict], None]] = None, interval: float = 0.05,
                  ring_pages: int = DEFAULT_RING_PAGES,
-                 on_note: Optional[Callable[[str], None]] = None, quiet_stdout: bool = False):
+                 on_note: Optional[Callable[[str], None]] = None, quiet_stdout: bool = False,
+                 on_progress: Optional[Callable[[int, int], None]] = None):
         if strsize < 0:
             raise KeytraceError(f"-s takes a size of 0 or more, not {strsize}")
         if sites not in ("planned", "entry"):
@@ -70,7 +71,9 @@ class CallTracer:
         self.on_call, self.on_note = on_call, on_note
         self.interval, self.ring_pages = interval, ring_pages
         self.quiet_stdout = quiet_stdout  # the command's stdout to our stderr (JSON on ours)
+        self.on_progress = on_progress    # (functions attached, of how many) while attaching
         self.targets: list = []
+        self.skipped: dict = {}     # "library!function" -> why no probe could go on it
         self.functions: list = []
         self.placement: dict = {}   # function index -> "planned +0x4" or why the entry
         self.notes: list = []
@@ -78,6 +81,9 @@ class CallTracer:
         self.process: Optional[Launched] = None
         self.lost = 0
         self._program: Optional[Program] = None
+        self._policy = None
+        self._sites: list = []
+        self._dropped: set = set()  # functions whose probes failed to attach: not in the tables
         self._reader = None
         self._pairer: Optional[report.Pairer] = None
         self._final: Optional[tuple] = None  # (stats, histograms, stack counts) read at stop
@@ -99,8 +105,10 @@ class CallTracer:
             if exe is None:
                 raise KeytraceError(f"command not found: {self.command[0]}")
         # A pattern that names nothing is told first: it needs no privileges to find out.
-        self.targets = pat.resolve(self.patterns, self.pids or (), exe, self.limit)
+        targets = pat.resolve(self.patterns, self.pids or (), exe, self.limit)
         doctor.require_tracing()
+        self._policy = stepcheck.policy(self._note)
+        self.targets, self._sites = self._place(targets)
         self.functions = [report.Function(t.library, t.function, prototype(t)) for t in self.targets]
         for t in self.targets:
             if t.ifunc and "resolver" in t.ifunc:
@@ -119,7 +127,7 @@ class CallTracer:
                 prelude=kc.prelude(len(probes), self.strsize, trace_pages, self.stacks,
                                    errno=self.mode == "trace" and any(
                                        f.proto and f.proto.errno_on == "-1" for f in self.functions)),
-                programs=kc.programs(probes, self.mode))
+                programs=kc.programs(probes, self.mode), policy=self._policy)
             atexit.register(self.stop)
             self._program.open()
             if self.process is not None:
@@ -143,30 +151,76 @@ class CallTracer:
         self._thread.start()
         return self
 
+    def _place(self, targets: list) -> tuple:
+        """(the targets a probe can go on, their sites: (entry or return site, count site)),
+        before anything is attached. A function no probe can safely go on is told and left out;
+        one named exactly (not by a glob) is a usage error: the user asked for it by name."""
+        named = {p.function for p in map(pat.parse_pattern, self.patterns)
+                 if not p.exclude and not pat.is_glob(p.function)}
+        kept, sites = [], []
+        for t in targets:
+            try:
+                if t.unprobeable:
+                    raise planner.Refused(t.unprobeable)
+                if self.mode == "count":
+                    count, how = self._count_site(t)
+                    entry = count
+                else:
+                    entry = count = self._entry_site(t)
+                    how = "entry and return" + (
+                        f" at +{entry - t.address:#x} (its first instruction is unsafe to probe)"
+                        if entry != t.address else "")
+            except planner.Refused as e:
+                why = str(e)
+                if named & set(t.function.split("|")):
+                    raise UsageError(f"cannot probe {t.library}!{t.function}: {why}") from None
+                self.skipped[f"{t.library}!{t.function}"] = why
+                self._note(f"skipping {t.library}!{t.function}: {why}")
+                continue
+            self.placement[len(kept)] = how
+            kept.append(t)
+            sites.append((entry, count))
+        if not kept:
+            raise KeytraceError("no function the patterns select can be probed safely here "
+                                f"({len(self.skipped)} skipped)")
+        return kept, sites
+
+    def _entry_site(self, t: pat.Target) -> int:
+        """The function's entry, or the first instruction after it that is safe to probe and
+        sees the same arguments (planner.entry_site); Refused when there is none."""
+        return planner.entry_site(t.path, t.address, t.function, self._policy).address
+
+    def _count_site(self, t: pat.Target) -> tuple:
+        """(address, how) of a counting probe: the planned site, else the (safe) entry site."""
+        if self.sites != "planned":
+            site = self._entry_site(t)
+            return site, "entry (asked for)" + (f" at +{site - t.address:#x}" if site != t.address else "")
+        try:
+            planned = planner.plan_entry(t.path, t.address, t.size, t.function, self._policy)
+        except planner.Refused as e:
+            site = self._entry_site(t)
+            return site, f"entry{f' +{site - t.address:#x}' if site != t.address else ''} ({e})"
+        return planned.address, f"planned +{planned.address - t.address:#x} ({planned.insn.hex()})"
+
     def _attach(self) -> None:
-        by_path: dict = defaultdict(list)
+        """Function by function: one that fails to attach is told and left out."""
+        total = len(self.targets)
         for i, t in enumerate(self.targets):
             entry, ret = kc.names(i, self.mode)
-            at = t.address
-            if self.mode == "count":
-                at, self.placement[i] = self._site(t)
-            else:
-                self.placement[i] = "entry and return"
-            by_path[t.path].append((at, entry, False))
+            site, count = self._sites[i]
+            probes = [(count if self.mode == "count" else site, entry, False)]
             if ret:
-                by_path[t.path].append((t.address, ret, True))
-        for path, probes in by_path.items():
-            self._program.attach_programs(path, probes)
-
-    def _site(self, t: pat.Target) -> tuple:
-        """(address, how) of a counting probe: the planned site, else the entry."""
-        if self.sites != "planned":
-            return t.address, "entry (asked for)"
-        try:
-            site = planner.plan_entry(t.path, t.address, t.size, t.function)
-        except planner.Refused as e:
-            return t.address, f"entry ({e})"
-        return site.address, f"planned +{site.address - t.address:#x} ({site.insn.hex()})"
+                probes.append((site, ret, True))
+            try:
+                self._program.attach_programs(t.path, probes)
+            except KeytraceError as e:
+                self.skipped[f"{t.library}!{t.function}"] = str(e)
+                self._dropped.add(i)
+                self._note(f"skipping {t.library}!{t.function}: {e}")
+            if self.on_progress:
+                self.on_progress(i + 1, total)
+        if self._program.attached == 0:
+            raise KeytraceError("no probe could be attached: " + "; ".join(self.skipped.values()))
 
     def _run(self) -> None:
         try:
@@ -277,14 +331,20 @@ class CallTracer:
     def counts(self) -> pd.DataFrame:
         """ltrace -c's table (tracer.analysis.calls.COUNT_COLUMNS), from the kernel's counters
         (exact when records are lost); errors and times where calls are probed at return."""
-        return report.counts_frame(self.functions, self._now()[0], self.mode != "count")
+        kept = self._kept()
+        return report.counts_frame([self.functions[i] for i in kept], self._now()[0][kept],
+                                   self.mode != "count")
+
+    def _kept(self) -> list:
+        return [i for i in range(len(self.functions)) if i not in self._dropped]
 
     def histograms(self) -> pd.DataFrame:
         """The log2 latency histograms, kept in the kernel (any mode but -c without -T)."""
         hist = self._now()[1] if self.mode != "count" else None
         if hist is None:
             raise KeytraceError("latency histograms need timing=True (-T) when counting (-c)")
-        return report.histogram_frame(self.functions, hist)
+        kept = self._kept()
+        return report.histogram_frame([self.functions[i] for i in kept], hist[kept])
 
     def stack_counts(self) -> pd.DataFrame:
         stacks = self._now()[2] if self.mode != "trace" else None

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from . import wire
-from .bpf import doctor, units
+from .bpf import doctor, stepcheck, units
 from .bpf.loader import DEFAULT_RING_PAGES, Program
 from .errors import KeytraceError
 from .host import keytable, libc, planner, proc
@@ -169,8 +169,11 @@ class KeyTracer:
         self._early: list = []           # records drained before the poll thread ran
         self._reconciled = 0.0           # when the kernel's counts were last compared
         self._lost_base = 0              # lost by the start-up self-test: not the ledger's
+        if sites not in ("planned", "entry"):
+            raise KeytraceError(f"sites is planned or entry, not {sites!r}")
         self.sites = sites
         self.plan_notes: list[str] = []  # which probe sites each file got, and why
+        self._policy = None              # which instructions a probe may go on (stepcheck)
     # -- life cycle -----------------------------------------------------------------------------
     def start(self, background: bool = True) -> "KeyTracer":
         if self._probes is not None:
@@ -186,10 +189,11 @@ class KeyTracer:
                 self.process, gate_w = self._spawn_gated(self.command)
                 filter_pids = (self.pids or []) + [self.process.pid]
             targets = self._targets(filter_pids)
+            self._policy = stepcheck.policy(self._note)
             plans = self._plans(targets) if self.sites == "planned" else {}
             self._probes = Program(units.KEY_TRACER, filter_pids, self._ring_pages,
                                    plans=[(t.flavour, plans[t.ident]) for t in targets
-                                          if t.ident in plans])
+                                          if t.ident in plans], policy=self._policy)
             atexit.register(self.stop)
             self._probes.open()
             self._attach_targets(targets, plans)
@@ -235,6 +239,11 @@ class KeyTracer:
         for t in targets:
             try:
                 plan = planner.plan_file(t.path)
+                for p in plan.values():
+                    for site in p.sites:
+                        why = self._policy(site.insn)
+                        if why:
+                            raise planner.Refused(f"{p.function}+{site.address - p.address:#x}: {why}")
             except planner.Refused as e:
                 self.plan_notes.append(f"{t.path}: entry probes ({e})")
                 continue
@@ -247,6 +256,9 @@ class KeyTracer:
     def _attach_targets(self, targets, plans) -> None:
         for t in targets:
             self._attach(t, plans.get(t.ident))
+        for (path, function), (entry, site) in self._probes.moved.items():
+            self.plan_notes.append(f"{path}: {function}'s entry probe at +{site - entry:#x} "
+                                   "(its first instruction is unsafe to probe here)")
         self._host_libc = keytable.host_libc()
         if plans:
             self._self_test(targets, plans)

@@ -24,7 +24,7 @@ from ..errors import KeytraceError
 from ..host import planner
 from ..host.elf import read_vaddr
 from ..host.proc import trim_heap
-from . import headers
+from . import headers, stepcheck
 from .ringbuf import RingReader
 
 TRACEFS = Path("/sys/kernel/tracing")
@@ -129,6 +129,10 @@ def _check_bytes(path: str, p: "planner.Plan") -> None:
                                 f"are not {site.insn.hex()}")
 
 
+class UnsafeSite(KeytraceError):
+    """A probe site that the policy does not allow, or a function with no safe site."""
+
+
 MADV_PAGEOUT = 21  # linux 5.4: reclaim these pages now; contents kept (file pages re-read)
 
 
@@ -168,11 +172,13 @@ class Program:
 
     def __init__(self, units: Iterable[Unit], pids: Optional[Iterable[int]] = None,
                  ring_pages: int = DEFAULT_RING_PAGES, plans: Iterable = (),
-                 prelude: str = "", programs: str = ""):
+                 prelude: str = "", programs: str = "", policy=None):
         """plans: (flavour, {function: planner.Plan}) of the files to be probed on planned
         sites; each gets programs of its own, attached with attach(..., plan=...). prelude:
         definitions the units need (before them); programs: generated programs (after them),
-        attached with attach_programs()."""
+        attached with attach_programs(). policy(code) -> None or why a probe may not go on
+        that instruction (tracer.bpf.stepcheck.Policy; this host's, by default): every site
+        is checked with it before it is attached."""
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise KeytraceError(f"ring buffer pages must be a power of two, not {ring_pages}")
         self.units = list(units)
@@ -191,8 +197,22 @@ class Program:
         self.bpf = None
         self.ring: Optional[RingReader] = None
         self._readers: list = []  # reader()s, closed with the program
-        self.files: dict[str, list] = {}  # path -> [(function, address, kinds)] attached there
+        self.files: dict[str, list] = {}  # path -> [(address, is_return)] attached there
         self.attached = 0  # uprobes attached (entry and return counted apart)
+        self._policy = policy
+        self.moved: dict = {}  # (path, function) -> (entry, site) where the entry was unsafe
+
+    @property
+    def policy(self):
+        if self._policy is None:
+            self._policy = stepcheck.policy()
+        return self._policy
+
+    def _guard(self, path: str, address: int) -> None:
+        """No probe goes on an instruction the policy does not allow: never silently."""
+        why = self.policy(read_vaddr(path, address, 15))
+        if why is not None:
+            raise UnsafeSite(f"no probe at {path}:{address:#x}: {why}")
 
     def open(self) -> "Program":
         try:
@@ -245,6 +265,7 @@ class Program:
             for function, p in plan.items():
                 _check_bytes(path, p)
                 for site, name in self.sites[(p.build_id, function)]:
+                    self._guard(path, site.address)
                     self.bpf.attach_uprobe(name=path.encode(), addr=site.address, fn_name=name.encode())
                     done.append((site.address, False))
             for unit in self.units:
@@ -253,7 +274,7 @@ class Program:
                     entry, ret = (swap.get(n, n) if n else n for n in names)
                     if func not in addresses or func in plan:
                         continue
-                    addr = addresses[func]
+                    addr = self.entry_site(path, addresses[func], func)
                     self.bpf.attach_uprobe(name=path.encode(), addr=addr, fn_name=entry.encode())
                     done.append((addr, False))
                     if ret:
@@ -269,21 +290,35 @@ class Program:
         self.attached += len(done)
         return len(done)
 
+    def entry_site(self, path: str, address: int, function: str) -> int:
+        """Where an entry (and return) probe of a function goes: its entry, or the first later
+        instruction that is safe to probe and sees the same arguments (planner.entry_site).
+        KeytraceError when there is none."""
+        try:
+            site = planner.entry_site(path, address, function, self.policy)
+        except planner.Refused as e:
+            raise UnsafeSite(f"cannot probe {function} in {path}: {e}") from None
+        if site.address != address:
+            self.moved[(path, function)] = (address, site.address)
+        return site.address
+
     def attach_programs(self, path: str, probes: Iterable[tuple]) -> int:
-        """Attach generated programs to one file: (address, program name, is_return) each.
-        Returns how many; a failure detaches what this call attached."""
-        if path in self.files:
-            raise KeytraceError(f"{path} is probed already")
+        """Attach generated programs to one file: (address, program name, is_return) each; a
+        file may be given more probes by later calls. Returns how many; a failure detaches what
+        this call attached."""
         done: list = []
         try:
             for addr, name, is_return in probes:
+                self._guard(path, addr)
                 attach = self.bpf.attach_uretprobe if is_return else self.bpf.attach_uprobe
                 attach(name=path.encode(), addr=addr, fn_name=name.encode())
                 done.append((addr, is_return))
         except Exception as e:
             self._detach_all(path, done)
+            if isinstance(e, KeytraceError):
+                raise
             raise KeytraceError(f"attaching to {path} failed: {e}") from None
-        self.files[path] = done
+        self.files.setdefault(path, []).extend(done)
         self.attached += len(done)
         return len(done)
 

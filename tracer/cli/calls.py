@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..analysis import calls as report
 from ..calls import CallTracer
-from ..errors import KeytraceError
+from ..errors import KeytraceError, UsageError
 from ..store.files import check_writable, json_lines, save_table
 from .console import EXIT_USAGE, err, fail, out
 
@@ -78,8 +79,11 @@ def calls(
                             timing=timing, stacks=stack, strsize=strsize, sites=sites,
                             keep=output is not None, on_call=show, quiet_stdout=as_json,
                             on_note=lambda t: err.print(f"keytrace: {t}", markup=False,
-                                                        soft_wrap=True))
+                                                        soft_wrap=True),
+                            on_progress=_progress())
         _run(tracer, duration)
+    except UsageError as e:
+        raise fail(str(e), EXIT_USAGE)
     except KeytraceError as e:
         raise fail(str(e))
     if tracer.lost:
@@ -93,6 +97,27 @@ def calls(
         err.print(f"keytrace: wrote {len(tracer.calls)} calls to {output}", markup=False)
     if timing and not as_json:  # -T: the kernel's latency histograms after the lines
         _print_histograms(tracer.histograms())
+
+
+def _progress():
+    """A progress bar on a terminal while many probes attach (each waits on the kernel)."""
+    if not err.is_terminal:
+        return None
+    state: dict = {}
+
+    def tick(done: int, total: int) -> None:
+        if total < 20:
+            return
+        if "bar" not in state:
+            state["bar"] = Progress(TextColumn("keytrace: attaching"), BarColumn(),
+                                    MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                                    transient=True)
+            state["bar"].start()
+            state["task"] = state["bar"].add_task("attach", total=total)
+        state["bar"].update(state["task"], completed=done)
+        if done >= total:
+            state["bar"].stop()
+    return tick
 
 
 def _write(stream, text: str) -> None:
