@@ -110,14 +110,16 @@ def nothing_left_attached():
     assert not left and not added, f"probes left attached: {left} {sorted(added)}"
 
 
-def events(*rows, start_ns=1_000_000_000):
+def events(*rows, start_ns=1_000_000_000, stacks=None):
     """An events frame from synthetic records, decoded the way live ones are.
 
-    Each row: (op, pid, **fields) as a dict; ts increases by 1 us per row.
+    Each row: (op, pid, **fields) as a dict; ts increases by 1 us per row. stacks: stack id
+    (a create's stack field) -> the BPF stack map's addresses, innermost first (the first, in
+    pthread_key_create, gives way to the row's caller).
     """
     full = [{"ts": start_ns + i * 1000, "tid": r.get("pid", 0), "comm": "proc", **r}
             for i, r in enumerate(rows)]
-    return wire.decode(wire.records(full), 0)
+    return wire.decode(wire.records(full), 0, stack_of=stacks.__getitem__ if stacks else None)
 
 
 def pytest_collection_modifyitems(items):

@@ -22,26 +22,62 @@ def test_rate_is_measured_over_the_time_observed():
     # 10 completed cycles spread over 4 of the 5 days observed: 2 per day.
     day = fc.NS_PER_DAY
     rate = fc.reload_rate(None, cycles=10, first_ns=day, last_ns=5 * day, observed_ns=5 * day)
-    assert rate.reloads_per_day == pytest.approx(2.0)
+    assert rate.per_day == pytest.approx(2.0)
     assert rate.basis == "measured: 10 completed cycles in 5 days observed"
-    f = fc.forecast(0, 1024, NOW, leak_per_reload=1, reloads_per_day=rate.reloads_per_day)
+    f = fc.forecast(0, 1024, NOW, leak_per_reload=1, reloads_per_day=rate.per_day)
     assert f.days_left == pytest.approx(512)
 
 
 def test_a_burst_or_a_couple_of_cycles_gives_no_rate():
     day = fc.NS_PER_DAY
     burst = fc.reload_rate(None, cycles=300, first_ns=0, last_ns=day // 100, observed_ns=day)
-    assert burst.reloads_per_day is None and "one burst" in burst.basis
+    assert burst.per_day is None and "one burst" in burst.basis
     two = fc.reload_rate(None, cycles=2, first_ns=0, last_ns=day, observed_ns=day)
-    assert two.reloads_per_day is None and two.basis.startswith("too little")
-    assert fc.reload_rate(None, 0, None, None, day).basis == ""
+    assert two.per_day is None and two.basis.startswith("too little")
+    none = fc.reload_rate(None, 0, None, None, day)
+    assert (none.per_day, none.basis) == (None, "no completed reload cycle")
     given = fc.reload_rate(1.0, cycles=2, first_ns=0, last_ns=1, observed_ns=day)
-    assert (given.reloads_per_day, given.basis) == (1.0, "given: 1 reloads/day")
+    assert (given.per_day, given.basis) == (1.0, "given: 1 reloads/day")
+
+
+def test_a_given_rate_is_a_what_if_or_an_assumption_until_a_measure_is_trusted():
+    s = 10**9
+    # A cycle every 30 ms for 9 s: 300 cycles, a trusted measure (TRUSTED_CYCLES).
+    fast = dict(cycles=300, first_ns=0, last_ns=9 * s, observed_ns=9 * s)
+    assert fc.reload_rate(1.0, **fast).per_day == 1.0  # watch, report: the user's what-if
+    agent = fc.reload_rate(1.0, **fast, prefer_measured=True)
+    assert agent.per_day == pytest.approx(300 * 86_400 / 9)
+    assert agent.basis == "measured: 300 completed cycles in 9.0 seconds observed"
+    # 5 cycles over 9 s: measurable, not trusted yet; the assumption stands.
+    few = fc.reload_rate(1.0, 5, 0, 9 * s, 9 * s, prefer_measured=True)
+    assert (few.per_day, few.basis) == (1.0, "given: 1 reloads/day")
+    # ... until a day has been observed.
+    week = fc.reload_rate(1.0, 14, 0, 7 * fc.NS_PER_DAY, 7 * fc.NS_PER_DAY, prefer_measured=True)
+    assert week.per_day == pytest.approx(2.0)
+
+
+def test_a_steady_leak_is_measured_in_keys_over_the_time_observed():
+    s = 10**9
+    rate = fc.steady_rate(keys=199, occasions=100, first_ns=0, last_ns=9 * s, observed_ns=10 * s)
+    assert rate.per_day == pytest.approx(19.9 * 86_400)
+    assert rate.basis == "measured per time: 199 keys on 100 occasions in 10.0 seconds observed"
+    burst = fc.steady_rate(keys=50, occasions=5, first_ns=0, last_ns=s, observed_ns=10 * s)
+    assert burst.per_day is None
+    assert burst.basis == ("too little to measure per time: 50 keys on 5 occasions in 10.0 "
+                           "seconds observed, all in one burst")
+
+
+def test_a_failed_create_dates_the_exhaustion_at_the_failure():
+    failed = NOW - pd.Timedelta(seconds=7)
+    f = fc.exhaustion(1024, 1024, NOW, keys_per_day=None, failed_at=failed)
+    assert (f.days_left, f.exhaustion_eta, f.keys_per_day) == (0.0, failed, None)
 
 
 def test_zero_leak_gives_no_date():
     f = fc.forecast(10, 1024, NOW, leak_per_reload=0, reloads_per_day=24)
     assert f.days_left is None and f.exhaustion_eta is None and f.headroom == 1014
+    unknown = fc.forecast(10, 1024, NOW, leak_per_reload=1, reloads_per_day=None)
+    assert unknown.keys_per_day is None and unknown.days_left is None  # unknown, not 0
     assert fc.describe(None) == "no leak measured"
 
 

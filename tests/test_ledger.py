@@ -1,8 +1,14 @@
 """The ledger's rules on synthetic records (decoded exactly as live ones are)."""
+import json
+
 import pandas as pd
+import pytest
 
 from conftest import events
 from tracer import Ledger
+from tracer.analysis import verdicts
+from tracer.state.tracker import Tracker
+from tracer.store.files import json_lines
 
 
 def summary_of(*rows, reloads_per_day=None, **kw):
@@ -19,13 +25,69 @@ def one(summary, **match):
     return rows.iloc[0]
 
 
+MS = 10**6
+
+
 def test_keys_from_one_code_path_are_leaking():
-    # A per-request leak: the same call site keeps making keys that stay live.
-    _, s = summary_of(*[dict(op="create", pid=10, key=k, caller=0x4000) for k in range(3)])
+    # A per-request leak: the same call site keeps making keys that stay live, a second apart.
+    _, s = summary_of(*[dict(op="create", pid=10, key=k, caller=0x4000, ts=10**9 * (k + 1))
+                        for k in range(3)])
     r = one(s, pid=10)
     assert (r.creates, r.deletes, r.live_keys, r.same_path_keys) == (3, 0, 3, 3)
     assert bool(r.leaking) and not bool(r.critical) and bool(r.never_deleted)
-    assert r.reason == "3 keys live from one code path (0x4000)"
+    assert r.reason.startswith("3 keys live from one code path, made on 3 separate occasions (0x4000)")
+
+
+def test_a_start_up_set_from_one_maker_is_not_a_leak():
+    # OpenSSL's two per-thread keys: one maker, 0.1 ms apart, at start-up, held for good.
+    _, s = summary_of(dict(op="create", pid=10, key=0, caller=0x4000, ts=10**9),
+                      dict(op="create", pid=10, key=1, caller=0x4000, ts=10**9 + MS // 10),
+                      dict(op="exit", pid=10, ts=5 * 10**9), reloads_per_day=1)
+    r = one(s, pid=10)
+    assert (r.live_keys, r.same_path_keys, bool(r.leaking)) == (2, 1, False)
+    assert r.days_left is None and pd.isna(r.exhaustion_eta)
+
+
+def request_leak(n, every_ns, pid=10, start=10**9, **kw):
+    """A key every every_ns, never deleted, by one call site; the process exits after the last."""
+    rows = [dict(op="create", pid=pid, key=k, caller=0x4000, ts=start + k * every_ns, **kw)
+            for k in range(n)]
+    return rows + [dict(op="exit", pid=pid, ts=start + n * every_ns)]
+
+
+def test_a_key_every_50_ms_is_leaking_with_a_date_from_its_rate():
+    _, s = summary_of(*request_leak(200, 50 * MS))
+    r = one(s, pid=10)
+    assert bool(r.leaking) and r.same_path_keys == 100  # 100 ms occasions: 2 keys each
+    truth = 1 / 0.05  # keys a second
+    assert r.keys_per_second == pytest.approx(truth, rel=0.1)
+    assert r.keys_per_day == pytest.approx(truth * 86_400, rel=0.1)
+    assert r.days_left * 86_400 == pytest.approx((1024 - 200) / truth, rel=0.1)
+    assert r.rate_basis.startswith("measured per time: 198 keys on 100 occasions in 10.0 seconds")
+    assert "out of keys in 41" in r.reason  # 824 keys at 20 a second
+
+
+def test_a_given_reload_rate_keeps_a_per_request_date():
+    _, s = summary_of(*request_leak(200, 50 * MS), reloads_per_day=1)
+    r = one(s, pid=10)
+    assert r.reloads_per_day == 1 and r.keys_per_day == pytest.approx(20 * 86_400, rel=0.1)
+    assert r.rate_basis.startswith("given: 1 reloads/day; measured per time: ")
+
+
+def test_an_unknown_rate_is_null_and_says_why():
+    # Leaking (3 occasions from one path), all in the first 0.4 s of the 9 s observed.
+    led, s = summary_of(*request_leak(3, 200 * MS)[:-1], dict(op="create", pid=11, key=0, ts=10**10))
+    r = one(s, pid=10)
+    assert bool(r.leaking) and pd.isna(r.keys_per_day) and pd.isna(r.keys_per_second)
+    assert pd.isna(r.reloads_per_day) and r.days_left is None
+    assert r.rate_basis == ("too little to measure per time: 2 keys on 3 occasions in 9.0 "
+                            "seconds observed, all in one burst")
+    assert r.reason.endswith("no date: " + r.rate_basis)
+    healthy = one(s, pid=11)
+    assert healthy.rate_basis == verdicts.NOTHING_TO_MEASURE and pd.isna(healthy.keys_per_day)
+    row = verdicts.rows(*led.snapshot(), reloads_per_day=None)[0]
+    assert (row["keys_per_day"], row["reloads_per_day"], row["keys_per_second"]) == (None, None, None)
+    assert json.loads(json_lines(s).splitlines()[0])["keys_per_day"] is None
 
 
 def test_a_fixed_set_of_keys_is_not_a_leak_even_never_deleted():
@@ -206,3 +268,83 @@ def test_generations_pair_a_key_reused_by_two_threads_out_of_order():
                       dict(op="create", pid=10, key=7, seq=5, caller=0x30))
     r = one(s, pid=10)
     assert (r.creates, r.deletes, r.live_keys) == (3, 2, 1)
+
+
+def test_a_library_making_two_keys_per_load_is_leaking():
+    rows = []
+    for load in range(1, 5):
+        rows += cycle(load, keys=[2 * load, 2 * load + 1])
+    led, s = summary_of(*rows, reloads_per_day=1)
+    r = one(s, pid=10)
+    assert (r.live_keys, r.same_path_keys, r.leak_per_reload) == (8, 4, 2.0)
+    assert bool(r.leaking) and r.days_left == (1024 - 8) / 2
+    (c,) = led.reloads().itertuples()
+    assert (c.completed, c.keys_left, c.keys_per_cycle) == (4, 8, 2.0)
+
+
+def test_a_key_made_once_at_the_first_cycle_is_not_spread_over_the_cycles():
+    # imagick.so's first load pulls in glib, which makes its key once and stays loaded (never
+    # unmapped); the next five cycles leave nothing.
+    rows = [dict(op="create", pid=10, key=0, caller=0x7E0000001000, load=1),
+            dict(op="dlopen", pid=10, load=1, handle=0xAB, path="/x/imagick.so"),
+            dict(op="map", pid=10, load=1, handle=0x7F0000000000, path="/x/imagick.so"),
+            dict(op="map", pid=10, load=1, handle=0x7E0000000000, path="/x/libglib.so"),
+            dict(op="unmap", pid=10, handle=0x7F0000000000)]
+    for load in range(2, 7):
+        rows += [dict(op="dlopen", pid=10, load=load, handle=0xAB, path="/x/imagick.so"),
+                 dict(op="map", pid=10, load=load, handle=0x7F0000000000, path="/x/imagick.so"),
+                 dict(op="unmap", pid=10, handle=0x7F0000000000)]
+    led, s = summary_of(*rows, reloads_per_day=1)
+    (c,) = led.reloads().itertuples()
+    assert (c.cycles, c.completed, c.keys_left, c.keys_per_cycle) == (6, 6, 1, 0.0)
+    assert c.finding == "loads of imagick.so leave no key"
+    r = one(s, pid=10)
+    assert (r.live_keys, r.leak_per_reload, bool(r.leaking), r.days_left) == (1, 0.0, False, None)
+
+
+def test_a_forked_worker_inherits_no_verdict_and_no_date():
+    # The master leaks a key per reload (orphaned) and holds 2 start-up keys; its workers fork
+    # after 4 reloads and make no key of their own; a third worker leaks on its own.
+    rows = [dict(op="create", pid=10, key=100, caller=0x4000),
+            dict(op="create", pid=10, key=101, caller=0x4000)]
+    for load in range(1, 5):
+        rows += cycle(load, keys=[load])
+    rows += [dict(op="fork", pid=10, child=c) for c in (11, 12, 13)]
+    rows += [dict(op="create", pid=13, key=200 + k, caller=0x4000, ts=(10 + k) * 10**9)
+             for k in range(4)]
+    led, s = summary_of(*rows, dict(op="exit", pid=13, ts=20 * 10**9), reloads_per_day=1)
+    master = one(s, pid=10)
+    assert bool(master.leaking) and master.days_left == 1024 - 6
+    for pid in (11, 12):
+        w = one(s, pid=pid)
+        assert (w.live_keys, w.creates, w.orphaned_keys, w.same_path_keys) == (6, 0, 0, 0)
+        assert (bool(w.leaking), w.leak_per_reload, w.reload_cycles) == (False, 0, 0)
+        assert pd.isna(w.days_left) and pd.isna(w.exhaustion_eta) and w.reason == ""
+    own = one(s, pid=13)
+    assert (own.live_keys, own.same_path_keys, bool(own.leaking)) == (10, 4, True)
+    # The master's calls are counted once, in the master: a worker's sites start at zero.
+    worker = next(p for p in led.processes() if p.pid == 11)
+    assert sum(site.created for site in worker.keys.sites.values()) == 0
+    assert {r.pid: r.created for r in led.by_library().itertuples()}[11] == 0
+
+
+def test_a_failed_create_carries_the_time_of_the_failure():
+    failed_at = 668_080_000_000
+    _, s = summary_of(*[dict(op="create", pid=10, key=k, load=k + 1) for k in range(3)],
+                      dict(op="create_failed", pid=10, ret=11, ts=failed_at),
+                      dict(op="delete", pid=10, key=0, ts=675 * 10**9))
+    r = one(s, pid=10)
+    assert bool(r.critical) and r.days_left == 0
+    assert r.exhaustion_eta.value == failed_at
+
+
+def test_lost_records_are_the_only_unknown_library_and_say_so():
+    led = Ledger()
+    led.ingest(events(dict(op="create", pid=10, key=0, caller=0x4000)))
+    led.ingest_records(Tracker.counted({10: (3, 0, 0, 0)}, 2 * 10**9), 0)  # 2 creates lost
+    r = one(led.summary(), pid=10)
+    assert r.live_keys == 3 and r.libraries == {"(in no known module)": 1, "?": 2}
+    assert "2 creates not recorded (the kernel could not queue the records)" in r.reason
+    libs = led.by_library().set_index("library")
+    assert libs.loc["?", "created"] == 2 and "could not queue" in libs.loc["?", "stack_note"]
+    assert libs.loc["(in no known module)", "created"] == 1

@@ -216,3 +216,24 @@ def test_a_healthy_process_is_not_leaking(keymaker, bins):
     (row,) = scan([k.pid], reloads_per_day=1).to_dict(orient="records")
     assert (row["keys_in_use"], row["leaking"], row["reason"]) == (4, False, "")
     assert pd.isna(row["days_left"])
+
+
+def test_history_dates_a_leak_the_table_cannot_show():
+    # A per-request leak makes keys without destructor: the table shows nothing to group by.
+    # A saved ledger measured 20 keys a second for its executable: that dates it.
+    from tracer.analysis.scan import COLUMNS, judge
+    base = {c: None for c in COLUMNS}
+    rows = pd.DataFrame([
+        {**base, "pid": 1, "exe": "/srv/app", "status": "ok", "keys_in_use": 273, "limit": 1024,
+         "orphaned_keys": 0, "same_destructor_keys": 0, "destructors": {}},
+        {**base, "pid": 2, "exe": "/srv/reloader", "status": "ok", "keys_in_use": 5,
+         "limit": 1024, "orphaned_keys": 5, "same_destructor_keys": 5, "destructors": {"x": 5}}],
+        columns=COLUMNS)
+    df = judge(rows, keys_per_second={"/srv/app": 20.0}).set_index("pid")
+    app, reloader = df.loc[1], df.loc[2]
+    assert app.leaking and app.keys_per_day == 20 * 86_400
+    assert app.days_left * 86_400 == pytest.approx((1024 - 273) / 20)
+    assert "keeps making keys: 20 keys/s measured in the ledger" in app.reason
+    # Leaking by its table, but no rate given or measured: null, never 0.
+    assert reloader.leaking and pd.isna(reloader.keys_per_day) and pd.isna(reloader.days_left)
+    assert pd.isna(reloader.reloads_per_day)

@@ -56,9 +56,10 @@ def test_keys_from_several_threads(bins):
     assert len(creates) == 60 and creates.tid.nunique() == 6
     assert (creates.pid == t.process.pid).all()
     (row,) = t.ledger.summary().itertuples()
-    # Each thread leaves 5 keys from one call site: what a per-request leak looks like.
-    assert (row.creates, row.deletes, row.live_keys, row.leaking) == (60, 30, 30, True)
-    assert row.same_path_keys == 30 and not row.never_deleted
+    # Each thread leaves 5 keys from one call site, all in one burst: one occasion, a fixed
+    # set by rule (as start-up code makes), not a leak.
+    assert (row.creates, row.deletes, row.live_keys, row.leaking) == (60, 30, 30, False)
+    assert row.same_path_keys == 1 and not row.never_deleted
 
 
 def test_fork_and_exec_children(bins):

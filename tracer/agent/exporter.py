@@ -6,6 +6,9 @@ analysis runs on a copy taken under the ingest lock) and the collector serves th
 so a scrape is cheap and never stalls the drain. Counters are monotonic sums kept here: what
 each process (pid, start) added since the last refresh, by executable and by the library that
 made the keys; creates the kernel counted whose records were lost go to library "?".
+A given --reloads-per-day is the fleet's assumption: a rate measured on enough cycles or time
+replaces it (verdicts' prefer_measured). A process that is gone drops its series, even when its
+exit record was lost.
 
 The agent works on the verdicts' rows (dicts), never frames: it does not load pandas.
 """
@@ -30,6 +33,9 @@ from ..state.tracker import Tracker
 from .state import State
 
 PROCESS_LABELS = ["pid", "comm", "exe", "container"]
+# A start is known to the clock tick from /proc/PID/stat and to the nanosecond from a traced
+# fork: two readings of one process agree within a tick or two (10 ms each).
+SAME_START_NS = 25_000_000
 
 
 @dataclass
@@ -104,11 +110,13 @@ class Agent:
 
     def refresh(self) -> Snapshot:
         procs, now = self.ledger.snapshot()
-        alive = [r for r in verdicts.rows([p for p in procs if p.active], now, self.reloads_per_day)
-                 if r["alive"]]
-        shown = sorted(alive, key=lambda r: (not r["leaking"], -r["live_keys"]))[:self.max_processes]
+        alive = [r for r in self._rows([p for p in procs if p.active], now) if r["alive"]]
         rows = []
-        for r in shown:
+        for r in sorted(alive, key=lambda r: (not r["leaking"], -r["live_keys"])):
+            if len(rows) == self.max_processes:
+                break
+            if not running(r["pid"], r["start"]):  # gone, though its exit record was lost
+                continue
             r = dict(r, container=proc.container(r["pid"]))
             self._recall(r, now)
             rows.append(r)
@@ -124,12 +132,14 @@ class Agent:
         self.save(alive, now)
         return self.snapshot
 
+    def _rows(self, procs, now: int) -> list:
+        # --reloads-per-day is the assumption until a measure is trusted: prefer_measured
+        return verdicts.rows(procs, now, self.reloads_per_day, prefer_measured=True)
+
     def _prior(self, pid: int, start: int) -> Optional[dict]:
-        """The saved facts of this very process: same pid, same start. A start is known to the
-        clock tick from /proc/PID/stat and to the nanosecond from a traced fork, so the two
-        readings of one process agree within a tick or two (10 ms each)."""
+        """The saved facts of this very process: same pid, same start (SAME_START_NS)."""
         for (p, s), saved in self.prior.items():
-            if p == pid and abs(s - start) < 25_000_000:
+            if p == pid and abs(s - start) < SAME_START_NS:
                 return saved
         return None
 
@@ -138,9 +148,9 @@ class Agent:
         saved = self._prior(r["pid"], r["start"])
         if not saved:
             return
-        if not r["library"] or r["library"] == UNKNOWN:
+        if not r["library"].startswith("/"):  # no module path known now
             r["library"] = saved["library"]
-        rate = self.reloads_per_day or saved["reloads_per_day"]
+        rate = saved["reloads_per_day"] or self.reloads_per_day  # it was measured, or given
         if r["leaking"] and r["days_left"] is None and saved["leak_per_reload"] > 0 and rate:
             f = fc.forecast(r["live_keys"], r["limit"], verdicts._ts(now), saved["leak_per_reload"], rate)
             r.update(leak_per_reload=saved["leak_per_reload"], reloads_per_day=rate,
@@ -152,11 +162,11 @@ class Agent:
             return
         if alive is None:
             procs, now = self.ledger.snapshot(lambda p: p.exited is None and p.active)
-            alive = verdicts.rows(procs, now, self.reloads_per_day)
+            alive = self._rows(procs, now)
         keep = {}
         for r in alive:
             ident = (r["pid"], r["start"])
-            if r["leak_per_reload"] > 0 and r["reloads_per_day"] > 0:
+            if r["leak_per_reload"] > 0 and r["reloads_per_day"]:
                 keep[ident] = r
             elif self._prior(*ident):
                 keep[ident] = {**self._prior(*ident), "pid": r["pid"], "start": r["start"]}
@@ -220,7 +230,8 @@ class Collector:
                                    "made a key", s.creates),
                                   ("keytrace_pthread_key_deletes", "pthread_key_delete calls that "
                                    "freed a key", s.deletes)):
-            c = CounterMetricFamily(name, doc, labels=["exe", "library"])
+            c = CounterMetricFamily(name, doc + ' (library "?": the kernel could not queue the '
+                                    'records of these calls)', labels=["exe", "library"])
             for (exe, lib), n in sorted(values.items()):
                 c.add_metric([exe, lib], n)
             yield c
@@ -240,6 +251,15 @@ class Collector:
         info = GaugeMetricFamily("keytrace_build_info", "keytrace's version", labels=["version"])
         info.add_metric([version()], 1)
         yield info
+
+
+def running(pid: int, start: int) -> bool:
+    """Is the process (pid, start) still running? Its exit record may have been lost."""
+    try:
+        st = proc.stat(pid)
+    except (OSError, IndexError, ValueError):
+        return False
+    return st.state != "Z" and abs(st.start_ns - start) < SAME_START_NS
 
 
 def registry(agent: Agent) -> CollectorRegistry:

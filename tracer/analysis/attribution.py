@@ -6,6 +6,12 @@ records, which arrive just after the create), any other create to the instances 
 moment. A key is *orphaned* when the instance of the module that made it has been unmapped
 (munmap of its base, seen in the kernel), whatever is mapped at that address later: glibc often
 maps a reloaded library exactly where the unloaded copy was.
+
+A code path is the create's caller and the frames above it up to the first that cannot be one
+(code without frame pointers makes the walk read garbage). A path keeps making keys when the
+keys of it that are live came on separate *occasions*: one dlopen is one occasion, and so are
+keys made outside dlopens in one short burst (OCCASION_NS), as start-up code makes its fixed set.
+A forked process is judged on the keys it made itself: those it inherited are its parent's.
 """
 from __future__ import annotations
 
@@ -15,12 +21,60 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..host import libc
-from ..host.elf import ElfInfo, elf_info
+from ..host.elf import ElfInfo, FileCache, elf_info, read_vaddr
 from ..state.keys import Site
 from ..state.modules import Module
 from ..state.processes import Process
 
-UNKNOWN = "?"
+# The library column's words for keys whose maker has no module path:
+UNKNOWN = "?"                          # creates whose records the kernel could not queue
+NO_MODULE = "(in no known module)"     # a traced create whose caller lies in no known module
+BEFORE_TRACING = "(made before tracing)"  # a key live when met, without a destructor to go by
+LOST_NOTE = "records the kernel could not queue: counted, but who made these keys is unknown"
+
+SAME_PATH_KEYS = 2  # occasions (or held keys sharing a destructor) of one path that make a leak
+# Keys one path makes outside dlopens within this time of an occasion's first key are that
+# occasion. Start-up code makes its fixed set in one go (OpenSSL's two per-thread keys come
+# 0.1 ms apart); a leak keeps making keys as long as the process runs, so over any time much
+# longer than this it shows as many occasions (a key every 50 ms: one occasion per 100 ms).
+OCCASION_NS = 100_000_000
+
+
+def ends_in_call(code: bytes) -> bool:
+    """Do these bytes end with an x86-64 call: e8 rel32, or ff /2 (call r/m64, 2 to 7 bytes with
+    an optional REX prefix)? A return address is the byte after one."""
+    if len(code) >= 5 and code[-5] == 0xE8:
+        return True
+    for n in range(2, min(len(code), 7) + 1):
+        insn = code[-n:]
+        op = insn[1:] if 0x40 <= insn[0] <= 0x4F else insn  # REX
+        if len(op) >= 2 and op[0] == 0xFF and (op[1] >> 3) & 7 == 2 \
+                and _modrm_size(op[1:]) == len(op) - 1:
+            return True
+    return False
+
+
+def _modrm_size(b: bytes) -> int:
+    """Bytes of a ModRM byte (b[0]) with the SIB byte and displacement it implies."""
+    mod, rm = b[0] >> 6, b[0] & 7
+    if mod == 3:
+        return 1
+    if rm == 4:  # a SIB byte follows; with mod 0 and base 5, a disp32
+        return -1 if len(b) < 2 else 2 + (4 if mod == 0 and b[1] & 7 == 5 else (0, 1, 4)[mod])
+    return 1 + (4 if mod == 0 and rm == 5 else (0, 1, 4)[mod])  # mod 0, rm 5: rip + disp32
+
+
+_RETURN_SITES = FileCache(lambda path: {})  # per file identity: vaddr -> is it a return site
+
+
+def is_return_site(path: str, vaddr: int) -> bool:
+    """Is vaddr, in the ELF file at path, just after a call instruction?"""
+    answers = _RETURN_SITES.get(path)[1]
+    if answers is None:
+        return False
+    if vaddr not in answers:
+        answers[vaddr] = ends_in_call(read_vaddr(path, vaddr - 7, 7))
+    return answers[vaddr]
 
 
 @dataclass(frozen=True)
@@ -47,7 +101,8 @@ class Resolver:
     def __init__(self, modules: list, pid: Optional[int] = None):
         root = f"/proc/{pid}/root"
         self.root = root if pid is not None and os.path.exists(root) else ""
-        self._infos: dict = {}
+        self._infos: dict = {}   # file or path -> (ElfInfo, the path it was read from)
+        self._stacks: dict = {}  # id(site) -> its frames
         self._by_load: dict = defaultdict(list)
         # Reloads make many instances of few (path, base) pairs: ranges are checked per pair.
         self._groups: dict = defaultdict(list)
@@ -55,12 +110,19 @@ class Resolver:
             self._by_load[m.load].append(m)
             self._groups[(m.path, m.base)].append(m)
 
-    def info(self, m: Module) -> Optional[ElfInfo]:
+    def _open(self, m: Module) -> tuple:
         key = m.file or m.path
         if key not in self._infos:
-            self._infos[key] = ((m.file and elf_info(m.file))
-                                or (self.root and elf_info(self.root + m.path)) or elf_info(m.path))
+            self._infos[key] = (None, None)
+            for path in (m.file, self.root and self.root + m.path, m.path):
+                info = elf_info(path) if path else None
+                if info is not None:
+                    self._infos[key] = (info, path)
+                    break
         return self._infos[key]
+
+    def info(self, m: Module) -> Optional[ElfInfo]:
+        return self._open(m)[0]
 
     def _contains(self, m: Module, addr: int) -> bool:
         info = self.info(m)
@@ -71,7 +133,7 @@ class Resolver:
             for m in self._by_load.get(load, ()):
                 if self._contains(m, addr):
                     return m  # reported by the very dlopen the create ran inside
-        best = None
+        best = later = None
         for group in self._groups.values():
             if not self._contains(group[0], addr):
                 continue
@@ -79,7 +141,12 @@ class Resolver:
                 if m.mapped <= ts and (m.unmapped is None or m.unmapped > ts):
                     if best is None or m.mapped > best.mapped:
                         best = m
-        return best
+                elif m.mapped > ts and (later is None or m.mapped < later.mapped):
+                    later = m
+        # Code ran at addr at ts, so a module was mapped there: when none is known then, it is
+        # the one first reported after (a dlopen's link_map walk reports the modules loaded
+        # before it, at the dlopen's time, when the maps were not read in time).
+        return best or later
 
     def module_ever_at(self, addr: int) -> Optional[Module]:
         """The newest instance ever mapped over addr, unmapped or not: what a destructor that
@@ -100,8 +167,25 @@ class Resolver:
         return Frame(addr, m, sym[0], sym[1]) if sym else Frame(addr, m, None, addr - m.base)
 
     def stack(self, site: Site) -> list:
-        addrs = [int(a, 16) for a in site.stack.split()] if site.stack else [site.caller]
-        return [self.frame(a, site.first, site.load) for a in addrs]
+        """A create's frames, caller first, up to the first that cannot be a frame: an address
+        in no known module, or not just after a call in its file. The caller (read at the stack
+        pointer) is always kept; past a caller without frame pointers the walk reads garbage."""
+        got = self._stacks.get(id(site))
+        if got is None:
+            addrs = [int(a, 16) for a in site.stack.split()] if site.stack else [site.caller]
+            got = [self.frame(addrs[0], site.first, site.load)]
+            for a in addrs[1:]:
+                f = self.frame(a, site.first, site.load)
+                if f.module is None or not self.returns_to(f.module, a):
+                    break
+                got.append(f)
+            self._stacks[id(site)] = got
+        return got
+
+    def returns_to(self, m: Module, addr: int) -> bool:
+        """Is addr a plausible return address in m: just after a call in its file?"""
+        path = self._open(m)[1]
+        return path is not None and is_return_site(path, addr - m.base)
 
     def creator(self, site: Site) -> Optional[Module]:
         """The module that made the site's keys: the innermost frame outside libc and ld.so,
@@ -119,6 +203,20 @@ class Resolver:
         return None
 
 
+@dataclass
+class Occasion:
+    """Keys one code path made at one time: in one dlopen (load), in one short burst, or held."""
+    first: int   # ts of its first key
+    keys: int
+    load: int = 0
+    held: bool = False
+
+    @property
+    def steady(self) -> bool:
+        """Made outside any dlopen, and traced: its time is known."""
+        return not self.load and not self.held
+
+
 class Attribution:
     """Every site of one process tied to the module instance that made it (computed once).
 
@@ -128,13 +226,19 @@ class Attribution:
         self.proc = proc
         self.resolver = Resolver(proc.modules.instances, proc.pid if proc.exited is None else None)
         self.without_elf = without_elf
-        sites = proc.keys.sites.values()
-        self.live = Counter(id(s) for s in proc.keys.live.values())
+        keys = proc.keys
+        sites = keys.sites.values()
+        self.live = Counter(id(s) for s in keys.live.values())
+        # Its own keys: made since tracing of this image began. A forked child's inherited keys
+        # are its parent's, judged (and counted) in the parent's row.
+        self.since = proc.traced_since or 0
+        self.own = {k: s for k, s in keys.live.items() if keys.born.get(k, self.since) >= self.since}
         self.maker = {id(s): None if without_elf else self.resolver.creator(s) for s in sites}
+        self._paths: dict = {}
 
     def library_of(self, site: Site) -> str:
         m = self.maker[id(site)]
-        return m.path if m else UNKNOWN
+        return m.path if m else BEFORE_TRACING if site.held else NO_MODULE
 
     def orphaned(self, site: Site) -> bool:
         """Its keys' maker is gone: glibc holds destructors into an unmapped instance."""
@@ -145,6 +249,11 @@ class Attribution:
         """What keeps making a site's keys, the same across reloads of one library: the
         resolved user stack of a traced create; a held key's destructor (keys made by one
         code path share it). None for a held key without destructor: nothing tells those apart."""
+        if id(site) not in self._paths:
+            self._paths[id(site)] = self._code_path(site)
+        return self._paths[id(site)]
+
+    def _code_path(self, site: Site) -> Optional[str]:
         if site.held:
             if not site.destructor:
                 return None
@@ -155,24 +264,44 @@ class Attribution:
             return site.stack or f"{site.caller:#x}"
         return " <- ".join(str(f) for f in self.resolver.stack(site))
 
-    def paths(self) -> Counter:
-        """How often each code path made keys that are live now. The keys one dlopen made
-        count once: a library's constructor making its fixed set is one occasion; each reload
-        that leaves its keys behind is another."""
-        keys: Counter = Counter()
-        loads: dict = defaultdict(set)
-        for site in self.proc.keys.sites.values():
-            n = self.live.get(id(site), 0)
-            path = self.code_path(site) if n else None
+    def occasions(self) -> dict:
+        """Per code path, the occasions on which it made its own keys that are live now, in
+        time order: the keys of one dlopen are one occasion; keys made outside dlopens within
+        OCCASION_NS of an occasion's first key are that occasion; a held key is one of its own
+        (when it was made is not known), as scan counts them."""
+        born = self.proc.keys.born
+        out: dict = defaultdict(list)
+        in_load: dict = {}  # (path, load id) -> its occasion
+        for key, site in sorted(self.own.items(), key=lambda kv: born.get(kv[0], 0)):
+            path = self.code_path(site)
             if path is None:
                 continue
-            if site.load:
-                loads[path].add(site.load)
+            ts = born.get(key, site.first)
+            last = out[path][-1] if out[path] else None
+            if site.load and (path, site.load) in in_load:
+                in_load[(path, site.load)].keys += 1
+            elif (not site.held and not site.load and last is not None and last.steady
+                    and ts - last.first < OCCASION_NS):
+                last.keys += 1
             else:
-                keys[path] += n
-        for path, ids in loads.items():
-            keys[path] += len(ids)
-        return keys
+                out[path].append(Occasion(ts, 1, site.load, site.held))
+                if site.load:
+                    in_load[(path, site.load)] = out[path][-1]
+        return out
+
+    @staticmethod
+    def steady(occasions: dict) -> dict:
+        """The leak not tied to reloads: the occasions outside dlopens of the code paths that
+        keep making keys, and the keys of all but each path's first (which may be a start-up
+        set): what a rate over the observed time is measured from."""
+        times, keys = [], 0
+        for occ in occasions.values():
+            if len(occ) >= SAME_PATH_KEYS:
+                timed = [o for o in occ if o.steady]
+                times += [o.first for o in timed]
+                keys += sum(o.keys for o in timed[1:])
+        return {"steady_keys": keys, "steady_occasions": len(times),
+                "steady_first": min(times, default=None), "steady_last": max(times, default=None)}
 
     def chain(self, site: Site) -> str:
         """How the keys came to be made, outermost first:
@@ -192,14 +321,19 @@ class Attribution:
         """Said when the user stack walk stopped early (frame pointers missing on the way)."""
         if site.held:
             return "made before tracing began: known by its destructor"
-        n = len(site.stack.split()) if site.stack else 1
+        n = len(self.resolver.stack(site))
         return "" if n >= 3 else "stack cut short: a caller without frame pointers"
+
+    def lost_keys(self) -> int:
+        """Live keys whose creates' records were lost (the kernel's counts say they exist)."""
+        return max(0, self.proc.keys.live_count - len(self.proc.keys.live))
 
     def libraries(self) -> list[dict]:
         """Per creating library: keys created, deleted, live and orphaned, and the chain of
-        its busiest call site."""
+        its busiest call site; "?" for the calls whose records were lost."""
         acc: dict = defaultdict(lambda: {"created": 0, "deleted": 0, "live_keys": 0,
                                          "orphaned_keys": 0, "_top": None})
+        own = Counter(id(s) for s in self.own.values())
         for site in self.proc.keys.sites.values():
             row = acc[self.library_of(site)]
             n = self.live.get(id(site), 0)
@@ -207,27 +341,34 @@ class Attribution:
             row["deleted"] += site.deleted
             row["live_keys"] += n
             if self.orphaned(site):
-                row["orphaned_keys"] += n
+                row["orphaned_keys"] += own.get(id(site), 0)
             if row["_top"] is None or (n, site.created) > row["_top"][0]:
                 row["_top"] = ((n, site.created), site)
-        return [{"library": lib, **{k: v for k, v in row.items() if k != "_top"},
-                 "stack": self.chain(row["_top"][1]), "stack_note": self.stack_note(row["_top"][1])}
-                for lib, row in acc.items()]
+        out = [{"library": lib, **{k: v for k, v in row.items() if k != "_top"},
+                "stack": self.chain(row["_top"][1]), "stack_note": self.stack_note(row["_top"][1])}
+               for lib, row in acc.items()]
+        missed = self.proc.keys.missed
+        if missed[0] or missed[2]:
+            out.append({"library": UNKNOWN, "created": missed[0], "deleted": missed[2],
+                        "live_keys": self.lost_keys(), "orphaned_keys": 0, "stack": "",
+                        "stack_note": LOST_NOTE})
+        return out
 
     def reloads(self) -> list[dict]:
         """Per dlopen'd path: load cycles, and the keys each *completed* cycle (its instance
         unmapped since) leaves live, by maker. Keys of the instance loaded now are not left
-        behind. Cycles after the first failed create do not count: the table was full."""
+        behind. Cycles after the first failed create do not count: the table was full. A forked
+        process counts its own cycles only."""
         left: Counter = Counter()            # load id -> live keys made inside it
         makers: dict = defaultdict(Counter)  # load id -> creating library -> live keys
-        for site in self.proc.keys.sites.values():
-            n = self.live.get(id(site), 0)
-            if site.load and n:
-                left[site.load] += n
-                makers[site.load][self.library_of(site)] += n
+        for site in self.own.values():
+            if site.load:
+                left[site.load] += 1
+                makers[site.load][self.library_of(site)] += 1
         by_path: dict = defaultdict(list)
         for load, (path, _handle, ts) in self.proc.modules.loads.items():
-            by_path[path].append((ts, load))
+            if ts >= self.since:
+                by_path[path].append((ts, load))
         done = self.proc.modules.completed_loads()
         first_failure = self.proc.keys.first_failure
         rows = []
@@ -235,8 +376,12 @@ class Attribution:
             loads.sort()
             counted = [(ts, load) for ts, load in loads
                        if load in done and (first_failure is None or ts < first_failure)]
-            made = sum((makers[load] for _, load in counted), Counter())
-            per = sum(left[load] for _, load in counted) / len(counted) if counted else 0.0
+            # The first cycle may make keys once for good (a library it loads for the first
+            # time and never unloads makes its key then): when later cycles were seen, what a
+            # cycle leaves is what they leave.
+            sample = counted[1:] if len(counted) > 1 else counted
+            made = sum((makers[load] for _, load in sample), Counter())
+            per = sum(left[load] for _, load in sample) / len(sample) if sample else 0.0
             maker = made.most_common(1)[0][0] if made else ""
             name = os.path.basename(path)
             rows.append({
@@ -257,17 +402,18 @@ class Attribution:
         libs = [] if self.without_elf else self.libraries()
         live = {row["library"]: row["live_keys"] for row in libs if row["live_keys"]}
         reloads = self.reloads()
-        paths = self.paths()
-        top = paths.most_common(1)[0] if paths else ("", 0)
+        occasions = self.occasions()
+        top = max(occasions.items(), key=lambda kv: len(kv[1]), default=("", []))
         timed = [r for r in reloads if r["completed"]]
         return {
             "library": max(live, key=live.get) if live else "",
             "libraries": dict(sorted(live.items(), key=lambda kv: -kv[1])),
-            "orphaned_keys": sum(self.live.get(id(s), 0) for s in self.proc.keys.sites.values()
-                                 if self.orphaned(s)),
-            "same_path_keys": top[1], "busiest_path": top[0],
+            "orphaned_keys": sum(1 for s in self.own.values() if self.orphaned(s)),
+            "same_path_keys": len(top[1]), "busiest_path": top[0],
+            "busiest_keys": sum(o.keys for o in top[1]),
             "leak_per_reload": sum(row["keys_per_cycle"] for row in reloads),
             "reload_cycles": max((row["completed"] for row in reloads), default=0),
             "cycles_first": min((r["first_cycle"] for r in timed), default=None),
             "cycles_last": max((r["last_cycle"] for r in timed), default=None),
+            **self.steady(occasions),
         }

@@ -3,7 +3,8 @@
 The table is read by tracer.host.keytable; here every key in use gets its destructor named, and
 the watch's rules are applied to what the table shows (tracer.analysis.verdicts.is_leaking):
 orphaned keys, or many keys sharing one destructor (the signature of a library that leaks a key
-per reload, even reloaded at the same address). Every process gets a status: a kernel thread,
+per reload, even reloaded at the same address), or, with history (a saved watch ledger), a
+leak measured per time for its executable. Every process gets a status: a kernel thread,
 musl, a process that exits mid-scan and a permission refusal are each said, never zero keys.
 """
 from __future__ import annotations
@@ -17,14 +18,16 @@ import pandas as pd
 from ..host import keytable, proc
 from ..state.modules import Module
 from . import forecast as fc
-from .attribution import UNKNOWN, Resolver
+from .attribution import Resolver
 from .verdicts import SAME_PATH_KEYS, is_leaking
+
+UNMAPPED = "(unmapped)"  # the library of destructors that lie in no mapping
 
 OK = "ok"
 COLUMNS = ["pid", "comm", "exe", "status", "libc", "keys_in_use", "limit", "headroom",
            "orphaned_keys", "same_destructor_keys", "library", "libraries", "destructors",
-           "leak_per_reload", "reloads_per_day", "days_left", "exhaustion_eta", "leaking",
-           "reason"]
+           "leak_per_reload", "reloads_per_day", "keys_per_day", "days_left", "exhaustion_eta",
+           "leaking", "reason"]
 
 
 def scan_pid(pid: int, host_libc: Optional[str] = None) -> dict:
@@ -59,14 +62,14 @@ def _name_destructors(row: dict, t: keytable.Table) -> None:
     names, libs = Counter(), Counter()
     for addr, n in Counter(with_destr.tolist()).items():
         frame = resolver.frame(addr, 1, 0)
-        names[str(frame) if frame.module else f"{addr:#x} (unmapped)"] += n
-        libs[frame.module.path if frame.module else UNKNOWN] += n
+        names[str(frame) if frame.module else f"{addr:#x} {UNMAPPED}"] += n
+        libs[frame.module.path if frame.module else UNMAPPED] += n
     row["destructors"] = dict(names.most_common())
     row["libraries"] = dict(libs.most_common())
     row["library"] = libs.most_common(1)[0][0]
 
 
-def _reason(r) -> str:
+def _reason(r, steady: Optional[float]) -> str:
     parts = []
     if r.status == OK and r.orphaned_keys:
         parts.append(f"{r.orphaned_keys} key{'' if r.orphaned_keys == 1 else 's'} orphaned: "
@@ -75,18 +78,16 @@ def _reason(r) -> str:
         top = next(iter(r.destructors), "")
         parts.append(f"{r.same_destructor_keys} keys share one destructor ({top}): a library "
                      "that leaks a key per load")
+    if r.status == OK and steady:
+        parts.append(f"keeps making keys: {steady:g} keys/s measured in the ledger")
     return "; ".join(parts)
 
 
 def scan(pids: Optional[Iterable[int]] = None, reloads_per_day: Optional[float] = None,
          leak_per_reload: Optional[dict] = None, default_leak: float = 1.0,
-         progress=None) -> pd.DataFrame:
-    """Scan processes (all by default) and return one row each, most keys in use first.
-
-    With reloads_per_day, each leaking process gets a forecast: leak_per_reload maps an
-    executable path to keys per reload (measured in a saved ledger); otherwise it is taken to
-    leak default_leak keys per reload.
-    """
+         progress=None, keys_per_second: Optional[dict] = None) -> pd.DataFrame:
+    """Scan processes (all by default) and return one row each, most keys in use first, judged
+    by judge() (the arguments after pids are its own)."""
     targets = proc.pids() if pids is None else list(pids)
     host_libc = keytable.host_libc()
     rows = []
@@ -96,20 +97,38 @@ def scan(pids: Optional[Iterable[int]] = None, reloads_per_day: Optional[float] 
         rows.append(scan_pid(pid, host_libc))
         if progress:
             progress()
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    now = pd.Timestamp.now(tz="UTC")
+    return judge(pd.DataFrame(rows, columns=COLUMNS), reloads_per_day, leak_per_reload,
+                 default_leak, keys_per_second)
+
+
+def judge(df: pd.DataFrame, reloads_per_day: Optional[float] = None,
+          leak_per_reload: Optional[dict] = None, default_leak: float = 1.0,
+          keys_per_second: Optional[dict] = None, now: Optional[pd.Timestamp] = None) -> pd.DataFrame:
+    """The watch's rules on scanned rows, and a forecast for the leaking ones.
+
+    With reloads_per_day, each process leaking by its table leaks per reload what
+    leak_per_reload (measured in a saved ledger) says for its executable, else default_leak.
+    keys_per_second (measured in a saved ledger) maps an executable to the keys a second a code
+    path of it keeps making outside reloads: such a process leaks whatever its table shows, and
+    gets a date from that rate. Rates not known are null, never 0.
+    """
+    now = pd.Timestamp.now(tz="UTC") if now is None else now
     ok = df["status"] == OK
-    df["leaking"] = ok & is_leaking(False, df["orphaned_keys"].fillna(0),
-                                    df["same_destructor_keys"].fillna(0))
-    for i, r in df.iterrows():
-        leak = (leak_per_reload or {}).get(r.exe) if r.leaking else None
-        if r.leaking and not leak:
-            leak = default_leak
-        df.at[i, "leak_per_reload"] = leak or 0.0
-        df.at[i, "reloads_per_day"] = reloads_per_day or 0.0
-        df.at[i, "reason"] = _reason(r)
-        if r.leaking and reloads_per_day and leak:
-            f = fc.forecast(int(r.keys_in_use), int(r.limit), now, leak, reloads_per_day)
+    steady = [(keys_per_second or {}).get(exe) if good else None
+              for exe, good in zip(df["exe"], ok)]
+    by_table = ok & is_leaking(False, df["orphaned_keys"].fillna(0),
+                               df["same_destructor_keys"].fillna(0))
+    df["leaking"] = by_table | pd.Series([bool(x) for x in steady], index=df.index, dtype=bool)
+    for (i, r), table, per_second in zip(df.iterrows(), by_table, steady):
+        leak = ((leak_per_reload or {}).get(r.exe) or default_leak) if table else 0.0
+        known = [leak * reloads_per_day] if reloads_per_day and table else []
+        known += [per_second * 86_400] if per_second else []
+        df.at[i, "leak_per_reload"] = leak
+        df.at[i, "reloads_per_day"] = reloads_per_day
+        df.at[i, "keys_per_day"] = sum(known) if known else None
+        df.at[i, "reason"] = _reason(r, per_second)
+        if r.leaking and known:
+            f = fc.exhaustion(int(r.keys_in_use), int(r.limit), now, sum(known))
             df.at[i, "days_left"] = f.days_left
             df.at[i, "exhaustion_eta"] = f.exhaustion_eta
             df.at[i, "reason"] += f"; out of keys in {fc.describe(f.days_left)}"

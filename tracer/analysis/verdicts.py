@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Optional
 from ..host import libc
 from ..state.tracker import Tracker
 from . import forecast as fc
-from .attribution import Attribution
+from .attribution import SAME_PATH_KEYS, UNKNOWN, Attribution
 
 NEAR_LIMIT = 0.8   # a table this full is shown as an emergency, whatever the rate
-SAME_PATH_KEYS = 2  # live keys from one code path (or sharing one destructor) that make a leak
+NOTHING_TO_MEASURE = ("nothing to measure: no completed reload cycle, no code path that keeps "
+                      "making keys")
 
 # The summary's columns, in order: the JSON contract of `watch --json` and `report --json`.
 SUMMARY_COLUMNS = [
@@ -26,12 +27,12 @@ SUMMARY_COLUMNS = [
     "creates", "deletes", "failed_creates", "failed_deletes", "last_failure_ret",
     "live_keys", "held_keys", "never_deleted",
     "library", "libraries", "orphaned_keys", "same_path_keys", "busiest_path",
-    "limit", "headroom", "leak_per_reload", "reload_cycles", "reloads_per_day", "rate_basis",
-    "keys_per_day", "days_left", "exhaustion_eta", "leaking", "critical", "reason",
+    "limit", "headroom", "leak_per_reload", "reload_cycles", "reloads_per_day", "keys_per_second",
+    "rate_basis", "keys_per_day", "days_left", "exhaustion_eta", "leaking", "critical", "reason",
 ]
 FORECAST_COLUMNS = ["pid", "comm", "live_keys", "limit", "headroom", "leak_per_reload",
-                    "reload_cycles", "reloads_per_day", "rate_basis", "keys_per_day", "days_left",
-                    "exhaustion_eta", "leaking"]
+                    "reload_cycles", "reloads_per_day", "keys_per_second", "rate_basis",
+                    "keys_per_day", "days_left", "exhaustion_eta", "leaking"]
 BRIEF_COLUMNS = ["pid", "comm", "creates", "deletes", "failed_creates", "live_keys", "limit",
                  "orphaned_keys", "library", "days_left", "leaking", "critical", "reason"]
 LIBRARY_COLUMNS = ["pid", "comm", "library", "created", "deleted", "live_keys", "orphaned_keys",
@@ -59,11 +60,13 @@ def _ts(ns: Optional[int]) -> Optional[datetime]:
 
 def is_leaking(critical, orphaned_keys, same_path_keys):
     """The verdict, for a summary row or a scan row alike (scalars or pandas columns):
-    a create failed, keys are orphaned, or one code path keeps making keys that stay live."""
+    a create failed, keys are orphaned, or one code path keeps making keys that stay live
+    (on SAME_PATH_KEYS separate occasions; in a scan, that many keys share a destructor)."""
     return critical | (orphaned_keys > 0) | (same_path_keys >= SAME_PATH_KEYS)
 
 
-def _state(p, now_ns: int, reloads_per_day: Optional[float], attribute: bool) -> dict:
+def _state(p, now_ns: int, reloads_per_day: Optional[float], attribute: bool,
+           prefer_measured: bool) -> dict:
     k = p.keys
     unknown = (p.table or "").startswith("not read")  # keys made before tracing: not known
     row = {
@@ -80,30 +83,46 @@ def _state(p, now_ns: int, reloads_per_day: Optional[float], attribute: bool) ->
     attr = Attribution(p, without_elf=not attribute).summary()
     if not attribute:
         attr.update(_NO_ATTRIBUTION)
-    observed = (p.exited or now_ns) - p.traced_since
-    rate = fc.reload_rate(reloads_per_day, attr["reload_cycles"], attr["cycles_first"],
-                          attr["cycles_last"], observed)
+    rates = _rates(attr, (p.exited or now_ns) - p.traced_since, reloads_per_day, prefer_measured)
     critical = row["failed_creates"] > 0
     leaking = bool(is_leaking(critical, attr["orphaned_keys"], attr["same_path_keys"]))
     limit = libc.MUSL_KEYS_MAX if p.libc == "musl" else libc.key_limit(p.modules.paths + [row["exe"]])
-    # No date without a leak, and none from a rate that rests on too little.
-    f = fc.forecast(k.live_count, limit, _ts(now_ns), attr["leak_per_reload"],
-                    rate.reloads_per_day if leaking else None)
+    # No date without a leak; a failed create dates the exhaustion itself.
+    f = fc.exhaustion(k.live_count, limit, _ts(now_ns), rates["keys_per_day"] if leaking else None,
+                      _ts(k.first_failure) if critical else None)
     row.update(library=attr["library"], libraries=attr["libraries"],
                orphaned_keys=attr["orphaned_keys"], same_path_keys=attr["same_path_keys"],
                busiest_path=attr["busiest_path"], limit=limit,
                headroom=None if unknown else f.headroom,
                leak_per_reload=attr["leak_per_reload"], reload_cycles=attr["reload_cycles"],
-               reloads_per_day=rate.reloads_per_day or 0.0, rate_basis=rate.basis,
-               keys_per_day=f.keys_per_day,
+               **rates,
                days_left=None if unknown and not critical else f.days_left,
                exhaustion_eta=None if unknown and not critical else f.exhaustion_eta,
                leaking=leaking, critical=critical)
-    row["reason"] = _reason(row)
+    row["reason"] = _reason(row, attr["busiest_keys"], k.missed[0])
     return row
 
 
-def _reason(r: dict) -> str:
+def _rates(attr: dict, observed: int, given: Optional[float], prefer_measured: bool) -> dict:
+    """The rate fields of a row, None when unknown: keys a day are what the reload cycles
+    leave at the reload rate plus what the code paths that keep making keys outside reloads
+    make (keys a second, over the observed time); rate_basis says how each was had, or why not."""
+    reload = fc.reload_rate(given, attr["reload_cycles"], attr["cycles_first"],
+                            attr["cycles_last"], observed, prefer_measured)
+    steady = fc.steady_rate(attr["steady_keys"], attr["steady_occasions"], attr["steady_first"],
+                            attr["steady_last"], observed) if attr["steady_occasions"] else None
+    per_time = steady.per_day if steady else None
+    per_reload = None if reload.per_day is None else attr["leak_per_reload"] * reload.per_day
+    known = [x for x in (per_reload, per_time) if x is not None]
+    bases = [reload.basis] if given or attr["reload_cycles"] else []
+    bases += [steady.basis] if steady else []
+    return {"reloads_per_day": reload.per_day,
+            "keys_per_second": None if per_time is None else per_time / 86_400,
+            "rate_basis": "; ".join(bases) or NOTHING_TO_MEASURE,
+            "keys_per_day": sum(known) if known else None}
+
+
+def _reason(r: dict, busiest_keys: int, lost_creates: int) -> str:
     parts = []
     if r["critical"]:
         parts.append(f"pthread_key_create failed {r['failed_creates']}x "
@@ -114,22 +133,29 @@ def _reason(r: dict) -> str:
         parts.append(f"{_plural(r['orphaned_keys'], 'key')} orphaned: the library instance that "
                      f"made them is unmapped{lib}")
     if r["same_path_keys"] >= SAME_PATH_KEYS:
-        parts.append(f"{r['same_path_keys']} keys live from one code path ({r['busiest_path']})")
+        parts.append(f"{_plural(busiest_keys, 'key')} live from one code path, made on "
+                     f"{r['same_path_keys']} separate occasions ({r['busiest_path']})")
     if r["leaking"]:
         if r["days_left"] is not None and r["days_left"] > 0:
             parts.append(f"out of keys in {fc.describe(r['days_left'])}")
-        elif r["rate_basis"].startswith("too little"):
-            parts.append(f"no date: the reload rate rests on {r['rate_basis'][len('too little to measure: '):]}")
+        elif r["days_left"] is None and not r["table"].startswith("not read"):
+            parts.append(f"no date: {r['rate_basis']}" if r["keys_per_day"] is None else
+                         f"no date: no key a day measured ({r['rate_basis']})")
     if r["table"].startswith("not read"):
         parts.append(f"keys made before tracing are not counted (table {r['table']})")
+    if lost_creates:
+        parts.append(f"{_plural(lost_creates, 'create')} not recorded (the kernel could not queue "
+                     f"the records): counted, library \"{UNKNOWN}\"")
     return "; ".join(parts)
 
 
 def rows(procs, now_ns: int, reloads_per_day: Optional[float] = None,
-         attribute: bool = True) -> list:
+         attribute: bool = True, prefer_measured: bool = False) -> list:
     """The per-process summary as dicts (SUMMARY_COLUMNS; start and traced_since in ns since
-    the epoch), judged, sorted: critical, leaking, most keys."""
-    out = [_state(p, now_ns, reloads_per_day, attribute) for p in procs]
+    the epoch), judged, sorted: critical, leaking, most keys. prefer_measured: a given
+    reloads_per_day is an assumption that a trusted measure replaces (the agent), not the
+    user's what-if that wins (watch, report)."""
+    out = [_state(p, now_ns, reloads_per_day, attribute, prefer_measured) for p in procs]
     return sorted(out, key=lambda r: (not r["critical"], not r["leaking"], -r["live_keys"], r["pid"]))
 
 

@@ -30,6 +30,7 @@ class Site:
 @dataclass
 class Keys:
     live: dict = field(default_factory=dict)      # key -> Site that created it
+    born: dict = field(default_factory=dict)      # key -> ts of its create (held: of the read)
     sites: dict = field(default_factory=dict)     # (caller, load, stack) -> Site
     gen: dict = field(default_factory=dict)       # key -> sequence number of its live generation
     ended: set = field(default_factory=set)       # (key, seq) deletes seen before their create
@@ -88,6 +89,7 @@ class Keys:
         if key in self.live:  # still live by our records: the delete that freed it was lost
             self.ends += 1
         self.live[key] = site
+        self.born[key] = ts
         self.gen[key] = seq
 
     def held(self, key: int, destructor: int, unmapped: bool, ts: int, seq: int = 0) -> None:
@@ -102,6 +104,7 @@ class Keys:
                                                           unmapped=unmapped)
         site.created += 1
         self.live[key] = site
+        self.born[key] = ts
         self.gen[key] = seq
 
     def create_failed(self, ret: int, ts: int) -> None:
@@ -126,21 +129,27 @@ class Keys:
             return
         site = self.live.pop(key, None)
         self.gen.pop(key, None)
+        self.born.pop(key, None)
         if site is not None:
             site.deleted += 1
             self.ends += 1
 
     def inherited(self) -> "Keys":
         """A forked child's table: the parent's live keys, in copies of their sites (the child's
-        own creates and deletes must not touch the parent's), and no calls of its own yet."""
-        copies = {id(s): replace(s) for s in self.sites.values()}
+        own creates and deletes must not touch the parent's), and no calls of its own yet: the
+        sites' counts start at zero, so the parent's calls are counted once, in the parent."""
+        return self._clone(keep_counts=False)
+
+    def _clone(self, keep_counts: bool) -> "Keys":
+        copies = {id(s): replace(s) if keep_counts else replace(s, created=0, deleted=0)
+                  for s in self.sites.values()}
         return Keys(live={k: copies[id(s)] for k, s in self.live.items()},
                     sites={k: copies[id(s)] for k, s in self.sites.items()},
-                    gen=dict(self.gen), ended=set(self.ended))
+                    born=dict(self.born), gen=dict(self.gen), ended=set(self.ended))
 
     def copy(self) -> "Keys":
         """An independent snapshot (sites copied, so later counts do not leak into it)."""
-        out = self.inherited()
+        out = self._clone(keep_counts=True)
         for name in ("creates", "failed_creates", "deletes", "failed_deletes",
                      "last_failure_ret", "first_failure", "missed", "ends"):
             setattr(out, name, getattr(self, name))
