@@ -98,7 +98,7 @@ def _read(path: str, function: str) -> tuple:
             sym = defined_symbols(elf, [function], kinds=("STT_FUNC",)).get(function)
             build_id = _build_id(elf)
     except (OSError, ELFError, ValueError) as e:
-        raise Refused(f"cannot read {path}: {e}") from None
+        raise Refused(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if sym is None:
         raise Refused(f"{path} does not define {function}")
     address = sym["st_value"]
@@ -723,7 +723,7 @@ def _code(path: str, address: int, size: int, partial: bool = False) -> bytes:
                     fh.seek(seg["p_offset"] + address - seg["p_vaddr"])
                     return fh.read(min(size, end - address))
     except (OSError, ELFError, ValueError) as e:
-        raise Refused(f"cannot read {path}: {e}") from None
+        raise Refused(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     raise Refused(f"{address:#x} lies in no loaded segment of {path}")
 
 
