@@ -3,6 +3,10 @@
 
 #define KT_CLONE_THREAD 0x00010000
 
+// The launched command's whole tree (tgids), kept here so that keytrace can end all of it at the
+// end, double-forked daemons included, whatever records the ring lost.
+BPF_HASH(launched, u32, u8, KT_MAX_ENTRIES);
+
 // task_newtask has clone_flags, so threads (CLONE_THREAD) are told apart from processes.
 TRACEPOINT_PROBE(task, task_newtask)
 {
@@ -10,9 +14,13 @@ TRACEPOINT_PROBE(task, task_newtask)
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 parent = pid_tgid >> 32;
+    u32 child = args->pid;
+    if (launched.lookup(&parent)) {
+        u8 yes = 1;
+        launched.update(&child, &yes);
+    }
     if (!wanted(parent))
         return 0;
-    u32 child = args->pid;
 #ifdef KT_FILTER
     u8 one = 1;
     traced.update(&child, &one);
@@ -74,6 +82,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (tgid != tid)
         return 0;
 #endif
+    launched.delete(&tgid);
     if (!wanted(tgid))
         return 0;
 #ifdef KT_FILTER

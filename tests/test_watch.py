@@ -41,7 +41,8 @@ def test_tidy_reloads_are_balanced(bins):
 def test_reloading_past_1024_keys_captures_eagain(bins):
     res = keytrace("watch", "--json", "--fail-on-leak", "--",
                    bins["reload_host"], bins["libleaky"], "1100")
-    assert res.returncode == 3, res.stderr
+    # The command failed (reload_host exits 2 when a load failed): its status wins over 3.
+    assert res.returncode == 2, res.stderr
     (row,) = json_rows(res.stdout)
     # A plain C program holds no keys of its own: all 1024 slots go to the leaky library.
     assert (row["creates"], row["failed_creates"], row["live_keys"]) == (1100, 76, 1024)

@@ -32,7 +32,7 @@ from .errors import KeytraceError, UsageError
 from .host import patterns as pat
 from .host import planner, proc
 from .host import prototypes as protos
-from .session import Launched, end_command, gate_execs, spawn_gated
+from .session import Launched, drain_failure, end_command, gate_execs, spawn_gated
 
 LIFECYCLE_PAGES = 64  # fork/exec/exit records only: 256 KiB
 
@@ -132,6 +132,7 @@ class CallTracer:
             self._program.open()
             if self.process is not None:
                 self._program.add_pid(self.process.pid, after_execs=gate_execs())
+                self._program.launch(self.process.pid)
             self._attach()
             if self.mode == "trace":
                 self._reader = self._program.reader("kc_events", wire.call_record(self.strsize),
@@ -226,8 +227,8 @@ class CallTracer:
         try:
             while not self._stop.wait(self.interval):
                 self.poll()
-        except BaseException as e:  # surfaced by wait()/stop(), never lost in the thread
-            self._error = e
+        except BaseException as e:  # surfaced by wait() and check(), never lost in the thread
+            self._error = drain_failure(e)
 
     def poll(self) -> int:
         """Drain the rings once; returns the calls finished."""
@@ -269,14 +270,15 @@ class CallTracer:
 
     def stop(self) -> None:
         """Drain, read the counters, detach every probe, end a launched command. Idempotent."""
-        end_command(self.process)
+        end_command(self.process, self._program)
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._thread = None
         try:
             if self._program is not None and self._program.bpf is not None:
-                self.poll()
+                if self._error is None:  # a drain that failed is not tried again
+                    self.poll()
                 if self._pairer is not None:
                     for call in self._pairer.end():
                         if self.keep:
@@ -284,6 +286,8 @@ class CallTracer:
                         if self.on_call:
                             self.on_call(call)
                 self._final = self._counters()
+        except Exception as e:
+            raise drain_failure(e) from None
         finally:
             if self._program is not None:
                 self._program.close()
@@ -327,6 +331,16 @@ class CallTracer:
     @property
     def attached(self) -> int:
         return self._program.attached if self._program is not None else 0
+
+    @property
+    def returncode(self) -> Optional[int]:
+        """The launched command's exit status (negative: killed by that signal)."""
+        return self.process.returncode if self.process else None
+
+    def check(self) -> None:
+        """Raise what stopped the background drain, if anything did."""
+        if self._error is not None:
+            raise self._error
 
     def counts(self) -> pd.DataFrame:
         """ltrace -c's table (tracer.analysis.calls.COUNT_COLUMNS), from the kernel's counters

@@ -103,16 +103,48 @@ def spawn_gated(argv: Sequence[str], stdout_to_stderr: bool = False) -> tuple:
     return Launched(pid), w
 
 
-def end_command(p: Optional[Launched]) -> None:
-    """End a launched command still running: SIGTERM, then SIGKILL after 5 s."""
-    if p is None or p.poll() is not None:
+def end_command(p: Optional[Launched], program: Optional[Program] = None,
+                grace: float = 5.0) -> None:
+    """End a launched command and every process of its tree still running: the kernel keeps the
+    tree (Program.launched_pids), so daemons that double-forked out of the command's process
+    group go too. SIGTERM first, SIGKILL to what is left after grace seconds."""
+    if p is None:
         return
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(5)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
+
+    def left() -> set:
+        pids = set()
+        if program is not None and program.bpf is not None:
+            pids = {q for q in program.launched_pids() if proc.alive(q)}
+        if p.poll() is None:
+            pids.add(p.pid)
+        pids.discard(os.getpid())
+        return pids
+
+    termed: set = set()
+    deadline = time.monotonic() + grace
+    while True:
+        pids = left()
+        if not pids:
+            return
+        late = time.monotonic() >= deadline
+        for q in pids - (set() if late else termed):  # a fork made meanwhile gets its TERM too
+            try:
+                os.kill(q, signal.SIGKILL if late else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        termed |= pids
+        if late and time.monotonic() >= deadline + grace:
+            return  # not even SIGKILL ended them (uninterruptible sleep): nothing more to do
+        time.sleep(0.02)
+
+
+def drain_failure(e: BaseException) -> BaseException:
+    """What a drain thread's failure tells the user: one line (its traceback is no use to an
+    SRE); the tracer stops and detaches on its way out (wait() and check() raise it)."""
+    if isinstance(e, KeytraceError):
+        return e
+    return KeytraceError(f"tracing stopped: reading the probes' records failed "
+                         f"({type(e).__name__}: {e})")
 
 
 class KeyTracer:
@@ -201,6 +233,8 @@ class KeyTracer:
             # (its exec starts a fresh, fully traced image).
             for pid in (self.pids or []) + ([self.process.pid] if self.process else []):
                 self._meet_running(pid)
+            if self.process is not None:
+                self._probes.launch(self.process.pid)
             if gate_w is not None:
                 os.write(gate_w, b"go\n")
         except BaseException:
@@ -458,8 +492,8 @@ class KeyTracer:
         try:
             while not self._stop.wait(self.interval):
                 self.poll()
-        except BaseException as e:  # surfaced by stop()/wait(), never lost in the thread
-            self._poll_error = e
+        except BaseException as e:  # surfaced by wait() and check(), never lost in the thread
+            self._poll_error = drain_failure(e)
 
     def poll(self, final: bool = False) -> int:
         """Drain the ring buffer into the ledger once; returns the number of events. final:
@@ -574,8 +608,10 @@ class KeyTracer:
             self._thread.join()
         self._thread = None
         try:
-            if self._probes is not None and self._probes.bpf is not None:
-                self.poll(final=True)
+            if self._probes is not None and self._probes.bpf is not None and self._poll_error is None:
+                self.poll(final=True)  # (a drain that failed is not tried again)
+        except Exception as e:
+            raise drain_failure(e) from None
         finally:
             if self._probes is not None:
                 self._probes.close()
@@ -583,7 +619,7 @@ class KeyTracer:
             atexit.unregister(self.stop)
 
     def _end_command(self) -> None:
-        end_command(self.process)
+        end_command(self.process, self._probes)
 
     def __enter__(self) -> "KeyTracer":
         return self.start()

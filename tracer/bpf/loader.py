@@ -349,6 +349,14 @@ class Program:
         after_execs: only once it has made that many more execs."""
         self.bpf[b"traced"][ct.c_uint(pid)] = ct.c_ubyte(1 + after_execs)
 
+    def launch(self, pid: int) -> None:
+        """pid is a launched command: the kernel follows its tree (launched_pids)."""
+        self.bpf[b"launched"][ct.c_uint(pid)] = ct.c_ubyte(1)
+
+    def launched_pids(self) -> list:
+        """The launched commands' processes still running, the double-forked included."""
+        return sorted(int(k.value) for k in self.bpf[b"launched"].keys())
+
     def drain(self) -> np.ndarray:
         return self.ring.drain()
 

@@ -42,6 +42,9 @@ class RingReader:
         """Copy out every committed record (at most limit, when given) and release them."""
         cons = struct.unpack_from("<Q", self._cons, 0)[0]
         prod = struct.unpack_from("<Q", self._prod, 0)[0]
+        if prod - cons > self.size:  # never more than the ring holds: a bound on every drain
+            raise RuntimeError(f"ring buffer positions make no sense (consumer {cons}, producer "
+                               f"{prod}, size {self.size})")
         n = (prod - cons) // self.stride
         if limit:
             n = min(n, limit)

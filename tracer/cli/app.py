@@ -26,7 +26,8 @@ from ..store.files import check_writable, json_lines, save_table
 
 from . import agent as agent_command
 from . import calls as calls_command
-from .console import EXIT_ERROR, EXIT_LEAK, EXIT_USAGE, RELOADS_PER_DAY, err, fail, note, out
+from .console import (EXIT_ERROR, EXIT_LEAK, EXIT_USAGE, RELOADS_PER_DAY, command_status, err,
+                      fail, note, out)
 
 VIEWS = ("process", "library", "reload")
 
@@ -111,6 +112,7 @@ def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[P
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     live = Live(console=err, refresh_per_second=4, transient=True) if err.is_terminal else None
+    why = "stopped"
     try:
         tracer.start()
         if live:
@@ -118,7 +120,7 @@ def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[P
         tick = (lambda: live.update(summary_table(tracer.ledger.summary(), title=title, limit=15))) \
             if live else None
         try:
-            tracer.wait(duration=duration, stop=stop, tick=tick)
+            why = tracer.wait(duration=duration, stop=stop, tick=tick)
         except KeyboardInterrupt:
             pass
     finally:
@@ -126,10 +128,20 @@ def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[P
             live.stop()
         tracer.stop()
         signal.signal(signal.SIGTERM, previous)
+    tracer.check()  # a failure of the drain thread after the wait ended
     if output is not None:
         tracer.ledger.save(output)
         err.print(f"keytrace: wrote {tracer.ledger.event_count} events to {output}", markup=False)
-    emit(tracer.ledger, as_json, fail_on_leak, title, reloads_per_day, view)
+    status = command_status(tracer.returncode, why)
+    if status:
+        err.print(f"keytrace: the command exited with status {status}", markup=False)
+    try:
+        emit(tracer.ledger, as_json, fail_on_leak, title, reloads_per_day, view)
+    except typer.Exit:
+        if not status:
+            raise  # a leak fails the gate when the command itself succeeded
+    if status:
+        raise typer.Exit(status)
     return tracer.ledger
 
 

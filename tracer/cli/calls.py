@@ -17,7 +17,7 @@ from ..analysis import calls as report
 from ..calls import CallTracer
 from ..errors import KeytraceError, UsageError
 from ..store.files import check_writable, json_lines, save_table
-from .console import EXIT_USAGE, err, fail, out
+from .console import EXIT_USAGE, command_status, err, fail, out
 
 
 def calls(
@@ -81,7 +81,7 @@ def calls(
                             on_note=lambda t: err.print(f"keytrace: {t}", markup=False,
                                                         soft_wrap=True),
                             on_progress=_progress())
-        _run(tracer, duration)
+        why = _run(tracer, duration)
     except UsageError as e:
         raise fail(str(e), EXIT_USAGE)
     except KeytraceError as e:
@@ -91,12 +91,16 @@ def calls(
                   "lines are missing; -c counts in the kernel and loses none", markup=False)
     if count:
         _report_counts(tracer, timing, stack, as_json, output)
-        return
-    if output is not None:
-        save_table(tracer.frame(), output)
-        err.print(f"keytrace: wrote {len(tracer.calls)} calls to {output}", markup=False)
-    if timing and not as_json:  # -T: the kernel's latency histograms after the lines
-        _print_histograms(tracer.histograms())
+    else:
+        if output is not None:
+            save_table(tracer.frame(), output)
+            err.print(f"keytrace: wrote {len(tracer.calls)} calls to {output}", markup=False)
+        if timing and not as_json:  # -T: the kernel's latency histograms after the lines
+            _print_histograms(tracer.histograms())
+    status = command_status(tracer.returncode, why)
+    if status:
+        err.print(f"keytrace: the command exited with status {status}", markup=False)
+        raise typer.Exit(status)
 
 
 def _progress():
@@ -134,9 +138,11 @@ def _stack(call: dict, wanted: bool) -> str:
     return "".join(f"\n    {a}" for a in call["stack"].split())
 
 
-def _run(tracer: CallTracer, duration: Optional[float]) -> None:
+def _run(tracer: CallTracer, duration: Optional[float]) -> str:
+    """Trace until an end condition: why it ended ("exited", "duration", "stopped")."""
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    why = "stopped"
     try:
         tracer.start()
         placed = sum(1 for how in tracer.placement.values() if how.startswith("planned"))
@@ -145,12 +151,14 @@ def _run(tracer: CallTracer, duration: Optional[float]) -> None:
         err.print(f"keytrace: {len(tracer.targets)} function(s) in {files} file(s), "
                   f"{tracer.attached} probes{where}", markup=False, soft_wrap=True)
         try:
-            tracer.wait(duration=duration, stop=stop)
+            why = tracer.wait(duration=duration, stop=stop)
         except KeyboardInterrupt:
             pass
     finally:
         tracer.stop()
         signal.signal(signal.SIGTERM, previous)
+    tracer.check()  # a failure of the drain thread after the wait ended
+    return why
 
 
 def _report_counts(tracer: CallTracer, timing: bool, stack: bool, as_json: bool,

@@ -18,6 +18,15 @@ def fail(message: str, code: int = EXIT_ERROR) -> "typer.Exit":
     return typer.Exit(code)
 
 
+def command_status(returncode, why: str) -> int:
+    """What keytrace exits with for a launched command: its own status when it ended by itself
+    and failed (128 + N when signal N killed it, as a shell says), else 0. A command keytrace
+    ended (--duration, Ctrl-C, SIGTERM) gives keytrace's own status instead."""
+    if why != "exited" or not returncode:
+        return 0
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def note(text: str) -> None:
     err.print(f"keytrace: {text}", markup=False, soft_wrap=True)
 
