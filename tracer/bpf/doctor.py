@@ -131,9 +131,30 @@ def check_sites() -> Check:
                  f"start: {sites}")
 
 
+def check_single_step() -> Check:
+    """Which instruction classes single-step correctly under a uprobe on this kernel and CPU
+    (tracer.bpf.stepcheck, run once and cached): keytrace never probes the others."""
+    from . import stepcheck
+    if not check_privileges().ok:
+        return Check("probe-site safety", False, "not checked: needs root",
+                     "run as root (sudo keytrace doctor)")
+    try:
+        rep = stepcheck.report()
+    except KeytraceError as e:
+        return Check("probe-site safety", False, str(e), "see keytrace doctor's other checks")
+    bad = rep.unsafe()
+    how = "cached" if rep.cached else f"checked now in {rep.seconds:.1f} s"
+    lines = [f"{len(rep.classes) - len(bad)} of {len(rep.classes)} instruction classes "
+             f"single-step correctly under a uprobe here ({how}). Unsafe here, never probed:"]
+    lines += [f"  {k}: {v.detail}" for k, v in bad.items()] or ["  none"]
+    lines.append("An entry probe on an unsafe instruction moves to the first safe one that sees "
+                 "the same arguments; a function with none is refused, with the reason.")
+    return Check("probe-site safety", True, "\n".join(lines))
+
+
 CHECKS: list[Callable[[], Check]] = [check_privileges, check_bpf_syscall, check_tracefs,
                                      check_uprobes, check_bcc, check_headers, check_libc,
-                                     check_sites]
+                                     check_sites, check_single_step]
 
 
 def _safe(check: Callable[[], Check]) -> Check:

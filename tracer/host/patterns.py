@@ -32,7 +32,7 @@ from elftools.elf.elffile import ELFFile
 
 from ..errors import KeytraceError, UsageError
 from . import proc
-from .elf import FileCache, _debug_file, _tables, elf_info
+from .elf import FileCache, _debug_file, _tables, build_id, elf_info
 from .libc import is_musl, ld_cache
 
 DEFAULT_LIBRARY = "libc"
@@ -410,11 +410,13 @@ def _target(lib: _Library, table: _Functions, pos: int, asked: Optional[str] = N
 
 def _implementation(lib: _Library, name: str) -> Optional[int]:
     """The address (file vaddr) an IFUNC's resolver chose. It runs once, at load, so probes go
-    on its choice. This process maps the same file, on the same processor: dlsym here returns
-    the choice a traced process made too. None when this process does not map the file."""
+    on its choice. This process maps the same file, or a copy of the same build (a container's,
+    a private copy), on the same processor: dlsym here returns the choice a traced process made
+    too. None when this process maps no such file."""
     import ctypes  # only for IFUNCs
+    wanted = build_id(lib.path)
     for path, bias, opened in proc.modules(os.getpid()):
-        if _identity(opened) == lib.ident:
+        if _identity(opened) == lib.ident or (wanted and build_id(opened) == wanted):
             try:
                 fn = getattr(ctypes.CDLL(path), name)
             except (OSError, AttributeError):
