@@ -150,13 +150,42 @@ static __always_inline u64 kt_caller(struct pt_regs *ctx, u64 offset)
     return caller;
 }
 
+// Once per program image, the modules mapped now, from ld.so's link_map chain: a process that
+// exits a millisecond after its first key (curl) is gone before user space could read its maps.
+// rtld_delta: from the site to the GOT slot holding &_rtld_global, whose first word (_dl_ns[0].
+// _ns_loaded) is the chain's head, the main program (no predecessor).
+static __always_inline void walk_loaded(struct pt_regs *ctx, s64 rtld_delta, u64 pid_tgid)
+{
+#ifdef KT_HAVE_MODULES
+    u32 tgid = pid_tgid >> 32;
+    // Inside a dlopen the chain already holds the object being loaded: its dlopen reports it
+    // (as that load's), and the objects before it, when it returns.
+    if (!rtld_delta || walked.lookup(&tgid) || current_load((u32)pid_tgid))
+        return;
+    u8 one = 1;
+    walked.update(&tgid, &one);
+    u64 rtld = 0, lm = 0;
+    struct link_map_head h = {};
+    if (bpf_probe_read_user(&rtld, sizeof(rtld), (void *)(PT_REGS_IP(ctx) + rtld_delta)) || !rtld
+        || bpf_probe_read_user(&lm, sizeof(lm), (void *)rtld) || !lm
+        || bpf_probe_read_user(&h, sizeof(h), (void *)lm) || h.l_prev)
+        return;  // not the layout expected: names come from the maps, as without the walk
+    for (int i = 0; i < KT_MAX_MODULES; i++) {
+        if (!lm)
+            break;
+        lm = report_module(lm, 0, KT_MAX_MODULES + i, pid_tgid, 1);
+    }
+#endif
+}
+
 static __always_inline int planned_create(struct pt_regs *ctx, u32 key, u64 destructor,
-                                          u64 caller_offset, u64 libc, u32 seq)
+                                          u64 caller_offset, u64 libc, u32 seq, s64 rtld_delta)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!wanted(pid_tgid >> 32))
         return 0;
     kt_count(pid_tgid, 0);
+    walk_loaded(ctx, rtld_delta, pid_tgid);
     struct event *e = new_event(OP_CREATE, pid_tgid);
     if (!e)
         return 0;

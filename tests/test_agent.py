@@ -177,3 +177,57 @@ def test_a_copied_libc_in_its_own_namespace_started_after_the_agent(agent, keyma
         k.do("c 1")
     assert until(lambda: value(metrics(port), "keytrace_process_pthread_keys", pid=k.pid) == 5)
     assert until(lambda: value(metrics(port), "keytrace_process_pthread_keys_leaking", pid=k.pid) == 1)
+
+
+@pytest.fixture(scope="module")
+def drip(tmp_path_factory):
+    from tracer.workloads import compile_c
+    from conftest import FIXTURES
+    return str(compile_c(FIXTURES / "drip.c", tmp_path_factory.mktemp("drip")))
+
+
+def dated(port, pid, after: float) -> float:
+    """The exhaustion timestamp exported for pid, once one is (checked from `after` on)."""
+    while time.monotonic() < after:
+        time.sleep(0.2)
+    return until(lambda: value(metrics(port), "keytrace_process_pthread_keys_exhaustion_timestamp_seconds",
+                               pid=pid), timeout=15)
+
+
+def test_a_per_request_leak_is_dated_before_it_fails(agent, drip):
+    """A key every 20 ms, no reloads: the agent dates it from the keys a second it measures,
+    within 10 % of the real failure, long before it happens; the series ends with the process."""
+    p, port = agent("--reloads-per-day", "1")
+    assert "serving" in p.stderr.readline()
+    d = subprocess.Popen([drip, "20"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert d.stdout.readline().strip() == "ready"
+        eta = dated(port, d.pid, time.monotonic() + 5)
+        asked = time.time()
+        assert eta, metrics(port)
+        truth = float(d.communicate(timeout=60)[0].split()[-1])
+        assert abs(eta - truth) <= 0.10 * (truth - asked), (eta - truth, truth - asked)
+        gone = until(lambda: value(metrics(port), "keytrace_process_pthread_keys", pid=d.pid) is None)
+        assert gone, "the series of a dead process must end"
+    finally:
+        d.kill()
+        d.wait()
+
+
+def test_a_fast_reload_leak_beats_the_fleet_wide_reload_rate(agent, bins):
+    """--reloads-per-day 1 is the fleet's assumption; a library reloaded every 15 ms leaks a
+    key a cycle and runs out in ~16 s: the rate measured over hundreds of cycles wins, and the
+    timestamp lies within seconds of the real failure (the reloader's exit)."""
+    p, port = agent("--reloads-per-day", "1")
+    assert "serving" in p.stderr.readline()
+    host = subprocess.Popen([bins["reload_host"], bins["libleaky"], "0", "15000"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        eta = dated(port, host.pid, time.monotonic() + 6)
+        assert eta, metrics(port)
+        assert host.wait(60) == 2  # glibc refused a key: the outage
+        truth = time.time()
+    finally:
+        host.kill()
+        host.wait()
+    assert abs(eta - truth) < 3.0, eta - truth

@@ -50,11 +50,28 @@ def _gate_script() -> str:
 
 
 class Launched:
-    """The launched command: a child process we wait for (Popen's interface, the parts used)."""
+    """The launched command: a child process we wait for (Popen's interface, the parts used).
+    It runs in a process group of its own (a server such as Apache run in the foreground signals
+    its whole group when it shuts down: keytrace must not be in it), which is given the
+    terminal while it runs when keytrace had it (tty: the terminal's fd, to hand back)."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, tty: Optional[int] = None):
         self.pid = pid
         self.returncode: Optional[int] = None
+        self.tty = tty
+
+    def release_terminal(self) -> None:
+        """Take the terminal back for keytrace's own process group."""
+        if self.tty is None:
+            return
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})  # we are in the background
+        try:
+            os.tcsetpgrp(self.tty, os.getpgrp())
+        except OSError:
+            pass
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            self.tty = None
 
     def poll(self) -> Optional[int]:
         if self.returncode is None:
@@ -97,10 +114,22 @@ def spawn_gated(argv: Sequence[str], stdout_to_stderr: bool = False) -> tuple:
         actions = [(os.POSIX_SPAWN_DUP2, r, 3)] + ([(os.POSIX_SPAWN_DUP2, 2, 1)]
                                                    if stdout_to_stderr else [])
         pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _gate_script(), "keytrace-gate", path, *argv[1:]],
-                             os.environ, file_actions=actions)
+                             os.environ, file_actions=actions, setpgroup=0)
     finally:
         os.close(r)
-    return Launched(pid), w
+    return Launched(pid, _give_terminal(pid)), w
+
+
+def _give_terminal(pgid: int) -> Optional[int]:
+    """Make the command's group the terminal's foreground group when keytrace's group is (so it
+    reads the terminal and gets Ctrl-C as it would without keytrace); the terminal's fd, or None."""
+    try:
+        if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
+            os.tcsetpgrp(0, pgid)
+            return 0
+    except OSError:
+        pass
+    return None
 
 
 def end_command(p: Optional[Launched], program: Optional[Program] = None,
@@ -110,7 +139,13 @@ def end_command(p: Optional[Launched], program: Optional[Program] = None,
     group go too. SIGTERM first, SIGKILL to what is left after grace seconds."""
     if p is None:
         return
+    try:
+        _end_tree(p, program, grace)
+    finally:
+        p.release_terminal()
 
+
+def _end_tree(p: Launched, program: Optional[Program], grace: float) -> None:
     def left() -> set:
         pids = set()
         if program is not None and program.bpf is not None:
@@ -549,27 +584,31 @@ class KeyTracer:
         creating = (ops == wire.CODE["create"]) | (ops == wire.CODE["create_failed"])
         out = []
         for pid in np.unique(pids).tolist():
-            mine = pids == pid
-            first = int(np.argmax(mine))
+            mine = np.flatnonzero(pids == pid)
+            first = int(mine[0])
             comm = batch["comm"][first].decode("utf-8", "replace")
+            execs = mine[ops[mine] == wire.CODE["exec"]]
             if pid not in forked and not self.ledger.knows(pid):
                 # Met while already running: its table now is the state to start from. An exec
                 # in this batch started the image the table belongs to: the facts go after it.
-                execs = np.flatnonzero(mine & (ops == wire.CODE["exec"]))
                 at = int(execs[-1]) + 1 if len(execs) else first
                 self._snapshotted.add(pid)
                 out.append((at, Tracker.fact_records(pid, int(ts[min(at, len(ts) - 1)]) - 1, comm,
                                              **self._sight(pid))))
                 continue
-            if pid not in self._snapshotted and creating[mine].any():
+            if len(execs):  # a new image: its modules are not known yet (curl's first keys)
+                self._snapshotted.discard(pid)
+            after = mine[mine > execs[-1]] if len(execs) else mine
+            makes = after[creating[after]]
+            if pid not in self._snapshotted and len(makes):
                 self._snapshotted.add(pid)
-                at = int(np.argmax(mine & creating))
+                at = int(makes[0])
                 mods = [(path, base) for path, base, _ in proc.modules(pid)]
                 units.watch_unmaps(self._probes, pid, [base for _, base in mods])
                 out.append((at, Tracker.fact_records(pid, int(ts[at]) - 1, comm, modules=mods)))
-        # A new image (exec) or a new process on the same pid (exit) needs a new snapshot.
-        self._snapshotted.difference_update(
-            pids[(ops == wire.CODE["exec"]) | (ops == wire.CODE["exit"])].tolist())
+            # A new process on the same pid after an exit needs a new snapshot.
+            if (ops[mine] == wire.CODE["exit"]).any() or (len(execs) and not len(makes)):
+                self._snapshotted.discard(pid)
         return sorted(out, key=lambda item: item[0])
 
     def wait(self, duration: Optional[float] = None, stop: Optional[threading.Event] = None,

@@ -85,8 +85,9 @@ def conditions_source() -> str:
             f"    switch (cc) {{\n{cases}\n    }}\n    return 0;\n}}\n")
 
 
-def site_source(name: str, site: "planner.Site", flavour: str) -> str:
-    """One program for one planned site: its predicate and its values as constants."""
+def site_source(name: str, site: "planner.Site", flavour: str, rtld_slot: int = 0) -> str:
+    """One program for one planned site: its predicate and its values as constants. rtld_slot:
+    the file's GOT slot of _rtld_global (create sites walk the link_map chain from it)."""
     holds = f"kt_cc(ctx->flags, {site.cc}) == {int(site.taken)}" if site.cc >= 0 else "1"
     v = site.values
     caller = v["caller"].offset
@@ -94,7 +95,8 @@ def site_source(name: str, site: "planner.Site", flavour: str) -> str:
     seq = _value(v["seq"]) if "seq" in v else "0"
     call = {
         "create": lambda: f"planned_create(ctx, {_value(v['key'])}, {_value(v['destructor'])}, "
-                          f"{caller}, {libc}, {seq})",
+                          f"{caller}, {libc}, {seq}, "
+                          f"{(rtld_slot - site.address) if rtld_slot else 0}LL)",
         "create_failed": lambda: f"planned_create_failed(ctx, {_value(v['errno'])}, {caller}, {libc})",
         "delete": lambda: f"planned_delete(ctx, {_value(v['key'])}, 0, {seq})",
         "delete_failed": lambda: f"planned_delete(ctx, {_value(v['key']) if 'key' in v else 0}, "
@@ -191,7 +193,8 @@ class Program:
                     continue
                 named = [(site, f"kt_site_{len(self._site_text)}_{i}") for i, site in enumerate(p.sites)]
                 self.sites[(p.build_id, function)] = named
-                self._site_text += [site_source(name, site, flavour) for site, name in named]
+                self._site_text += [site_source(name, site, flavour, p.rtld_slot)
+                                    for site, name in named]
         self.pids = None if pids is None else sorted(set(pids))
         self.ring_pages = ring_pages
         self.bpf = None

@@ -69,7 +69,7 @@ def runs_out(r) -> str:
         return "-"
     if r.days_left is not None and r.days_left == r.days_left:
         return forecast.describe(r.days_left)
-    return "too little data" if r.rate_basis.startswith("too little") else "no rate known"
+    return "too little data" if "too little" in r.rate_basis else "no rate known"
 
 
 def frame_table(df: pd.DataFrame, title: str) -> Table:
@@ -335,8 +335,10 @@ def scan(
         "whose executable leaks in --ledger."),
     leak_per_reload: float = typer.Option(1.0, "--leak-per-reload", min=0, help="Keys a reload "
                                           "leaves, for processes with orphaned keys."),
-    ledger: Optional[Path] = typer.Option(None, "--ledger", help="A saved watch ledger: its "
-                                          "measured leak per reload, per executable, is used."),
+    ledger: Optional[Path] = typer.Option(None, "--ledger", help="A saved watch ledger: what "
+                                          "it measured per executable (keys per reload, keys a "
+                                          "second of a leak not tied to reloads) dates the "
+                                          "processes scanned now."),
     show_all: bool = typer.Option(False, "--all", help="List kernel threads in the table too."),
 ):
     """Read the live pthread key table of every process (or the given ones) through
@@ -358,19 +360,22 @@ def scan(
         for p in pid or ():
             if not proc.exists(p):
                 raise KeytraceError(f"no process with pid {p}")
-        rates = None
-        if ledger is not None:
+        rates = steady = None
+        if ledger is not None:  # what the history measured, per executable
             s = Ledger.from_file(ledger).summary()
             rates = s[s["leak_per_reload"] > 0].groupby("exe")["leak_per_reload"].max().to_dict()
+            steady = (s[s["leaking"] & s["keys_per_second"].notna()]
+                      .groupby("exe")["keys_per_second"].max().to_dict())
         if err.is_terminal and not pid:
             from rich.progress import Progress
             n = len(proc.pids())
             with Progress(console=err, transient=True) as bar:
                 task = bar.add_task("scanning", total=n)
                 df = scan_processes(None, reloads_per_day, rates, leak_per_reload,
-                                    progress=lambda: bar.advance(task))
+                                    progress=lambda: bar.advance(task), keys_per_second=steady)
         else:
-            df = scan_processes(pid or None, reloads_per_day, rates, leak_per_reload)
+            df = scan_processes(pid or None, reloads_per_day, rates, leak_per_reload,
+                                keys_per_second=steady)
         if output is not None:
             save_table(df, output)
     except KeytraceError as e:

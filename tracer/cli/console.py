@@ -1,6 +1,7 @@
 """What every command prints through: stdout and stderr consoles, one-line errors, exit codes."""
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -21,8 +22,9 @@ def fail(message: str, code: int = EXIT_ERROR) -> "typer.Exit":
 def command_status(returncode, why: str) -> int:
     """What keytrace exits with for a launched command: its own status when it ended by itself
     and failed (128 + N when signal N killed it, as a shell says), else 0. A command keytrace
-    ended (--duration, Ctrl-C, SIGTERM) gives keytrace's own status instead."""
-    if why != "exited" or not returncode:
+    ended (--duration, Ctrl-C, SIGTERM) gives keytrace's own status instead; so does one that
+    Ctrl-C ended (the terminal's foreground group is the command's while it runs)."""
+    if why != "exited" or not returncode or returncode == -signal.SIGINT:
         return 0
     return 128 - returncode if returncode < 0 else returncode
 

@@ -262,3 +262,32 @@ _BUILD_IDS = FileCache(_build_id)
 def build_id(path: str) -> str:
     """The GNU build-id of the file ("" when it has none): the same code, wherever it lies."""
     return _BUILD_IDS.get(path)[1] or ""
+
+
+_GLOB_DAT = 6  # R_X86_64_GLOB_DAT: a GOT slot the loader fills with a symbol's address
+
+
+def _got_slots(path: str) -> dict:
+    from elftools.elf.relocation import RelocationSection
+    out: dict = {}
+    try:
+        with open(path, "rb") as fh:
+            elf = ELFFile(fh)
+            for sec in elf.iter_sections():
+                if not isinstance(sec, RelocationSection) or not sec.is_RELA():
+                    continue
+                symtab = elf.get_section(sec["sh_link"])
+                for r in sec.iter_relocations():
+                    if r["r_info_type"] == _GLOB_DAT and r["r_info_sym"]:
+                        out.setdefault(symtab.get_symbol(r["r_info_sym"]).name, r["r_offset"])
+    except (ELFError, ValueError):
+        return {}
+    return out
+
+
+_GOT = FileCache(_got_slots)
+
+
+def got_slot(path: str, name: str) -> int:
+    """The vaddr of the GOT slot through which the file reaches symbol name (0: none)."""
+    return (_GOT.get(path)[1] or {}).get(name, 0)

@@ -27,7 +27,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from . import branches, isa
-from .elf import defined_symbols
+from .elf import defined_symbols, got_slot
 
 FUNCTIONS = ("pthread_key_create", "pthread_key_delete")
 
@@ -82,6 +82,9 @@ class Plan:
     size: int
     build_id: str
     sites: tuple
+    # the GOT slot of ld.so's _rtld_global, whose first word is the head of the link_map chain:
+    # a create site walks it once per image, so short-lived processes' modules are known (0: none)
+    rtld_slot: int = 0
 
 
 class Refused(Exception):
@@ -589,7 +592,8 @@ def _plan_or_reason(path: str, function: str, kind: str):
         fn = _Function(function, address, code)
         sites = tuple(_analyse(fn, kind))
         _no_other_entry(path, fn, sites)
-        result = Plan(path, function, address, len(code), build_id, sites)
+        result = Plan(path, function, address, len(code), build_id, sites,
+                      got_slot(path, "_rtld_global") if kind == "create" else 0)
     except Refused as e:
         return str(e)
     except CsError as e:          # capstone cannot give an instruction's details
