@@ -10,8 +10,12 @@ need=(python3-bpfcc libbpfcc bpfcc-tools python3-venv gcc libc6-dev bpftool)
 need+=(musl-tools php-cli)
 # promtool, for the alert rules' unit tests (Debian ships it in the server package).
 need+=(prometheus)
-# For bench/ only: the tools keytrace is measured against, and GNU time for peak memory.
-need+=(bpftrace ltrace time)
+# The incident's own stack, for the verdict tests: Debian's stock Apache with mod_php and Imagick
+# (their services are kept off: the tests start their own), and curl, an OpenSSL client.
+need+=(apache2 libapache2-mod-php php-imagick curl)
+# For bench/ only: the tools keytrace is measured against, GNU time for peak memory, and the
+# call-heavy programs bench/calls.py counts (sort is coreutils).
+need+=(bpftrace ltrace time git sqlite3)
 # Distribution kernel headers: keytrace merges them into a tree bcc accepts when the running
 # kernel ships none (cloud kernels, this VM).
 need+=(linux-headers-amd64)
@@ -20,12 +24,18 @@ for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   apt-get update -q
+  # No service starts while packages install (Apache, Prometheus): the tests start their own.
+  policy=/usr/sbin/policy-rc.d
+  [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; made_policy=1; }
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  [ -z "${made_policy:-}" ] || rm -f "$policy"
 fi
 
-# The prometheus package would run a server of its own: the tests start theirs on loopback.
-systemctl disable prometheus >/dev/null 2>&1 || true
-systemctl stop prometheus >/dev/null 2>&1 || true
+# The prometheus and apache2 packages would run servers of their own: the tests start theirs.
+for svc in prometheus apache2; do
+  systemctl disable "$svc" >/dev/null 2>&1 || true
+  systemctl stop "$svc" >/dev/null 2>&1 || true
+done
 
 mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing || true
 

@@ -151,7 +151,7 @@ def safe_entries(libc_copy: Path) -> dict:
 def compare_workloads(work: Path, libdir: Path) -> list:
     libc_copy = libdir / "libc.so.6"
     entries = safe_entries(libc_copy)
-    lines = ["", "## Counts on real programs (part 2)", "",
+    lines = ["",
              f"Each program runs against a private copy of libc; functions: {', '.join(FUNCTIONS)} "
              "(memcpy and memmove share glibc's implementation: one row). bpftrace probes only the "
              f"implementations whose entry is safe here ({', '.join(sorted(entries))}); keytrace's "
@@ -197,11 +197,7 @@ def main() -> None:
     names = list(tools)
     try:
         if args.only_workloads:
-            text = "\n".join(["# keytrace calls -c: counts on real programs"]
-                             + compare_workloads(work, libdir)) + "\n"
-            RESULTS.mkdir(exist_ok=True)
-            (RESULTS / "CALLS-WORKLOADS.md").write_text(text)
-            print(text)
+            write_workloads(work, libdir)
             return
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
@@ -231,18 +227,29 @@ def main() -> None:
     lines += ["", f"keytrace calls -c on the planned site: {kt / bt:.2f}x bpftrace's added cost "
               f"(target <= 0.25x), {added['ltrace -c'] / kt:.0f}x cheaper than ltrace "
               "(target >= 100x)."]
+
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "CALLS.md").write_text(text)
+    print(text)
     work = Path(tempfile.mkdtemp(prefix="keytrace-calls-bench-"))
     libdir = work / "libc"
     libdir.mkdir()
     shutil.copy(LIBC, libdir / "libc.so.6")
     try:
-        lines += compare_workloads(work, libdir)
+        write_workloads(work, libdir)
     finally:
         end_all()
         shutil.rmtree(work, ignore_errors=True)
-    text = "\n".join(lines) + "\n"
+
+
+def write_workloads(work: Path, libdir: Path) -> None:
+    """Part 2, written to bench/results/CALLS-WORKLOADS.md."""
+    text = "\n".join(["# keytrace calls -c: counts on real programs",
+                      "", f"Measured {time.strftime('%Y-%m-%d')} by `bench/calls.py` (part 2)."]
+                     + compare_workloads(work, libdir)[1:]) + "\n"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "CALLS.md").write_text(text)
+    (RESULTS / "CALLS-WORKLOADS.md").write_text(text)
     print(text)
 
 
