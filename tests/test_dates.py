@@ -5,8 +5,6 @@ its real failure by watch, report and scan, and a short-lived OpenSSL client's k
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys

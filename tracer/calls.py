@@ -18,7 +18,6 @@ import os
 import shutil
 import threading
 import time
-from collections import defaultdict
 from typing import Callable, Iterable, Optional, Sequence
 
 import pandas as pd
