@@ -24,18 +24,23 @@ for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   apt-get update -q
-  # No service starts while packages install (Apache, Prometheus): the tests start their own.
+  # No service starts while the packages install: the tests start their own servers. The
+  # policy file goes whatever happens (left behind, it would keep every service from starting).
   policy=/usr/sbin/policy-rc.d
-  [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; made_policy=1; }
+  if [ ! -e "$policy" ]; then
+    trap 'rm -f "$policy"' EXIT
+    printf '#!/bin/sh\nexit 101\n' > "$policy"
+    chmod +x "$policy"
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-  [ -z "${made_policy:-}" ] || rm -f "$policy"
+  # Servers installed just now (not ones the host already ran) stay off.
+  for svc in prometheus apache2; do
+    if [[ " ${missing[*]} " == *" $svc "* ]]; then
+      systemctl disable "$svc" >/dev/null 2>&1 || true
+      systemctl stop "$svc" >/dev/null 2>&1 || true
+    fi
+  done
 fi
-
-# The prometheus and apache2 packages would run servers of their own: the tests start theirs.
-for svc in prometheus apache2; do
-  systemctl disable "$svc" >/dev/null 2>&1 || true
-  systemctl stop "$svc" >/dev/null 2>&1 || true
-done
 
 mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing || true
 

@@ -83,6 +83,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return 0;
 #endif
     launched.delete(&tgid);
+#ifdef KT_HAVE_MODULES
+    walked.delete(&tgid);  // a later process on this pid has its own chain to walk
+#endif
     if (!wanted(tgid))
         return 0;
 #ifdef KT_FILTER

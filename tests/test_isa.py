@@ -51,3 +51,4 @@ def test_the_checks_harness_is_the_code_it_says():
         alone = next(md.disasm(case.code, 0))  # rip-relative ones differ in displacement only
         assert (probed.mnemonic, probed.size) == (alone.mnemonic, alone.size), case.text
         assert isa.view(case.code).klass == isa.view(bytes(probed.bytes)).klass
+

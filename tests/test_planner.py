@@ -304,3 +304,45 @@ def test_plans_are_shared_by_build(libs, tmp_path):
     for f in planner.FUNCTIONS:
         assert again[f].path == str(copy) and again[f].sites == first[f].sites
         assert again[f].build_id == first[f].build_id != ""
+
+
+# ---- entry sites: safe, once per call, arguments intact (no BPF: a policy given here) ---------
+
+def no_vex(code: bytes):
+    """A policy as this host's check gives it: VEX/EVEX instructions the kernel takes for
+    branches, and everything it refuses, are unsafe."""
+    from tracer.host import isa
+    v = isa.view(code)
+    if v.action == "refused":
+        return v.why
+    return "wrongly emulated" if v.encoding != "legacy" and v.action == "emulated" else None
+
+
+@needs_gcc
+def test_entry_sites_move_past_unsafe_first_instructions(tmp_path):
+    from tracer.host import branches
+    from tracer.host.elf import elf_info
+    exe = gcc(tmp_path, Path(__file__).parent / "fixtures" / "entries.c", "entries")
+    info = elf_info(str(exe))
+    at = {name: info.address_of(name) for name in ("ds_entry", "vex_entry", "lock_entry", "inner", "outer")}
+    # ds: mov is refused; the next instruction sees the same arguments
+    assert planner.entry_site(str(exe), at["ds_entry"], "ds_entry", no_vex).address == at["ds_entry"] + 4
+    # vpbroadcastb (VEX, taken for a js) writes only ymm1: the site moves to the mov after it
+    assert planner.entry_site(str(exe), at["vex_entry"], "vex_entry", no_vex).address == at["vex_entry"] + 5
+    # a locked store: no probe there, and none past a write to memory
+    with pytest.raises(Refused, match="changes what an entry probe reads"):
+        planner.entry_site(str(exe), at["lock_entry"], "lock_entry", no_vex)
+    # a safe entry stays where it is
+    assert planner.entry_site(str(exe), at["inner"], "inner", no_vex).address == at["inner"]
+    # outer jumps to inner+3: nothing past inner's entry counts inner's calls alone
+    assert branches.entering(str(exe), at["inner"], at["inner"] + 3) == [(at["inner"] + 3, at["outer"] + 4)]
+    with pytest.raises(Refused, match="lands at inner\\+0x3"):
+        planner.plan_entry(str(exe), at["inner"], 16, "inner", no_vex)
+
+
+def test_entries_of_an_unreadable_file_are_unknown_never_none(tmp_path):
+    from tracer.host import branches
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"not an ELF file")
+    assert branches.entering(str(junk), 0, 100) is None
+    assert branches.entering(str(tmp_path / "missing"), 0, 100) is None

@@ -291,7 +291,7 @@ def test_watch_and_calls_exit_with_a_failed_commands_status(bpf, command, status
     assert r.returncode == status, r.stderr
 
 
-def test_a_leak_in_a_command_that_succeeded_exits_3(bins):
+def test_a_leak_in_a_command_that_succeeded_exits_3(bpf, bins):
     r = keytrace("watch", "--json", "--fail-on-leak", "--", bins["reload_host"], bins["libleaky"], "5")
     assert r.returncode == 3, r.stderr
     r = keytrace("watch", "--json", "--", bins["reload_host"], bins["libleaky"], "5")

@@ -220,17 +220,21 @@ def test_a_healthy_process_is_not_leaking(keymaker, bins):
 
 def test_history_dates_a_leak_the_table_cannot_show():
     # A per-request leak makes keys without destructor: the table shows nothing to group by.
-    # A saved ledger measured 20 keys a second for its executable: that dates it.
+    # A saved ledger measured 20 keys a second for this very process: that dates it. Another
+    # process of the same executable is judged on its own table.
     from tracer.analysis.scan import COLUMNS, judge
     base = {c: None for c in COLUMNS}
     rows = pd.DataFrame([
         {**base, "pid": 1, "exe": "/srv/app", "status": "ok", "keys_in_use": 273, "limit": 1024,
          "orphaned_keys": 0, "same_destructor_keys": 0, "destructors": {}},
         {**base, "pid": 2, "exe": "/srv/reloader", "status": "ok", "keys_in_use": 5,
-         "limit": 1024, "orphaned_keys": 5, "same_destructor_keys": 5, "destructors": {"x": 5}}],
+         "limit": 1024, "orphaned_keys": 5, "same_destructor_keys": 5, "destructors": {"x": 5}},
+        {**base, "pid": 3, "exe": "/srv/app", "status": "ok", "keys_in_use": 3, "limit": 1024,
+         "orphaned_keys": 0, "same_destructor_keys": 0, "destructors": {}}],
         columns=COLUMNS)
-    df = judge(rows, keys_per_second={"/srv/app": 20.0}).set_index("pid")
-    app, reloader = df.loc[1], df.loc[2]
+    df = judge(rows, keys_per_second={1: 20.0}).set_index("pid")
+    app, reloader, sibling = df.loc[1], df.loc[2], df.loc[3]
+    assert not sibling.leaking and pd.isna(sibling.days_left)
     assert app.leaking and app.keys_per_day == 20 * 86_400
     assert app.days_left * 86_400 == pytest.approx((1024 - 273) / 20)
     assert "keeps making keys: 20 keys/s measured in the ledger" in app.reason

@@ -184,7 +184,7 @@ def test_a_failed_start_leaves_nothing_attached_and_no_process(bins, monkeypatch
         finally:
             attached.append(t._probes.attached)
     t._attach_targets = spy
-    with pytest.raises(KeytraceError, match="cannot probe pthread_key_create in /nonexistent/libc.so.6: cannot read"):
+    with pytest.raises(KeytraceError, match="cannot open /nonexistent/libc.so.6: No such file"):
         t.start()
     assert attached and attached[0] > 0, "the real libc's probes were attached first"
     assert uprobes_attached_by(os.getpid()) == []

@@ -31,7 +31,7 @@ from .errors import KeytraceError, UsageError
 from .host import patterns as pat
 from .host import planner, proc
 from .host import prototypes as protos
-from .session import Launched, drain_failure, end_command, gate_execs, spawn_gated
+from .session import Launched, drain_failure, end_command, gate_execs, open_gate, spawn_gated
 
 LIFECYCLE_PAGES = 64  # fork/exec/exit records only: 256 KiB
 
@@ -140,7 +140,7 @@ class CallTracer:
                                              wire.boot_to_wall_offset_ns(),
                                              self._stack if self.stacks else None)
             if gate is not None:
-                os.write(gate, b"go\n")
+                open_gate(gate)
         except BaseException:
             self.stop()
             raise

@@ -50,28 +50,11 @@ def _gate_script() -> str:
 
 
 class Launched:
-    """The launched command: a child process we wait for (Popen's interface, the parts used).
-    It runs in a process group of its own (a server such as Apache run in the foreground signals
-    its whole group when it shuts down: keytrace must not be in it), which is given the
-    terminal while it runs when keytrace had it (tty: the terminal's fd, to hand back)."""
+    """The launched command: a child process we wait for (Popen's interface, the parts used)."""
 
-    def __init__(self, pid: int, tty: Optional[int] = None):
+    def __init__(self, pid: int):
         self.pid = pid
         self.returncode: Optional[int] = None
-        self.tty = tty
-
-    def release_terminal(self) -> None:
-        """Take the terminal back for keytrace's own process group."""
-        if self.tty is None:
-            return
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})  # we are in the background
-        try:
-            os.tcsetpgrp(self.tty, os.getpgrp())
-        except OSError:
-            pass
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-            self.tty = None
 
     def poll(self) -> Optional[int]:
         if self.returncode is None:
@@ -113,23 +96,31 @@ def spawn_gated(argv: Sequence[str], stdout_to_stderr: bool = False) -> tuple:
         # posix_spawn puts the gate's read end on fd 3 and nothing else of ours is inherited.
         actions = [(os.POSIX_SPAWN_DUP2, r, 3)] + ([(os.POSIX_SPAWN_DUP2, 2, 1)]
                                                    if stdout_to_stderr else [])
+        # A process group of its own, unless keytrace runs in the foreground of a terminal (the
+        # shell made its job a group of its own; the command keeps reading the terminal and
+        # getting Ctrl-C and Ctrl-Z with keytrace). A server run in the foreground, such as
+        # Apache, signals its whole group when it stops: never a CI script's or a test runner's.
+        own = {} if _foreground() else {"setpgroup": 0}
         pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _gate_script(), "keytrace-gate", path, *argv[1:]],
-                             os.environ, file_actions=actions, setpgroup=0)
+                             os.environ, file_actions=actions, **own)
     finally:
         os.close(r)
-    return Launched(pid, _give_terminal(pid)), w
+    return Launched(pid), w
 
 
-def _give_terminal(pgid: int) -> Optional[int]:
-    """Make the command's group the terminal's foreground group when keytrace's group is (so it
-    reads the terminal and gets Ctrl-C as it would without keytrace); the terminal's fd, or None."""
+def _foreground() -> bool:
     try:
-        if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
-            os.tcsetpgrp(0, pgid)
-            return 0
+        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
     except OSError:
-        pass
-    return None
+        return False
+
+
+def open_gate(gate: int) -> None:
+    """Let a gated command run; KeytraceError when it is gone already (killed while waiting)."""
+    try:
+        os.write(gate, b"go\n")
+    except BrokenPipeError:
+        raise KeytraceError("the command ended before it could start (was it killed?)") from None
 
 
 def end_command(p: Optional[Launched], program: Optional[Program] = None,
@@ -139,13 +130,7 @@ def end_command(p: Optional[Launched], program: Optional[Program] = None,
     group go too. SIGTERM first, SIGKILL to what is left after grace seconds."""
     if p is None:
         return
-    try:
-        _end_tree(p, program, grace)
-    finally:
-        p.release_terminal()
 
-
-def _end_tree(p: Launched, program: Optional[Program], grace: float) -> None:
     def left() -> set:
         pids = set()
         if program is not None and program.bpf is not None:
@@ -271,7 +256,7 @@ class KeyTracer:
             if self.process is not None:
                 self._probes.launch(self.process.pid)
             if gate_w is not None:
-                os.write(gate_w, b"go\n")
+                open_gate(gate_w)
         except BaseException:
             self.stop()
             raise
@@ -583,8 +568,10 @@ class KeyTracer:
         forked = set(batch["other"][ops == wire.CODE["fork"]].tolist())
         creating = (ops == wire.CODE["create"]) | (ops == wire.CODE["create_failed"])
         out = []
-        for pid in np.unique(pids).tolist():
-            mine = np.flatnonzero(pids == pid)
+        order = np.argsort(pids, kind="stable")  # each pid's records, in arrival order
+        bounds = np.flatnonzero(np.diff(pids[order])) + 1
+        for mine in np.split(order, bounds):
+            pid = int(pids[mine[0]])
             first = int(mine[0])
             comm = batch["comm"][first].decode("utf-8", "replace")
             execs = mine[ops[mine] == wire.CODE["exec"]]
@@ -607,7 +594,7 @@ class KeyTracer:
                 units.watch_unmaps(self._probes, pid, [base for _, base in mods])
                 out.append((at, Tracker.fact_records(pid, int(ts[at]) - 1, comm, modules=mods)))
             # A new process on the same pid after an exit needs a new snapshot.
-            if (ops[mine] == wire.CODE["exit"]).any() or (len(execs) and not len(makes)):
+            if (ops[mine] == wire.CODE["exit"]).any():
                 self._snapshotted.discard(pid)
         return sorted(out, key=lambda item: item[0])
 

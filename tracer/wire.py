@@ -124,8 +124,12 @@ def call_record(strsize: int) -> np.dtype:
     ])
 
 
+@functools.lru_cache(maxsize=1)
 def boot_to_wall_offset_ns() -> int:
-    """Add to a CLOCK_BOOTTIME reading (bpf_ktime_get_boot_ns) to get Unix time in ns."""
+    """Add to a CLOCK_BOOTTIME reading (bpf_ktime_get_boot_ns, /proc/PID/stat's start) to get
+    Unix time in ns. Read once per process: every time keytrace derives from the boot clock
+    (records, process starts) uses the same offset, so a process's start read twice is the same
+    number even when the wall clock stepped in between (NTP at boot, a VM resumed)."""
     return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .. import wire
 from ..analysis import forecast as fc
 from ..analysis import verdicts
 from ..analysis.attribution import UNKNOWN, Attribution
@@ -115,7 +116,7 @@ class Agent:
         for r in sorted(alive, key=lambda r: (not r["leaking"], -r["live_keys"])):
             if len(rows) == self.max_processes:
                 break
-            if not running(r["pid"], r["start"]):  # gone, though its exit record was lost
+            if not running(r["pid"], r["start"] - wire.boot_to_wall_offset_ns()):  # exit lost
                 continue
             r = dict(r, container=proc.container(r["pid"]))
             self._recall(r, now)
@@ -253,13 +254,15 @@ class Collector:
         yield info
 
 
-def running(pid: int, start: int) -> bool:
-    """Is the process (pid, start) still running? Its exit record may have been lost."""
+def running(pid: int, boot_start: int) -> bool:
+    """Is the process (pid, its start on the boot clock) still running? Its exit record may have
+    been lost. Compared on the boot clock: a wall-clock step (NTP at boot, a VM resumed) must
+    not end every series."""
     try:
-        st = proc.stat(pid)
+        started = proc.boot_start_ns(pid)
     except (OSError, IndexError, ValueError):
         return False
-    return st.state != "Z" and abs(st.start_ns - start) < SAME_START_NS
+    return proc.alive(pid) and abs(started - boot_start) < SAME_START_NS
 
 
 def registry(agent: Agent) -> CollectorRegistry:

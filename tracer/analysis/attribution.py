@@ -67,14 +67,20 @@ def _modrm_size(b: bytes) -> int:
 _RETURN_SITES = FileCache(lambda path: {})  # per file identity: vaddr -> is it a return site
 
 
-def is_return_site(path: str, vaddr: int) -> bool:
-    """Is vaddr, in the ELF file at path, just after a call instruction?"""
-    answers = _RETURN_SITES.get(path)[1]
+def is_return_site(path: str, vaddr: int, answers: Optional[dict] = None) -> bool:
+    """Is vaddr, in the ELF file at path, just after a call instruction? answers: the file's
+    answers so far (from return_sites(path)), when the caller keeps them."""
+    answers = return_sites(path) if answers is None else answers
     if answers is None:
         return False
     if vaddr not in answers:
         answers[vaddr] = ends_in_call(read_vaddr(path, vaddr - 7, 7))
     return answers[vaddr]
+
+
+def return_sites(path: str) -> Optional[dict]:
+    """The answers kept for a file (one dict per file identity; None: unreadable)."""
+    return _RETURN_SITES.get(path)[1]
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,7 @@ class Resolver:
         self.root = root if pid is not None and os.path.exists(root) else ""
         self._infos: dict = {}   # file or path -> (ElfInfo, the path it was read from)
         self._stacks: dict = {}  # id(site) -> its frames
+        self._returns: dict = {}  # path -> {vaddr: is it a return site}
         self._by_load: dict = defaultdict(list)
         # Reloads make many instances of few (path, base) pairs: ranges are checked per pair.
         self._groups: dict = defaultdict(list)
@@ -185,7 +192,12 @@ class Resolver:
     def returns_to(self, m: Module, addr: int) -> bool:
         """Is addr a plausible return address in m: just after a call in its file?"""
         path = self._open(m)[1]
-        return path is not None and is_return_site(path, addr - m.base)
+        if path is None:
+            return False
+        if path not in self._returns:  # the file's answers, found once per resolver (no stat
+            self._returns[path] = return_sites(path)  # per frame)
+        answers = self._returns[path]
+        return answers is not None and is_return_site(path, addr - m.base, answers)
 
     def creator(self, site: Site) -> Optional[Module]:
         """The module that made the site's keys: the innermost frame outside libc and ld.so,
@@ -262,7 +274,13 @@ class Attribution:
             return f"destructor {self.resolver.frame(site.destructor, site.first, 0)}"
         if self.without_elf:
             return site.stack or f"{site.caller:#x}"
-        return " <- ".join(str(f) for f in self.resolver.stack(site))
+        path = " <- ".join(str(f) for f in self.resolver.stack(site))
+        # Code without frame pointers cuts the path at its caller: a wrapper that makes keys
+        # for many callers (GLib's g_private, OpenSSL's CRYPTO_THREAD_init_local) would read as
+        # one path; their keys' destructors tell them apart.
+        if site.destructor:
+            path += f" (destructor {self.resolver.frame(site.destructor, site.first, site.load)})"
+        return path
 
     def occasions(self) -> dict:
         """Per code path, the occasions on which it made its own keys that are live now, in

@@ -108,14 +108,16 @@ def judge(df: pd.DataFrame, reloads_per_day: Optional[float] = None,
 
     With reloads_per_day, each process leaking by its table leaks per reload what
     leak_per_reload (measured in a saved ledger) says for its executable, else default_leak.
-    keys_per_second (measured in a saved ledger) maps an executable to the keys a second a code
-    path of it keeps making outside reloads: such a process leaks whatever its table shows, and
-    gets a date from that rate. Rates not known are null, never 0.
+    keys_per_second (measured in a saved ledger) maps a pid to the keys a second a code path of
+    that very process kept making outside reloads (the caller checks it is the same process, not
+    a later one on the pid): it leaks whatever its table shows, and gets a date from that rate.
+    Another process of the same executable is judged on its own table: a leaking script must not
+    flag every python3 on the host. Rates not known are null, never 0.
     """
     now = pd.Timestamp.now(tz="UTC") if now is None else now
     ok = df["status"] == OK
-    steady = [(keys_per_second or {}).get(exe) if good else None
-              for exe, good in zip(df["exe"], ok)]
+    steady = [(keys_per_second or {}).get(pid) if good else None
+              for pid, good in zip(df["pid"], ok)]
     by_table = ok & is_leaking(False, df["orphaned_keys"].fillna(0),
                                df["same_destructor_keys"].fillna(0))
     df["leaking"] = by_table | pd.Series([bool(x) for x in steady], index=df.index, dtype=bool)

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import KeytraceError
+from ..host.elf import CACHE_DIR as CACHE
 
-CACHE = Path(os.environ.get("KEYTRACE_CACHE", "/var/cache/keytrace"))
 SRC = Path("/usr/src")
 INSTALL_HINT = "apt-get install linux-headers-amd64   (Debian; other distributions: their kernel headers package)"
 

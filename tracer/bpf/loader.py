@@ -135,6 +135,34 @@ class UnsafeSite(KeytraceError):
     """A probe site that the policy does not allow, or a function with no safe site."""
 
 
+class _Held:
+    """A file held open while probes are checked and attached by its path: the bytes checked
+    are the held file's, and the path must still name that file once the probes are on (a
+    package upgrade replacing it in between would put probes on bytes nobody checked)."""
+
+    def __init__(self, path: str):
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise KeytraceError(f"cannot open {path}: {e.strerror}") from None
+        st = os.fstat(self.fd)
+        self.ident, self.name = (st.st_dev, st.st_ino), path
+        self.path = f"/proc/self/fd/{self.fd}"
+
+    def still(self) -> None:
+        try:
+            st = os.stat(self.name)
+        except OSError as e:
+            raise KeytraceError(f"{self.name} went away while probes were attached to it: "
+                                f"{e.strerror}") from None
+        if (st.st_dev, st.st_ino) != self.ident:
+            raise KeytraceError(f"{self.name} was replaced while probes were attached to it "
+                                "(a package upgrade?): not probed; run keytrace again")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 MADV_PAGEOUT = 21  # linux 5.4: reclaim these pages now; contents kept (file pages re-read)
 
 
@@ -211,9 +239,10 @@ class Program:
             self._policy = stepcheck.policy()
         return self._policy
 
-    def _guard(self, path: str, address: int) -> None:
-        """No probe goes on an instruction the policy does not allow: never silently."""
-        why = self.policy(read_vaddr(path, address, 15))
+    def _guard(self, path: str, address: int, held: str = "") -> None:
+        """No probe goes on an instruction the policy does not allow: never silently. held:
+        the file as opened for this attach (/proc/self/fd/N), read instead of path."""
+        why = self.policy(read_vaddr(held or path, address, 15))
         if why is not None:
             raise UnsafeSite(f"no probe at {path}:{address:#x}: {why}")
 
@@ -264,11 +293,12 @@ class Program:
             return 0
         plan = plan or {}
         done: list = []
+        held = _Held(path)
         try:
             for function, p in plan.items():
-                _check_bytes(path, p)
+                _check_bytes(held.path, p)
                 for site, name in self.sites[(p.build_id, function)]:
-                    self._guard(path, site.address)
+                    self._guard(path, site.address, held.path)
                     self.bpf.attach_uprobe(name=path.encode(), addr=site.address, fn_name=name.encode())
                     done.append((site.address, False))
             for unit in self.units:
@@ -277,28 +307,31 @@ class Program:
                     entry, ret = (swap.get(n, n) if n else n for n in names)
                     if func not in addresses or func in plan:
                         continue
-                    addr = self.entry_site(path, addresses[func], func)
+                    addr = self.entry_site(path, addresses[func], func, held.path)
                     self.bpf.attach_uprobe(name=path.encode(), addr=addr, fn_name=entry.encode())
                     done.append((addr, False))
                     if ret:
                         self.bpf.attach_uretprobe(name=path.encode(), addr=addr,
                                                   fn_name=ret.encode())
                         done.append((addr, True))
+            held.still()
         except Exception as e:
             self._detach_all(path, done)
             if isinstance(e, KeytraceError):
                 raise
             raise KeytraceError(f"attaching to {path} failed: {e}") from None
+        finally:
+            held.close()
         self.files[path] = done
         self.attached += len(done)
         return len(done)
 
-    def entry_site(self, path: str, address: int, function: str) -> int:
+    def entry_site(self, path: str, address: int, function: str, held: str = "") -> int:
         """Where an entry (and return) probe of a function goes: its entry, or the first later
         instruction that is safe to probe and sees the same arguments (planner.entry_site).
         KeytraceError when there is none."""
         try:
-            site = planner.entry_site(path, address, function, self.policy)
+            site = planner.entry_site(held or path, address, function, self.policy)
         except planner.Refused as e:
             raise UnsafeSite(f"cannot probe {function} in {path}: {e}") from None
         if site.address != address:
@@ -310,17 +343,21 @@ class Program:
         file may be given more probes by later calls. Returns how many; a failure detaches what
         this call attached."""
         done: list = []
+        held = _Held(path)
         try:
             for addr, name, is_return in probes:
-                self._guard(path, addr)
+                self._guard(path, addr, held.path)
                 attach = self.bpf.attach_uretprobe if is_return else self.bpf.attach_uprobe
                 attach(name=path.encode(), addr=addr, fn_name=name.encode())
                 done.append((addr, is_return))
+            held.still()
         except Exception as e:
             self._detach_all(path, done)
             if isinstance(e, KeytraceError):
                 raise
             raise KeytraceError(f"attaching to {path} failed: {e}") from None
+        finally:
+            held.close()
         self.files.setdefault(path, []).extend(done)
         self.attached += len(done)
         return len(done)

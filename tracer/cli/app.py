@@ -284,6 +284,21 @@ def demo(
         raise fail(str(e))
 
 
+def same_processes(rows: pd.DataFrame) -> dict:
+    """{pid: keys a second} of the ledger's processes that still run as the same process (same
+    start), to be dated by what the ledger measured of them."""
+    from ..host import proc
+    out = {}
+    for r in rows.itertuples():
+        try:
+            start = proc.stat(int(r.pid)).start_ns
+        except (OSError, IndexError, ValueError):
+            continue
+        if abs(start - r.start.value) < 10**9:  # one second: the start as two reads give it
+            out[int(r.pid)] = float(r.keys_per_second)
+    return out
+
+
 def scan_table(df: pd.DataFrame, show_all: bool) -> Table:
     t = Table(title="pthread key tables (keytrace scan)", title_justify="left")
     for name, just in [("PID", "right"), ("COMM", "left"), ("KEYS", "right"), ("LIMIT", "right"),
@@ -336,9 +351,9 @@ def scan(
     leak_per_reload: float = typer.Option(1.0, "--leak-per-reload", min=0, help="Keys a reload "
                                           "leaves, for processes with orphaned keys."),
     ledger: Optional[Path] = typer.Option(None, "--ledger", help="A saved watch ledger: what "
-                                          "it measured per executable (keys per reload, keys a "
-                                          "second of a leak not tied to reloads) dates the "
-                                          "processes scanned now."),
+                                          "it measured (keys per reload, per executable; keys a "
+                                          "second of a leak not tied to reloads, per process "
+                                          "still running) dates the processes scanned now."),
     show_all: bool = typer.Option(False, "--all", help="List kernel threads in the table too."),
 ):
     """Read the live pthread key table of every process (or the given ones) through
@@ -364,8 +379,7 @@ def scan(
         if ledger is not None:  # what the history measured, per executable
             s = Ledger.from_file(ledger).summary()
             rates = s[s["leak_per_reload"] > 0].groupby("exe")["leak_per_reload"].max().to_dict()
-            steady = (s[s["leaking"] & s["keys_per_second"].notna()]
-                      .groupby("exe")["keys_per_second"].max().to_dict())
+            steady = same_processes(s[s["leaking"] & s["keys_per_second"].notna()])
         if err.is_terminal and not pid:
             from rich.progress import Progress
             n = len(proc.pids())

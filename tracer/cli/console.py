@@ -23,7 +23,7 @@ def command_status(returncode, why: str) -> int:
     """What keytrace exits with for a launched command: its own status when it ended by itself
     and failed (128 + N when signal N killed it, as a shell says), else 0. A command keytrace
     ended (--duration, Ctrl-C, SIGTERM) gives keytrace's own status instead; so does one that
-    Ctrl-C ended (the terminal's foreground group is the command's while it runs)."""
+    Ctrl-C ended (on a terminal, it shares keytrace's process group and gets the SIGINT too)."""
     if why != "exited" or not returncode or returncode == -signal.SIGINT:
         return 0
     return 128 - returncode if returncode < 0 else returncode

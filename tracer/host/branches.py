@@ -13,15 +13,30 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsError
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from .elf import FileCache, _tables, build_id
+from .elf import CACHE_DIR, FileCache, _tables, build_id
 
-CACHE_DIR = Path(os.environ.get("KEYTRACE_CACHE", "/var/cache/keytrace"))
 SYMBOL = -1  # the source of an entry that is a symbol, not a branch
+FORMAT = 2   # of the files cached on disk
 _SHF_EXECINSTR = 0x4
+_PF_X = 0x1
+# Mnemonics whose immediate operand is a branch target (capstone's light mode spells a
+# prefixed one "bnd jmp", "notrack call"): jmp, jcc, call, loop*, jrcxz, xbegin.
+_BRANCHES = ("j", "call", "loop", "xbegin")
+
+
+def _code_ranges(elf: ELFFile) -> list:
+    """(bytes, vaddr) of the executable sections, or of the executable PT_LOAD segments when
+    the file has no section headers (a stripped-to-the-bone file still has those)."""
+    secs = [(sec.data(), sec["sh_addr"]) for sec in elf.iter_sections()
+            if sec["sh_flags"] & _SHF_EXECINSTR and sec["sh_type"] == "SHT_PROGBITS"]
+    if secs:
+        return secs
+    return [(seg.data(), seg["p_vaddr"]) for seg in elf.iter_segments()
+            if seg["p_type"] == "PT_LOAD" and seg["p_flags"] & _PF_X]
 
 
 def _decode(path: str) -> np.ndarray:
@@ -31,15 +46,12 @@ def _decode(path: str) -> np.ndarray:
     with open(path, "rb") as fh:
         elf = ELFFile(fh)
         md = Cs(CS_ARCH_X86, CS_MODE_64)
-        for sec in elf.iter_sections():
-            if not sec["sh_flags"] & _SHF_EXECINSTR or sec["sh_type"] != "SHT_PROGBITS":
-                continue
-            data, base = sec.data(), sec["sh_addr"]
-            at = 0
+        for data, base in _code_ranges(elf):
+            view, at = memoryview(data), 0
             while at < len(data):  # a byte that does not decode ends a run: skip it, go on
-                for addr, size, mnemonic, op in md.disasm_lite(data[at:], base + at):
+                for addr, size, mnemonic, op in md.disasm_lite(view[at:], base + at):
                     at = addr + size - base
-                    if (mnemonic[0] == "j" or mnemonic.startswith("call")) and op[:2] == "0x":
+                    if op[:2] == "0x" and mnemonic.split()[-1].startswith(_BRANCHES):
                         pairs.append((int(op, 16), addr))
                 else:
                     at += 1
@@ -51,9 +63,16 @@ def _decode(path: str) -> np.ndarray:
     return out[np.argsort(out[:, 0], kind="stable")]
 
 
+DISK_MIN = 256 * 1024  # bytes of file below which decoding is quicker than keeping it on disk
+
+
 def _load(path: str) -> Optional[np.ndarray]:
     bid = build_id(path)
-    cache = CACHE_DIR / f"branches-{bid}.npy" if bid else None
+    try:
+        big = os.path.getsize(path) >= DISK_MIN
+    except OSError:
+        return None
+    cache = CACHE_DIR / f"branches-{FORMAT}-{bid}.npy" if bid and big else None
     if cache is not None:
         try:
             return np.load(cache)
@@ -61,7 +80,7 @@ def _load(path: str) -> Optional[np.ndarray]:
             pass
     try:
         pairs = _decode(path)
-    except (ELFError, ValueError):
+    except (ELFError, ValueError, CsError):
         return None
     if cache is not None:
         try:
@@ -82,14 +101,14 @@ def entries(path: str) -> Optional[np.ndarray]:
     return _ENTRIES.get(path)[1]
 
 
-def entering(path: str, lo: int, hi: int, inside: Optional[tuple] = None) -> list:
+def entering(path: str, lo: int, hi: int, inside: Optional[tuple] = None) -> Optional[list]:
     """The (target, source) entries with lo < target <= hi, except branches whose source lies
     in inside = (start, end) (a function's own branches, which its own analysis covers).
-    Source SYMBOL: a function symbol starts there. [] when the file cannot be read: the
-    caller then has no proof and must not assume there is none (see sole_entry)."""
+    Source SYMBOL: a function symbol starts there. None when the file could not be read or
+    decoded: no proof either way, and callers must not take it for "none"."""
     pairs = entries(path)
     if pairs is None:
-        return []
+        return None
     a, b = np.searchsorted(pairs[:, 0], [lo + 1, hi + 1])
     found = pairs[a:b]
     if inside is not None:

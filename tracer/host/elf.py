@@ -16,6 +16,9 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
 DEBUG_ROOT = Path(os.environ.get("KEYTRACE_DEBUG_ROOT", "/usr/lib/debug"))
+# keytrace's cache of what it worked out about this host (kernel headers, decoded files, the
+# single-step check): one place, for every module that keeps something.
+CACHE_DIR = Path(os.environ.get("KEYTRACE_CACHE", "/var/cache/keytrace"))
 PAGE = 4096
 
 

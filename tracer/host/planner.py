@@ -27,7 +27,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from . import branches, isa
-from .elf import defined_symbols, got_slot
+from .elf import build_id, defined_symbols, got_slot
 
 FUNCTIONS = ("pthread_key_create", "pthread_key_delete")
 
@@ -99,23 +99,12 @@ def _read(path: str, function: str) -> tuple:
         with open(path, "rb") as fh:
             elf = ELFFile(fh)
             sym = defined_symbols(elf, [function], kinds=("STT_FUNC",)).get(function)
-            build_id = _build_id(elf)
     except (OSError, ELFError, ValueError) as e:
         raise Refused(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if sym is None:
         raise Refused(f"{path} does not define {function}")
     address = sym["st_value"]
-    return address, _code(path, address, sym["st_size"]), build_id
-
-
-def _build_id(elf: ELFFile) -> str:
-    for sec in elf.iter_sections():
-        if sec["sh_type"] == "SHT_NOTE":
-            for note in sec.iter_notes():
-                if note["n_type"] == "NT_GNU_BUILD_ID":
-                    d = note["n_desc"]
-                    return d.hex() if isinstance(d, bytes) else d
-    return ""
+    return address, _code(path, address, sym["st_size"]), build_id(path)
 
 
 # ---- the control-flow graph ------------------------------------------------------------------
@@ -464,8 +453,11 @@ def _analyse(fn: _Function, kind: str) -> list:
 def _no_other_entry(path: str, fn: _Function, sites: tuple) -> None:
     """The proof covers the ways in from the function's top: no jump or call from elsewhere in
     the file, and no other symbol, may land where a site can be reached from."""
-    for target, source in branches.entering(path, fn.address, fn.end - 1,
-                                            inside=(fn.address, fn.end)):
+    found = branches.entering(path, fn.address, fn.end - 1, inside=(fn.address, fn.end))
+    if found is None:
+        raise Refused(f"{fn.name}: the rest of {path} could not be decoded: no proof that "
+                      "nothing else enters it")
+    for target, source in found:
         b = fn.block_of.get(target)
         if b is None or any(fn.block_of[s.address] in fn.reach_from(b) for s in sites):
             raise Refused(f"{fn.name}: " + branches.describe((target, source), fn.name,
@@ -584,21 +576,22 @@ def plan_function(path: str, function: str, kind: Optional[str] = None) -> Plan:
 
 def _plan_or_reason(path: str, function: str, kind: str):
     """A Plan, or the reason there is none; shared by every file of the same build id."""
+    bid = ""
     try:
-        address, code, build_id = _read(path, function)
-        by_build = (build_id, function, kind)
-        if build_id and by_build in _CACHE:
+        address, code, bid = _read(path, function)
+        by_build = (bid, function, kind)
+        if bid and by_build in _CACHE:
             return _CACHE[by_build]
         fn = _Function(function, address, code)
         sites = tuple(_analyse(fn, kind))
         _no_other_entry(path, fn, sites)
-        result = Plan(path, function, address, len(code), build_id, sites,
+        result = Plan(path, function, address, len(code), bid, sites,
                       got_slot(path, "_rtld_global") if kind == "create" else 0)
     except Refused as e:
         return str(e)
     except CsError as e:          # capstone cannot give an instruction's details
         return f"{function}: capstone: {e}"
-    if build_id:
+    if bid:
         _CACHE[by_build] = result
     return result
 
@@ -647,6 +640,9 @@ def _ends_block(insn) -> bool:
 
 def _only_entry(path: str, name: str, address: int, site: int) -> None:
     hits = branches.entering(path, address, site)
+    if hits is None:
+        raise Refused(f"{name}: {path} could not be decoded: no proof that nothing else enters "
+                      f"it before +{site - address:#x}")
     if hits:
         raise Refused(f"{name}: {branches.describe(hits[0], name, address)}, at or before "
                       f"the site at +{site - address:#x}")

@@ -4,10 +4,10 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import time
 from dataclasses import dataclass
 from typing import Optional
 
+from ..wire import boot_to_wall_offset_ns
 from .elf import elf_info
 
 PF_KTHREAD = 0x00200000
@@ -27,9 +27,11 @@ class Stat:
         return bool(self.flags & PF_KTHREAD)
 
 
-def _boot_ns() -> int:
-    # /proc/PID/stat's starttime counts boot-time clock ticks (suspend included).
-    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+def boot_start_ns(pid: int) -> int:
+    """When the process started on the boot clock (CLOCK_BOOTTIME), which no wall-clock step
+    moves. Raises OSError (gone) or ValueError."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rpartition(")")[2].split()[19]) * 10**9 // _TICKS
 
 
 def stat(pid: int) -> Stat:
@@ -39,7 +41,8 @@ def stat(pid: int) -> Stat:
     head, _, rest = text.rpartition(")")
     f = rest.split()
     return Stat(comm=head.split("(", 1)[1], state=f[0], ppid=int(f[1]), flags=int(f[6]),
-                start_ns=_boot_ns() + int(f[19]) * 10**9 // _TICKS)
+                # starttime counts boot-clock ticks (suspend included)
+                start_ns=boot_to_wall_offset_ns() + int(f[19]) * 10**9 // _TICKS)
 
 
 def exe(pid: int) -> Optional[str]:
