@@ -398,6 +398,9 @@ def _target(lib: _Library, table: _Functions, pos: int, asked: Optional[str] = N
     impl = table.addresses.index(found) if found in table.addresses else None
     size = table.sizes[impl] if impl is not None else 0
     what = table.display[impl] if impl is not None else f"{found:#x}"
+    others = [n for p, n in _choices(lib, table).get(found, ()) if p != pos]
+    if others:  # one implementation serves several IFUNCs (memcpy, memmove): its row says so
+        name = "|".join([name] + others)
     info = elf_info(lib.path)
     if info is not None and not info.lo <= found < info.hi:
         # time, gettimeofday: the resolver hands out the vDSO's function, kernel-provided code
@@ -425,15 +428,32 @@ def _implementation(lib: _Library, name: str) -> Optional[int]:
     return None
 
 
+_CHOICES: dict = {}  # library identity -> {implementation: [(position, name) of its IFUNCs]}
+
+
+def _choices(lib: _Library, table: _Functions) -> dict:
+    """Which implementation each IFUNC of the library chose here, by implementation."""
+    if lib.ident not in _CHOICES:
+        out: dict = {}
+        for pos, address in enumerate(table.addresses):
+            if address in table.ifuncs:
+                found = _implementation(lib, table.display[pos])
+                if found is not None:
+                    out.setdefault(found, []).append((pos, table.display[pos]))
+        _CHOICES[lib.ident] = out
+    return _CHOICES[lib.ident]
+
+
 def _one_per_address(targets: list) -> list:
-    """IFUNCs may choose one implementation (memcpy and memmove): probed once, named by both."""
+    """IFUNCs may choose one implementation (memcpy and memmove): probed once, named by all."""
     by: dict = {}
     for t in targets:
         key = (_identity(t.path), t.address)
         if key in by:
             first = by[key]
-            by[key] = Target(first.path, first.name, first.library, f"{first.function}|{t.function}",
-                             first.address, first.size, first.ifunc)
+            names = list(dict.fromkeys(first.function.split("|") + t.function.split("|")))
+            by[key] = Target(first.path, first.name, first.library, "|".join(names),
+                             first.address, first.size, first.ifunc, first.unprobeable)
         else:
             by[key] = t
     return list(by.values())
