@@ -12,7 +12,7 @@ LAYERS = [
     ["tracer.store"],
     ["tracer.state"],
     ["tracer.analysis"],
-    ["tracer.session", "tracer.calls", "tracer.workloads"],
+    ["tracer.launch", "tracer.tracing", "tracer.session", "tracer.calls", "tracer.workloads"],
     ["tracer.agent"],
     ["tracer.cli", "tracer.jupyter"],
 ]

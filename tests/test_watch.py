@@ -11,7 +11,8 @@ import pytest
 from conftest import json_rows, keytrace, uprobes_attached_by
 from tracer.errors import KeytraceError
 from tracer.host import libc, proc
-from tracer.session import KeyTracer, _gate_script
+from tracer.launch import _gate_script
+from tracer.session import KeyTracer
 
 pytestmark = pytest.mark.usefixtures("bpf")
 
@@ -182,7 +183,7 @@ def test_a_failed_start_leaves_nothing_attached_and_no_process(bins, monkeypatch
         try:
             original(*args)
         finally:
-            attached.append(t._probes.attached)
+            attached.append(t._program.attached)
     t._attach_targets = spy
     with pytest.raises(KeytraceError, match="cannot open /nonexistent/libc.so.6: No such file"):
         t.start()

@@ -13,11 +13,6 @@ DWARF (tracer.host.prototypes), and probed in one of three modes:
 """
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import threading
-import time
 from typing import Callable, Iterable, Optional, Sequence
 
 import pandas as pd
@@ -25,13 +20,13 @@ import pandas as pd
 from . import wire
 from .analysis import calls as report
 from .bpf import calls as kc
-from .bpf import doctor, stepcheck, units
+from .bpf import stepcheck, units
 from .bpf.loader import DEFAULT_RING_PAGES, Program
 from .errors import KeytraceError, UsageError
 from .host import patterns as pat
-from .host import planner, proc
+from .host import planner
 from .host import prototypes as protos
-from .session import Launched, drain_failure, end_command, gate_execs, open_gate, spawn_gated
+from .tracing import Tracing, check_sites
 
 LIFECYCLE_PAGES = 64  # fork/exec/exit records only: 256 KiB
 
@@ -42,7 +37,7 @@ def prototype(t: pat.Target) -> Optional[protos.Prototype]:
     return protos.lookup(name) or protos.dwarf_prototype(t.path, name)
 
 
-class CallTracer:
+class CallTracer(Tracing):
     """Trace or count library calls. patterns: [LIB:]FUNC globs and !FUNC exclusions; pids or
     command (argv) as KeyTracer takes them, neither: the whole host. count: kernel counters
     only (-c); timing: durations (-T); stacks: user stacks (--stack). on_call(call) gets each
@@ -58,98 +53,61 @@ class CallTracer:
                  on_note: Optional[Callable[[str], None]] = None, quiet_stdout: bool = False,
                  on_progress: Optional[Callable[[int, int], None]] = None):
         if strsize < 0:
-            raise KeytraceError(f"-s takes a size of 0 or more, not {strsize}")
-        if sites not in ("planned", "entry"):
-            raise KeytraceError(f"sites is planned or entry, not {sites!r}")
+            raise UsageError(f"-s takes a size of 0 or more, not {strsize}")
+        super().__init__(pids, command, interval, on_note, quiet_stdout)
         self.patterns = list(patterns)
-        self.pids = None if pids is None else sorted({int(p) for p in pids})
-        self.command = list(command) if command else None
         self.mode = ("time" if timing else "count") if count else "trace"
         self.timing, self.stacks, self.strsize = timing, stacks, strsize
-        self.sites, self.limit, self.keep = sites, limit, keep
-        self.on_call, self.on_note = on_call, on_note
-        self.interval, self.ring_pages = interval, ring_pages
-        self.quiet_stdout = quiet_stdout  # the command's stdout to our stderr (JSON on ours)
+        self.sites, self.limit, self.keep = check_sites(sites), limit, keep
+        self.on_call = on_call
+        self.ring_pages = ring_pages
         self.on_progress = on_progress    # (functions attached, of how many) while attaching
         self.targets: list = []
         self.skipped: dict = {}     # "library!function" -> why no probe could go on it
         self.functions: list = []
         self.placement: dict = {}   # function index -> "planned +0x4" or why the entry
-        self.notes: list = []
         self.calls: list = []
-        self.process: Optional[Launched] = None
         self.lost = 0
-        self._program: Optional[Program] = None
+        self._resolved: list = []
         self._policy = None
         self._sites: list = []
         self._dropped: set = set()  # functions whose probes failed to attach: not in the tables
         self._reader = None
         self._pairer: Optional[report.Pairer] = None
         self._final: Optional[tuple] = None  # (stats, histograms, stack counts) read at stop
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
 
-    # -- life cycle ---------------------------------------------------------------------------
-    def start(self) -> "CallTracer":
-        if self._program is not None:
-            raise KeytraceError("this tracer is already started")
-        for pid in self.pids or ():
-            if not proc.exists(pid):
-                raise KeytraceError(f"no process with pid {pid}")
-        exe = None
-        if self.command:
-            exe = shutil.which(self.command[0])
-            if exe is None:
-                raise KeytraceError(f"command not found: {self.command[0]}")
+    # -- life cycle (tracer.tracing) -------------------------------------------------------------
+    thread_name = "keytrace-calls"
+    from_exec = True  # a launched command is traced from its own exec, not its gate's work
+
+    def _prepare(self, exe) -> None:
         # A pattern that names nothing is told first: it needs no privileges to find out.
-        targets = pat.resolve(self.patterns, self.pids or (), exe, self.limit)
-        doctor.require_tracing()
+        self._resolved = pat.resolve(self.patterns, self.pids or (), exe, self.limit)
+
+    def _open(self, filter_pids) -> None:
         self._policy = stepcheck.policy(self._note)
-        self.targets, self._sites = self._place(targets)
+        self.targets, self._sites = self._place(self._resolved)
         self.functions = [report.Function(t.library, t.function, prototype(t)) for t in self.targets]
         for t in self.targets:
             if t.ifunc and "resolver" in t.ifunc:
                 self._note(t.ifunc)
-        gate = None
-        try:
-            filter_pids = self.pids
-            if self.command:
-                self.process, gate = spawn_gated(self.command, self.quiet_stdout)
-                filter_pids = self.pids or []  # the gate's pid: from its exec on, below
-            probes = [kc.Probe(i, tuple(protos.string_args(f.proto)), report.failure_of(f.proto))
-                      for i, f in enumerate(self.functions)]
-            trace_pages = self.ring_pages if self.mode == "trace" else 1
-            self._program = Program(
-                [kc.CALLS, units.LIFECYCLE], filter_pids, LIFECYCLE_PAGES,
-                prelude=kc.prelude(len(probes), self.strsize, trace_pages, self.stacks,
-                                   errno=self.mode == "trace" and any(
-                                       f.proto and f.proto.errno_on == "-1" for f in self.functions)),
-                programs=kc.programs(probes, self.mode), policy=self._policy)
-            atexit.register(self.stop)
-            self._program.open()
-            if self.process is not None:
-                self._program.add_pid(self.process.pid, after_execs=gate_execs())
-                self._program.launch(self.process.pid)
-            self._attach()
-            if self.mode == "trace":
-                self._reader = self._program.reader("kc_events", wire.call_record(self.strsize),
-                                                    trace_pages)
-                self._pairer = report.Pairer(self.functions, self.strsize,
-                                             wire.boot_to_wall_offset_ns(),
-                                             self._stack if self.stacks else None)
-            if gate is not None:
-                open_gate(gate)
-        except BaseException:
-            self.stop()
-            raise
-        finally:
-            if gate is not None:
-                os.close(gate)
-        self._thread = threading.Thread(target=self._run, name="keytrace-calls", daemon=True)
-        self._thread.start()
-        return self
+        probes = [kc.Probe(i, tuple(protos.string_args(f.proto)), report.failure_of(f.proto))
+                  for i, f in enumerate(self.functions)]
+        trace_pages = self.ring_pages if self.mode == "trace" else 1
+        self._program = Program(
+            [kc.CALLS, units.LIFECYCLE], filter_pids, LIFECYCLE_PAGES,
+            prelude=kc.prelude(len(probes), self.strsize, trace_pages, self.stacks,
+                               errno=self.mode == "trace" and any(
+                                   f.proto and f.proto.errno_on == "-1" for f in self.functions)),
+            programs=kc.programs(probes, self.mode), policy=self._policy)
+        self._program.open()
+        self._attach()
+        if self.mode == "trace":
+            self._reader = self._program.reader("kc_events", wire.call_record(self.strsize),
+                                                trace_pages)
+            self._pairer = report.Pairer(self.functions, self.strsize,
+                                         wire.boot_to_wall_offset_ns(),
+                                         self._stack if self.stacks else None)
 
     def _place(self, targets: list) -> tuple:
         """(the targets a probe can go on, their sites: (entry or return site, count site)),
@@ -222,14 +180,7 @@ class CallTracer:
         if self._program.attached == 0:
             raise KeytraceError("no probe could be attached: " + "; ".join(self.skipped.values()))
 
-    def _run(self) -> None:
-        try:
-            while not self._stop.wait(self.interval):
-                self.poll()
-        except BaseException as e:  # surfaced by wait() and check(), never lost in the thread
-            self._error = drain_failure(e)
-
-    def poll(self) -> int:
+    def poll(self, final: bool = False) -> int:
         """Drain the rings once; returns the calls finished."""
         with self._lock:
             if self._program is None or self._program.bpf is None:
@@ -241,6 +192,8 @@ class CallTracer:
             for pid in life["pid"][life["op"] == wire.CODE["exit"]].tolist():
                 if self._pairer is not None:
                     done += self._pairer.end(pid)
+            if final and self._pairer is not None:  # calls still open: nothing more will come
+                done += self._pairer.end()
             if self._reader is not None:
                 self.lost = kc.lost(self._program)
             for call in done:
@@ -250,59 +203,8 @@ class CallTracer:
                     self.on_call(call)
             return len(done)
 
-    def wait(self, duration: Optional[float] = None, stop: Optional[threading.Event] = None) -> str:
-        """Until the command (or every pid) has exited, duration passed, or stop is set:
-        "exited", "duration" or "stopped"."""
-        deadline = None if duration is None else time.monotonic() + duration
-        while True:
-            if self._error is not None:
-                raise self._error
-            if self.process is not None and self.process.poll() is not None:
-                return "exited"
-            if self.pids and self.process is None and not any(proc.alive(p) for p in self.pids):
-                return "exited"
-            if deadline is not None and time.monotonic() >= deadline:
-                return "duration"
-            if stop is not None and stop.is_set():
-                return "stopped"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        """Drain, read the counters, detach every probe, end a launched command. Idempotent."""
-        end_command(self.process, self._program)
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        self._thread = None
-        try:
-            if self._program is not None and self._program.bpf is not None:
-                if self._error is None:  # a drain that failed is not tried again
-                    self.poll()
-                if self._pairer is not None:
-                    for call in self._pairer.end():
-                        if self.keep:
-                            self.calls.append(call)
-                        if self.on_call:
-                            self.on_call(call)
-                self._final = self._counters()
-        except Exception as e:
-            raise drain_failure(e) from None
-        finally:
-            if self._program is not None:
-                self._program.close()
-                self._program = None
-            atexit.unregister(self.stop)
-
-    def __enter__(self) -> "CallTracer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _note(self, text: str) -> None:
-        self.notes.append(text)
-        if self.on_note:
-            self.on_note(text)
+    def _finish(self) -> None:
+        self._final = self._counters()
 
     # -- results --------------------------------------------------------------------------------
     def _stack(self, stack_id: int) -> list:
@@ -326,20 +228,6 @@ class CallTracer:
             if self._program is None:
                 raise KeytraceError("this tracer was never started")
             return self._counters()
-
-    @property
-    def attached(self) -> int:
-        return self._program.attached if self._program is not None else 0
-
-    @property
-    def returncode(self) -> Optional[int]:
-        """The launched command's exit status (negative: killed by that signal)."""
-        return self.process.returncode if self.process else None
-
-    def check(self) -> None:
-        """Raise what stopped the background drain, if anything did."""
-        if self._error is not None:
-            raise self._error
 
     def counts(self) -> pd.DataFrame:
         """ltrace -c's table (tracer.analysis.calls.COUNT_COLUMNS), from the kernel's counters

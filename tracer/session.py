@@ -10,164 +10,26 @@ or after a failed start) drains what is left, detaches every probe and ends a la
 """
 from __future__ import annotations
 
-import atexit
 import ctypes
-import functools
 import os
 import shutil
-import signal
-import subprocess
-import threading
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from . import wire
-from .bpf import doctor, stepcheck, units
+from .bpf import stepcheck, units
 from .bpf.loader import DEFAULT_RING_PAGES, Program
 from .errors import KeytraceError
 from .host import keytable, libc, planner, proc
 from .host.elf import build_id, elf_info
 from .host.sight import sight
 from .state.tracker import Tracker
-
-# The launched command waits on fd 3 until the probes are attached, then becomes the command
-# (exec keeps the pid, which is already in the kernel's filter). Through setpriv it gets a
-# parent-death signal, so a killed keytrace leaves no launched command running.
-_GATE = 'read -r _ <&3 || exit 127; exec 3<&-; exec {pdeath}"$@"'
+from .tracing import Tracing, check_sites
 
 
-@functools.lru_cache(maxsize=1)
-def _gate_script() -> str:
-    setpriv = shutil.which("setpriv")
-    try:
-        ok = setpriv and "--pdeathsig" in subprocess.run([setpriv, "--help"], capture_output=True,
-                                                         text=True, timeout=5).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        ok = False
-    return _GATE.format(pdeath=f"{setpriv} --pdeathsig TERM -- " if ok else "")
-
-
-class Launched:
-    """The launched command: a child process we wait for (Popen's interface, the parts used)."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.returncode: Optional[int] = None
-
-    def poll(self) -> Optional[int]:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self, timeout: Optional[float] = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(str(self.pid), timeout)
-            time.sleep(0.01)
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, sig)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-
-def gate_execs() -> int:
-    """The execs from the gate to the command itself: the gate's, and setpriv's if used."""
-    return 2 if "setpriv" in _gate_script() else 1
-
-
-def spawn_gated(argv: Sequence[str], stdout_to_stderr: bool = False) -> tuple:
-    """Start argv held at a gate: (Launched, the gate's write end). It runs once "go" is
-    written there; closing the write end unwritten makes it exit 127 instead. stdout_to_stderr:
-    its standard output goes to our standard error (ours then holds only what we print)."""
-    path = shutil.which(argv[0])
-    if path is None:
-        raise KeytraceError(f"command not found: {argv[0]}")
-    r, w = os.pipe()
-    try:
-        # posix_spawn puts the gate's read end on fd 3 and nothing else of ours is inherited.
-        actions = [(os.POSIX_SPAWN_DUP2, r, 3)] + ([(os.POSIX_SPAWN_DUP2, 2, 1)]
-                                                   if stdout_to_stderr else [])
-        # A process group of its own, unless keytrace runs in the foreground of a terminal (the
-        # shell made its job a group of its own; the command keeps reading the terminal and
-        # getting Ctrl-C and Ctrl-Z with keytrace). A server run in the foreground, such as
-        # Apache, signals its whole group when it stops: never a CI script's or a test runner's.
-        own = {} if _foreground() else {"setpgroup": 0}
-        pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _gate_script(), "keytrace-gate", path, *argv[1:]],
-                             os.environ, file_actions=actions, **own)
-    finally:
-        os.close(r)
-    return Launched(pid), w
-
-
-def _foreground() -> bool:
-    try:
-        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
-    except OSError:
-        return False
-
-
-def open_gate(gate: int) -> None:
-    """Let a gated command run; KeytraceError when it is gone already (killed while waiting)."""
-    try:
-        os.write(gate, b"go\n")
-    except BrokenPipeError:
-        raise KeytraceError("the command ended before it could start (was it killed?)") from None
-
-
-def end_command(p: Optional[Launched], program: Optional[Program] = None,
-                grace: float = 5.0) -> None:
-    """End a launched command and every process of its tree still running: the kernel keeps the
-    tree (Program.launched_pids), so daemons that double-forked out of the command's process
-    group go too. SIGTERM first, SIGKILL to what is left after grace seconds."""
-    if p is None:
-        return
-
-    def left() -> set:
-        pids = set()
-        if program is not None and program.bpf is not None:
-            pids = {q for q in program.launched_pids() if proc.alive(q)}
-        if p.poll() is None:
-            pids.add(p.pid)
-        pids.discard(os.getpid())
-        return pids
-
-    termed: set = set()
-    deadline = time.monotonic() + grace
-    while True:
-        pids = left()
-        if not pids:
-            return
-        late = time.monotonic() >= deadline
-        for q in pids - (set() if late else termed):  # a fork made meanwhile gets its TERM too
-            try:
-                os.kill(q, signal.SIGKILL if late else signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        termed |= pids
-        if late and time.monotonic() >= deadline + grace:
-            return  # not even SIGKILL ended them (uninterruptible sleep): nothing more to do
-        time.sleep(0.02)
-
-
-def drain_failure(e: BaseException) -> BaseException:
-    """What a drain thread's failure tells the user: one line (its traceback is no use to an
-    SRE); the tracer stops and detaches on its way out (wait() and check() raise it)."""
-    if isinstance(e, KeytraceError):
-        return e
-    return KeytraceError(f"tracing stopped: reading the probes' records failed "
-                         f"({type(e).__name__}: {e})")
-
-
-class KeyTracer:
+class KeyTracer(Tracing):
     """Trace pthread key creation and deletion.
 
     pids: trace these running processes (and their children); command: launch this argv and
@@ -192,24 +54,15 @@ class KeyTracer:
                  interval: float = 0.01, on_ready: Optional[Callable[["KeyTracer"], None]] = None,
                  on_note: Optional[Callable[[str], None]] = None, sites: str = "planned",
                  ledger: Optional[Tracker] = None):
-        self.pids = None if pids is None else sorted({int(p) for p in pids})
-        self.command = list(command) if command else None
-        self.interval = interval
+        super().__init__(pids, command, interval, on_note)
+        self.sites = check_sites(sites)
         self.on_ready = on_ready
-        self.on_note = on_note
-        self.notes: list[str] = []
         if ledger is None:
             from .analysis.ledger import Ledger
             ledger = Ledger(keep_events=keep_events)
         self.ledger = ledger
-        self.process: Optional[Launched] = None
         self._ring_pages = ring_pages
-        self._probes: Optional[Program] = None
-        self._thread: Optional[threading.Thread] = None
-        self._stop = threading.Event()
-        self._poll_lock = threading.Lock()
         self._offset = wire.boot_to_wall_offset_ns()
-        self._poll_error: Optional[BaseException] = None
         self._snapshotted: set = set()  # pids whose current image's modules are in the ledger
         self._probed: set = set()        # (dev, inode) of every file probed
         self._pending: dict = {}         # exec'd pid -> deadline to find its C library
@@ -221,54 +74,32 @@ class KeyTracer:
         self._early: list = []           # records drained before the poll thread ran
         self._reconciled = 0.0           # when the kernel's counts were last compared
         self._lost_base = 0              # lost by the start-up self-test: not the ledger's
-        if sites not in ("planned", "entry"):
-            raise KeytraceError(f"sites is planned or entry, not {sites!r}")
-        self.sites = sites
         self.plan_notes: list[str] = []  # which probe sites each file got, and why
         self._policy = None              # which instructions a probe may go on (stepcheck)
     # -- life cycle -----------------------------------------------------------------------------
+    thread_name = "keytrace-poll"
+
     def start(self, background: bool = True) -> "KeyTracer":
-        if self._probes is not None:
-            raise KeytraceError("this tracer is already started")
-        doctor.require_tracing()
-        for pid in self.pids or ():
-            if not proc.exists(pid):
-                raise KeytraceError(f"no process with pid {pid}")
-        gate_w = None
-        filter_pids = self.pids
-        try:
-            if self.command:
-                self.process, gate_w = self._spawn_gated(self.command)
-                filter_pids = (self.pids or []) + [self.process.pid]
-            targets = self._targets(filter_pids)
-            self._policy = stepcheck.policy(self._note)
-            plans = self._plans(targets) if self.sites == "planned" else {}
-            self._probes = Program(units.KEY_TRACER, filter_pids, self._ring_pages,
-                                   plans=[(t.flavour, plans[t.ident]) for t in targets
-                                          if t.ident in plans], policy=self._policy)
-            atexit.register(self.stop)
-            self._probes.open()
-            self._attach_targets(targets, plans)
-            # Met now, while they surely run: the -p processes, and the launched command's gate
-            # (its exec starts a fresh, fully traced image).
-            for pid in (self.pids or []) + ([self.process.pid] if self.process else []):
-                self._meet_running(pid)
-            if self.process is not None:
-                self._probes.launch(self.process.pid)
-            if gate_w is not None:
-                open_gate(gate_w)
-        except BaseException:
-            self.stop()
-            raise
-        finally:
-            if gate_w is not None:
-                os.close(gate_w)  # unread, it makes the gate exit 127 instead of running
+        super().start(background)
         if self.on_ready:
             self.on_ready(self)
-        if background:
-            self._thread = threading.Thread(target=self._run, name="keytrace-poll", daemon=True)
-            self._thread.start()
         return self
+
+    def _open(self, filter_pids) -> None:
+        targets = self._targets(filter_pids)
+        self._policy = stepcheck.policy(self._note)
+        plans = self._plans(targets) if self.sites == "planned" else {}
+        self._program = Program(units.KEY_TRACER, filter_pids, self._ring_pages,
+                                plans=[(t.flavour, plans[t.ident]) for t in targets
+                                       if t.ident in plans], policy=self._policy)
+        self._program.open()
+        self._attach_targets(targets, plans)
+
+    def _ready(self) -> None:
+        # Met now, while they surely run: the -p processes, and the launched command's gate (its
+        # exec starts a fresh, fully traced image).
+        for pid in (self.pids or []) + ([self.process.pid] if self.process else []):
+            self._meet_running(pid)
 
     def _targets(self, pids) -> list:
         """Every C library the traced processes (or the host) may use, and a launched command
@@ -310,13 +141,13 @@ class KeyTracer:
     def _attach_targets(self, targets, plans) -> None:
         for t in targets:
             self._attach(t, plans.get(t.ident))
-        for (path, function), (entry, site) in self._probes.moved.items():
+        for (path, function), (entry, site) in self._program.moved.items():
             self.plan_notes.append(f"{path}: {function}'s entry probe at +{site - entry:#x} "
                                    "(its first instruction is unsafe to probe here)")
         self._host_libc = keytable.host_libc()
         if plans:
             self._self_test(targets, plans)
-            self._lost_base = self._probes.lost()
+            self._lost_base = self._program.lost()
 
     def _self_test(self, targets, plans) -> None:
         """Prove the planned sites on this machine before trusting them: a short-lived child
@@ -339,7 +170,7 @@ class KeyTracer:
                    "instead")
         for t in targets:
             if t.ident in plans:
-                self._probes.detach(t.path)
+                self._program.detach(t.path)
                 self._probed.discard(t.ident)
                 self._attach(t, None)
         self.plan_notes.insert(0, "entry probes (the planned sites failed their self-test)")
@@ -367,12 +198,12 @@ class KeyTracer:
             finally:
                 os._exit(0)
         os.close(w)
-        if self._probes.pids is not None:
-            self._probes.add_pid(child)
+        if self._program.pids is not None:
+            self._program.add_pid(child)
         os.waitpid(child, 0)
         with os.fdopen(r) as fh:
             start = int(fh.read() or 0)
-        batch = self._probes.drain()
+        batch = self._program.drain()
         mine = batch["pid"] == child
         self._early.append(batch[~mine])
         mine &= batch["ts"] >= start
@@ -383,7 +214,7 @@ class KeyTracer:
     def _attach(self, t: libc.Target, plan: Optional[dict] = None) -> bool:
         if t.ident in self._probed:
             return False
-        self._probes.attach(t.path, t.functions, t.flavour, plan)
+        self._program.attach(t.path, t.functions, t.flavour, plan)
         self._probed.add(t.ident)
         return True
 
@@ -395,22 +226,12 @@ class KeyTracer:
         t = libc.target(path, self._functions)
         return t if t is not None and keytable.layout(path)[1] != "no __pthread_keys" else None
 
-    def _note(self, text: str) -> None:
-        self.notes.append(text)
-        if self.on_note:
-            self.on_note(text)
-
     def _sight(self, pid: int, identity: bool = True) -> dict:
         """What the host shows of a running process (tracer.host.sight), its modules' munmaps
         watched from now on, so their keys become orphaned when a reload unmaps them."""
         seen = sight(pid, self._host_libc, identity)
-        units.watch_unmaps(self._probes, pid, [base for _, base in seen.get("modules", ())])
+        units.watch_unmaps(self._program, pid, [base for _, base in seen.get("modules", ())])
         return seen
-
-    def check(self) -> None:
-        """Raise what stopped the background drain, if anything did."""
-        if self._poll_error is not None:
-            raise self._poll_error
 
     def meet(self, pids: Optional[Iterable[int]] = None) -> int:
         """Read the tables of these running processes (every user process when None) into the
@@ -505,29 +326,19 @@ class KeyTracer:
                else "statically linked with a C library other than glibc")
         self._note(f"cannot trace pid {pid} ({exec_path}): {why}; its pthread keys are not counted")
 
-    def _spawn_gated(self, argv: Sequence[str]):
-        return spawn_gated(argv)
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.wait(self.interval):
-                self.poll()
-        except BaseException as e:  # surfaced by wait() and check(), never lost in the thread
-            self._poll_error = drain_failure(e)
-
     def poll(self, final: bool = False) -> int:
         """Drain the ring buffer into the ledger once; returns the number of events. final:
         nothing more will come (the kernel's counts are then compared once more)."""
-        with self._poll_lock:
-            if self._probes is None:
+        with self._lock:
+            if self._program is None:
                 return 0
-            batch = self._probes.drain()
+            batch = self._program.drain()
             if self._early:  # drained during the start-up self-test
                 batch = np.concatenate(self._early + [batch])
                 self._early = []
-            lost = self._probes.lost() - self._lost_base
+            lost = self._program.lost() - self._lost_base
             if len(batch):
-                at, stack_of = 0, self._probes.stack
+                at, stack_of = 0, self._program.stack
                 for pos, facts in self._meet(batch):
                     self.ledger.ingest_records(batch[at:pos], self._offset, stack_of)
                     self.ledger.ingest_records(facts, 0)
@@ -549,7 +360,7 @@ class KeyTracer:
             if lost and (final or now - self._reconciled >= 1.0):
                 self._reconciled = now
                 known = self.ledger.known_pids()
-                counts = {pid: c for pid, c in units.read_counts(self._probes).items() if pid in known}
+                counts = {pid: c for pid, c in units.read_counts(self._program).items() if pid in known}
                 self.ledger.ingest_records(Tracker.counted(counts, time.time_ns()), 0)
             self._polls += 1
             if self._reread:
@@ -591,82 +402,14 @@ class KeyTracer:
                 self._snapshotted.add(pid)
                 at = int(makes[0])
                 mods = [(path, base) for path, base, _ in proc.modules(pid)]
-                units.watch_unmaps(self._probes, pid, [base for _, base in mods])
+                units.watch_unmaps(self._program, pid, [base for _, base in mods])
                 out.append((at, Tracker.fact_records(pid, int(ts[at]) - 1, comm, modules=mods)))
             # A new process on the same pid after an exit needs a new snapshot.
             if (ops[mine] == wire.CODE["exit"]).any():
                 self._snapshotted.discard(pid)
         return sorted(out, key=lambda item: item[0])
 
-    def wait(self, duration: Optional[float] = None, stop: Optional[threading.Event] = None,
-             tick: Optional[Callable[[], None]] = None) -> str:
-        """Block until the launched command exits (or, tracing pids, all of them have exited),
-        duration passes, or stop is set.
-
-        Returns why: "exited", "duration" or "stopped". tick is called about 4 times a second.
-        """
-        deadline = None if duration is None else time.monotonic() + duration
-        while True:
-            if self._poll_error is not None:
-                raise self._poll_error
-            if self.process is not None and self.process.poll() is not None:
-                return "exited"
-            if self.process is None and self.pids and not any(map(proc.alive, self.pids)):
-                return "exited"
-            if deadline is not None and time.monotonic() >= deadline:
-                return "duration"
-            if stop is not None and stop.is_set():
-                return "stopped"
-            if tick:
-                tick()
-            left = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
-            if stop is not None:
-                stop.wait(left)
-            else:
-                time.sleep(left)
-
-    def stop(self) -> None:
-        """Drain, detach every probe, end a launched command still running. Idempotent."""
-        # The launched command ends first, while the probes still see its exit.
-        self._end_command()
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        self._thread = None
-        try:
-            if self._probes is not None and self._probes.bpf is not None and self._poll_error is None:
-                self.poll(final=True)  # (a drain that failed is not tried again)
-        except Exception as e:
-            raise drain_failure(e) from None
-        finally:
-            if self._probes is not None:
-                self._probes.close()
-                self._probes = None
-            atexit.unregister(self.stop)
-
-    def _end_command(self) -> None:
-        end_command(self.process, self._probes)
-
-    def __enter__(self) -> "KeyTracer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     def _repr_html_(self) -> str:
         from .analysis.html import ledger_html
-        state = "tracing" if self._probes is not None else "stopped"
+        state = "tracing" if self._program is not None else "stopped"
         return ledger_html(self.ledger, heading=f"KeyTracer: {state}, {self.attached} probes")
-
-    # -- facts for front-ends -----------------------------------------------------------------
-    @property
-    def attached(self) -> int:
-        return self._probes.attached if self._probes else 0
-
-    @property
-    def files(self) -> list[str]:
-        return list(self._probes.files) if self._probes else []
-
-    @property
-    def returncode(self) -> Optional[int]:
-        return self.process.returncode if self.process else None

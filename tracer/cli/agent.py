@@ -14,7 +14,7 @@ import typer
 from ..errors import KeytraceError
 from ..session import KeyTracer
 from ..state.tracker import Tracker
-from .console import EXIT_USAGE, RELOADS_PER_DAY, err, fail, note
+from .console import EXIT_USAGE, RELOADS_PER_DAY, err, fail, failure, note
 
 AGENT_PORT = 10451
 
@@ -59,7 +59,7 @@ def agent(
     try:
         state = State(state_dir, log)
     except KeytraceError as e:
-        raise fail(str(e))
+        raise failure(e)
     # Drained every 50 ms: a drain has a fixed cost, and 50 ms of a busy host fit the ring.
     # A 4 MiB ring (12 k records: 240 k a second at this drain rate) rather than watch's 8: it
     # is resident twice over (its data pages are mapped twice), and the agent's counts come
@@ -84,7 +84,7 @@ def agent(
                   f"http://{listen}/metrics", markup=False, soft_wrap=True)
         a.run(stop)
     except KeytraceError as e:
-        raise fail(str(e))
+        raise failure(e)
     finally:
         try:
             if started:

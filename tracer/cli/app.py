@@ -27,7 +27,7 @@ from ..store.files import check_writable, json_lines, save_table
 from . import agent as agent_command
 from . import calls as calls_command
 from .console import (EXIT_ERROR, EXIT_LEAK, EXIT_USAGE, RELOADS_PER_DAY, command_status, err,
-                      fail, note, out)
+                      fail, failure, note, out)
 
 VIEWS = ("process", "library", "reload")
 
@@ -203,8 +203,6 @@ def watch(
       keytrace watch --reloads-per-day 1 --by library -- ./host libA.so 10
     """
     check_view(by)
-    if sites not in ("planned", "entry"):
-        raise fail(f"--sites takes planned or entry, not {sites!r}", EXIT_USAGE)
     try:
         if output is not None:
             check_writable(output)
@@ -215,7 +213,7 @@ def watch(
         run_session(tracer, duration, output, as_json, fail_on_leak, "pthread keys per process",
                     reloads_per_day, by)
     except KeytraceError as e:
-        raise fail(str(e))
+        raise failure(e)
 
 
 @app.command()
@@ -240,7 +238,7 @@ def report(
     try:
         ledger = Ledger.from_file(file)
     except KeytraceError as e:
-        raise fail(str(e))
+        raise failure(e)
     emit(ledger, as_json, fail_on_leak, f"pthread keys ({file})", reloads_per_day, by)
 
 
@@ -281,7 +279,7 @@ def demo(
         if not as_json:
             explain_reloads(ledger, reloads_per_day)
     except KeytraceError as e:
-        raise fail(str(e))
+        raise failure(e)
 
 
 def same_processes(rows: pd.DataFrame) -> dict:
@@ -393,7 +391,7 @@ def scan(
         if output is not None:
             save_table(df, output)
     except KeytraceError as e:
-        raise fail(str(e))
+        raise failure(e)
     if as_json:
         sys.stdout.write(json_lines(df))
     else:

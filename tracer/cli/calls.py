@@ -15,9 +15,9 @@ from rich.table import Table
 
 from ..analysis import calls as report
 from ..calls import CallTracer
-from ..errors import KeytraceError, UsageError
+from ..errors import KeytraceError
 from ..store.files import check_writable, json_lines, save_table
-from .console import EXIT_USAGE, command_status, err, fail, out
+from .console import command_status, err, failure, out
 
 
 def calls(
@@ -64,8 +64,6 @@ def calls(
       keytrace calls -T -e open -e '!open64' -- make      ltrace -T -e open-open64 make
       keytrace calls -e getenv -s 64 --json -- ./app      (no ltrace equivalent)
     """
-    if sites not in ("planned", "entry"):
-        raise fail(f"--sites takes planned or entry, not {sites!r}", EXIT_USAGE)
     try:
         if output is not None:
             check_writable(output)
@@ -82,10 +80,8 @@ def calls(
                                                         soft_wrap=True),
                             on_progress=_progress())
         why = _run(tracer, duration)
-    except UsageError as e:
-        raise fail(str(e), EXIT_USAGE)
     except KeytraceError as e:
-        raise fail(str(e))
+        raise failure(e)
     if tracer.lost:
         err.print(f"keytrace: warning: {tracer.lost} call records were lost (ring buffer full): "
                   "lines are missing; -c counts in the kernel and loses none", markup=False)

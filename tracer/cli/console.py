@@ -7,6 +7,8 @@ import sys
 import typer
 from rich.console import Console
 
+from ..errors import KeytraceError, UsageError
+
 EXIT_ERROR, EXIT_USAGE, EXIT_LEAK = 1, 2, 3
 
 # Piped output gets a width that fits the verdicts instead of rich's default 80 columns.
@@ -17,6 +19,11 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 def fail(message: str, code: int = EXIT_ERROR) -> "typer.Exit":
     err.print(f"keytrace: error: {message}", markup=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def failure(e: KeytraceError) -> "typer.Exit":
+    """A KeytraceError as one line: exit 2 for a mistake in what was asked, else 1."""
+    return fail(str(e), EXIT_USAGE if isinstance(e, UsageError) else EXIT_ERROR)
 
 
 def command_status(returncode, why: str) -> int:

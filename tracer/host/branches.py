@@ -9,7 +9,6 @@ mode, ~0.3 s for libc) and kept in memory by file identity and on disk by build 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
