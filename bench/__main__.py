@@ -178,9 +178,11 @@ def ingest(work: Path, keyloop_pairs: int) -> dict:
     the ledger; then records lost per ring size with the normal 10 ms drain."""
     exe = compile_c(ROOT / "bench" / "keyloop.c", work, extra=("-O2",))
     loop = Loop(exe, Path(LIBC).parent, keyloop_pairs)
-    ps = Program(units.KEY_TRACER, [loop.p.pid], ring_pages=32768).open()  # 128 MiB
+    from tracer.resources.keys import UNIT
+    tracer_units = units.tracer_units([UNIT])
+    ps = Program(tracer_units, [loop.p.pid], ring_pages=32768).open()  # 128 MiB
     try:
-        for t in libc.find_targets(units.functions(units.KEY_TRACER), [loop.p.pid]):
+        for t in libc.find_targets(units.functions(tracer_units), [loop.p.pid]):
             ps.attach(t.path, t.functions)
         loop.go()
         offset = boot_to_wall_offset_ns()

@@ -1,6 +1,7 @@
-// keytrace probe unit "keys": pthread_key_create and pthread_key_delete, entry and return.
-// A create records the key, the destructor, the caller (the return address at the stack
-// pointer), a user stack, and the dlopen in flight (modules unit) when there is one.
+// keytrace probe unit "keys" (the resource tracer/resources/keys.py declares): pthread_key_create
+// and pthread_key_delete, entry and return. A create is an acquire of resource KT_RES_KEYS: its
+// handle is the key, its owner the destructor; it records the caller (the return address at the
+// stack pointer), a user stack, and the dlopen in flight (modules unit) when there is one.
 
 #define KT_HAVE_KEYS
 
@@ -12,42 +13,9 @@ struct create_args {
     s64 stack;
 };
 
-// Per process (tgid) since its exec or since tracing began: counted before any record is
-// reserved, so a lost record may cost detail (which key, who made it), never a count.
-struct kt_counts {
-    u64 creates;          // successful
-    u64 failed_creates;
-    u64 deletes;          // successful
-    u64 failed_deletes;
-};
-
-BPF_TABLE("lru_hash", u32, struct kt_counts, counts, KT_MAX_ENTRIES);
 BPF_HASH(create_inflight, u32, struct create_args, KT_MAX_ENTRIES);
 BPF_HASH(delete_inflight, u32, u32, KT_MAX_ENTRIES);
 BPF_STACK_TRACE(stacks, 16384);
-
-// Count one call: which = 0 create, 1 failed create, 2 delete, 3 failed delete.
-static __always_inline void kt_count(u64 pid_tgid, int which)
-{
-    u32 tgid = pid_tgid >> 32;
-    struct kt_counts zero = {};
-    struct kt_counts *c = counts.lookup_or_try_init(&tgid, &zero);
-    if (!c)
-        return;
-    if (which == 0)
-        __sync_fetch_and_add(&c->creates, 1);
-    else if (which == 1)
-        __sync_fetch_and_add(&c->failed_creates, 1);
-    else if (which == 2)
-        __sync_fetch_and_add(&c->deletes, 1);
-    else
-        __sync_fetch_and_add(&c->failed_deletes, 1);
-}
-
-static __always_inline void keys_exec(u32 tgid)
-{
-    counts.delete(&tgid);  // a new image: its own counts, as the ledger's
-}
 
 static __always_inline void keys_thread_exit(u32 tid)
 {
@@ -87,17 +55,18 @@ static __always_inline int create_return_in(struct pt_regs *ctx, u64 libc)
     if (!a)
         return 0;
     int ret = PT_REGS_RC(ctx);
-    kt_count(pid_tgid, ret == 0 ? 0 : 1);
-    struct event *e = new_event(ret == 0 ? OP_CREATE : OP_CREATE_FAILED, pid_tgid);
+    kt_count(pid_tgid, KT_RES_KEYS, ret == 0 ? 0 : 1);
+    struct event *e = new_event(ret == 0 ? OP_ACQUIRE : OP_ACQUIRE_FAILED, pid_tgid);
     if (e) {
+        e->res = KT_RES_KEYS;
         e->ret = ret;
-        e->destructor = a->destructor;
+        e->owner = a->destructor;
         e->caller = a->caller;
         e->load = a->load;
         e->stack = a->stack;
-        e->handle = libc;
+        e->aux = libc;
         if (ret == 0)
-            bpf_probe_read_user(&e->key, sizeof(e->key), (void *)a->keyp);
+            bpf_probe_read_user(&e->handle, sizeof(u32), (void *)a->keyp);  // a pthread_key_t
         submit(e);
     }
     create_inflight.delete(&tid);
@@ -127,10 +96,11 @@ int delete_return(struct pt_regs *ctx)
     if (!key)
         return 0;
     int ret = PT_REGS_RC(ctx);
-    kt_count(pid_tgid, ret == 0 ? 2 : 3);
-    struct event *e = new_event(OP_DELETE, pid_tgid);
+    kt_count(pid_tgid, KT_RES_KEYS, ret == 0 ? 2 : 3);
+    struct event *e = new_event(OP_RELEASE, pid_tgid);
     if (e) {
-        e->key = *key;
+        e->res = KT_RES_KEYS;
+        e->handle = *key;
         e->ret = ret;
         submit(e);
     }
@@ -184,14 +154,15 @@ static __always_inline int planned_create(struct pt_regs *ctx, u32 key, u64 dest
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!wanted(pid_tgid >> 32))
         return 0;
-    kt_count(pid_tgid, 0);
+    kt_count(pid_tgid, KT_RES_KEYS, 0);
     walk_loaded(ctx, rtld_delta, pid_tgid);
-    struct event *e = new_event(OP_CREATE, pid_tgid);
+    struct event *e = new_event(OP_ACQUIRE, pid_tgid);
     if (!e)
         return 0;
-    e->key = key;
+    e->res = KT_RES_KEYS;
+    e->handle = key;
     e->other = seq;
-    e->destructor = destructor;
+    e->owner = destructor;
     e->caller = kt_caller(ctx, caller_offset);
 #ifdef KT_HAVE_MODULES
     e->load = current_load((u32)pid_tgid);
@@ -199,7 +170,7 @@ static __always_inline int planned_create(struct pt_regs *ctx, u32 key, u64 dest
     // The site is in a leaf function that pushed no frame: the walk sees what an entry
     // probe sees (user space puts `caller` in front).
     e->stack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
-    e->handle = libc;
+    e->aux = libc;
     submit(e);
     return 0;
 }
@@ -210,13 +181,14 @@ static __always_inline int planned_create_failed(struct pt_regs *ctx, s32 err, u
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!wanted(pid_tgid >> 32))
         return 0;
-    kt_count(pid_tgid, 1);
-    struct event *e = new_event(OP_CREATE_FAILED, pid_tgid);
+    kt_count(pid_tgid, KT_RES_KEYS, 1);
+    struct event *e = new_event(OP_ACQUIRE_FAILED, pid_tgid);
     if (!e)
         return 0;
+    e->res = KT_RES_KEYS;
     e->ret = err;
     e->caller = kt_caller(ctx, caller_offset);
-    e->handle = libc;
+    e->aux = libc;
     submit(e);
     return 0;
 }
@@ -226,11 +198,12 @@ static __always_inline int planned_delete(struct pt_regs *ctx, u32 key, s32 ret,
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!wanted(pid_tgid >> 32))
         return 0;
-    kt_count(pid_tgid, ret == 0 ? 2 : 3);
-    struct event *e = new_event(OP_DELETE, pid_tgid);
+    kt_count(pid_tgid, KT_RES_KEYS, ret == 0 ? 2 : 3);
+    struct event *e = new_event(OP_RELEASE, pid_tgid);
     if (!e)
         return 0;
-    e->key = key;
+    e->res = KT_RES_KEYS;
+    e->handle = key;
     e->ret = ret;
     e->other = seq;
     submit(e);

@@ -63,3 +63,45 @@ static __always_inline void submit(struct event *e)
 {
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
+
+// Per process image (tgid) and resource, since its exec or since tracing began: counted before
+// any record is reserved, so a lost record may cost detail (which handle, who acquired it),
+// never a count. The resources' units count here; the lifecycle unit forgets an image's counts
+// at its exec.
+struct kt_of {
+    u32 tgid;
+    u32 res;
+};
+struct kt_counts {
+    u64 acquires;         // successful
+    u64 failed_acquires;
+    u64 releases;         // successful
+    u64 failed_releases;
+};
+BPF_TABLE("lru_hash", struct kt_of, struct kt_counts, counts, KT_MAX_ENTRIES);
+
+// Count one call: which = 0 acquire, 1 failed acquire, 2 release, 3 failed release.
+static __always_inline void kt_count(u64 pid_tgid, u32 res, int which)
+{
+    struct kt_of of = {.tgid = pid_tgid >> 32, .res = res};
+    struct kt_counts zero = {};
+    struct kt_counts *c = counts.lookup_or_try_init(&of, &zero);
+    if (!c)
+        return;
+    if (which == 0)
+        __sync_fetch_and_add(&c->acquires, 1);
+    else if (which == 1)
+        __sync_fetch_and_add(&c->failed_acquires, 1);
+    else if (which == 2)
+        __sync_fetch_and_add(&c->releases, 1);
+    else
+        __sync_fetch_and_add(&c->failed_releases, 1);
+}
+
+static __always_inline void counts_exec(u32 tgid)
+{
+    for (u32 res = 0; res < KT_RESOURCES; res++) {  // a new image: its own counts, as the ledger's
+        struct kt_of of = {.tgid = tgid, .res = res};
+        counts.delete(&of);
+    }
+}

@@ -48,9 +48,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 #ifdef KT_HAVE_MODULES
     walked.delete(&tgid);  // a new image has a new link_map chain
 #endif
-#ifdef KT_HAVE_KEYS
-    keys_exec(tgid);
-#endif
+    counts_exec(tgid);
     struct event *e = new_event(OP_EXEC, pid_tgid);
     if (e) {
         e->other = args->old_pid;

@@ -56,7 +56,7 @@ static __always_inline u64 report_module(u64 lm, u64 id, u32 index, u64 pid_tgid
     struct event *e = new_event(OP_MAP, pid_tgid);
     if (e) {
         e->load = id;
-        e->handle = m.l_addr;
+        e->aux = m.l_addr;
         e->index = index;
         bpf_probe_read_user_str(&e->path, sizeof(e->path), (void *)m.l_name);
         submit(e);
@@ -106,7 +106,7 @@ int dlopen_return(struct pt_regs *ctx)
     struct event *e = new_event(OP_DLOPEN, pid_tgid);
     if (e) {
         e->load = id;
-        e->handle = handle;
+        e->aux = handle;
         if (file)
             bpf_probe_read_user_str(&e->path, sizeof(e->path), (void *)file);
         submit(e);
@@ -145,7 +145,7 @@ int dlclose_enter(struct pt_regs *ctx)
         return 0;
     struct event *e = new_event(OP_DLCLOSE, pid_tgid);
     if (e) {
-        e->handle = PT_REGS_PARM1(ctx);
+        e->aux = PT_REGS_PARM1(ctx);
         submit(e);
     }
     return 0;
@@ -160,7 +160,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_munmap)
     modules.delete(&mk);
     struct event *e = new_event(OP_UNMAP, pid_tgid);
     if (e) {
-        e->handle = args->addr;
+        e->aux = args->addr;
         submit(e);
     }
     return 0;

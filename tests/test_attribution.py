@@ -36,7 +36,7 @@ def test_nested_leak_names_libb_and_forecasts_the_incident(bins, tmp_path):
 
     # Every reload mapped libB at the same address, and still each old key is orphaned.
     events = pd.read_parquet(ledger)
-    bases = events[(events.op == "map") & (events.path == bins["libb"])]["handle"]
+    bases = events[(events.op == "map") & (events.path == bins["libb"])]["aux"]
     assert len(bases) == 5 and bases.nunique() == 1
 
     # Without a given rate, the rate measured from the dlopen timestamps still gives a date.

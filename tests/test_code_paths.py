@@ -55,8 +55,8 @@ def sites(bins):
 
 
 def mapped(bins, pid=10):
-    return [dict(op="mapped", pid=pid, path=bins["libb"], handle=LIBB),
-            dict(op="mapped", pid=pid, path=bins["liba"], handle=LIBA)]
+    return [dict(op="mapped", pid=pid, path=bins["libb"], aux=LIBB),
+            dict(op="mapped", pid=pid, path=bins["liba"], aux=LIBA)]
 
 
 def test_frames_past_the_first_that_is_no_return_address_are_not_the_path(bins, sites):
@@ -66,7 +66,7 @@ def test_frames_past_the_first_that_is_no_return_address_are_not_the_path(bins, 
               3: [IP, ret, 0x1234]}
     led = Ledger()
     led.ingest(events(*mapped(bins), *[
-        dict(op="create", pid=10, key=k, caller=c, stack=k, ts=(k + 2) * 10**9) for k in stacks],
+        dict(op="acquire", pid=10, handle=k, caller=c, stack=k, ts=(k + 2) * 10**9) for k in stacks],
         stacks=stacks))
     (r,) = led.summary().itertuples()
     assert r.busiest_path.startswith("libb.so!init+0x") and " <- liba.so!liba_work+0x" in r.busiest_path
@@ -83,11 +83,11 @@ def test_a_key_is_named_by_its_caller_when_the_walk_failed_and_the_maps_came_lat
     led = Ledger()
     led.ingest(events(
         dict(op="exec", pid=10, path="/usr/bin/curl", comm="curl", ts=10**9),
-        dict(op="create", pid=10, key=0, caller=sites["caller"], ts=2 * 10**9),
-        dict(op="create", pid=10, key=1, caller=0x1234, ts=2 * 10**9 + 1),  # in no module
-        dict(op="dlopen", pid=10, load=1, handle=0xAB, path="/x/libnss.so", ts=3 * 10**9),
-        dict(op="map", pid=10, load=1, handle=LIBB, path=bins["libb"], ts=3 * 10**9 + 1),
-        dict(op="map", pid=10, load=1, handle=LIBA, path=bins["liba"], ts=3 * 10**9 + 2)))
+        dict(op="acquire", pid=10, handle=0, caller=sites["caller"], ts=2 * 10**9),
+        dict(op="acquire", pid=10, handle=1, caller=0x1234, ts=2 * 10**9 + 1),  # in no module
+        dict(op="dlopen", pid=10, load=1, aux=0xAB, path="/x/libnss.so", ts=3 * 10**9),
+        dict(op="map", pid=10, load=1, aux=LIBB, path=bins["libb"], ts=3 * 10**9 + 1),
+        dict(op="map", pid=10, load=1, aux=LIBA, path=bins["liba"], ts=3 * 10**9 + 2)))
     (r,) = led.summary().itertuples()
     assert r.libraries == {bins["libb"]: 1, NO_MODULE: 1}
     libs = set(led.by_library()["library"])
@@ -102,23 +102,23 @@ def test_stock_apache_with_graceful_restarts_flags_nothing(bins, sites):
     c = sites["caller"]
     rows = [dict(op="exec", pid=10, path="/usr/sbin/apache2", comm="apache2", ts=10**9),
             *mapped(bins)]
-    rows += [dict(op="create", pid=10, key=k, caller=c, stack=1, ts=2 * 10**9 + k * 100_000)
+    rows += [dict(op="acquire", pid=10, handle=k, caller=c, stack=1, ts=2 * 10**9 + k * 100_000)
              for k in (0, 1)]
     for load in range(1, 8):
         t = (2 + 10 * load) * 10**9
-        rows += [dict(op="create", pid=10, key=k, caller=0x7D0000001000 + k, load=load, ts=t + k)
+        rows += [dict(op="acquire", pid=10, handle=k, caller=0x7D0000001000 + k, load=load, ts=t + k)
                  for k in (2, 3, 4)]
         if load == 1:
-            rows += [dict(op="create", pid=10, key=5, caller=0x7C0000001000, load=1, ts=t + 5)]
-        rows += [dict(op="dlopen", pid=10, load=load, handle=0xAB, path="/x/mod_php.so", ts=t + 10),
-                 dict(op="map", pid=10, load=load, handle=0x7D0000000000, path="/x/mod_php.so",
+            rows += [dict(op="acquire", pid=10, handle=5, caller=0x7C0000001000, load=1, ts=t + 5)]
+        rows += [dict(op="dlopen", pid=10, load=load, aux=0xAB, path="/x/mod_php.so", ts=t + 10),
+                 dict(op="map", pid=10, load=load, aux=0x7D0000000000, path="/x/mod_php.so",
                       ts=t + 11)]
         if load == 1:
-            rows += [dict(op="map", pid=10, load=1, handle=0x7C0000000000, path="/x/libglib.so",
+            rows += [dict(op="map", pid=10, load=1, aux=0x7C0000000000, path="/x/libglib.so",
                           ts=t + 12)]
         if load < 7:  # the 7th stays loaded: the server runs on
-            rows += [dict(op="delete", pid=10, key=k, ts=t + 10**9 + k) for k in (2, 3, 4)]
-            rows += [dict(op="unmap", pid=10, handle=0x7D0000000000, ts=t + 2 * 10**9)]
+            rows += [dict(op="release", pid=10, handle=k, ts=t + 10**9 + k) for k in (2, 3, 4)]
+            rows += [dict(op="unmap", pid=10, aux=0x7D0000000000, ts=t + 2 * 10**9)]
     rows += [dict(op="fork", pid=10, child=child, ts=80 * 10**9 + child) for child in (11, 12, 13)]
     led = Ledger()
     led.ingest(events(*rows, stacks={1: [IP, JUNK]}), now=90 * 10**9)

@@ -30,7 +30,7 @@ def agent_with(*rows, start=None, given=1.0):
     t = Tracer()
     met = rows[0]["ts"] - 1
     t.ledger.observe(PID, met, "server", exe="/usr/sbin/server",
-                     start=start or proc.stat(PID).start_ns, table="read", keys=[])
+                     start=start or proc.stat(PID).start_ns, tables={"keys": ("read", [])})
     t.ledger.ingest(events(*rows))
     a = Agent(t, reloads_per_day=given)
     a.refresh()
@@ -42,11 +42,11 @@ def reloads(n, every_ns, t0):
     rows = []
     for i in range(n):
         t = t0 + i * every_ns
-        rows += [dict(op="create", pid=PID, key=i, caller=0x7F0000001000, load=i + 1, ts=t),
-                 dict(op="dlopen", pid=PID, load=i + 1, handle=0xAB, path="/x/leaky.so", ts=t + 1),
-                 dict(op="map", pid=PID, load=i + 1, handle=0x7F0000000000, path="/x/leaky.so",
+        rows += [dict(op="acquire", pid=PID, handle=i, caller=0x7F0000001000, load=i + 1, ts=t),
+                 dict(op="dlopen", pid=PID, load=i + 1, aux=0xAB, path="/x/leaky.so", ts=t + 1),
+                 dict(op="map", pid=PID, load=i + 1, aux=0x7F0000000000, path="/x/leaky.so",
                       ts=t + 2),
-                 dict(op="unmap", pid=PID, handle=0x7F0000000000, ts=t + 3)]
+                 dict(op="unmap", pid=PID, aux=0x7F0000000000, ts=t + 3)]
     return rows
 
 
@@ -69,8 +69,8 @@ def test_a_fast_reload_leak_beats_the_fleet_wide_guess_in_the_agent_only():
 
 def test_a_failed_create_exports_the_time_of_the_failure():
     failed_at = 668_080 * MS
-    a = agent_with(*reloads(3, S, 660 * S), dict(op="create_failed", pid=PID, ret=11, ts=failed_at),
-                   dict(op="delete", pid=PID, key=0, ts=685_100 * MS))
+    a = agent_with(*reloads(3, S, 660 * S), dict(op="acquire_failed", pid=PID, ret=11, ts=failed_at),
+                   dict(op="release", pid=PID, handle=0, ts=685_100 * MS))
     (row,) = a.snapshot.rows
     assert row["critical"] and row["exhaustion_eta"].timestamp() == failed_at / S
     samples = {m.name: m.samples for m in Collector(a).collect()}
@@ -86,7 +86,7 @@ def test_a_process_that_is_gone_drops_its_series_though_its_exit_was_lost():
 
 
 def test_a_forked_workers_inherited_keys_are_counted_once():
-    a = agent_with(*[dict(op="create", pid=PID, key=k, caller=0x4000, ts=(10 + k) * S) for k in range(3)])
+    a = agent_with(*[dict(op="acquire", pid=PID, handle=k, caller=0x4000, ts=(10 + k) * S) for k in range(3)])
     a.ledger.ingest(events(*[dict(op="fork", pid=PID, child=c, ts=20 * S + c) for c in (7, 8)]))
     a.refresh()
     assert sum(a.snapshot.creates.values()) == 3

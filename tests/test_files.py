@@ -11,11 +11,11 @@ from tracer import Ledger
 
 SAMPLE = events(
     dict(op="fork", pid=1, child=10),
-    dict(op="create", pid=10, key=0, destructor=0x7F00DEAD, caller=0x55AA, load=5),
-    dict(op="dlopen", pid=10, load=5, handle=0xAB, path="/x/libleaky.so"),
-    dict(op="dlclose", pid=10, handle=0xAB),
+    dict(op="acquire", pid=10, handle=0, owner=0x7F00DEAD, caller=0x55AA, load=5),
+    dict(op="dlopen", pid=10, load=5, aux=0xAB, path="/x/libleaky.so"),
+    dict(op="dlclose", pid=10, aux=0xAB),
     dict(op="exec", pid=1, path="/bin/ünïcode", comm="sh"),
-    dict(op="create_failed", pid=10, ret=11),
+    dict(op="acquire_failed", pid=10, ret=11),
 )
 
 
@@ -26,7 +26,7 @@ def test_round_trip(tmp_path, ext):
     back, meta = load_events(path)
     assert back.dtypes.to_dict() == SAMPLE.dtypes.to_dict()
     assert back.astype(str).equals(SAMPLE.astype(str))
-    assert meta == {"schema": 2, "lost": 3, "end": 0}
+    assert meta == {"schema": 3, "lost": 3, "end": 0}
     live, replayed = Ledger(), Ledger.from_file(path)
     live.ingest(SAMPLE, lost=3)
     assert replayed.summary().equals(live.summary())
@@ -71,7 +71,7 @@ def test_an_unknown_schema_is_one_line(tmp_path, ext):
         back.loc[0, "path"] = '{"schema": 99, "lost": 0}'
         back.to_parquet(path)
     else:
-        path.write_text(re.sub(r"(schema\W+)2", r"\g<1>99", path.read_text(), count=1))
+        path.write_text(re.sub(r"(schema\W+)3", r"\g<1>99", path.read_text(), count=1))
     res = keytrace("report", str(path))
     assert res.returncode == 1 and "schema 99" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -106,11 +106,11 @@ def test_orphan_even_when_the_reload_maps_at_the_same_address(bins):
     caller = base + init + 4
     rows = []
     for load in (1, 2):  # two load cycles, the second at the same base
-        rows += [dict(op="create", pid=7, key=load, caller=caller, load=load),
-                 dict(op="dlopen", pid=7, load=load, handle=0xA0, path=lib),
-                 dict(op="map", pid=7, load=load, handle=base, path=lib)]
+        rows += [dict(op="acquire", pid=7, handle=load, caller=caller, load=load),
+                 dict(op="dlopen", pid=7, load=load, aux=0xA0, path=lib),
+                 dict(op="map", pid=7, load=load, aux=base, path=lib)]
         if load == 1:
-            rows += [dict(op="dlclose", pid=7, handle=0xA0), dict(op="unmap", pid=7, handle=base)]
+            rows += [dict(op="dlclose", pid=7, aux=0xA0), dict(op="unmap", pid=7, aux=base)]
     led = Ledger()
     led.ingest(events(*rows))
     (row,) = led.summary().itertuples()
@@ -128,9 +128,9 @@ def test_held_orphaned_keys_are_named_by_what_maps_there_since(bins):
     base = 0x7F0000000000
     destroy = base + elf_info(lib).address_of("destroy")
     led = Ledger()
-    led.observe(7, 10**9, "host", exe="/x/host", start=1, table="read",
-                keys=[(k, destroy, True) for k in range(3)])
-    led.ingest(events(dict(op="dlopen", pid=7, load=1, handle=0xA0, path=lib),
-                      dict(op="map", pid=7, load=1, handle=base, path=lib), start_ns=2 * 10**9))
+    led.observe(7, 10**9, "host", exe="/x/host", start=1,
+                tables={"keys": ("read", [(k, destroy, True) for k in range(3)])})
+    led.ingest(events(dict(op="dlopen", pid=7, load=1, aux=0xA0, path=lib),
+                      dict(op="map", pid=7, load=1, aux=base, path=lib), start_ns=2 * 10**9))
     (row,) = led.summary().itertuples()
     assert (row.library, row.orphaned_keys, row.live_keys) == (lib, 3, 3)

@@ -6,12 +6,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "tracer"
 # Bottom to top. A module may import its own layer and those below it.
 LAYERS = [
-    ["tracer.errors", "tracer.wire"],
+    ["tracer.errors", "tracer.wire", "tracer.resource"],
     ["tracer.host"],
     ["tracer.bpf"],
     ["tracer.store"],
     ["tracer.state"],
     ["tracer.analysis"],
+    ["tracer.resources"],
     ["tracer.launch", "tracer.tracing", "tracer.session", "tracer.calls", "tracer.workloads"],
     ["tracer.agent"],
     ["tracer.cli", "tracer.jupyter"],

@@ -30,9 +30,9 @@ def key_events(t):
     """(op, key, ret) of each create and delete; a failed delete's key is not told on planned
     sites (its EINVAL block is reached from several places), so it is left out."""
     ev = t.ledger.events
-    ev = ev[ev.op.isin(["create", "create_failed", "delete"])]
-    return [(op, None if pd.isna(k) or (op == "delete" and r) else int(k), int(r))
-            for op, k, r in zip(ev.op.astype(str), ev.key.astype(object), ev.ret)]
+    ev = ev[ev.op.isin(["acquire", "acquire_failed", "release"])]
+    return [(op, None if pd.isna(k) or (op == "release" and r) else int(k), int(r))
+            for op, k, r in zip(ev.op.astype(str), ev.handle.astype(object), ev.ret)]
 
 
 def both(argv):
@@ -63,8 +63,8 @@ def test_keys_until_eagain(bins):
     assert key_events(planned) == key_events(entry)
     (row,) = [r for r in rows(planned) if r[0] == bins["keymaker"]]
     assert row[1:] == (1025, 0, 1, 0, 1024)
-    fail = [e for e in key_events(planned) if e[0] == "create_failed"]
-    assert fail == [("create_failed", None, 11)]
+    fail = [e for e in key_events(planned) if e[0] == "acquire_failed"]
+    assert fail == [("acquire_failed", None, 11)]
 
 
 def test_fork_and_exec(bins):

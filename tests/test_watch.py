@@ -54,7 +54,7 @@ def test_keys_from_several_threads(bins):
     with KeyTracer(command=[bins["threads"], "6", "10"]) as t:
         assert t.wait() == "exited" and t.returncode == 0
     ev = t.ledger.events
-    creates = ev[ev.op == "create"]
+    creates = ev[ev.op == "acquire"]
     assert len(creates) == 60 and creates.tid.nunique() == 6
     assert (creates.pid == t.process.pid).all()
     (row,) = t.ledger.summary().itertuples()
@@ -288,7 +288,7 @@ def test_a_dlopen_inside_a_constructor_keeps_both_records(bins):
     assert sorted(opens.path.map(os.path.basename)) == ["libinner.so"] * 3 + ["libouter.so"] * 3
     # Each key was made inside the inner dlopen, itself inside the outer one.
     inner_ids = set(opens[opens.path == bins["libinner"]]["load"])
-    creates = ev[ev.op == "create"]
+    creates = ev[ev.op == "acquire"]
     assert len(creates) == 3 and set(creates["load"]) <= inner_ids
     reloads = t.ledger.reloads().set_index("loaded")
     assert reloads.loc[bins["libouter"], "cycles"] == 3

@@ -13,6 +13,8 @@ Layers, imports pointing down only:
 """
 from importlib import import_module
 
+from . import resources as _resources  # noqa: F401  (registers the resources keytrace knows)
+
 __all__ = ["CallTracer", "KeyTracer", "Ledger", "KeytraceError", "scan"]
 __version__ = "0.2.0"
 

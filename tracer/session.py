@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from . import wire
+from . import resource, wire
 from .bpf import stepcheck, units
 from .bpf.loader import DEFAULT_RING_PAGES, Program
 from .errors import KeytraceError
@@ -27,6 +27,10 @@ from .host.elf import build_id, elf_info
 from .host.sight import sight
 from .state.tracker import Tracker
 from .tracing import Tracing, check_sites
+
+
+def _no_reader(pid, host_libc) -> tuple:
+    return "not read: keytrace cannot read this table at first sight", [], None
 
 
 class KeyTracer(Tracing):
@@ -70,7 +74,12 @@ class KeyTracer(Tracing):
         self._reread: dict = {}          # pid -> the poll after which its table is read
         self._polls = 0
         self._host_libc: Optional[str] = None
-        self._functions = units.functions(units.KEY_TRACER)
+        # What it traces: pthread keys (the first resource registered) for now.
+        self.resources = [resource.default()]
+        self._units = units.tracer_units([r.extra["unit"] for r in self.resources
+                                          if "unit" in r.extra])
+        self._functions = units.functions(self._units)
+        self._readers = {r.name: r.reader or _no_reader for r in self.resources}
         self._early: list = []           # records drained before the poll thread ran
         self._reconciled = 0.0           # when the kernel's counts were last compared
         self._lost_base = 0              # lost by the start-up self-test: not the ledger's
@@ -89,7 +98,7 @@ class KeyTracer(Tracing):
         targets = self._targets(filter_pids)
         self._policy = stepcheck.policy(self._note)
         plans = self._plans(targets) if self.sites == "planned" else {}
-        self._program = Program(units.KEY_TRACER, filter_pids, self._ring_pages,
+        self._program = Program(self._units, filter_pids, self._ring_pages,
                                 plans=[(t.flavour, plans[t.ident]) for t in targets
                                        if t.ident in plans], policy=self._policy)
         self._program.open()
@@ -155,9 +164,9 @@ class KeyTracer(Tracing):
         events must come out. Otherwise the planned files fall back to entry probes."""
         for _ in range(3):  # a record the kernel fails to queue (6.15+) is no verdict on a plan
             got = self._exercise()
-            creates = [int(k) for op, k, r in got if op == wire.CODE["create"]]
-            deletes = sorted((int(k), int(r)) for op, k, r in got if op == wire.CODE["delete"])
-            failed = [r for op, k, r in got if op == wire.CODE["delete"] and r != 0]
+            creates = [int(k) for op, k, r in got if op == wire.CODE["acquire"]]
+            deletes = sorted((int(k), int(r)) for op, k, r in got if op == wire.CODE["release"])
+            failed = [r for op, k, r in got if op == wire.CODE["release"] and r != 0]
             ok = (len(got) == 8 and len(set(creates)) == 3
                   and sorted(k for k, r in deletes if r == 0) == sorted(creates) and len(failed) == 2)
             if ok:
@@ -207,8 +216,9 @@ class KeyTracer(Tracing):
         mine = batch["pid"] == child
         self._early.append(batch[~mine])
         mine &= batch["ts"] >= start
-        ops = (wire.CODE["create"], wire.CODE["create_failed"], wire.CODE["delete"])
-        return [(int(o), int(k), int(r)) for o, k, r in zip(batch["op"][mine], batch["key"][mine],
+        mine &= batch["res"] == self.resources[0].id
+        ops = (wire.CODE["acquire"], wire.CODE["acquire_failed"], wire.CODE["release"])
+        return [(int(o), int(k), int(r)) for o, k, r in zip(batch["op"][mine], batch["handle"][mine],
                                                              batch["ret"][mine]) if o in ops]
 
     def _attach(self, t: libc.Target, plan: Optional[dict] = None) -> bool:
@@ -229,7 +239,7 @@ class KeyTracer(Tracing):
     def _sight(self, pid: int, identity: bool = True) -> dict:
         """What the host shows of a running process (tracer.host.sight), its modules' munmaps
         watched from now on, so their keys become orphaned when a reload unmaps them."""
-        seen = sight(pid, self._host_libc, identity)
+        seen = sight(pid, self._readers, self._host_libc, identity)
         units.watch_unmaps(self._program, pid, [base for _, base in seen.get("modules", ())])
         return seen
 
@@ -360,7 +370,7 @@ class KeyTracer(Tracing):
             if lost and (final or now - self._reconciled >= 1.0):
                 self._reconciled = now
                 known = self.ledger.known_pids()
-                counts = {pid: c for pid, c in units.read_counts(self._program).items() if pid in known}
+                counts = {k: c for k, c in units.read_counts(self._program).items() if k[0] in known}
                 self.ledger.ingest_records(Tracker.counted(counts, time.time_ns()), 0)
             self._polls += 1
             if self._reread:
@@ -377,7 +387,7 @@ class KeyTracer(Tracing):
         ops, pids = batch["op"], batch["pid"]
         ts = batch["ts"].astype(np.int64) + self._offset
         forked = set(batch["other"][ops == wire.CODE["fork"]].tolist())
-        creating = (ops == wire.CODE["create"]) | (ops == wire.CODE["create_failed"])
+        creating = (ops == wire.CODE["acquire"]) | (ops == wire.CODE["acquire_failed"])
         out = []
         order = np.argsort(pids, kind="stable")  # each pid's records, in arrival order
         bounds = np.flatnonzero(np.diff(pids[order])) + 1

@@ -6,8 +6,12 @@ A batch of records is decoded at once: strings are decoded per distinct value, t
 shifted to wall-clock time in one vector operation.
 
 Two kinds of rows share one events frame: the ones the kernel sends (KERNEL_OPS), and facts the
-host gave when a process was first met (HOST_OPS: its identity, modules mapped, keys already live).
-Both are saved, so a saved ledger replays exactly as the live one did.
+host gave when a process was first met (HOST_OPS: its identity, modules mapped, handles already
+live). Both are saved, so a saved ledger replays exactly as the live one did.
+
+Records know resources by id only: a resource (pthread keys, a user's --pair) registers its name
+here (register_resource), and frames carry that name. What a resource's acquire, release, handle
+and owner mean is said by its declaration (tracer.resources), never here.
 """
 from __future__ import annotations
 
@@ -28,55 +32,77 @@ DLOPEN_DEPTH = 4        # dlopens in flight on one thread (a constructor may dlo
 # Mirrors `struct event` field for field (all naturally aligned, no padding).
 RECORD = np.dtype([
     ("ts", "<u8"),          # bpf_ktime_get_boot_ns()
-    ("load", "<u8"),        # create: the innermost dlopen in flight on the thread; dlopen/map: its id
-    ("destructor", "<u8"),  # create: destructor argument
-    ("caller", "<u8"),      # create: return address (the call site)
-    ("handle", "<u8"),      # dlopen: returned handle; dlclose: argument; map/unmap: load base;
-                            # create: the C library it ran in (LIBCS)
+    ("load", "<u8"),        # acquire: the innermost dlopen in flight on the thread; dlopen/map: its id
+    ("owner", "<u8"),       # acquire: a code address the handle belongs to, if any (a callback)
+    ("caller", "<u8"),      # acquire: return address (the call site)
+    ("handle", "<u8"),      # acquire (success) / release / held: the handle
+    ("aux", "<u8"),         # dlopen: returned handle; dlclose: argument; map/unmap: load base;
+                            # acquire: the C library it ran in (LIBCS)
     ("pid", "<u4"),         # tgid
     ("tid", "<u4"),
-    ("other", "<u4"),       # fork: child pid; exec: pid before exec; create/delete/held on
-                            # planned sites: the slot's new sequence number (0: unknown)
+    ("other", "<u4"),       # fork: child pid; exec: pid before exec; acquire/release/held where
+                            # the probe sees it: the handle's new sequence number (0: unknown)
     ("op", "<u4"),
-    ("ret", "<i4"),         # create/delete: return value (a failed delete keeps op delete)
-    ("key", "<u4"),         # create (success) / delete: the key
-    ("stack", "<i4"),       # create: user stack id (negative: none)
+    ("ret", "<i4"),         # acquire/release: return value (a failed release keeps op release)
+    ("res", "<u4"),         # acquire, acquire_failed, release, held, table, counted: resource id
+    ("stack", "<i4"),       # acquire: user stack id (negative: none)
     ("index", "<u4"),       # map: position in the link_map chain
     ("comm", "S16"),
     ("path", f"S{PATH_LEN}"),  # dlopen: file argument; exec: filename; map: l_name
 ])
 _C_TYPES = {"<u8": "u64", "<u4": "u32", "<i4": "s32"}  # numpy type -> C
 
-# The C libraries a create can come from: the probe attached to each says which.
+# The C libraries an acquire can come from: the probe attached to each says which.
 LIBCS = ["glibc", "musl"]
 
 # Op codes, in order; the index is the code (0 is never sent).
-KERNEL_OPS = ["create", "create_failed", "delete", "dlopen", "dlclose", "exec", "exit", "fork",
-              "map", "unmap"]
-# seen: a process met while already running (path: exe, handle: its start, ns since the epoch);
-# mapped: a module it had mapped then (path, handle: load base), as /proc/PID/maps showed it;
-# table: its key table was read, or could not be (path: "read" or why not); tracing of it is
-#   complete from its first such row on (ret 1: from this row on: its C library was probed late);
-# held: a key in use in that table (key, destructor; ret 1: the destructor lay in no mapping);
-# counted: the kernel's own counts for the process image, kept whatever records were lost
-#   (handle: creates, caller: failed creates, destructor: deletes, load: failed deletes).
+KERNEL_OPS = ["acquire", "acquire_failed", "release", "dlopen", "dlclose", "exec", "exit",
+              "fork", "map", "unmap"]
+# seen: a process met while already running (path: exe, aux: its start, ns since the epoch);
+# mapped: a module it had mapped then (path, aux: load base), as /proc/PID/maps showed it;
+# table: a resource's table of it was read, or could not be (path: "read" or why not); tracing
+#   of it is complete from its first such row on (ret 1: from this row on: its C library was
+#   probed late);
+# held: a handle in use in that table (handle, owner; ret 1: the owner lay in no mapping);
+# counted: the kernel's own counts of a resource for the process image, kept whatever records
+#   were lost (aux: acquires, caller: failed acquires, owner: releases, load: failed releases).
 HOST_OPS = ["seen", "mapped", "table", "held", "counted"]
 OPS = [""] + KERNEL_OPS + HOST_OPS
 CODE = {name: i for i, name in enumerate(OPS) if name}
 
 # The columns of an events frame, in order: what decode() makes and what files hold.
-# stack: a create's user stack, caller first, as hex addresses separated by spaces.
-COLUMNS = ["ts", "pid", "tid", "comm", "op", "key", "ret", "destructor", "caller",
-           "path", "handle", "load", "child", "stack", "seq"]
-_KEYED = [CODE[o] for o in ("create", "delete", "held")]
+# resource: the name of the resource an acquire, release, held handle, table or count is of;
+# stack: an acquire's user stack, caller first, as hex addresses separated by spaces.
+COLUMNS = ["ts", "pid", "tid", "comm", "op", "resource", "handle", "ret", "owner", "caller",
+           "path", "aux", "load", "child", "stack", "seq"]
+_HANDLED = [CODE[o] for o in ("acquire", "release", "held")]
+_OF_RESOURCE = [CODE[o] for o in ("acquire", "acquire_failed", "release", "held", "table",
+                                  "counted")]
 _PATHED = [CODE[o] for o in ("dlopen", "exec", "map", "seen", "mapped", "table")]
+
+# Resources by id, as records carry them; a name is registered once and keeps its id.
+RESOURCES: list = []
+
+
+def register_resource(name: str) -> int:
+    """The id of a resource, by name (registered on first use)."""
+    if name not in RESOURCES:
+        RESOURCES.append(name)
+    return RESOURCES.index(name)
+
+
+def resource_name(res: int) -> str:
+    return RESOURCES[res] if 0 <= res < len(RESOURCES) else f"resource {res}"
 
 
 def c_definitions() -> str:
     """The op codes, limits and `struct event` for the C side, generated from this module."""
     lines = [f"#define OP_{name.upper()} {code}" for name, code in CODE.items()
              if name in KERNEL_OPS]
+    lines += [f"#define KT_RES_{name.upper().replace('/', '_')} {code}"
+              for code, name in enumerate(RESOURCES) if name.replace("/", "_").isidentifier()]
     lines += [f"#define KT_LIBC_{name.upper()} {code}" for code, name in enumerate(LIBCS)]
+    lines += [f"#define KT_RESOURCES {max(len(RESOURCES), 1)}"]
     lines += [f"#define KT_PATH_LEN {PATH_LEN}", f"#define KT_MAX_MODULES {MAX_MODULES}",
               f"#define KT_MAX_ENTRIES {MAX_ENTRIES}", f"#define KT_DLOPEN_DEPTH {DLOPEN_DEPTH}"]
     return "\n".join(lines + [c_struct("event", RECORD), ""])
@@ -188,38 +214,63 @@ def decode(batch: np.ndarray, wall_offset_ns: int,
         "tid": batch["tid"].astype(np.int64),
         "comm": _decode_strings(batch["comm"]),
         "op": pd.Categorical.from_codes(op - 1, dtype=op_type()),
-        "key": pd.array(batch["key"], dtype="Int64"),
+        "resource": pd.Series(_resources(batch, op), dtype=object),
+        "handle": pd.array(batch["handle"], dtype="UInt64"),
         "ret": batch["ret"].astype(np.int64),
-        "destructor": batch["destructor"],
+        "owner": batch["owner"],
         "caller": batch["caller"],
         "path": pd.Series(paths, dtype=object),  # object: the same under pandas 2 and 3
-        "handle": batch["handle"],
+        "aux": batch["aux"],
         "load": batch["load"],
         "child": np.where(op == CODE["fork"], batch["other"], 0).astype(np.int64),
         "stack": pd.Series(_stacks(batch, stack_of), dtype=object),
-        "seq": np.where(np.isin(op, _KEYED), batch["other"], 0).astype(np.int64),
+        "seq": np.where(np.isin(op, _HANDLED), batch["other"], 0).astype(np.int64),
     })
-    frame["key"] = frame["key"].mask(~np.isin(op, _KEYED))
+    frame["handle"] = frame["handle"].mask(~np.isin(op, _HANDLED))
     return frame
+
+
+def _resources(batch: np.ndarray, op: np.ndarray) -> list:
+    """Each record's resource name, None where its op is of none."""
+    out = [None] * len(batch)
+    for i in np.flatnonzero(np.isin(op, _OF_RESOURCE)).tolist():
+        out[i] = resource_name(int(batch["res"][i]))
+    return out
 
 
 def columns(batch: np.ndarray, wall_offset_ns: int,
             stack_of: Optional[Callable[[int], list]] = None) -> tuple:
     """What a replay reads of each record, as Python lists straight from the records (no frame:
     an always-on tracer that keeps no events need not pay pandas per drain): ts, pid, comm, op
-    (code), key (-1: none), ret, destructor, caller, path, handle, load, child, stack, seq."""
+    (code), resource (name or None), handle (-1: none), ret, owner, caller, path, aux, load,
+    child, stack, seq. The one shape a replay takes: frames give it through frame_columns."""
     op = _ops(batch)
-    keyed = np.isin(op, _KEYED)
+    handled = np.isin(op, _HANDLED)
     uniques, inverse = np.unique(batch["comm"], return_inverse=True)
     names = [u.decode("utf-8", "replace") for u in uniques]
     paths = _paths(batch, op)
     return ((batch["ts"].astype(np.int64) + wall_offset_ns).tolist(), batch["pid"].tolist(),
             [names[i] for i in inverse.reshape(-1).tolist()], op.tolist(),
-            np.where(keyed, batch["key"], -1).tolist(), batch["ret"].tolist(),
-            batch["destructor"].tolist(), batch["caller"].tolist(), paths,
-            batch["handle"].tolist(), batch["load"].tolist(),
+            _resources(batch, op),
+            np.where(handled, batch["handle"].astype(np.int64), -1).tolist(), batch["ret"].tolist(),
+            batch["owner"].tolist(), batch["caller"].tolist(), paths,
+            batch["aux"].tolist(), batch["load"].tolist(),
             np.where(op == CODE["fork"], batch["other"], 0).tolist(),
-            _stacks(batch, stack_of).tolist(), np.where(keyed, batch["other"], 0).tolist())
+            _stacks(batch, stack_of).tolist(), np.where(handled, batch["other"], 0).tolist())
+
+
+def frame_columns(f: "pd.DataFrame") -> tuple:
+    """An events frame as columns() gives records: the same shape, for one replay."""
+    return (
+        f["ts"].array.asi8.tolist(),
+        f["pid"].tolist(), f["comm"].astype(object).tolist(),
+        (f["op"].cat.codes + 1).tolist(),
+        f["resource"].astype(object).where(f["resource"].notna(), None).tolist(),
+        f["handle"].astype("Int64").fillna(-1).astype(np.int64).tolist(),
+        f["ret"].tolist(), f["owner"].tolist(), f["caller"].tolist(),
+        f["path"].astype(object).tolist(), f["aux"].tolist(), f["load"].tolist(),
+        f["child"].tolist(), f["stack"].astype(object).tolist(), f["seq"].tolist(),
+    )
 
 
 def _stacks(batch: np.ndarray, stack_of) -> np.ndarray:
@@ -247,6 +298,8 @@ def records(rows: list[dict]) -> np.ndarray:
                 v = v.encode()[:RECORD[k].itemsize - 1]
             elif k in ("child", "seq"):
                 k = "other"
+            elif k == "resource":
+                k, v = "res", register_resource(v)
             a[i][k] = v
     return a
 

@@ -29,7 +29,9 @@ from ..analysis import forecast as fc
 from ..analysis import verdicts
 from ..analysis.attribution import UNKNOWN, Attribution
 from ..host import proc
+from ..resources.keys import KEYS
 from ..session import KeyTracer
+from ..state.tables import Table
 from ..state.tracker import Tracker
 from .state import State
 
@@ -175,24 +177,25 @@ class Agent:
 
     def _count(self, p) -> None:
         # Naming the library of each site reads ELF files: only when the process's counts moved.
-        sig = (p.keys.creates, p.keys.deletes, p.keys.missed)
+        t = p.tables.get(KEYS.name) or Table()
+        sig = (t.acquires, t.releases, t.missed)
         if self._counted.get(p.ident) == sig:
             return
         self._counted[p.ident] = sig
         exe = p.exe or p.comm
         a = Attribution(p)
         made: dict = defaultdict(lambda: [0, 0])
-        for site in p.keys.sites.values():
+        for site in t.sites.values():
             if not site.held:
                 lib = a.library_of(site)
-                made[lib][0] += site.created
-                made[lib][1] += site.deleted
-        made[UNKNOWN][0] += p.keys.missed[0]
-        made[UNKNOWN][1] += p.keys.missed[2]
+                made[lib][0] += site.acquired
+                made[lib][1] += site.released
+        made[UNKNOWN][0] += t.missed[0]
+        made[UNKNOWN][1] += t.missed[2]
         for lib, (created, deleted) in made.items():
             self._creates.add(p.ident, exe, lib, created)
             self._deletes.add(p.ident, exe, lib, deleted)
-        self._failures.add(p.ident, exe, "", p.keys.failed_creates + p.keys.missed[1])
+        self._failures.add(p.ident, exe, "", t.failed_acquires + t.missed[1])
 
 
 class Collector:

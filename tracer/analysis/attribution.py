@@ -20,9 +20,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
+from .. import resource as resources
 from ..host import libc
 from ..host.elf import ElfInfo, FileCache, elf_info, read_vaddr
-from ..state.keys import Site
+from ..state.tables import Site, Table
 from ..state.modules import Module
 from ..state.processes import Process
 
@@ -205,21 +206,22 @@ class Resolver:
         destructor only."""
         if site.held:
             if site.unmapped:  # orphaned whatever we find: still, name the library if we can
-                return self.module_ever_at(site.destructor)
-            return self.module_at(site.destructor, site.first, 0)
+                return self.module_ever_at(site.owner)
+            return self.module_at(site.owner, site.first, 0)
         for f in self.stack(site):
             if f.module is not None and not libc.is_plumbing(f.module.path):
                 return f.module
-        if site.destructor:
-            return self.module_at(site.destructor, site.first, site.load)
+        if site.owner:
+            return self.module_at(site.owner, site.first, site.load)
         return None
 
 
 @dataclass
 class Occasion:
-    """Keys one code path made at one time: in one dlopen (load), in one short burst, or held."""
-    first: int   # ts of its first key
-    keys: int
+    """Handles one code path made at one time: in one dlopen (load), in one short burst, or
+    held."""
+    first: int   # ts of its first handle
+    handles: int
     load: int = 0
     held: bool = False
 
@@ -234,17 +236,20 @@ class Attribution:
 
     without_elf: name nothing (no ELF file is read); code paths are then raw addresses."""
 
-    def __init__(self, proc: Process, without_elf: bool = False):
+    def __init__(self, proc: Process, resource=None, without_elf: bool = False):
         self.proc = proc
+        r = resource or resources.default()
+        self.table = proc.tables.get(r.name) or Table()
+        self.unit, self.units, self.owner_word = r.word("unit"), r.word("units"), r.word("owner")
         self.resolver = Resolver(proc.modules.instances, proc.pid if proc.exited is None else None)
         self.without_elf = without_elf
-        keys = proc.keys
-        sites = keys.sites.values()
-        self.live = Counter(id(s) for s in keys.live.values())
-        # Its own keys: made since tracing of this image began. A forked child's inherited keys
-        # are its parent's, judged (and counted) in the parent's row.
+        t = self.table
+        sites = t.sites.values()
+        self.live = Counter(id(s) for s in t.live.values())
+        # Its own handles: made since tracing of this image began. A forked child's inherited
+        # ones are its parent's, judged (and counted) in the parent's row.
         self.since = proc.traced_since or 0
-        self.own = {k: s for k, s in keys.live.items() if keys.born.get(k, self.since) >= self.since}
+        self.own = {k: s for k, s in t.live.items() if t.born.get(k, self.since) >= self.since}
         self.maker = {id(s): None if without_elf else self.resolver.creator(s) for s in sites}
         self._paths: dict = {}
 
@@ -267,19 +272,19 @@ class Attribution:
 
     def _code_path(self, site: Site) -> Optional[str]:
         if site.held:
-            if not site.destructor:
+            if not site.owner:
                 return None
             if site.unmapped or self.without_elf:
-                return f"destructor {site.destructor:#x}"
-            return f"destructor {self.resolver.frame(site.destructor, site.first, 0)}"
+                return f"{self.owner_word} {site.owner:#x}"
+            return f"{self.owner_word} {self.resolver.frame(site.owner, site.first, 0)}"
         if self.without_elf:
             return site.stack or f"{site.caller:#x}"
         path = " <- ".join(str(f) for f in self.resolver.stack(site))
         # Code without frame pointers cuts the path at its caller: a wrapper that makes keys
         # for many callers (GLib's g_private, OpenSSL's CRYPTO_THREAD_init_local) would read as
         # one path; their keys' destructors tell them apart.
-        if site.destructor:
-            path += f" (destructor {self.resolver.frame(site.destructor, site.first, site.load)})"
+        if site.owner:
+            path += f" ({self.owner_word} {self.resolver.frame(site.owner, site.first, site.load)})"
         return path
 
     def occasions(self) -> dict:
@@ -287,7 +292,7 @@ class Attribution:
         time order: the keys of one dlopen are one occasion; keys made outside dlopens within
         OCCASION_NS of an occasion's first key are that occasion; a held key is one of its own
         (when it was made is not known), as scan counts them."""
-        born = self.proc.keys.born
+        born = self.table.born
         out: dict = defaultdict(list)
         in_load: dict = {}  # (path, load id) -> its occasion
         for key, site in sorted(self.own.items(), key=lambda kv: born.get(kv[0], 0)):
@@ -297,10 +302,10 @@ class Attribution:
             ts = born.get(key, site.first)
             last = out[path][-1] if out[path] else None
             if site.load and (path, site.load) in in_load:
-                in_load[(path, site.load)].keys += 1
+                in_load[(path, site.load)].handles += 1
             elif (not site.held and not site.load and last is not None and last.steady
                     and ts - last.first < OCCASION_NS):
-                last.keys += 1
+                last.handles += 1
             else:
                 out[path].append(Occasion(ts, 1, site.load, site.held))
                 if site.load:
@@ -317,7 +322,7 @@ class Attribution:
             if len(occ) >= SAME_PATH_KEYS:
                 timed = [o for o in occ if o.steady]
                 times += [o.first for o in timed]
-                keys += sum(o.keys for o in timed[1:])
+                keys += sum(o.handles for o in timed[1:])
         return {"steady_keys": keys, "steady_occasions": len(times),
                 "steady_first": min(times, default=None), "steady_last": max(times, default=None)}
 
@@ -342,33 +347,33 @@ class Attribution:
         n = len(self.resolver.stack(site))
         return "" if n >= 3 else "stack cut short: a caller without frame pointers"
 
-    def lost_keys(self) -> int:
-        """Live keys whose creates' records were lost (the kernel's counts say they exist)."""
-        return max(0, self.proc.keys.live_count - len(self.proc.keys.live))
+    def lost_live(self) -> int:
+        """Live handles whose acquires' records were lost (the kernel's counts say they exist)."""
+        return max(0, self.table.live_count - len(self.table.live))
 
     def libraries(self) -> list[dict]:
-        """Per creating library: keys created, deleted, live and orphaned, and the chain of
-        its busiest call site; "?" for the calls whose records were lost."""
-        acc: dict = defaultdict(lambda: {"created": 0, "deleted": 0, "live_keys": 0,
-                                         "orphaned_keys": 0, "_top": None})
+        """Per acquiring library: handles acquired, released, in use and orphaned, and the chain
+        of its busiest call site; "?" for the calls whose records were lost."""
+        acc: dict = defaultdict(lambda: {"acquired": 0, "released": 0, "in_use": 0,
+                                         "orphaned": 0, "_top": None})
         own = Counter(id(s) for s in self.own.values())
-        for site in self.proc.keys.sites.values():
+        for site in self.table.sites.values():
             row = acc[self.library_of(site)]
             n = self.live.get(id(site), 0)
-            row["created"] += 0 if site.held else site.created
-            row["deleted"] += site.deleted
-            row["live_keys"] += n
+            row["acquired"] += 0 if site.held else site.acquired
+            row["released"] += site.released
+            row["in_use"] += n
             if self.orphaned(site):
-                row["orphaned_keys"] += own.get(id(site), 0)
-            if row["_top"] is None or (n, site.created) > row["_top"][0]:
-                row["_top"] = ((n, site.created), site)
+                row["orphaned"] += own.get(id(site), 0)
+            if row["_top"] is None or (n, site.acquired) > row["_top"][0]:
+                row["_top"] = ((n, site.acquired), site)
         out = [{"library": lib, **{k: v for k, v in row.items() if k != "_top"},
                 "stack": self.chain(row["_top"][1]), "stack_note": self.stack_note(row["_top"][1])}
                for lib, row in acc.items()]
-        missed = self.proc.keys.missed
+        missed = self.table.missed
         if missed[0] or missed[2]:
-            out.append({"library": UNKNOWN, "created": missed[0], "deleted": missed[2],
-                        "live_keys": self.lost_keys(), "orphaned_keys": 0, "stack": "",
+            out.append({"library": UNKNOWN, "acquired": missed[0], "released": missed[2],
+                        "in_use": self.lost_live(), "orphaned": 0, "stack": "",
                         "stack_note": LOST_NOTE})
         return out
 
@@ -388,7 +393,7 @@ class Attribution:
             if ts >= self.since:
                 by_path[path].append((ts, load))
         done = self.proc.modules.completed_loads()
-        first_failure = self.proc.keys.first_failure
+        first_failure = self.table.first_failure
         rows = []
         for path, loads in by_path.items():
             loads.sort()
@@ -404,11 +409,12 @@ class Attribution:
             name = os.path.basename(path)
             rows.append({
                 "loaded": path, "cycles": len(loads), "completed": len(counted),
-                "keys_left": sum(left[load] for _, load in counted),
-                "keys_per_cycle": per, "made_by": maker,
-                "finding": (f"each load of {name} leaves {per:g} key{'' if per == 1 else 's'}, "
+                "left": sum(left[load] for _, load in counted),
+                "left_per_cycle": per, "made_by": maker,
+                "finding": (f"each load of {name} leaves {per:g} "
+                            f"{self.unit if per == 1 else self.units}, "
                             f"made by {os.path.basename(maker)}" if per > 0 else
-                            f"loads of {name} leave no key" if counted else
+                            f"loads of {name} leave no {self.unit}" if counted else
                             f"{name} was never unloaded"),
                 "first_cycle": counted[0][0] if counted else None,
                 "last_cycle": counted[-1][0] if counted else None,
@@ -418,7 +424,7 @@ class Attribution:
     def summary(self) -> dict:
         """The attribution fields of the process's summary row."""
         libs = [] if self.without_elf else self.libraries()
-        live = {row["library"]: row["live_keys"] for row in libs if row["live_keys"]}
+        live = {row["library"]: row["in_use"] for row in libs if row["in_use"]}
         reloads = self.reloads()
         occasions = self.occasions()
         top = max(occasions.items(), key=lambda kv: len(kv[1]), default=("", []))
@@ -426,10 +432,10 @@ class Attribution:
         return {
             "library": max(live, key=live.get) if live else "",
             "libraries": dict(sorted(live.items(), key=lambda kv: -kv[1])),
-            "orphaned_keys": sum(1 for s in self.own.values() if self.orphaned(s)),
-            "same_path_keys": len(top[1]), "busiest_path": top[0],
-            "busiest_keys": sum(o.keys for o in top[1]),
-            "leak_per_reload": sum(row["keys_per_cycle"] for row in reloads),
+            "orphaned": sum(1 for s in self.own.values() if self.orphaned(s)),
+            "same_path": len(top[1]), "busiest_path": top[0],
+            "busiest": sum(o.handles for o in top[1]),
+            "per_cycle": sum(row["left_per_cycle"] for row in reloads),
             "reload_cycles": max((row["completed"] for row in reloads), default=0),
             "cycles_first": min((r["first_cycle"] for r in timed), default=None),
             "cycles_last": max((r["last_cycle"] for r in timed), default=None),

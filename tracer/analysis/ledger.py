@@ -1,6 +1,7 @@
 """The Ledger: a tracker's state with the questions asked of it (summary, per library, per
-reload, forecast, keys over time), and saving and loading it. Every answer is computed from a
-snapshot taken under the ingest lock and analysed outside it.
+reload, forecast, in use over time), for each resource, and saving and loading it. Every answer is
+computed from a snapshot taken under the ingest lock and analysed outside it. A question not told
+which resource is about the first registered (pthread keys).
 """
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ from typing import Optional
 
 import pandas as pd
 
+from .. import resource as resources
 from ..state.tracker import Tracker
 from ..store import files
 from . import verdicts
 
 
+def _resource(name) -> "resources.Resource":
+    return resources.default() if name is None else resources.get(name) if isinstance(name, str) else name
+
+
 class Ledger(Tracker):
-    """Per-process pthread key state built from events, and the verdicts on it."""
+    """Per-process state of every resource traced, built from events, and the verdicts on it.
+    resource= (a name or a declaration) picks the resource a question is about."""
 
     @classmethod
     def from_file(cls, path, **kwargs) -> "Ledger":
@@ -28,31 +35,48 @@ class Ledger(Tracker):
         """Write the kept events, and the count of lost records, to path (by its extension)."""
         files.save_events(self.events, path, lost=self.lost, end=self.last_ts)
 
+    def resources(self) -> list:
+        """The names of the resources the ledger has seen, the first registered first."""
+        procs, _ = self.snapshot()
+        seen = {n for p in procs for n in p.tables}
+        order = [r.name for r in resources.known()]
+        return sorted(seen, key=lambda n: (order.index(n) if n in order else len(order), n))
+
     def summary(self, all_processes: bool = False, reloads_per_day: Optional[float] = None,
-                attribute: bool = True) -> pd.DataFrame:
-        """One row per process: counters, live keys, the library behind them, the forecast and
-        the verdict (see tracer.analysis.verdicts). Only processes that touched keys or
-        libraries are listed unless all_processes. attribute=False skips naming libraries."""
+                attribute: bool = True, resource=None) -> pd.DataFrame:
+        """One row per process: counters, handles in use, the library behind them, the
+        forecast and the verdict (see tracer.analysis.verdicts). Only processes that touched a
+        resource or a library are listed unless all_processes. attribute=False skips naming
+        libraries."""
         procs, now = self.snapshot(None if all_processes else (lambda p: p.active))
-        return verdicts.summarize(procs, now, reloads_per_day, attribute)
+        return verdicts.summarize(procs, now, reloads_per_day, attribute, _resource(resource))
 
-    def forecast(self, reloads_per_day: Optional[float] = None) -> pd.DataFrame:
-        """Per process: keys in use, the limit, the leak rate and when it runs out."""
-        return self.summary(reloads_per_day=reloads_per_day)[verdicts.FORECAST_COLUMNS]
+    def forecast(self, reloads_per_day: Optional[float] = None, resource=None) -> pd.DataFrame:
+        """Per process: handles in use, the limit, the leak rate and when it runs out."""
+        r = _resource(resource)
+        return self.summary(reloads_per_day=reloads_per_day, resource=r)[verdicts.forecast_columns(r)]
 
-    def by_library(self) -> pd.DataFrame:
-        """One row per (process, creating library): keys created, deleted, live, orphaned."""
-        return verdicts.by_library(self.snapshot(lambda p: p.keys.sites)[0])
+    def by_library(self, resource=None) -> pd.DataFrame:
+        """One row per (process, acquiring library): handles acquired, released, in use,
+        orphaned (keys: created, deleted, live_keys, orphaned_keys)."""
+        r = _resource(resource)
+        procs = self.snapshot(lambda p: p.tables.get(r.name) is not None
+                              and bool(p.tables[r.name].sites))[0]
+        return verdicts.by_library(procs, r)
 
-    def reloads(self) -> pd.DataFrame:
-        """One row per (process, dlopen'd path): cycles and the keys each one leaves behind."""
-        return verdicts.reloads(self.snapshot(lambda p: p.modules.loads)[0])
+    def reloads(self, resource=None) -> pd.DataFrame:
+        """One row per (process, dlopen'd path): cycles and what each one leaves behind."""
+        return verdicts.reloads(self.snapshot(lambda p: p.modules.loads)[0], _resource(resource))
+
+    def in_use_over_time(self, resource=None) -> pd.DataFrame:
+        """Handles in use per process after each acquire and release (ts, pid, comm, in use in
+        the resource's words: live_keys), from the kept events. Counts restart at exec; handles
+        inherited through fork are not included (the child's line starts at 0)."""
+        return verdicts.in_use_over_time(self.events, _resource(resource))
 
     def keys_over_time(self) -> pd.DataFrame:
-        """Keys in use per process after each create and delete (ts, pid, comm, live_keys),
-        from the kept events. Counts restart at exec; keys inherited through fork are not
-        included (the child's line starts at 0)."""
-        return verdicts.keys_over_time(self.events)
+        """pthread keys in use over time: in_use_over_time() of the first resource."""
+        return self.in_use_over_time()
 
     def _repr_html_(self) -> str:
         from .html import ledger_html

@@ -1,6 +1,11 @@
 """The rules: what makes a process leaking or critical, which library is responsible, and how
-long is left. Written once; the CLI, the Python API and the Jupyter views read the frames built
-here, the agent the same rows as dicts (from snapshots of the tracker's per-process state).
+long is left. Written once, for every resource; the CLI, the Python API and the Jupyter views read
+the frames built here, the agent the same rows as dicts (from snapshots of the tracker's
+per-process state).
+
+Rows speak of acquires, releases and handles in use; a resource that has words of its own
+(pthread keys: creates, deletes, live_keys) names its columns with them, and keeps the generic
+ones too (resource, acquires, releases, failed_acquires, in_use, orphaned, per_cycle).
 
 pandas is imported by the functions that build frames only: the agent, which needs rows, never
 loads it (about 40 MB resident).
@@ -12,35 +17,72 @@ import os
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Optional
 
-from ..host import libc
+from .. import resource as resources
+from ..resource import Resource
+from ..state.tables import Table
 from ..state.tracker import Tracker
 from . import forecast as fc
 from .attribution import SAME_PATH_KEYS, UNKNOWN, Attribution
 
 NEAR_LIMIT = 0.8   # a table this full is shown as an emergency, whatever the rate
-NOTHING_TO_MEASURE = ("nothing to measure: no completed reload cycle, no code path that keeps "
-                      "making keys")
 
-# The summary's columns, in order: the JSON contract of `watch --json` and `report --json`.
-SUMMARY_COLUMNS = [
+# A summary row's fields, in order, generic: a resource with words of its own renames them.
+FIELDS = [
     "pid", "start", "comm", "exe", "alive", "parent_pid", "traced_since", "table",
-    "creates", "deletes", "failed_creates", "failed_deletes", "last_failure_ret",
-    "live_keys", "held_keys", "never_deleted",
-    "library", "libraries", "orphaned_keys", "same_path_keys", "busiest_path",
-    "limit", "headroom", "leak_per_reload", "reload_cycles", "reloads_per_day", "keys_per_second",
-    "rate_basis", "keys_per_day", "days_left", "exhaustion_eta", "leaking", "critical", "reason",
+    "acquires", "releases", "failed_acquires", "failed_releases", "last_failure_ret",
+    "in_use", "held", "never_released",
+    "library", "libraries", "orphaned", "same_path", "busiest_path",
+    "limit", "headroom", "per_cycle", "reload_cycles", "reloads_per_day", "per_second",
+    "rate_basis", "per_day", "days_left", "exhaustion_eta", "leaking", "critical", "reason",
 ]
-FORECAST_COLUMNS = ["pid", "comm", "live_keys", "limit", "headroom", "leak_per_reload",
-                    "reload_cycles", "reloads_per_day", "keys_per_second", "rate_basis",
-                    "keys_per_day", "days_left", "exhaustion_eta", "leaking"]
-BRIEF_COLUMNS = ["pid", "comm", "creates", "deletes", "failed_creates", "live_keys", "limit",
-                 "orphaned_keys", "library", "days_left", "leaking", "critical", "reason"]
-LIBRARY_COLUMNS = ["pid", "comm", "library", "created", "deleted", "live_keys", "orphaned_keys",
-                   "stack", "stack_note"]
-RELOAD_COLUMNS = ["pid", "comm", "loaded", "cycles", "completed", "keys_left", "keys_per_cycle",
-                  "made_by", "finding"]
+GENERIC = ["resource", "acquires", "releases", "failed_acquires", "in_use", "orphaned", "per_cycle"]
+_FORECAST = ["pid", "comm", "in_use", "limit", "headroom", "per_cycle", "reload_cycles",
+             "reloads_per_day", "per_second", "rate_basis", "per_day", "days_left",
+             "exhaustion_eta", "leaking"]
+_BRIEF = ["pid", "comm", "acquires", "releases", "failed_acquires", "in_use", "limit", "orphaned",
+          "library", "days_left", "leaking", "critical", "reason"]
+_LIBRARY = ["pid", "comm", "library", "acquired", "released", "in_use", "orphaned", "stack",
+            "stack_note"]
+_RELOAD = ["pid", "comm", "loaded", "cycles", "completed", "left", "left_per_cycle", "made_by",
+           "finding"]
 _NO_ATTRIBUTION = {"library": "", "libraries": {}}
+
+
+def _named(r: Resource, fields: list) -> list:
+    return [r.word(f) for f in fields]
+
+
+def summary_columns(r: Optional[Resource] = None) -> list:
+    """The summary's columns, in order: the JSON contract of `watch --json` and `report
+    --json`, for a resource (the first registered by default)."""
+    r = r or resources.default()
+    own = _named(r, FIELDS)
+    return own + [c for c in GENERIC if c not in own]
+
+
+def forecast_columns(r: Optional[Resource] = None) -> list:
+    return _named(r or resources.default(), _FORECAST)
+
+
+def brief_columns(r: Optional[Resource] = None) -> list:
+    return _named(r or resources.default(), _BRIEF)
+
+
+def library_columns(r: Optional[Resource] = None) -> list:
+    return _named(r or resources.default(), _LIBRARY)
+
+
+def reload_columns(r: Optional[Resource] = None) -> list:
+    return _named(r or resources.default(), _RELOAD)
+
+
+SUMMARY_COLUMNS = summary_columns()
+FORECAST_COLUMNS = forecast_columns()
+BRIEF_COLUMNS = brief_columns()
+LIBRARY_COLUMNS = library_columns()
+RELOAD_COLUMNS = reload_columns()
 _TIMES = ("start", "traced_since")  # ns since the epoch in rows; datetimes in frames
+_EMPTY = Table()
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,137 +100,160 @@ def _ts(ns: Optional[int]) -> Optional[datetime]:
     return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc) if ns is not None else None
 
 
-def is_leaking(critical, orphaned_keys, same_path_keys):
-    """The verdict, for a summary row or a scan row alike (scalars or pandas columns):
-    a create failed, keys are orphaned, or one code path keeps making keys that stay live
+def is_leaking(critical, orphaned, same_path):
+    """The verdict, for a summary row or a scan row alike (scalars or pandas columns): an
+    acquire failed, handles are orphaned, or one code path keeps making handles that stay live
     (on SAME_PATH_KEYS separate occasions; in a scan, that many keys share a destructor)."""
-    return critical | (orphaned_keys > 0) | (same_path_keys >= SAME_PATH_KEYS)
+    return critical | (orphaned > 0) | (same_path >= SAME_PATH_KEYS)
 
 
-def _state(p, now_ns: int, reloads_per_day: Optional[float], attribute: bool,
+def _state(p, r: Resource, now_ns: int, reloads_per_day: Optional[float], attribute: bool,
            prefer_measured: bool) -> dict:
-    k = p.keys
-    unknown = (p.table or "").startswith("not read")  # keys made before tracing: not known
+    """A process's row for one resource, in generic fields."""
+    t = p.tables.get(r.name) or _EMPTY
+    unknown = (t.read or "").startswith("not read")  # handles made before tracing: not known
     row = {
         "pid": p.pid, "start": p.start, "comm": p.comm, "exe": p.exe or "",
         "alive": p.exited is None, "parent_pid": p.parent[0] if p.parent else 0,
-        "traced_since": p.traced_since,
-        "table": p.table or "",
-        "creates": k.creates + k.missed[0] + k.missed[1], "deletes": k.deletes + k.missed[2],
-        "failed_creates": k.failed_creates + k.missed[1],
-        "failed_deletes": k.failed_deletes + k.missed[3], "last_failure_ret": k.last_failure_ret,
-        "live_keys": k.live_count, "held_keys": k.held_count,
+        "traced_since": p.traced_since, "table": t.read or "", "resource": r.name,
+        "acquires": t.acquires + t.missed[0] + t.missed[1], "releases": t.releases + t.missed[2],
+        "failed_acquires": t.failed_acquires + t.missed[1],
+        "failed_releases": t.failed_releases + t.missed[3], "last_failure_ret": t.last_failure_ret,
+        "in_use": t.live_count, "held": t.held_count,
     }
-    row["never_deleted"] = row["creates"] - row["failed_creates"] > 0 and row["deletes"] == 0
-    attr = Attribution(p, without_elf=not attribute).summary()
+    row["never_released"] = row["acquires"] - row["failed_acquires"] > 0 and row["releases"] == 0
+    attr = Attribution(p, r, without_elf=not attribute).summary()
     if not attribute:
         attr.update(_NO_ATTRIBUTION)
-    rates = _rates(attr, (p.exited or now_ns) - p.traced_since, reloads_per_day, prefer_measured)
-    critical = row["failed_creates"] > 0
-    leaking = bool(is_leaking(critical, attr["orphaned_keys"], attr["same_path_keys"]))
-    limit = libc.MUSL_KEYS_MAX if p.libc == "musl" else libc.key_limit(p.modules.paths + [row["exe"]])
-    # No date without a leak; a failed create dates the exhaustion itself.
-    f = fc.exhaustion(k.live_count, limit, _ts(now_ns), rates["keys_per_day"] if leaking else None,
-                      _ts(k.first_failure) if critical else None)
-    row.update(library=attr["library"], libraries=attr["libraries"],
-               orphaned_keys=attr["orphaned_keys"], same_path_keys=attr["same_path_keys"],
-               busiest_path=attr["busiest_path"], limit=limit,
-               headroom=None if unknown else f.headroom,
-               leak_per_reload=attr["leak_per_reload"], reload_cycles=attr["reload_cycles"],
-               **rates,
-               days_left=None if unknown and not critical else f.days_left,
-               exhaustion_eta=None if unknown and not critical else f.exhaustion_eta,
+    rates = _rates(attr, (p.exited or now_ns) - p.traced_since, reloads_per_day, prefer_measured, r)
+    critical = row["failed_acquires"] > 0
+    leaking = bool(is_leaking(critical, attr["orphaned"], attr["same_path"]))
+    limit = r.limit_of(p) if r.limit_of else r.limit
+    # No date without a leak, none without a limit; a failed acquire dates the exhaustion.
+    f = fc.exhaustion(t.live_count, limit, _ts(now_ns), rates["per_day"] if leaking else None,
+                      _ts(t.first_failure) if critical else None) if limit else None
+    row.update(library=attr["library"], libraries=attr["libraries"], orphaned=attr["orphaned"],
+               same_path=attr["same_path"], busiest_path=attr["busiest_path"], limit=limit,
+               headroom=None if unknown or f is None else f.headroom,
+               per_cycle=attr["per_cycle"], reload_cycles=attr["reload_cycles"], **rates,
+               days_left=None if f is None or (unknown and not critical) else f.days_left,
+               exhaustion_eta=(None if f is None or (unknown and not critical)
+                               else f.exhaustion_eta),
                leaking=leaking, critical=critical)
-    row["reason"] = _reason(row, attr["busiest_keys"], k.missed[0])
+    row["reason"] = _reason(row, r, attr["busiest"], t.missed[0])
     return row
 
 
-def _rates(attr: dict, observed: int, given: Optional[float], prefer_measured: bool) -> dict:
-    """The rate fields of a row, None when unknown: keys a day are what the reload cycles
-    leave at the reload rate plus what the code paths that keep making keys outside reloads
-    make (keys a second, over the observed time); rate_basis says how each was had, or why not."""
+def _rates(attr: dict, observed: int, given: Optional[float], prefer_measured: bool,
+           r: Resource) -> dict:
+    """The rate fields of a row, None when unknown: handles a day are what the reload cycles
+    leave at the reload rate plus what the code paths that keep making them outside reloads
+    make (a second, over the observed time); rate_basis says how each was had, or why not."""
     reload = fc.reload_rate(given, attr["reload_cycles"], attr["cycles_first"],
                             attr["cycles_last"], observed, prefer_measured)
     steady = fc.steady_rate(attr["steady_keys"], attr["steady_occasions"], attr["steady_first"],
                             attr["steady_last"], observed) if attr["steady_occasions"] else None
     per_time = steady.per_day if steady else None
-    per_reload = None if reload.per_day is None else attr["leak_per_reload"] * reload.per_day
+    per_reload = None if reload.per_day is None else attr["per_cycle"] * reload.per_day
     known = [x for x in (per_reload, per_time) if x is not None]
     bases = [reload.basis] if given or attr["reload_cycles"] else []
     bases += [steady.basis] if steady else []
+    nothing = ("nothing to measure: no completed reload cycle, no code path that keeps making "
+               f"{r.word('units')}")
     return {"reloads_per_day": reload.per_day,
-            "keys_per_second": None if per_time is None else per_time / 86_400,
-            "rate_basis": "; ".join(bases) or NOTHING_TO_MEASURE,
-            "keys_per_day": sum(known) if known else None}
+            "per_second": None if per_time is None else per_time / 86_400,
+            "rate_basis": "; ".join(bases) or nothing,
+            "per_day": sum(known) if known else None}
 
 
-def _reason(r: dict, busiest_keys: int, lost_creates: int) -> str:
+def _reason(row: dict, r: Resource, busiest: int, lost: int) -> str:
+    unit = r.word("unit")
     parts = []
-    if r["critical"]:
-        parts.append(f"pthread_key_create failed {r['failed_creates']}x "
-                     f"({_errname(r['last_failure_ret'])}"
-                     + (": key table full" if r["last_failure_ret"] == errno.EAGAIN else "") + ")")
-    if r["orphaned_keys"]:
-        lib = f" (made by {os.path.basename(r['library'])})" if r["library"] else ""
-        parts.append(f"{_plural(r['orphaned_keys'], 'key')} orphaned: the library instance that "
+    if row["critical"]:
+        call = r.word("acquire_call")
+        full = f": {r.word('full')}" if row["last_failure_ret"] == errno.EAGAIN else ""
+        parts.append(f"{call} failed {row['failed_acquires']}x "
+                     f"({_errname(row['last_failure_ret'])}{full})")
+    if row["orphaned"]:
+        lib = f" (made by {os.path.basename(row['library'])})" if row["library"] else ""
+        parts.append(f"{_plural(row['orphaned'], unit)} orphaned: the library instance that "
                      f"made them is unmapped{lib}")
-    if r["same_path_keys"] >= SAME_PATH_KEYS:
-        parts.append(f"{_plural(busiest_keys, 'key')} live from one code path, made on "
-                     f"{r['same_path_keys']} separate occasions ({r['busiest_path']})")
-    if r["leaking"]:
-        if r["days_left"] is not None and r["days_left"] > 0:
-            parts.append(f"out of keys in {fc.describe(r['days_left'])}")
-        elif r["days_left"] is None and not r["table"].startswith("not read"):
-            parts.append(f"no date: {r['rate_basis']}" if r["keys_per_day"] is None else
-                         f"no date: no key a day measured ({r['rate_basis']})")
-    if r["table"].startswith("not read"):
-        parts.append(f"keys made before tracing are not counted (table {r['table']})")
-    if lost_creates:
-        parts.append(f"{_plural(lost_creates, 'create')} not recorded (the kernel could not queue "
-                     f"the records): counted, library \"{UNKNOWN}\"")
+    if row["same_path"] >= SAME_PATH_KEYS:
+        parts.append(f"{_plural(busiest, unit)} live from one code path, made on "
+                     f"{row['same_path']} separate occasions ({row['busiest_path']})")
+    if row["leaking"]:
+        if row["days_left"] is not None and row["days_left"] > 0:
+            parts.append(f"out of {r.word('units')} in {fc.describe(row['days_left'])}")
+        elif row["limit"] is None:
+            parts.append("no date: no limit is known (--limit)")
+        elif row["days_left"] is None and not row["table"].startswith("not read"):
+            parts.append(f"no date: {row['rate_basis']}" if row["per_day"] is None else
+                         f"no date: no {unit} a day measured ({row['rate_basis']})")
+    if row["table"].startswith("not read"):
+        parts.append(f"{r.word('units')} made before tracing are not counted "
+                     f"(table {row['table']})")
+    if lost:
+        parts.append(f"{_plural(lost, r.word('acquire_word'))} not "
+                     f"recorded (the kernel could not queue the records): counted, library "
+                     f"\"{UNKNOWN}\"")
     return "; ".join(parts)
 
 
+def _words(r: Resource, row: dict) -> dict:
+    """A generic row in the resource's words, generic fields kept beside them."""
+    out = {r.word(k): v for k, v in row.items()}
+    for k in GENERIC:
+        out.setdefault(k, row[k])
+    return out
+
+
 def rows(procs, now_ns: int, reloads_per_day: Optional[float] = None,
-         attribute: bool = True, prefer_measured: bool = False) -> list:
-    """The per-process summary as dicts (SUMMARY_COLUMNS; start and traced_since in ns since
-    the epoch), judged, sorted: critical, leaking, most keys. prefer_measured: a given
-    reloads_per_day is an assumption that a trusted measure replaces (the agent), not the
-    user's what-if that wins (watch, report)."""
-    out = [_state(p, now_ns, reloads_per_day, attribute, prefer_measured) for p in procs]
-    return sorted(out, key=lambda r: (not r["critical"], not r["leaking"], -r["live_keys"], r["pid"]))
+         attribute: bool = True, prefer_measured: bool = False,
+         resource: Optional[Resource] = None) -> list:
+    """The per-process summary of a resource (the first registered by default) as dicts
+    (summary_columns; start and traced_since in ns since the epoch), judged, sorted: critical,
+    leaking, most in use. prefer_measured: a given reloads_per_day is an assumption that a
+    trusted measure replaces (the agent), not the user's what-if that wins (watch, report)."""
+    r = resource or resources.default()
+    out = [_state(p, r, now_ns, reloads_per_day, attribute, prefer_measured) for p in procs]
+    out.sort(key=lambda x: (not x["critical"], not x["leaking"], -x["in_use"], x["pid"]))
+    return [_words(r, x) for x in out]
 
 
 def summarize(procs, now_ns: int, reloads_per_day: Optional[float] = None,
-              attribute: bool = True) -> "pd.DataFrame":
-    """The per-process summary frame, judged, sorted: critical, leaking, most keys."""
+              attribute: bool = True, resource: Optional[Resource] = None) -> "pd.DataFrame":
+    """The per-process summary frame, judged, sorted: critical, leaking, most in use."""
     import pandas as pd
-    df = pd.DataFrame(rows(procs, now_ns, reloads_per_day, attribute), columns=SUMMARY_COLUMNS)
+    r = resource or resources.default()
+    df = pd.DataFrame(rows(procs, now_ns, reloads_per_day, attribute, resource=r),
+                      columns=summary_columns(r))
     for col in _TIMES:
         df[col] = pd.to_datetime(df[col], unit="ns", utc=True)
     df["exhaustion_eta"] = pd.to_datetime(df["exhaustion_eta"], utc=True)
-    df["headroom"] = df["headroom"].astype("Int64")
-    return df.astype({"leaking": bool, "critical": bool, "alive": bool, "never_deleted": bool})
+    df[r.word("headroom")] = df[r.word("headroom")].astype("Int64")
+    return df.astype({"leaking": bool, "critical": bool, "alive": bool,
+                      r.word("never_released"): bool})
 
 
-def by_library(procs) -> "pd.DataFrame":
+def by_library(procs, resource: Optional[Resource] = None) -> "pd.DataFrame":
     import pandas as pd
+    r = resource or resources.default()
     out = []
     for p in procs:
-        a = Attribution(p)
-        for row in a.libraries():
-            out.append({"pid": p.pid, "comm": p.comm, **row})
-    return (pd.DataFrame(out, columns=LIBRARY_COLUMNS)
-            .sort_values(["live_keys", "pid"], ascending=[False, True], ignore_index=True))
+        for row in Attribution(p, r).libraries():
+            out.append({r.word(k): v for k, v in {"pid": p.pid, "comm": p.comm, **row}.items()})
+    return (pd.DataFrame(out, columns=library_columns(r))
+            .sort_values([r.word("in_use"), "pid"], ascending=[False, True], ignore_index=True))
 
 
-def reloads(procs) -> "pd.DataFrame":
+def reloads(procs, resource: Optional[Resource] = None) -> "pd.DataFrame":
     import pandas as pd
+    r = resource or resources.default()
     out = []
     for p in procs:
-        for row in Attribution(p).reloads():
-            out.append({"pid": p.pid, "comm": p.comm, **row})
-    return pd.DataFrame(out, columns=RELOAD_COLUMNS)
+        for row in Attribution(p, r).reloads():
+            out.append({r.word(k): v for k, v in {"pid": p.pid, "comm": p.comm, **row}.items()})
+    return pd.DataFrame(out, columns=reload_columns(r))
 
 
 def flagged(summary: "pd.DataFrame") -> "pd.DataFrame":
@@ -200,12 +265,15 @@ def near_limit(keys_in_use, limit) -> bool:
     return keys_in_use >= NEAR_LIMIT * limit
 
 
-def keys_over_time(events: "pd.DataFrame") -> "pd.DataFrame":
-    """Keys in use per process after each create and delete: the events replayed through the
-    same state machines as the ledger (exec empties a table, fork copies it)."""
+def in_use_over_time(events: "pd.DataFrame", resource: Optional[Resource] = None) -> "pd.DataFrame":
+    """Handles of a resource in use per process after each acquire and release: the events
+    replayed through the same state machines as the ledger (exec empties a table, fork copies
+    it). Columns: ts, pid, comm, and in use in the resource's words (live_keys)."""
     import pandas as pd
+    r = resource or resources.default()
     t = Tracker(keep_events=False, record_levels=True)
     t.ingest(events)
-    df = pd.DataFrame(t.levels, columns=["ts", "pid", "comm", "live_keys"])
+    df = pd.DataFrame([(ts, pid, comm, n) for ts, pid, comm, res, n in t.levels if res == r.name],
+                      columns=["ts", "pid", "comm", r.word("in_use")])
     df["ts"] = pd.to_datetime(df["ts"], unit="ns", utc=True)
     return df

@@ -99,16 +99,18 @@ def check_headers() -> Check:
 
 
 def check_libc() -> Check:
+    from .. import resource
     from ..host.libc import system_libraries, target
-    from .units import KEY_TRACER, functions
-    wanted = functions(KEY_TRACER)
+    from .units import MODULES
+    first = resource.default()  # what watch traces
+    wanted = sorted(set(first.acquire + first.release) | set(MODULES.uprobes))
     for path in system_libraries():
         t = target(path, wanted)
-        if t and "pthread_key_create" in t.functions:
+        if t and set(first.acquire) <= set(t.functions):
             missing = [f for f in wanted if f not in t.functions]
             extra = f" (not here: {', '.join(missing)})" if missing else ""
             return Check("libc symbols", True, f"{path}: {', '.join(sorted(t.functions))}{extra}")
-    return Check("libc symbols", False, "no system C library defining pthread_key_create found",
+    return Check("libc symbols", False, f"no system C library defining {first.acquire[0]} found",
                  "install glibc's libc6 (keytrace probes libc.so.6 or libpthread.so.0)")
 
 

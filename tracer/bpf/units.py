@@ -1,16 +1,16 @@
 """The probe units of probes/ as Python sees them: which functions each one probes, with which
 programs. Tracepoints need no entry here (bcc attaches them when it compiles)."""
+from .. import wire
 from .loader import Unit
 
 MODULES = Unit("modules", {"dlopen": ("dlopen_enter", "dlopen_return"),
                            "dlclose": ("dlclose_enter", None)})
-KEYS = Unit("keys", {"pthread_key_create": ("create_enter", "create_return"),
-                     "pthread_key_delete": ("delete_enter", "delete_return")},
-            variants={"musl": {"create_return": "create_return_musl"}})
 LIFECYCLE = Unit("lifecycle")  # included last: its exit handler frees the others' thread state
 
-# What the key tracer compiles, in order.
-KEY_TRACER = [MODULES, KEYS, LIFECYCLE]
+
+def tracer_units(resource_units) -> list:
+    """What a resource tracer compiles, in order: modules, the resources' own units, lifecycle."""
+    return [MODULES, *resource_units, LIFECYCLE]
 
 
 def functions(units) -> list[str]:
@@ -28,7 +28,8 @@ def watch_unmaps(program, pid: int, bases) -> None:
 
 
 def read_counts(program) -> dict:
-    """The keys unit's per-process counts: {pid: (creates, failed creates, deletes, failed
-    deletes)}, exact whatever records were lost."""
-    return {int(k.value): (v.creates, v.failed_creates, v.deletes, v.failed_deletes)
+    """The kernel's counts per process image and resource: {(pid, resource name): (acquires,
+    failed acquires, releases, failed releases)}, exact whatever records were lost."""
+    return {(int(k.tgid), wire.resource_name(int(k.res))):
+            (v.acquires, v.failed_acquires, v.releases, v.failed_releases)
             for k, v in program.bpf[b"counts"].items()}

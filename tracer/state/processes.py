@@ -1,6 +1,6 @@
-"""The process machine: a process is (pid, start); fork copies its parent's key table and
-modules, exec starts a new program image with an empty table, exit ends it. A recycled pid starts
-a new history instead of merging into the old one.
+"""The process machine: a process is (pid, start); fork copies its parent's modules and the
+tables its resources say a fork copies, exec starts a new program image (with the tables that
+survive exec), exit ends it. A recycled pid starts a new history instead of merging into the old.
 """
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .keys import Keys
+from .. import resource
 from .modules import Modules
+from .tables import Table
 
 
 @dataclass
@@ -21,27 +22,32 @@ class Process:
     parent: Optional[tuple] = None    # (pid, start) of the parent, when its fork was seen
     exited: Optional[int] = None      # ts of its exit
     # When tracing of this program image began: its fork or exec, or, met while already
-    # running, when its key table was read; table says what that read showed ("read", or why
-    # not; None: born under tracing, nothing to read).
+    # running, when its tables were read (each table says what its read showed).
     traced_since: Optional[int] = None
-    table: Optional[str] = None
-    libc: str = ""                    # "musl" once a create ran in musl (its probe says so)
-    keys: Keys = field(default_factory=Keys)
+    libc: str = ""                    # "musl" once an acquire ran in musl (its probe says so)
+    tables: dict = field(default_factory=dict)    # resource name -> Table
     modules: Modules = field(default_factory=Modules)
 
     @property
     def ident(self) -> tuple:
         return (self.pid, self.start)
 
+    def table(self, name: str) -> Table:
+        """Its table of a resource (empty until the resource is met)."""
+        t = self.tables.get(name)
+        if t is None:
+            t = self.tables[name] = Table()
+        return t
+
     @property
     def active(self) -> bool:
-        """Did this process touch keys or libraries (directly or by inheritance)?"""
-        return self.keys.touched or bool(self.modules.loads)
+        """Did this process touch a resource or a library (directly or by inheritance)?"""
+        return any(t.touched for t in self.tables.values()) or bool(self.modules.loads)
 
     def copy(self) -> "Process":
         return Process(self.pid, self.start, self.comm, self.exe, self.parent, self.exited,
-                       self.traced_since, self.table, self.libc, self.keys.copy(),
-                       self.modules.copy())
+                       self.traced_since, self.libc,
+                       {n: t.copy() for n, t in self.tables.items()}, self.modules.copy())
 
 
 class Processes:
@@ -76,14 +82,18 @@ class Processes:
         old = self.current.get(child)
         if old is not None:  # its exit was lost: close the old history
             self.end(old, ts)
-        # A forked child starts with a copy of its parent's memory, key table included.
+        # A forked child starts with a copy of its parent's memory: the tables in it.
+        tables = {n: t.inherited() for n, t in parent.tables.items()
+                  if resource.get(n).inherit_on_fork}
         return self.begin(Process(child, ts, parent.comm, parent.exe, parent.ident, traced_since=ts,
-                                  libc=parent.libc, keys=parent.keys.inherited(),
-                                  modules=parent.modules.copy()))
+                                  libc=parent.libc, tables=tables, modules=parent.modules.copy()))
 
     def exec(self, p: Process, exe: str, comm: str, ts: int) -> Process:
-        # A new program image: its key table, libraries and counters start empty.
-        return self.begin(Process(p.pid, p.start, comm, exe, p.parent, traced_since=ts))
+        # A new program image: its libraries and counters start empty, and the tables that do
+        # not survive exec.
+        tables = {n: t.inherited() for n, t in p.tables.items() if resource.get(n).keep_on_exec}
+        return self.begin(Process(p.pid, p.start, comm, exe, p.parent, traced_since=ts,
+                                  tables=tables))
 
     def end(self, p: Process, ts: int) -> None:
         p.exited = ts

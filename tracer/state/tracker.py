@@ -20,13 +20,13 @@ if TYPE_CHECKING:  # frames are built on demand: a tracker fed records never imp
 from .processes import Process, Processes
 
 _C = wire.CODE
-_LEVEL_OPS = {_C["create"], _C["delete"], _C["held"]}
+_LEVEL_OPS = {_C["acquire"], _C["release"], _C["held"]}
 _HOST_CODES = len(wire.KERNEL_OPS)
 _MUSL = wire.LIBCS.index("musl")  # category codes from here on are host facts, not records
 
 
 class Tracker:
-    """Per-process pthread key state built from events.
+    """Per-process state built from events: modules, and a table per resource.
 
     keep_events: keep the event frames (``events``). With False only state is kept, and exited
     processes are forgotten as tracer.state.processes.Processes says: memory stays flat.
@@ -35,7 +35,7 @@ class Tracker:
     def __init__(self, keep_events: bool = True, max_exited: int = 10_000,
                  record_levels: bool = False):
         self.keep_events = keep_events
-        # (ts, pid, comm, keys in use) after each create and delete, when asked for
+        # (ts, pid, comm, resource, handles in use) after each acquire and release, when asked
         self.levels: Optional[list] = [] if record_levels else None
         self.lost = 0        # records the kernel could not queue
         self.event_count = 0  # records the kernel sent (host facts not counted)
@@ -60,7 +60,7 @@ class Tracker:
                 self._events = None
             self.event_count += int((frame["op"].cat.codes < _HOST_CODES).sum())
             self.last_ts = max(self.last_ts, int(frame["ts"].array.asi8.max()))
-            self._replay(self._columns(frame))
+            self._replay(wire.frame_columns(frame))
 
     def ingest_records(self, batch: np.ndarray, wall_offset_ns: int, stack_of=None,
                        lost: Optional[int] = None, now: Optional[int] = None) -> None:
@@ -97,30 +97,30 @@ class Tracker:
     @staticmethod
     def fact_records(pid: int, ts: int, comm: str, exe: Optional[str] = None,
                      start: Optional[int] = None, modules: Iterable[tuple] = (),
-                     table: Optional[str] = None, keys: Iterable[tuple] = (),
-                     late: bool = False) -> np.ndarray:
+                     tables: Optional[dict] = None, late: bool = False) -> np.ndarray:
         """Host facts about a process as events: its identity (exe, start time), the modules it
-        had mapped ((path, base) pairs), and its key table (table: "read" or why not; keys:
-        (key, destructor, destructor unmapped) in use); late: its C library was probed just now,
-        so tracing of it begins here. Kept like any event, so a saved ledger replays with them;
-        ingest them where they belong in the stream."""
+        had mapped ((path, base) pairs), and its resources' tables (tables: resource name ->
+        (status: "read" or why not, [(handle, owner, owner unmapped[, seq])] in use)); late: its
+        C library was probed just now, so tracing of it begins here. Kept like any event, so a
+        saved ledger replays with them; ingest them where they belong in the stream."""
         base = dict(ts=ts, pid=pid, tid=pid, comm=comm)
         rows = []
         if exe is not None or start is not None:
-            rows.append(dict(base, op="seen", path=exe or "", handle=start or 0))
-        rows += [dict(base, op="mapped", path=path, handle=addr) for path, addr in modules]
-        if table is not None:
-            rows.append(dict(base, op="table", path=table, ret=int(late)))
-        rows += [dict(base, op="held", key=key, destructor=destructor, ret=int(unmapped),
-                      seq=seq[0] if seq else 0) for key, destructor, unmapped, *seq in keys]
+            rows.append(dict(base, op="seen", path=exe or "", aux=start or 0))
+        rows += [dict(base, op="mapped", path=path, aux=addr) for path, addr in modules]
+        for name, (status, handles) in (tables or {}).items():
+            rows.append(dict(base, op="table", resource=name, path=status, ret=int(late)))
+            rows += [dict(base, op="held", resource=name, handle=handle, owner=owner,
+                          ret=int(unmapped), seq=seq[0] if seq else 0)
+                     for handle, owner, unmapped, *seq in handles]
         return wire.records(rows)  # ts: ns since the epoch already (wall offset 0)
 
     @staticmethod
     def counted(counts: dict, ts: int) -> np.ndarray:
-        """The kernel's counts per pid ({pid: (creates, failed creates, deletes, failed
-        deletes)}) as host facts: records, to ingest_records(..., 0)."""
-        rows = [dict(op="counted", ts=ts, pid=pid, tid=pid, handle=c, caller=fc, destructor=d,
-                     load=fd) for pid, (c, fc, d, fd) in counts.items()]
+        """The kernel's counts ({(pid, resource name): (acquires, failed acquires, releases,
+        failed releases)}) as host facts: records, to ingest_records(..., 0)."""
+        rows = [dict(op="counted", ts=ts, pid=pid, tid=pid, resource=name, aux=a, caller=fa,
+                     owner=r, load=fr) for (pid, name), (a, fa, r, fr) in counts.items()]
         return wire.records(rows)
 
     def known_pids(self) -> set:
@@ -132,51 +132,39 @@ class Tracker:
         with self._lock:
             return pid in self._procs.current
 
-    @staticmethod
-    def _columns(f: "pd.DataFrame") -> tuple:
-        """A frame's columns as tracer.wire.columns gives them from records."""
-        return (
-            f["ts"].array.asi8.tolist(),
-            f["pid"].tolist(), f["comm"].astype(object).tolist(),
-            (f["op"].cat.codes + 1).tolist(), f["key"].fillna(-1).astype(np.int64).tolist(),
-            f["ret"].tolist(), f["destructor"].tolist(), f["caller"].tolist(),
-            f["path"].astype(object).tolist(), f["handle"].tolist(), f["load"].tolist(),
-            f["child"].tolist(), f["stack"].astype(object).tolist(), f["seq"].tolist(),
-        )
-
     def _replay(self, cols: tuple) -> None:
         # One pass in time order: key values are reused by glibc after a delete, and fork/exec/
         # exit cut histories, so the order of operations is the state. Columns come as Python
         # lists (one C-level conversion each); the loop itself touches only dicts.
         procs = self._procs
         current = procs.current
-        for ts, pid, comm, op, key, ret, destructor, caller, path, handle, load, child, stack, seq \
-                in zip(*cols):
+        for ts, pid, comm, op, res, handle, ret, owner, caller, path, aux, load, child, stack, \
+                seq in zip(*cols):
             p = current.get(pid)
             if op == _C["counted"]:  # may come after the exit: the newest process on the pid
                 p = p or procs.latest.get(pid)
                 if p is not None:
-                    p.keys.reconcile(handle, caller, destructor, load)
+                    p.table(res).reconcile(aux, caller, owner, load)
                 continue
             if p is None:
-                start = handle if op == _C["seen"] and handle else ts
+                start = aux if op == _C["seen"] and aux else ts
                 p = procs.begin(Process(pid=pid, start=start, comm=comm, traced_since=ts))
-            if op == _C["create"]:
-                p.keys.create(key, caller, load, stack, destructor, ts, seq)
-                if handle == _MUSL:
+            if op == _C["acquire"]:
+                p.table(res).acquire(handle, caller, load, stack, owner, ts, seq)
+                if aux == _MUSL:
                     p.libc = "musl"
-            elif op == _C["delete"]:
-                p.keys.delete(key, ret, seq)
-            elif op == _C["create_failed"]:
-                p.keys.create_failed(ret, ts)
+            elif op == _C["release"]:
+                p.table(res).release(handle, ret, seq)
+            elif op == _C["acquire_failed"]:
+                p.table(res).acquire_failed(ret, ts)
             elif op == _C["map"] or op == _C["mapped"]:
                 # The main program's link_map has no name; found already mapped (load 0): taken
                 # as mapped since the process (image) began.
-                p.modules.map(path or p.exe or "", handle, load, ts if load else p.start)
+                p.modules.map(path or p.exe or "", aux, load, ts if load else p.start)
             elif op == _C["unmap"]:
-                p.modules.unmap(handle, ts)
+                p.modules.unmap(aux, ts)
             elif op == _C["dlopen"]:
-                p.modules.dlopen(load, path, handle, ts)
+                p.modules.dlopen(load, path, aux, ts)
             # dlclose: kept in the events, but unmapping (unmap) is what says a library is gone
             elif op == _C["fork"]:
                 procs.fork(p, child, ts)
@@ -185,22 +173,23 @@ class Tracker:
             elif op == _C["exit"]:
                 procs.end(p, ts)
             elif op == _C["held"]:
-                p.keys.held(key, destructor, bool(ret), ts, seq)
+                p.table(res).held(handle, owner, bool(ret), ts, seq)
             elif op == _C["table"]:
                 # Read again later (a rescan, a late probe): tracing began at the first read,
                 # and a table read once stays "read".
-                if p.table is None or (p.table != "read" and path == "read"):
-                    p.table = path
+                t = p.table(res)
+                if t.read is None or (t.read != "read" and path == "read"):
+                    t.read = path
                 if p.traced_since is None or ret:
                     p.traced_since = ts
             elif op == _C["seen"]:
                 p.exe = path or p.exe
-                if handle:
-                    procs.restart(p, handle)
+                if aux:
+                    procs.restart(p, aux)
             if op != _C["exit"]:
                 p.comm = comm  # thread names at exit are not the process's
             if self.levels is not None and op in _LEVEL_OPS:
-                self.levels.append((ts, pid, p.comm, len(p.keys.live)))
+                self.levels.append((ts, pid, p.comm, res, len(p.table(res).live)))
 
     # -- output ------------------------------------------------------------------------------
     @property

@@ -3,7 +3,8 @@
 A saved ledger is its events (tracer.wire.COLUMNS) behind one "meta" row whose path holds JSON:
 the schema version and what is not an event (records the kernel lost). Loading checks the shape
 and the version and restores the dtypes of tracer.wire.decode, so a saved ledger replays exactly
-like the live one.
+like the live one. Ledgers of schemas 1 and 2 (one resource, with its own column names) are read
+as the first registered resource's.
 """
 from __future__ import annotations
 
@@ -13,11 +14,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import resource
 from ..errors import KeytraceError
 from ..wire import COLUMNS, decode, op_type, records
 
-SCHEMA = 2        # 2: a meta row, host facts (seen, held); 1: events only
-READABLE = (1, 2)
+SCHEMA = 3        # 3: resources (acquire, release, handle, owner); 2: a meta row, host facts
+READABLE = (1, 2, 3)
+# Schemas 1 and 2 spoke of one resource in words of its own.
+_OLD_COLUMNS = {"handle": "aux", "key": "handle", "destructor": "owner"}
+_OLD_OPS = {"create": "acquire", "create_failed": "acquire_failed", "delete": "release"}
+_OF_RESOURCE = {"acquire", "acquire_failed", "release", "held", "table", "counted"}
 META = "meta"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv",
            ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
@@ -97,8 +103,8 @@ def load_events(path) -> tuple[pd.DataFrame, dict]:
         if fmt == "parquet":
             raw = pd.read_parquet(p)
         elif fmt == "csv":
-            raw = pd.read_csv(p, dtype={"path": object, "comm": object},
-                              keep_default_na=False, na_values={"key": [""]})
+            raw = pd.read_csv(p, dtype={"path": object, "comm": object, "resource": object},
+                              keep_default_na=False, na_values={"key": [""], "handle": [""]})
         else:
             raw = pd.read_json(p, lines=True, dtype=False)
     except PermissionError:
@@ -116,7 +122,19 @@ def load_events(path) -> tuple[pd.DataFrame, dict]:
     if meta["schema"] not in READABLE:
         raise KeytraceError(f"{path} is a keytrace ledger of schema {meta['schema']}; this "
                             f"keytrace reads schemas {', '.join(map(str, READABLE))}: upgrade it")
+    if meta["schema"] < 3:
+        raw = _upgrade(raw)
     return coerce(raw, source=str(path)), meta
+
+
+def _upgrade(raw: pd.DataFrame) -> pd.DataFrame:
+    """A schema 1 or 2 ledger in schema 3's words: its one resource is the first registered."""
+    raw = raw.rename(columns=_OLD_COLUMNS)
+    if "op" in raw.columns:
+        raw["op"] = raw["op"].astype(str).replace(_OLD_OPS)
+        raw["resource"] = raw["op"].where(raw["op"].isin(_OF_RESOURCE), None).map(
+            lambda op: resource.default().name if op else None)
+    return raw
 
 
 def _optional_text(col: pd.Series) -> pd.Series:
@@ -145,12 +163,13 @@ def coerce(raw: pd.DataFrame, source: str = "input") -> pd.DataFrame:
             "tid": raw["tid"].astype("int64"),
             "comm": pd.Categorical(raw["comm"].fillna("").astype(str)),
             "op": pd.Categorical(ops, dtype=op_type()),
-            "key": pd.to_numeric(raw["key"], errors="raise").astype("Int64"),
+            "resource": _optional_text(raw["resource"]),
+            "handle": pd.to_numeric(raw["handle"], errors="raise").astype("UInt64"),
             "ret": raw["ret"].astype("int64"),
-            "destructor": raw["destructor"].astype("uint64"),
+            "owner": raw["owner"].astype("uint64"),
             "caller": raw["caller"].astype("uint64"),
             "path": _optional_text(raw["path"]),
-            "handle": raw["handle"].astype("uint64"),
+            "aux": raw["aux"].astype("uint64"),
             "load": raw["load"].astype("uint64"),
             "child": raw["child"].astype("int64"),
             "stack": _optional_text(raw["stack"] if "stack" in raw.columns

@@ -1,0 +1,79 @@
+"""What a resource is, to the generic layers: a declaration, and the registry of them by name.
+
+A resource is anything a process acquires and releases through library calls, held in a table
+with a limit: pthread keys (tracer.resources.keys), a user's --pair (tracer.resources.pairs),
+file descriptors... Its declaration says its functions, where the handle is, what success means,
+its owner, how its table is read at first sight, its limit, its planned sites and its names. The
+generic layers (wire, bpf, state, store, analysis) read declarations; they import no resource
+module and name no resource.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from . import wire
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str                         # in records (by id), frames, rows and metrics
+    acquire: tuple = ()               # the functions that acquire a handle
+    release: tuple = ()               # the functions that release one
+    handle: str = "ret"               # where an acquire leaves it: ret, argN, or *argN (at return)
+    release_handle: str = "arg0"      # where a release takes it: argN
+    success: str = "nonneg"           # an acquire succeeded when its return value is: zero,
+                                      # nonneg (>= 0) or nonnull (a pointer)
+    owner: str = ""                   # argN: a code address the handle belongs to ("": none)
+    limit: Optional[int] = None       # a fixed limit on handles in use per process
+    limit_of: Optional[Callable[[Any], int]] = None  # or one per process (its C library, say)
+    inherit_on_fork: bool = True      # a fork copies the table (memory, descriptors)
+    keep_on_exec: bool = False        # the table survives exec (descriptors without CLOEXEC)
+    # How its table is read at first sight: reader(pid, host_libc) -> (status, [(handle, owner,
+    # owner unmapped, seq)]); None: handles made before tracing are unknown, and said so.
+    reader: Optional[Callable[..., tuple]] = None
+    words: dict = field(default_factory=dict, hash=False)  # its names in rows: see row_names
+    extra: dict = field(default_factory=dict, hash=False)  # what its own probe unit needs
+
+    @property
+    def id(self) -> int:
+        return wire.register_resource(self.name)
+
+    def word(self, generic: str) -> str:
+        """The name this resource gives a generic thing ("acquires" -> "creates" for keys)."""
+        if generic in self.words:
+            return self.words[generic]
+        if generic == "acquire_call":
+            return self.acquire[0] if self.acquire else "acquire"
+        return _PLAIN.get(generic, generic)
+
+
+# Words of the prose (reasons) a resource without words of its own is spoken of in.
+_PLAIN = {"unit": "handle", "units": "handles", "acquire_word": "acquire", "full": "table full",
+          "owner": "owner"}
+
+_REGISTRY: dict = {}
+
+
+def register(r: Resource) -> Resource:
+    """Make a resource known by its name (its record id is its wire id)."""
+    _REGISTRY[r.name] = r
+    wire.register_resource(r.name)
+    return r
+
+
+def get(name: str) -> Resource:
+    """A resource by name; one met only in a saved ledger (a --pair of another run) gets the
+    generic declaration."""
+    return _REGISTRY.get(name) or Resource(name)
+
+
+def default() -> Resource:
+    """The first resource registered: what a tracer traces and a ledger shows when not told."""
+    if not _REGISTRY:
+        raise LookupError("no resource is registered (import tracer.resources)")
+    return next(iter(_REGISTRY.values()))
+
+
+def known() -> list:
+    return list(_REGISTRY.values())
