@@ -70,6 +70,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #ifdef KT_HAVE_MODULES
     modules_thread_exit(tid);
 #endif
+#ifdef KT_HAVE_PAIRS
+    pairs_thread_exit(tid);
+#endif
 #ifdef KT_HAVE_CALLS
     calls_thread_exit(tid);
 #endif

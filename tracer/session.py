@@ -19,10 +19,13 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from . import resource, wire
+from .bpf import pairs as bpf_pairs
 from .bpf import stepcheck, units
 from .bpf.loader import DEFAULT_RING_PAGES, Program
-from .errors import KeytraceError
+from .errors import KeytraceError, UsageError
 from .host import keytable, libc, planner, proc
+from .host import patterns as pat
+from .resources import pairs as pair_specs
 from .host.elf import build_id, elf_info
 from .host.sight import sight
 from .state.tracker import Tracker
@@ -51,13 +54,21 @@ class KeyTracer(Tracing):
 
     ledger: the state to feed, a tracer.analysis Ledger by default; an agent passes a bare
     Tracker, which needs no pandas.
+
+    pairs: acquire/release pairs of the user's to trace beside the keys, through the same ledger
+    ("libc:fopen=ret/fclose=arg0": tracer.resources.pairs); limit: their handles' limit per
+    process, for a forecast. ledger.summary(resource="fopen/fclose") answers for one.
     """
 
     def __init__(self, pids: Optional[Iterable[int]] = None, command: Optional[Sequence[str]] = None,
                  keep_events: bool = True, ring_pages: int = DEFAULT_RING_PAGES,
                  interval: float = 0.01, on_ready: Optional[Callable[["KeyTracer"], None]] = None,
                  on_note: Optional[Callable[[str], None]] = None, sites: str = "planned",
-                 ledger: Optional[Tracker] = None):
+                 ledger: Optional[Tracker] = None, pairs: Sequence[str] = (),
+                 limit: Optional[int] = None):
+        if limit is not None and limit < 1:
+            raise UsageError(f"--limit takes a number of handles of 1 or more, not {limit}")
+        parsed = [pair_specs.parse(p) for p in pairs]  # bad input: one line before anything
         super().__init__(pids, command, interval, on_note)
         self.sites = check_sites(sites)
         self.on_ready = on_ready
@@ -74,10 +85,12 @@ class KeyTracer(Tracing):
         self._reread: dict = {}          # pid -> the poll after which its table is read
         self._polls = 0
         self._host_libc: Optional[str] = None
-        # What it traces: pthread keys (the first resource registered) for now.
-        self.resources = [resource.default()]
+        # What it traces: pthread keys (the first resource registered), and the user's pairs.
+        self.pairs = [pair_specs.declare(p, limit) for p in parsed]
+        self._pair_targets: list = []
+        self.resources = [resource.default()] + self.pairs
         self._units = units.tracer_units([r.extra["unit"] for r in self.resources
-                                          if "unit" in r.extra])
+                                          if "unit" in r.extra] + ([bpf_pairs.PAIRS] if self.pairs else []))
         self._functions = units.functions(self._units)
         self._readers = {r.name: r.reader or _no_reader for r in self.resources}
         self._early: list = []           # records drained before the poll thread ran
@@ -87,6 +100,21 @@ class KeyTracer(Tracing):
         self._policy = None              # which instructions a probe may go on (stepcheck)
     # -- life cycle -----------------------------------------------------------------------------
     thread_name = "keytrace-poll"
+
+    def _prepare(self, exe) -> None:
+        """The pairs' functions, found as keytrace calls finds them (a name that is none is a
+        mistake in what was asked: one line, before any privilege is needed)."""
+        for p in self.pairs:
+            lib = p.extra["library"]
+            try:
+                acq = pat.resolve([f"{lib}:{p.acquire[0]}"], self.pids or (), exe, limit=8)
+                rel = pat.resolve([f"{lib}:{p.release[0]}"], self.pids or (), exe, limit=8)
+            except KeytraceError as e:
+                raise UsageError(f"--pair {p.extra['spec']!r}: {e}") from None
+            unprobeable = [t for t in acq + rel if t.unprobeable]
+            if unprobeable:
+                raise UsageError(f"--pair {p.extra['spec']!r}: {unprobeable[0].unprobeable}")
+            self._pair_targets.append((acq, rel))
 
     def start(self, background: bool = True) -> "KeyTracer":
         super().start(background)
@@ -100,9 +128,23 @@ class KeyTracer(Tracing):
         plans = self._plans(targets) if self.sites == "planned" else {}
         self._program = Program(self._units, filter_pids, self._ring_pages,
                                 plans=[(t.flavour, plans[t.ident]) for t in targets
-                                       if t.ident in plans], policy=self._policy)
+                                       if t.ident in plans], policy=self._policy,
+                                programs=bpf_pairs.programs(self.pairs) if self.pairs else "")
         self._program.open()
         self._attach_targets(targets, plans)
+        self._attach_pairs()
+
+    def _attach_pairs(self) -> None:
+        """Each pair's acquire gets an entry and a return probe, its release an entry probe, on
+        sites the policy allows (an unsafe entry moves past its first instruction)."""
+        for i, (acquires, releases) in enumerate(self._pair_targets):
+            enter, ret, release = bpf_pairs.names(i)
+            for t in acquires:
+                site = self._program.entry_site(t.path, t.address, t.function)
+                self._program.attach_programs(t.path, [(site, enter, False), (site, ret, True)])
+            for t in releases:
+                site = self._program.entry_site(t.path, t.address, t.function)
+                self._program.attach_programs(t.path, [(site, release, False)])
 
     def _ready(self) -> None:
         # Met now, while they surely run: the -p processes, and the launched command's gate (its

@@ -68,10 +68,11 @@ def reload_rate(given: Optional[float], cycles: int, first_ns: Optional[int],
 
 
 def steady_rate(keys: int, occasions: int, first_ns: Optional[int], last_ns: Optional[int],
-                observed_ns: int) -> Rate:
-    """Keys a day made by code paths that keep making keys outside reloads: keys over the
-    observed time, when the occasions they were made on are enough and spread out."""
-    seen = (f"{keys} key{'' if keys == 1 else 's'} on {occasions} occasion"
+                observed_ns: int, units: tuple = ("key", "keys")) -> Rate:
+    """Handles (keys) a day made by code paths that keep making them outside reloads: over the
+    observed time, when the occasions they were made on are enough and spread out. units: the
+    resource's words for one and for several."""
+    seen = (f"{keys} {units[0] if keys == 1 else units[1]} on {occasions} occasion"
             f"{'' if occasions == 1 else 's'} in {_span(observed_ns)} observed")
     why_not = _too_little(occasions, first_ns, last_ns, observed_ns, seen)
     if why_not:

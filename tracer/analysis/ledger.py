@@ -48,8 +48,13 @@ class Ledger(Tracker):
         forecast and the verdict (see tracer.analysis.verdicts). Only processes that touched a
         resource or a library are listed unless all_processes. attribute=False skips naming
         libraries."""
-        procs, now = self.snapshot(None if all_processes else (lambda p: p.active))
-        return verdicts.summarize(procs, now, reloads_per_day, attribute, _resource(resource))
+        r = _resource(resource)
+
+        def touched(p) -> bool:  # this resource, or a library
+            t = p.tables.get(r.name)
+            return (t is not None and t.touched) or bool(p.modules.loads)
+        procs, now = self.snapshot(None if all_processes else touched)
+        return verdicts.summarize(procs, now, reloads_per_day, attribute, r)
 
     def forecast(self, reloads_per_day: Optional[float] = None, resource=None) -> pd.DataFrame:
         """Per process: handles in use, the limit, the leak rate and when it runs out."""

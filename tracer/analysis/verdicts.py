@@ -152,7 +152,8 @@ def _rates(attr: dict, observed: int, given: Optional[float], prefer_measured: b
     reload = fc.reload_rate(given, attr["reload_cycles"], attr["cycles_first"],
                             attr["cycles_last"], observed, prefer_measured)
     steady = fc.steady_rate(attr["steady_keys"], attr["steady_occasions"], attr["steady_first"],
-                            attr["steady_last"], observed) if attr["steady_occasions"] else None
+                            attr["steady_last"], observed, (r.word("unit"), r.word("units"))
+                            ) if attr["steady_occasions"] else None
     per_time = steady.per_day if steady else None
     per_reload = None if reload.per_day is None else attr["per_cycle"] * reload.per_day
     known = [x for x in (per_reload, per_time) if x is not None]

@@ -16,6 +16,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
+from .. import resource as resources
 from ..analysis import forecast, verdicts
 from ..analysis.ledger import Ledger
 from ..bpf import doctor as doctor_mod
@@ -41,35 +42,42 @@ app.command()(agent_command.agent)
 
 # -- presentation ----------------------------------------------------------------------------
 def summary_table(summary: pd.DataFrame, title: str = "pthread keys per process",
-                  limit: Optional[int] = None) -> Table:
+                  limit: Optional[int] = None, resource=None) -> Table:
+    """A summary as a table, in the resource's words (pthread keys: CREATES, DELETES, LIVE)."""
+    r = resource or resources.default()
+    acq, rel, live = (r.word(w) for w in ("acquires", "releases", "in_use"))
     t = Table(title=title, title_justify="left")
-    for name, just in [("PID", "right"), ("COMM", "left"), ("CREATES", "right"),
-                       ("DELETES", "right"), ("FAILED", "right"), ("LIVE", "right"),
-                       ("ORPHANED", "right"), ("LIBRARY", "left"), ("RUNS OUT IN", "left"),
-                       ("VERDICT", "left")]:
+    heads = [("PID", "right"), ("COMM", "left"), (acq.upper(), "right"), (rel.upper(), "right"),
+             ("FAILED", "right"), ("LIVE" if r.words else "IN USE", "right"), ("ORPHANED", "right"),
+             ("LIBRARY", "left"), ("RUNS OUT IN", "left"), ("VERDICT", "left")]
+    for name, just in heads:
         t.add_column(name, justify=just, no_wrap=name not in ("VERDICT", "LIBRARY"))
     rows = summary if limit is None else summary.head(limit)
-    for r in rows.itertuples():
-        style = "bold red" if r.critical else "yellow" if r.leaking else None
-        verdict = ("CRITICAL: " + r.reason if r.critical else
-                   "LEAKING: " + r.reason if r.leaking else
-                   "ok" + (f" ({r.reason})" if r.reason else ""))
-        known = "" if r.headroom is not pd.NA else ">="  # keys before tracing unknown
-        t.add_row(str(r.pid), r.comm + ("" if r.alive else " (exited)"), str(r.creates),
-                  str(r.deletes), str(r.failed_creates), f"{known}{r.live_keys}/{r.limit}",
-                  str(r.orphaned_keys), os.path.basename(r.library) or "-",
-                  runs_out(r), verdict, style=style)
+    for row in rows.to_dict(orient="records"):
+        style = "bold red" if row["critical"] else "yellow" if row["leaking"] else None
+        verdict = ("CRITICAL: " + row["reason"] if row["critical"] else
+                   "LEAKING: " + row["reason"] if row["leaking"] else
+                   "ok" + (f" ({row['reason']})" if row["reason"] else ""))
+        headroom = row[r.word("headroom")]
+        known = "" if headroom is not pd.NA else ">="  # handles before tracing unknown
+        of = f"/{row['limit']}" if row["limit"] is not None and row["limit"] == row["limit"] else ""
+        t.add_row(str(row["pid"]), row["comm"] + ("" if row["alive"] else " (exited)"),
+                  str(row[acq]), str(row[rel]), str(row[r.word("failed_acquires")]),
+                  f"{known}{row[live]}{of}", str(row[r.word("orphaned")]),
+                  os.path.basename(row["library"]) or "-", runs_out(row), verdict, style=style)
     if limit is not None and len(summary) > limit:
         t.caption = f"{len(summary) - limit} more processes"
     return t
 
 
-def runs_out(r) -> str:
-    if not r.leaking:
+def runs_out(r: dict) -> str:
+    if not r["leaking"]:
         return "-"
-    if r.days_left is not None and r.days_left == r.days_left:
-        return forecast.describe(r.days_left)
-    return "too little data" if "too little" in r.rate_basis else "no rate known"
+    if r["days_left"] is not None and r["days_left"] == r["days_left"]:
+        return forecast.describe(r["days_left"])
+    if r["limit"] is None or r["limit"] != r["limit"]:
+        return "no limit given"
+    return "too little data" if "too little" in r["rate_basis"] else "no rate known"
 
 
 def frame_table(df: pd.DataFrame, title: str) -> Table:
@@ -83,25 +91,37 @@ def frame_table(df: pd.DataFrame, title: str) -> Table:
 
 
 def emit(ledger: Ledger, as_json: bool, fail_on_leak: bool, title: str,
-         reloads_per_day: Optional[float] = None, view: str = "process") -> None:
-    summary = ledger.summary(reloads_per_day=reloads_per_day)
-    shown = {"process": lambda: summary, "library": ledger.by_library,
-             "reload": ledger.reloads}[view]()
-    if as_json:
-        sys.stdout.write(json_lines(shown))
-        sys.stdout.flush()
-    elif shown.empty:
-        out.print("No process created or deleted a pthread key." if view == "process" else
-                  f"Nothing to show per {view}.")
-    elif view == "process":
-        out.print(summary_table(summary, title=title))
-    else:
-        out.print(frame_table(shown, title=f"{title}, per {view}"))
+         reloads_per_day: Optional[float] = None, view: str = "process",
+         also: tuple = ()) -> None:
+    """What a ledger shows: pthread keys first, then every other resource it holds (a --pair's),
+    each in its own words; JSON lines of all of them. also: resources to show even when the
+    ledger met none of their calls."""
+    flagged = False
+    names = [resources.default().name] + [n for n in dict.fromkeys(list(also) + ledger.resources())
+                                          if n != resources.default().name]
+    for i, name in enumerate(names):
+        r = resources.get(name)
+        summary = ledger.summary(reloads_per_day=reloads_per_day, resource=r)
+        flagged |= not verdicts.flagged(summary).empty
+        shown = {"process": lambda: summary, "library": lambda: ledger.by_library(resource=r),
+                 "reload": lambda: ledger.reloads(resource=r)}[view]()
+        what = title if i == 0 else f"{name} per process"
+        if as_json:
+            sys.stdout.write(json_lines(shown))
+            sys.stdout.flush()
+        elif shown.empty:
+            out.print(("No process created or deleted a pthread key." if i == 0 else
+                       f"No process called {' or '.join(r.acquire + r.release)}.")
+                      if view == "process" else f"Nothing to show per {view} ({name}).")
+        elif view == "process":
+            out.print(summary_table(summary, title=what, resource=r))
+        else:
+            out.print(frame_table(shown, title=f"{what}, per {view}"))
     if ledger.lost:
         err.print(f"keytrace: warning: {ledger.lost} events were lost (the kernel could not "
                   "queue them: ring buffer full, or on kernels 6.15+ its lock gave up): the counts "
                   "are lower bounds; raise --ring-pages if it was full", markup=False)
-    if fail_on_leak and not verdicts.flagged(summary).empty:
+    if fail_on_leak and flagged:
         raise typer.Exit(EXIT_LEAK)
 
 
@@ -136,7 +156,8 @@ def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[P
     if status:
         err.print(f"keytrace: the command exited with status {status}", markup=False)
     try:
-        emit(tracer.ledger, as_json, fail_on_leak, title, reloads_per_day, view)
+        emit(tracer.ledger, as_json, fail_on_leak, title, reloads_per_day, view,
+             also=tuple(r.name for r in getattr(tracer, "pairs", ())))
     except typer.Exit:
         if not status:
             raise  # a leak fails the gate when the command itself succeeded
@@ -187,6 +208,13 @@ def watch(
                               "pthread_key_create/delete that the kernel emulates, where a plan "
                               "is proved and passes its self-test (else entry probes); entry: "
                               "entry and return probes everywhere."),
+    pair: Optional[List[str]] = typer.Option(None, "--pair", help="Also trace an acquire/"
+                                             "release pair of your own (repeatable): "
+                                             "LIB:ACQUIRE=WHERE/RELEASE=WHERE, WHERE one of ret, "
+                                             "argN, *argN, e.g. 'libc:fopen=ret/fclose=arg0'."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="The --pair handles' limit per "
+                                        "process, for a forecast (for file descriptors: the "
+                                        "RLIMIT_NOFILE)."),
 ):
     """Trace pthread_key_create/delete (and dlopen/dlclose, fork, exec, exit) and report, per
     process, the keys created, deleted and still live, flagging leaks.
@@ -201,6 +229,8 @@ def watch(
       keytrace watch -d 3600 -o keys.parquet     the whole host for an hour, saved
       keytrace watch --fail-on-leak -- ./tests   a CI gate: exit 3 on a leak
       keytrace watch --reloads-per-day 1 --by library -- ./host libA.so 10
+      keytrace watch --pair 'libc:fopen=ret/fclose=arg0' -p 1234 -d 60
+      keytrace watch --pair 'libc:timer_create=*arg2/timer_delete=arg0' --limit 60000 -- ./server
     """
     check_view(by)
     try:
@@ -209,7 +239,7 @@ def watch(
         # Events are kept only to be saved: the report needs the state alone (flat memory).
         tracer = KeyTracer(pids=pid or None, command=command or None, ring_pages=ring_pages,
                            keep_events=output is not None, on_ready=announce, on_note=note,
-                           sites=sites)
+                           sites=sites, pairs=pair or (), limit=limit)
         run_session(tracer, duration, output, as_json, fail_on_leak, "pthread keys per process",
                     reloads_per_day, by)
     except KeytraceError as e:
