@@ -12,7 +12,7 @@ NOW = pd.Timestamp("2026-01-01", tz="UTC")
 
 
 def test_one_key_per_daily_reload_is_the_incident():
-    f = fc.forecast(live_keys=5, limit=1024, now=NOW, leak_per_reload=1, reloads_per_day=1)
+    f = fc.forecast(in_use=5, limit=1024, now=NOW, leak_per_reload=1, reloads_per_day=1)
     assert (f.headroom, f.keys_per_day, f.days_left) == (1019, 1.0, 1019)
     assert f.exhaustion_eta == NOW + pd.Timedelta(days=1019)
     assert fc.describe(f.days_left) == "2.8 years"

@@ -85,3 +85,48 @@ def test_no_import_cycle():
     for n in g:
         if n not in state:
             visit(n, [])
+
+
+# The generic layers know resources by id and declaration only (tracer/resource.py): no import of
+# a resource module, and no resource's own words in their code (docstrings and comments may
+# give pthread keys as the example they are).
+GENERIC = ["tracer.wire", "tracer.resource", "tracer.bpf.ringbuf", "tracer.bpf.loader",
+           "tracer.bpf.units", "tracer.bpf.pairs", "tracer.state", "tracer.store",
+           "tracer.analysis.attribution", "tracer.analysis.verdicts", "tracer.analysis.forecast",
+           "tracer.analysis.ledger"]
+RESOURCE_WORDS = ("pthread", "destructor", "live_keys", "orphaned_keys", "creates", "deletes",
+                  "keytable", "key_limit")
+
+
+def _generic(name: str) -> bool:
+    return any(name == g or name.startswith(g + ".") for g in GENERIC)
+
+
+def _words_in_code(path: Path) -> set:
+    """Names and string constants of a module, docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+            and n.body and isinstance(n.body[0], ast.Expr)
+            and isinstance(n.body[0].value, ast.Constant)}
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            out.add(node.attr)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            out.add(node.value)
+    return out
+
+
+def test_generic_layers_import_no_resource_and_name_none():
+    known = modules()
+    g = graph()
+    wrong = [f"{a} imports {b}" for a in g if _generic(a) for b in g[a]
+             if b == "tracer.resources" or b.startswith("tracer.resources.")]
+    wrong += [f"{name} says {word!r}" for name, path in known.items() if _generic(name)
+              for text in _words_in_code(path) for word in RESOURCE_WORDS if word in text.lower()]
+    assert not wrong, "the generic layers must not know a resource:\n" + "\n".join(sorted(wrong))

@@ -25,6 +25,7 @@ from .bpf.loader import DEFAULT_RING_PAGES, Program
 from .errors import KeytraceError, UsageError
 from .host import keytable, libc, planner, proc
 from .host import patterns as pat
+from .resources import keys as keys_resource
 from .resources import pairs as pair_specs
 from .host.elf import build_id, elf_info
 from .host.sight import sight
@@ -126,10 +127,11 @@ class KeyTracer(Tracing):
         targets = self._targets(filter_pids)
         self._policy = stepcheck.policy(self._note)
         plans = self._plans(targets) if self.sites == "planned" else {}
-        self._program = Program(self._units, filter_pids, self._ring_pages,
-                                plans=[(t.flavour, plans[t.ident]) for t in targets
-                                       if t.ident in plans], policy=self._policy,
-                                programs=bpf_pairs.programs(self.pairs) if self.pairs else "")
+        planned, sites = keys_resource.planned_programs(
+            [(t.flavour, plans[t.ident]) for t in targets if t.ident in plans])
+        self._program = Program(self._units, filter_pids, self._ring_pages, policy=self._policy,
+                                programs=planned + "\n" + bpf_pairs.programs(self.pairs),
+                                sites=sites)
         self._program.open()
         self._attach_targets(targets, plans)
         self._attach_pairs()

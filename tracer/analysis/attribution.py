@@ -241,6 +241,7 @@ class Attribution:
         r = resource or resources.default()
         self.table = proc.tables.get(r.name) or Table()
         self.unit, self.units, self.owner_word = r.word("unit"), r.word("units"), r.word("owner")
+        self.acquire_call = r.word("acquire_call")
         self.resolver = Resolver(proc.modules.instances, proc.pid if proc.exited is None else None)
         self.without_elf = without_elf
         t = self.table
@@ -331,19 +332,20 @@ class Attribution:
         exe -> dlopen(libA.so) -> ... -> libB.so!init+0x14 -> pthread_key_create."""
         exe = os.path.basename(self.proc.exe or self.proc.comm)
         if site.held:
-            return f"{exe} -> (in use when tracing began) -> {self.code_path(site) or 'no destructor'}"
+            return (f"{exe} -> (in use when tracing began) -> "
+                    f"{self.code_path(site) or 'no ' + self.owner_word}")
         frames = self.resolver.stack(site)
         parts = [exe]
         loads = self.proc.modules.loads
         if site.load in loads:
             parts.append(f"dlopen({os.path.basename(loads[site.load][0])})")
-        parts += [str(f) for f in reversed(frames)] + ["pthread_key_create"]
+        parts += [str(f) for f in reversed(frames)] + [self.acquire_call]
         return " -> ".join(parts)
 
     def stack_note(self, site: Site) -> str:
         """Said when the user stack walk stopped early (frame pointers missing on the way)."""
         if site.held:
-            return "made before tracing began: known by its destructor"
+            return f"made before tracing began: known by its {self.owner_word}"
         n = len(self.resolver.stack(site))
         return "" if n >= 3 else "stack cut short: a caller without frame pointers"
 

@@ -93,11 +93,11 @@ class Forecast:
     exhaustion_eta: Optional[datetime]
 
 
-def exhaustion(live_keys: int, limit: int, now: datetime, keys_per_day: Optional[float],
+def exhaustion(in_use: int, limit: int, now: datetime, keys_per_day: Optional[float],
                failed_at: Optional[datetime] = None) -> Forecast:
     """When the table is full at keys_per_day. failed_at: when a create already failed (the
     table was full then: that is the date, whatever the rate)."""
-    headroom = max(limit - live_keys, 0)
+    headroom = max(limit - in_use, 0)
     if failed_at is not None or headroom == 0:
         return Forecast(limit, headroom, keys_per_day, 0.0, failed_at or now)  # out of keys
     if not keys_per_day or keys_per_day <= 0:
@@ -112,11 +112,11 @@ def exhaustion(live_keys: int, limit: int, now: datetime, keys_per_day: Optional
     return Forecast(limit, headroom, keys_per_day, days, eta)
 
 
-def forecast(live_keys: int, limit: int, now: datetime, leak_per_reload: float,
+def forecast(in_use: int, limit: int, now: datetime, leak_per_reload: float,
              reloads_per_day: Optional[float]) -> Forecast:
     """exhaustion() for a leak of leak_per_reload keys a reload at reloads_per_day."""
     per_day = leak_per_reload * reloads_per_day if reloads_per_day else None
-    return exhaustion(live_keys, limit, now, per_day)
+    return exhaustion(in_use, limit, now, per_day)
 
 
 def describe(days: Optional[float]) -> str:

@@ -66,46 +66,6 @@ def source(units: Iterable[Unit], prelude: str = "") -> str:
     return "\n".join(parts) + "\n"
 
 
-def _value(v: "planner.Value") -> str:
-    if v.kind == "const":
-        return str(v.value)
-    if v.kind == "reg":
-        return f"(ctx->{v.reg} >> {v.shift})"
-    raise KeytraceError(f"a planned site reads a value keytrace cannot: {v}")
-
-
-def conditions_source() -> str:
-    """kt_cc(flags, cc): whether the x86 condition code cc holds, from planner.CONDITIONS (one
-    table, shared with Python and tested against the processor)."""
-    cases = "\n".join(f"    case {cc}: return ({expr}) != 0;  // j{name}"
-                      for cc, (name, expr) in enumerate(planner.CONDITIONS))
-    return ("static __always_inline int kt_cc(u64 flags, int cc)\n{\n"
-            "    u64 CF = flags & 1, PF = (flags >> 2) & 1, ZF = (flags >> 6) & 1;\n"
-            "    u64 SF = (flags >> 7) & 1, OF = (flags >> 11) & 1;\n"
-            f"    switch (cc) {{\n{cases}\n    }}\n    return 0;\n}}\n")
-
-
-def site_source(name: str, site: "planner.Site", flavour: str, rtld_slot: int = 0) -> str:
-    """One program for one planned site: its predicate and its values as constants. rtld_slot:
-    the file's GOT slot of _rtld_global (create sites walk the link_map chain from it)."""
-    holds = f"kt_cc(ctx->flags, {site.cc}) == {int(site.taken)}" if site.cc >= 0 else "1"
-    v = site.values
-    caller = v["caller"].offset
-    libc = f"KT_LIBC_{flavour.upper()}"
-    seq = _value(v["seq"]) if "seq" in v else "0"
-    call = {
-        "create": lambda: f"planned_create(ctx, {_value(v['key'])}, {_value(v['destructor'])}, "
-                          f"{caller}, {libc}, {seq}, "
-                          f"{(rtld_slot - site.address) if rtld_slot else 0}LL)",
-        "create_failed": lambda: f"planned_create_failed(ctx, {_value(v['errno'])}, {caller}, {libc})",
-        "delete": lambda: f"planned_delete(ctx, {_value(v['key'])}, 0, {seq})",
-        "delete_failed": lambda: f"planned_delete(ctx, {_value(v['key']) if 'key' in v else 0}, "
-                                 f"{_value(v['errno'])}, 0)",
-    }[site.event]()
-    return (f"int {name}(struct pt_regs *ctx)  // {site.event} at {site.address:#x}\n"
-            f"{{\n    if (!({holds}))\n        return 0;\n    return {call};\n}}\n")
-
-
 def ensure_tracefs() -> None:
     """bcc reads tracepoint formats from tracefs; mount it where it is missing."""
     if (TRACEFS / "events").is_dir() or Path("/sys/kernel/debug/tracing/events").is_dir():
@@ -201,28 +161,20 @@ class Program:
     """
 
     def __init__(self, units: Iterable[Unit], pids: Optional[Iterable[int]] = None,
-                 ring_pages: int = DEFAULT_RING_PAGES, plans: Iterable = (),
-                 prelude: str = "", programs: str = "", policy=None):
-        """plans: (flavour, {function: planner.Plan}) of the files to be probed on planned
-        sites; each gets programs of its own, attached with attach(..., plan=...). prelude:
-        definitions the units need (before them); programs: generated programs (after them),
-        attached with attach_programs(). policy(code) -> None or why a probe may not go on
-        that instruction (tracer.bpf.stepcheck.Policy; this host's, by default): every site
-        is checked with it before it is attached."""
+                 ring_pages: int = DEFAULT_RING_PAGES, prelude: str = "", programs: str = "",
+                 policy=None, sites: Optional[dict] = None):
+        """prelude: definitions the units need (before them); programs: generated programs
+        (after them), attached with attach_programs() or, for planned sites, attach(...,
+        plan=...): sites maps (build id, function) to [(planner.Site, program name)].
+        policy(code) -> None or why a probe may not go on that instruction
+        (tracer.bpf.stepcheck.Policy; this host's, by default): every site is checked with it
+        before it is attached."""
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise KeytraceError(f"ring buffer pages must be a power of two, not {ring_pages}")
         self.units = list(units)
-        self.sites: dict = {}  # (build id, function) -> [(site, program name)]
-        self._site_text = [conditions_source(), programs]
+        self.sites: dict = dict(sites or {})  # (build id, function) -> [(site, program name)]
+        self._site_text = [programs]
         self.prelude = prelude
-        for flavour, functions in plans:
-            for function, p in sorted(functions.items()):
-                if (p.build_id, function) in self.sites:
-                    continue
-                named = [(site, f"kt_site_{len(self._site_text)}_{i}") for i, site in enumerate(p.sites)]
-                self.sites[(p.build_id, function)] = named
-                self._site_text += [site_source(name, site, flavour, p.rtld_slot)
-                                    for site, name in named]
         self.pids = None if pids is None else sorted(set(pids))
         self.ring_pages = ring_pages
         self.bpf = None

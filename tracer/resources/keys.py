@@ -9,7 +9,8 @@ from typing import Optional
 
 from .. import resource
 from ..bpf.loader import Unit
-from ..host import keytable, libc
+from ..errors import KeytraceError
+from ..host import keytable, libc, planner
 
 
 def read_table(pid: int, host_libc: Optional[str] = None) -> tuple:
@@ -47,4 +48,65 @@ KEYS = resource.register(resource.Resource(
            "left_per_cycle": "keys_per_cycle",
            "acquire_call": "pthread_key_create", "acquire_word": "create", "unit": "key",
            "units": "keys", "full": "key table full", "owner": "destructor"},
-    extra={"unit": UNIT}))
+    extra={"unit": UNIT,
+           # what ledgers of schemas 1 and 2 (keys only) called things
+           "legacy": {"columns": {"handle": "aux", "key": "handle", "destructor": "owner"},
+                      "ops": {"create": "acquire", "create_failed": "acquire_failed",
+                              "delete": "release"}}}))
+
+
+# ---- planned sites: one small program per site of pthread_key_create/delete, generated from the
+# planner's plan (tracer.host.planner), calling the planned_* helpers of probes/keys.bpf.c.
+
+def _value(v: "planner.Value") -> str:
+    if v.kind == "const":
+        return str(v.value)
+    if v.kind == "reg":
+        return f"(ctx->{v.reg} >> {v.shift})"
+    raise KeytraceError(f"a planned site reads a value keytrace cannot: {v}")
+
+
+def conditions_source() -> str:
+    """kt_cc(flags, cc): whether the x86 condition code cc holds, from planner.CONDITIONS (one
+    table, shared with Python and tested against the processor)."""
+    cases = "\n".join(f"    case {cc}: return ({expr}) != 0;  // j{name}"
+                      for cc, (name, expr) in enumerate(planner.CONDITIONS))
+    return ("static __always_inline int kt_cc(u64 flags, int cc)\n{\n"
+            "    u64 CF = flags & 1, PF = (flags >> 2) & 1, ZF = (flags >> 6) & 1;\n"
+            "    u64 SF = (flags >> 7) & 1, OF = (flags >> 11) & 1;\n"
+            f"    switch (cc) {{\n{cases}\n    }}\n    return 0;\n}}\n")
+
+
+def site_source(name: str, site: "planner.Site", flavour: str, rtld_slot: int = 0) -> str:
+    """One program for one planned site: its predicate and its values as constants. rtld_slot:
+    the file's GOT slot of _rtld_global (create sites walk the link_map chain from it)."""
+    holds = f"kt_cc(ctx->flags, {site.cc}) == {int(site.taken)}" if site.cc >= 0 else "1"
+    v = site.values
+    caller = v["caller"].offset
+    libc = f"KT_LIBC_{flavour.upper()}"
+    seq = _value(v["seq"]) if "seq" in v else "0"
+    call = {
+        "create": lambda: f"planned_create(ctx, {_value(v['key'])}, {_value(v['destructor'])}, "
+                          f"{caller}, {libc}, {seq}, "
+                          f"{(rtld_slot - site.address) if rtld_slot else 0}LL)",
+        "create_failed": lambda: f"planned_create_failed(ctx, {_value(v['errno'])}, {caller}, {libc})",
+        "delete": lambda: f"planned_delete(ctx, {_value(v['key'])}, 0, {seq})",
+        "delete_failed": lambda: f"planned_delete(ctx, {_value(v['key']) if 'key' in v else 0}, "
+                                 f"{_value(v['errno'])}, 0)",
+    }[site.event]()
+    return (f"int {name}(struct pt_regs *ctx)  // {site.event} at {site.address:#x}\n"
+            f"{{\n    if (!({holds}))\n        return 0;\n    return {call};\n}}\n")
+
+
+def planned_programs(plans) -> tuple:
+    """(program text, {(build id, function): [(site, program name)]}) for plans: (flavour,
+    {function: planner.Plan}) of the files probed on planned sites; one build is done once."""
+    text, sites = [conditions_source()], {}
+    for flavour, functions in plans:
+        for function, p in sorted(functions.items()):
+            if (p.build_id, function) in sites:
+                continue
+            named = [(site, f"kt_site_{len(sites)}_{i}") for i, site in enumerate(p.sites)]
+            sites[(p.build_id, function)] = named
+            text += [site_source(name, site, flavour, p.rtld_slot) for site, name in named]
+    return "\n".join(text), sites

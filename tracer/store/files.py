@@ -20,9 +20,6 @@ from ..wire import COLUMNS, decode, op_type, records
 
 SCHEMA = 3        # 3: resources (acquire, release, handle, owner); 2: a meta row, host facts
 READABLE = (1, 2, 3)
-# Schemas 1 and 2 spoke of one resource in words of its own.
-_OLD_COLUMNS = {"handle": "aux", "key": "handle", "destructor": "owner"}
-_OLD_OPS = {"create": "acquire", "create_failed": "acquire_failed", "delete": "release"}
 _OF_RESOURCE = {"acquire", "acquire_failed", "release", "held", "table", "counted"}
 META = "meta"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv",
@@ -128,10 +125,12 @@ def load_events(path) -> tuple[pd.DataFrame, dict]:
 
 
 def _upgrade(raw: pd.DataFrame) -> pd.DataFrame:
-    """A schema 1 or 2 ledger in schema 3's words: its one resource is the first registered."""
-    raw = raw.rename(columns=_OLD_COLUMNS)
+    """A schema 1 or 2 ledger in schema 3's words: its one resource is the first registered,
+    whose declaration says the words it used then (extra["legacy"]: columns, ops)."""
+    legacy = resource.default().extra.get("legacy", {})
+    raw = raw.rename(columns=legacy.get("columns", {}))
     if "op" in raw.columns:
-        raw["op"] = raw["op"].astype(str).replace(_OLD_OPS)
+        raw["op"] = raw["op"].astype(str).replace(legacy.get("ops", {}))
         raw["resource"] = raw["op"].where(raw["op"].isin(_OF_RESOURCE), None).map(
             lambda op: resource.default().name if op else None)
     return raw
