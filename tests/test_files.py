@@ -26,7 +26,7 @@ def test_round_trip(tmp_path, ext):
     back, meta = load_events(path)
     assert back.dtypes.to_dict() == SAMPLE.dtypes.to_dict()
     assert back.astype(str).equals(SAMPLE.astype(str))
-    assert meta == {"schema": 3, "lost": 3, "end": 0}
+    assert meta == {"schema": 3, "lost": 3, "end": 0, "resources": {}}
     live, replayed = Ledger(), Ledger.from_file(path)
     live.ingest(SAMPLE, lost=3)
     assert replayed.summary().equals(live.summary())

@@ -55,6 +55,31 @@ def test_a_timer_leaked_per_load_is_orphaned_named_and_dated(bpf, fx, bins):
     assert row["leaking"] and row["days_left"] == pytest.approx(1000 - 20)
 
 
+def test_a_saved_pair_ledger_reports_as_it_was_traced_and_takes_another_limit(bpf, fx, bins,
+                                                                             tmp_path):
+    saved = tmp_path / "timers.parquet"
+    r = keytrace("watch", "--json", "--pair", TIMER, "--limit", "1000", "--reloads-per-day", "1",
+                 "-o", str(saved), "--", bins["reload_host"], fx["libtimer"], "5", "20000")
+    assert r.returncode == 0, r.stderr
+    (live,) = rows_of(r.stdout, "timer_create/timer_delete")
+    again = keytrace("report", str(saved), "--json", "--reloads-per-day", "1")
+    assert again.returncode == 0, again.stderr
+    (read,) = rows_of(again.stdout, "timer_create/timer_delete")
+    same = ("acquires", "in_use", "orphaned", "per_cycle", "limit", "days_left", "reason")
+    assert {k: read[k] for k in same} == {k: live[k] for k in same}
+    assert read["limit"] == 1000 and read["days_left"] == pytest.approx(1000 - 5)
+    what_if = keytrace("report", str(saved), "--json", "--reloads-per-day", "1", "--limit", "100")
+    (row,) = rows_of(what_if.stdout, "timer_create/timer_delete")
+    assert row["limit"] == 100 and row["days_left"] == pytest.approx(100 - 5)
+    (keys,) = [k for k in rows_of(what_if.stdout, "keys") if k["pid"] == row["pid"]]
+    assert keys["limit"] == 1024  # --limit is the pair's; keys keep their C library's
+
+
+def test_limit_without_a_pair_is_a_usage_error():
+    r = keytrace("watch", "--limit", "10", "--", "true")
+    assert r.returncode == 2 and "--limit is the limit of --pair handles" in r.stderr, r.stderr
+
+
 def test_a_tidy_pair_is_not_flagged(bpf, fx, bins):
     r = keytrace("watch", "--json", "--fail-on-leak", "--pair", TIMER, "--",
                  bins["reload_host"], fx["libtimertidy"], "10", "20000")

@@ -100,7 +100,7 @@ def emit(ledger: Ledger, as_json: bool, fail_on_leak: bool, title: str,
     names = [resources.default().name] + [n for n in dict.fromkeys(list(also) + ledger.resources())
                                           if n != resources.default().name]
     for i, name in enumerate(names):
-        r = resources.get(name)
+        r = ledger.declaration(name)
         summary = ledger.summary(reloads_per_day=reloads_per_day, resource=r)
         flagged |= not verdicts.flagged(summary).empty
         shown = {"process": lambda: summary, "library": lambda: ledger.by_library(resource=r),
@@ -212,7 +212,7 @@ def watch(
                                              "release pair of your own (repeatable): "
                                              "LIB:ACQUIRE=WHERE/RELEASE=WHERE, WHERE one of ret, "
                                              "argN, *argN, e.g. 'libc:fopen=ret/fclose=arg0'."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="The --pair handles' limit per "
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="The --pair handles' limit per "
                                         "process, for a forecast (for file descriptors: the "
                                         "RLIMIT_NOFILE)."),
 ):
@@ -254,6 +254,9 @@ def report(
                                       "flagged."),
     reloads_per_day: Optional[float] = RELOADS_PER_DAY,
     by: str = BY,
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="The limit per process of "
+                                        "the ledger's --pair handles, for the forecast (default: "
+                                        "the --limit it was traced with)."),
 ):
     """Analyse a saved event ledger exactly as watch analyses a live one.
 
@@ -263,10 +266,11 @@ def report(
       keytrace report keys.jsonl --json | jq 'select(.leaking)'
       keytrace report keys.parquet --by library
       keytrace report keys.parquet --by reload --reloads-per-day 1
+      keytrace report files.parquet --limit 1024   a --pair ledger, dated against 1024
     """
     check_view(by)
     try:
-        ledger = Ledger.from_file(file)
+        ledger = Ledger.from_file(file, limit=limit)
     except KeytraceError as e:
         raise failure(e)
     emit(ledger, as_json, fail_on_leak, f"pthread keys ({file})", reloads_per_day, by)

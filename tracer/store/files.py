@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 
@@ -76,16 +77,19 @@ def _write(out: pd.DataFrame, path, fmt: str) -> None:
         raise KeytraceError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def save_events(events: pd.DataFrame, path, lost: int = 0, end: int = 0) -> None:
-    """Write events behind the meta row: the schema, the records the kernel lost, and end, the
-    time up to which the ledger had seen everything (quiet time after the last event counts)."""
+def save_events(events: pd.DataFrame, path, lost: int = 0, end: int = 0,
+                resources: Optional[dict] = None) -> None:
+    """Write events behind the meta row: the schema, the records the kernel lost, end, the
+    time up to which the ledger had seen everything (quiet time after the last event counts),
+    and resources, plain facts of each resource's declaration by name (its functions, limit)."""
     fmt = format_of(path)
     first = int(events["ts"].array.asi8.min()) if len(events) else 0
     # The meta row is built like any event, so every column keeps its dtype (a float detour
     # would round 64-bit addresses and nanosecond times).
     head = decode(records([{"op": "seen", "ts": first}]), 0).astype({"op": str, "comm": str})
     head.loc[0, "op"] = META
-    head.loc[0, "path"] = json.dumps({"schema": SCHEMA, "lost": int(lost), "end": int(end)})
+    head.loc[0, "path"] = json.dumps({"schema": SCHEMA, "lost": int(lost), "end": int(end),
+                                       "resources": resources or {}})
     out = pd.concat([head, events[COLUMNS].astype({"op": str, "comm": str})], ignore_index=True)
     _write(out, path, fmt)
 
