@@ -340,6 +340,24 @@ def test_entry_sites_move_past_unsafe_first_instructions(tmp_path):
         planner.plan_entry(str(exe), at["inner"], 16, "inner", no_vex)
 
 
+@needs_gcc
+def test_a_site_that_reads_one_argument_may_sit_on_the_first_emulated_instruction(tmp_path):
+    from tracer.host.elf import elf_info
+    exe = gcc(tmp_path, Path(__file__).parent / "fixtures" / "entries.c", "entries")
+    info = elf_info(str(exe))
+    at = {name: info.address_of(name) for name in ("checks", "clobbers", "inner", "outer")}
+    # cmp and mov (to rsi) leave rdi as passed: the ja after them (emulated) sees arg0, not arg1
+    assert planner.argument_site(str(exe), at["checks"], "checks", no_vex, (0,)).address == \
+        at["checks"] + 11
+    with pytest.raises(Refused, match="changes an argument"):
+        planner.argument_site(str(exe), at["checks"], "checks", no_vex, (1,))
+    with pytest.raises(Refused, match="changes an argument"):
+        planner.argument_site(str(exe), at["clobbers"], "clobbers", no_vex, (0,))
+    # a site others branch past, or into, is refused as for counting
+    with pytest.raises(Refused, match="lands at inner\\+0x3"):
+        planner.argument_site(str(exe), at["inner"], "inner", no_vex, (0,))
+
+
 def test_entries_of_an_unreadable_file_are_unknown_never_none(tmp_path):
     from tracer.host import branches
     junk = tmp_path / "junk"

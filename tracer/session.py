@@ -140,15 +140,18 @@ class KeyTracer(Tracing):
         self._attach_pairs()
 
     def _attach_pairs(self) -> None:
-        """Each pair's acquire gets an entry and a return probe, its release an entry probe, on
-        sites the policy allows (an unsafe entry moves past its first instruction)."""
-        for i, (acquires, releases) in enumerate(self._pair_targets):
+        """Each pair's acquire gets an entry and a return probe, on sites the policy allows (an
+        unsafe entry moves past its first instruction). Its release reads one argument only: its
+        probe goes on the first emulated instruction that still sees it (a trap, no single
+        step: a twentieth of the cost here), else on the entry."""
+        for i, ((acquires, releases), p) in enumerate(zip(self._pair_targets, self.pairs)):
             enter, ret, release = bpf_pairs.names(i)
             for t in acquires:
                 site = self._program.entry_site(t.path, t.address, t.function)
                 self._program.attach_programs(t.path, [(site, enter, False), (site, ret, True)])
             for t in releases:
-                site = self._program.entry_site(t.path, t.address, t.function)
+                site = self._program.argument_site(t.path, t.address, t.function,
+                                                   (int(p.release_handle[3:]),))
                 self._program.attach_programs(t.path, [(site, release, False)])
 
     def _ready(self) -> None:

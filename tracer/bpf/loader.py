@@ -290,6 +290,14 @@ class Program:
             self.moved[(path, function)] = (address, site.address)
         return site.address
 
+    def argument_site(self, path: str, address: int, function: str, args: tuple) -> int:
+        """Where a probe that reads only these arguments goes: an emulated instruction before
+        which none of them changed (planner.argument_site), else the entry site."""
+        try:
+            return planner.argument_site(path, address, function, self.policy, args).address
+        except planner.Refused:
+            return self.entry_site(path, address, function)
+
     def attach_programs(self, path: str, probes: Iterable[tuple]) -> int:
         """Attach generated programs to one file: (address, program name, is_return) each; a
         file may be given more probes by later calls. Returns how many; a failure detaches what

@@ -623,6 +623,32 @@ def plan_entry(path: str, address: int, size: int, name: str = "", unsafe=None) 
     return got
 
 
+def argument_site(path: str, address: int, name: str, unsafe, args: tuple) -> Site:
+    """A site that sees every call once with the given arguments (register numbers, 0-5) as
+    passed, emulated: plan_entry's site, when no instruction before it writes one of them. For
+    a probe that reads those arguments and nothing else (not the stack, which a push moves):
+    a release's handle. Raises Refused."""
+    keep = frozenset(_ARGS[n] for n in args)
+    name = name or f"{address:#x}"
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise Refused(f"cannot read {path}: {e.strerror}") from None
+    ident = ((st.st_dev, st.st_ino, st.st_mtime_ns), address, unsafe, keep)
+    if ident not in _CACHE:
+        try:
+            _CACHE[ident] = _entry_site(path, name, address, unsafe, keep)
+        except Refused as e:
+            _CACHE[ident] = str(e)
+        except CsError as e:
+            _CACHE[ident] = f"{name}: capstone: {e}"
+    got = _CACHE[ident]
+    if isinstance(got, str):
+        raise Refused(got)
+    return got
+
+
+_ARGS = ("di", "si", "dx", "cx", "r8", "r9")  # the System V integer argument registers
 _PROLOGUE = 8  # instructions looked at for a site: prologues are short
 
 
@@ -648,7 +674,7 @@ def _only_entry(path: str, name: str, address: int, site: int) -> None:
                       f"the site at +{site - address:#x}")
 
 
-def _entry_site(path: str, name: str, address: int, unsafe) -> Site:
+def _entry_site(path: str, name: str, address: int, unsafe, keep: frozenset = frozenset()) -> Site:
     site = None
     for insn in _prologue(path, address):
         if _emulated(insn) and _probeable(insn) and not (unsafe and unsafe(bytes(insn.bytes))):
@@ -656,6 +682,9 @@ def _entry_site(path: str, name: str, address: int, unsafe) -> Site:
             break
         if _ends_block(insn):
             raise Refused(f"{name}: its entry block ends before an emulated instruction")
+        if _writes(insn) & keep:
+            raise Refused(f"{name}: `{insn.mnemonic} {insn.op_str}` changes an argument read "
+                          "before an emulated instruction")
     if site is None:
         raise Refused(f"{name}: no emulated instruction in its first {_PROLOGUE}")
     _only_entry(path, name, address, site.address)
