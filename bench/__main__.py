@@ -2,8 +2,10 @@
 
 1. overhead: ns per pthread_key_create+delete pair in bench/keyloop.c, untraced, under
    bpftrace (a bare count() on the entry of both functions, and on the same four probe points
-   keytrace uses), under keytrace watch, and under ltrace; interleaved rounds, every tool's
-   count of calls verified. The loop runs against a private copy of libc, so other tracers on
+   keytrace uses), under keytrace watch, with the two functions declared as a --pair too
+   (against bpftrace on the pair's 3 probe points), and under ltrace; with --baseline REF, under
+   keytrace watch from a checkout of REF as well; interleaved rounds, every tool's count of
+   calls verified. The loop runs against a private copy of libc, so other tracers on
    the host do not disturb it.
 2. ingest: how fast the ring buffer is drained into the ledger, and records lost per ring size.
 3. start-up (to "probes attached") and peak RSS of a watch session over 1 M events.
@@ -15,6 +17,7 @@ Every process it starts is ended, and every probe detached, on every exit path.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -98,14 +101,16 @@ def run_untraced(exe, libdir, n):
     return Loop(exe, libdir, n).go(), True
 
 
-def run_bpftrace(exe, libdir, n, returns: bool):
+def run_bpftrace(exe, libdir, n, returns):
+    """returns: False (entries), True (entries and returns), "pair" (the create's return too)."""
     loop = Loop(exe, libdir, n)
     lib = libdir / "libc.so.6"
     probes = [f"uprobe:{lib}:pthread_key_create {{ @c = count(); }}",
               f"uprobe:{lib}:pthread_key_delete {{ @d = count(); }}"]
     if returns:
-        probes += [f"uretprobe:{lib}:pthread_key_create {{ @rc = count(); }}",
-                   f"uretprobe:{lib}:pthread_key_delete {{ @rd = count(); }}"]
+        probes += [f"uretprobe:{lib}:pthread_key_create {{ @rc = count(); }}"]
+    if returns is True:
+        probes += [f"uretprobe:{lib}:pthread_key_delete {{ @rd = count(); }}"]
     t = spawn(["bpftrace", "-p", str(loop.p.pid), "-e", " ".join(probes)],
               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(t.stdout, r"^Attaching \d+ probe")
@@ -113,21 +118,28 @@ def run_bpftrace(exe, libdir, n, returns: bool):
     ns = loop.go()
     out = t.communicate(timeout=60)[0]
     counts = {k: int(v) for k, v in re.findall(r"@(\w+): (\d+)", out)}
-    want = {"c": n, "d": n, **({"rc": n, "rd": n} if returns else {})}
+    want = {"c": n, "d": n, **({"rc": n} if returns else {}), **({"rd": n} if returns is True else {})}
     return ns, counts == want
 
 
-def run_keytrace(exe, libdir, n, sites="planned"):
+KEYS_AS_PAIR = "libc:pthread_key_create=*arg0/pthread_key_delete=arg0"
+
+
+def run_keytrace(exe, libdir, n, sites="planned", extra=(), tree=ROOT):
+    """keytrace watch on the loop; counts checked for keys and for every --pair in extra.
+    tree: the source tree to run (a worktree of an older commit, for a same-run baseline)."""
     loop = Loop(exe, libdir, n)
-    t = spawn([*KEYTRACE, "watch", "--json", "--sites", sites, "-p", str(loop.p.pid)],
-              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    t = spawn([*KEYTRACE, "watch", "--json", "--sites", sites, *extra, "-p", str(loop.p.pid)],
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tree)
     wait_for(t.stderr, "probes attached")
     ns = loop.go()
     out, err = t.communicate(timeout=60)
-    m = re.search(r'"creates": (\d+), "deletes": (\d+)', out)
-    ok = bool(m) and (int(m.group(1)), int(m.group(2))) == (n, n)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    seen = [(r.get("creates"), r.get("deletes")) if r.get("resource", "keys") == "keys"
+            else (r.get("acquires"), r.get("releases")) for r in rows if r["pid"] == loop.p.pid]
+    ok = seen == [(n, n)] * (1 + sum(1 for a in extra if a == "--pair"))
     if not ok:  # say what was seen, and what keytrace said about it
-        print(f"    keytrace saw {m.groups() if m else out[:200]!r}; {err.strip()[-160:]}", flush=True)
+        print(f"    keytrace saw {seen or out[:200]!r}; {err.strip()[-160:]}", flush=True)
     return ns, ok
 
 
@@ -142,7 +154,16 @@ def run_ltrace(exe, libdir, n):
     return ns, calls == {"pthread_key_create": n, "pthread_key_delete": n}
 
 
-def overhead(work: Path, rounds: int, n_fast: int, n_traced: int, n_ltrace: int) -> dict:
+def baseline_tree(work: Path, ref: str) -> Path:
+    """A checkout of ref beside this tree, run with this venv: the same run measures both."""
+    tree = work / f"baseline-{ref}"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref],
+                   check=True, capture_output=True)
+    return tree
+
+
+def overhead(work: Path, rounds: int, n_fast: int, n_traced: int, n_ltrace: int,
+             baseline: str = "") -> dict:
     libdir = work / "libc"
     libdir.mkdir()
     shutil.copy(LIBC, libdir / "libc.so.6")
@@ -153,8 +174,17 @@ def overhead(work: Path, rounds: int, n_fast: int, n_traced: int, n_ltrace: int)
         "bpftrace count, keytrace's 4 probe points": lambda: run_bpftrace(exe, libdir, n_traced, True),
         "keytrace watch": lambda: run_keytrace(exe, libdir, n_traced),
         "keytrace watch --sites entry": lambda: run_keytrace(exe, libdir, n_traced, "entry"),
+        # the same two functions declared as a --pair too: what a user's pair costs on top
+        "keytrace watch --pair (the keys as a pair too)": lambda: run_keytrace(
+            exe, libdir, n_traced, extra=("--pair", KEYS_AS_PAIR)),
+        "bpftrace count, a pair's 3 probe points": lambda: run_bpftrace(exe, libdir, n_traced,
+                                                                        "pair"),
         "ltrace -c": lambda: run_ltrace(exe, libdir, n_ltrace),
     }
+    if baseline:
+        tree = baseline_tree(work, baseline)
+        tools[f"keytrace watch @{baseline}"] = lambda: run_keytrace(exe, libdir, n_traced,
+                                                                     tree=tree)
     results = {name: {"ns": [], "verified": 0} for name in tools}
     names = list(tools)
     for r in range(rounds):
@@ -297,7 +327,15 @@ def report(res: dict, machine: str) -> str:
         "keytrace / bpftrace count, 2 entry probes": [a / b for a, b in zip(k, ov["bpftrace count, 2 entry probes"]["ns"])],
         "keytrace / bpftrace count, same 4 probe points": [a / b for a, b in zip(k, ov["bpftrace count, keytrace's 4 probe points"]["ns"])],
         "ltrace / keytrace": [a / b for a, b in zip(ov["ltrace -c"]["ns"], k)],
+        # a pair's own cost: what --pair adds to the watch, against bpftrace on its 3 points
+        "keytrace --pair's added cost / bpftrace count, the pair's 3 probe points (added)": [
+            (p - w) / b for p, w, b in zip(ov["keytrace watch --pair (the keys as a pair too)"]["ns"],
+                                            k, added("bpftrace count, a pair's 3 probe points"))],
     }
+    for name in ov:
+        if name.startswith("keytrace watch @"):
+            ratios[f"keytrace watch / {name[len('keytrace '):]}"] = [
+                a / b for a, b in zip(k, ov[name]["ns"])]
     lines += ["", "| ratio (computed per round) | median (min-max) |", "|---|---|"]
     lines += [f"| {name} | {median_range(v)} |" for name, v in ratios.items()]
     ing = res["ingest"]
@@ -333,8 +371,9 @@ def plot(res: dict, path: Path) -> None:
     med = [statistics.median(ov[n]["ns"]) / 1000 for n in names]
     lo = [m - min(ov[n]["ns"]) / 1000 for m, n in zip(med, names)]
     hi = [max(ov[n]["ns"]) / 1000 - m for m, n in zip(med, names)]
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    ax.barh(names, med, xerr=[lo, hi], color=["#888", "#888", "crimson", "#555"][:len(names)])
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.2))
+    ax.barh(names, med, xerr=[lo, hi],
+            color=["crimson" if n.startswith("keytrace") else "#888" for n in names])
     ax.set(xlabel="us per create+delete pair (median, min-max)", xscale="log",
            title="cost of tracing pthread_key_create + pthread_key_delete")
     ax.invert_yaxis()
@@ -347,6 +386,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
     ap.add_argument("--overhead-only", action="store_true", help="only the side-by-side rounds")
+    ap.add_argument("--baseline", default="", metavar="REF",
+                    help="also run keytrace watch from a checkout of this commit, in the same "
+                         "rounds (is this tree slower than REF?)")
     args = ap.parse_args()
     q = args.quick
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -355,7 +397,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="keytrace-bench-"))
     try:
         print("overhead (interleaved rounds):", flush=True)
-        res["overhead"] = overhead(work, args.rounds, 2_000_000, 2000 if q else 20000, 200 if q else 2000)
+        res["overhead"] = overhead(work, args.rounds, 2_000_000, 2000 if q else 20000,
+                                   200 if q else 2000, args.baseline)
         if args.overhead_only:
             for name, r in res["overhead"].items():
                 print(f"{name}: {median_range(r['ns'])} ns, verified {r['verified']}/{len(r['ns'])}")
@@ -373,6 +416,9 @@ def main() -> None:
         res["scan"] = scan.stdout.strip()
     finally:
         end_all()
+        if args.baseline:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                            str(work / f"baseline-{args.baseline}")], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     text = report(res, machine)
     (RESULTS / "RESULTS.md").write_text(text)
