@@ -13,7 +13,7 @@ LAYERS = [
     ["tracer.state"],
     ["tracer.analysis"],
     ["tracer.resources"],
-    ["tracer.launch", "tracer.tracing", "tracer.session", "tracer.calls", "tracer.workloads"],
+    ["tracer.launch", "tracer.tracing", "tracer.discovery", "tracer.session", "tracer.calls", "tracer.workloads"],
     ["tracer.agent"],
     ["tracer.cli", "tracer.jupyter"],
 ]

@@ -10,9 +10,7 @@ or after a failed start) drains what is left, detaches every probe and ends a la
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import shutil
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -23,13 +21,13 @@ from .bpf import pairs as bpf_pairs
 from .bpf import stepcheck, units
 from .bpf.loader import DEFAULT_RING_PAGES, Program
 from .errors import KeytraceError, UsageError
-from .host import keytable, libc, planner, proc
+from .host import keytable, proc
 from .host import patterns as pat
 from .resources import keys as keys_resource
 from .resources import pairs as pair_specs
-from .host.elf import build_id, elf_info
 from .host.sight import sight
 from .state.tracker import Tracker
+from .discovery import Discovery
 from .tracing import Tracing, check_sites
 
 
@@ -83,9 +81,6 @@ class KeyTracer(Tracing):
         self._ring_pages = ring_pages
         self._offset = wire.boot_to_wall_offset_ns()
         self._snapshotted: set = set()  # pids whose current image's modules are in the ledger
-        self._probed: set = set()        # (dev, inode) of every file probed
-        self._pending: dict = {}         # exec'd pid -> deadline to find its C library
-        self._settled: set = set()       # images (exe, mount ns) known to map probed files only
         self._reread: dict = {}          # pid -> the poll after which its table is read
         self._polls = 0
         self._host_libc: Optional[str] = None
@@ -95,7 +90,7 @@ class KeyTracer(Tracing):
         self.resources = [resource.default()] + self.pairs
         self._units = units.tracer_units([r.extra["unit"] for r in self.resources
                                           if "unit" in r.extra] + ([bpf_pairs.PAIRS] if self.pairs else []))
-        self._functions = units.functions(self._units)
+        self._found = Discovery(units.functions(self._units), self._note)  # the C libraries
         self._readers = {r.name: r.reader or _no_reader for r in self.resources}
         self._early: list = []           # records drained before the poll thread ran
         self._reconciled = 0.0           # when the kernel's counts were last compared
@@ -127,15 +122,18 @@ class KeyTracer(Tracing):
         return self
 
     def _open(self, filter_pids) -> None:
-        targets = self._targets(filter_pids)
+        targets = self._found.initial(filter_pids, self.command, self.process is not None)
         self._policy = stepcheck.policy(self._note)
-        plans = self._plans(targets) if self.sites == "planned" else {}
+        plans, notes = keys_resource.plans(targets, self._policy) if self.sites == "planned" \
+            else ({}, [])
+        self.plan_notes += notes
         planned, sites = keys_resource.planned_programs(
             [(t.flavour, plans[t.ident]) for t in targets if t.ident in plans])
         self._program = Program(self._units, filter_pids, self._ring_pages, policy=self._policy,
                                 programs=planned + "\n" + bpf_pairs.programs(self.pairs),
                                 sites=sites)
         self._program.open()
+        self._found.program = self._program
         self._attach_targets(targets, plans)
         self._attach_pairs()
 
@@ -160,46 +158,9 @@ class KeyTracer(Tracing):
         for pid in (self.pids or []) + ([self.process.pid] if self.process else []):
             self._meet_running(pid)
 
-    def _targets(self, pids) -> list:
-        """Every C library the traced processes (or the host) may use, and a launched command
-        that is itself one (a static executable)."""
-        targets = libc.find_targets(self._functions, pids)
-        if self.command and self.process is not None:
-            exe = shutil.which(self.command[0])
-            static = exe and self._static_target(exe)
-            if static:
-                targets.append(static)
-        if not targets:
-            raise KeytraceError("no C library defining pthread_key_create was found to probe")
-        return targets
-
-    def _plans(self, targets) -> dict:
-        """Planned probe sites (tracer.host.planner) for the targets keytrace can check here:
-        those of the very build of the C library this process runs on, which the self-test
-        exercises. Any other file gets entry and return probes."""
-        own = libc.own_libc()
-        own_build = build_id(own) if own else ""
-        out = {}
-        for t in targets:
-            try:
-                plan = planner.plan_file(t.path)
-                for p in plan.values():
-                    for site in p.sites:
-                        why = self._policy(site.insn)
-                        if why:
-                            raise planner.Refused(f"{p.function}+{site.address - p.address:#x}: {why}")
-            except planner.Refused as e:
-                self.plan_notes.append(f"{t.path}: entry probes ({e})")
-                continue
-            if not own_build or build_id(t.path) != own_build:
-                self.plan_notes.append(f"{t.path}: entry probes (a build the self-test cannot run)")
-                continue
-            out[t.ident] = plan
-        return out
-
     def _attach_targets(self, targets, plans) -> None:
         for t in targets:
-            self._attach(t, plans.get(t.ident))
+            self._found.attach(t, plans.get(t.ident))
         for (path, function), (entry, site) in self._program.moved.items():
             self.plan_notes.append(f"{path}: {function}'s entry probe at +{site - entry:#x} "
                                    "(its first instruction is unsafe to probe here)")
@@ -209,18 +170,10 @@ class KeyTracer(Tracing):
             self._lost_base = self._program.lost()
 
     def _self_test(self, targets, plans) -> None:
-        """Prove the planned sites on this machine before trusting them: a short-lived child
-        makes 3 keys, deletes them, then deletes an invalid key and one twice; exactly those
-        events must come out. Otherwise the planned files fall back to entry probes."""
-        for _ in range(3):  # a record the kernel fails to queue (6.15+) is no verdict on a plan
-            got = self._exercise()
-            creates = [int(k) for op, k, r in got if op == wire.CODE["acquire"]]
-            deletes = sorted((int(k), int(r)) for op, k, r in got if op == wire.CODE["release"])
-            failed = [r for op, k, r in got if op == wire.CODE["release"] and r != 0]
-            ok = (len(got) == 8 and len(set(creates)) == 3
-                  and sorted(k for k, r in deletes if r == 0) == sorted(creates) and len(failed) == 2)
-            if ok:
-                break
+        """The planned sites are trusted once they pass their self-test on this machine
+        (tracer.resources.keys.self_test); else those files go back to entry probes."""
+        ok, got, others = keys_resource.self_test(self._program)
+        self._early += others
         names = ", ".join(sorted({os.path.basename(t.path) for t in targets if t.ident in plans}))
         if ok:
             self.plan_notes.insert(0, f"planned sites on {names} (self-test passed)")
@@ -229,62 +182,9 @@ class KeyTracer(Tracing):
                    "instead")
         for t in targets:
             if t.ident in plans:
-                self._program.detach(t.path)
-                self._probed.discard(t.ident)
-                self._attach(t, None)
+                self._found.reattach(t)
         self.plan_notes.insert(0, "entry probes (the planned sites failed their self-test)")
 
-    def _exercise(self) -> list:
-        """Run the self-test child and take its records out of the ring: (op, key, ret) each.
-        The child is a fork of this process, so Python's own after-fork key work comes first:
-        only records from the moment the child says it starts count, and every other record
-        drained meanwhile is kept for the ledger."""
-        r, w = os.pipe()
-        child = os.fork()
-        if child == 0:  # the child: libc calls, then out without any Python cleanup
-            try:
-                os.close(r)
-                start = time.clock_gettime_ns(time.CLOCK_BOOTTIME)  # the records' clock
-                c = ctypes.CDLL(None)
-                keys = (ctypes.c_uint * 3)()
-                for i in range(3):
-                    c.pthread_key_create(ctypes.byref(keys, 4 * i), None)
-                for i in range(3):
-                    c.pthread_key_delete(keys[i])
-                c.pthread_key_delete(1 << 20)   # out of range: EINVAL
-                c.pthread_key_delete(keys[0])   # deleted already: EINVAL
-                os.write(w, str(start).encode())
-            finally:
-                os._exit(0)
-        os.close(w)
-        if self._program.pids is not None:
-            self._program.add_pid(child)
-        os.waitpid(child, 0)
-        with os.fdopen(r) as fh:
-            start = int(fh.read() or 0)
-        batch = self._program.drain()
-        mine = batch["pid"] == child
-        self._early.append(batch[~mine])
-        mine &= batch["ts"] >= start
-        mine &= batch["res"] == self.resources[0].id
-        ops = (wire.CODE["acquire"], wire.CODE["acquire_failed"], wire.CODE["release"])
-        return [(int(o), int(k), int(r)) for o, k, r in zip(batch["op"][mine], batch["handle"][mine],
-                                                             batch["ret"][mine]) if o in ops]
-
-    def _attach(self, t: libc.Target, plan: Optional[dict] = None) -> bool:
-        if t.ident in self._probed:
-            return False
-        self._program.attach(t.path, t.functions, t.flavour, plan)
-        self._probed.add(t.ident)
-        return True
-
-    def _static_target(self, path: str) -> Optional[libc.Target]:
-        """A statically linked glibc executable with symbols defines the functions itself."""
-        info = elf_info(path)
-        if info is None or not info.static:
-            return None
-        t = libc.target(path, self._functions)
-        return t if t is not None and keytable.layout(path)[1] != "no __pthread_keys" else None
 
     def _sight(self, pid: int, identity: bool = True) -> dict:
         """What the host shows of a running process (tracer.host.sight), its modules' munmaps
@@ -304,7 +204,7 @@ class KeyTracer(Tracing):
                 if pids is None and self.pids is None:
                     # and the drain looks again for unprobed C libraries: a copy an image maps
                     # only under some environment (LD_LIBRARY_PATH) is found here at the latest
-                    self._pending.setdefault(pid, (0.0, "", True))
+                    self._found.recheck(pid)
         return n
 
     def _meet_running(self, pid: int) -> int:
@@ -320,54 +220,6 @@ class KeyTracer(Tracing):
         self.ledger.observe(pid, time.time_ns(), st.comm, **self._sight(pid))
         return 1
 
-    def _discover(self, now: float) -> None:
-        """C libraries of exec'd processes that no probe covers yet (a container's or a chroot's
-        copy, a static executable): probe them as soon as they are mapped, then read the
-        process's table, so the keys made before the probes arrived are counted too."""
-        for pid, (deadline, exec_path, *recheck) in list(self._pending.items()):
-            if self._discover_pid(pid, exec_path, now > deadline, bool(recheck)):
-                del self._pending[pid]
-
-    def _discover_pid(self, pid: int, exec_path: str, last_try: bool = False,
-                      recheck: bool = False) -> bool:
-        """Probe the C library pid's image runs on if none covers it yet; False: its libraries
-        are not mapped yet, try again. An image (executable file, mount namespace) once found
-        on probed files is not read again (reading maps at every exec of a fork/exec-heavy host
-        cost more than the rest of the agent): recheck reads it all the same (a rescan)."""
-        image = proc.image(pid)
-        if image is not None and image in self._settled and not recheck:
-            return True
-        exec_path = exec_path or proc.exe(pid) or ""
-        alive = image is not None
-        exe = f"/proc/{pid}/exe" if alive else exec_path  # gone already: the file it ran
-        info = elf_info(exe)
-        if info is not None and info.static:
-            if recheck:
-                return True  # a static image is decided once, at its exec
-            found = self._static_target(exe)
-            if found is None:
-                self._untraceable(pid, exec_path, exe)
-                return True
-            fresh, done = [found], True
-        else:
-            paths = libc.mapped_libraries(pid) if alive else []
-            done = bool(paths) or last_try or not alive  # mapped, or never will be
-            fresh = [t for t in (libc.target(p, self._functions, name) for p, name in paths) if t]
-        if done and alive:
-            if len(self._settled) > 4096:
-                self._settled.clear()
-            self._settled.add(image)
-        fresh = list({t.ident: t for t in fresh if t.ident not in self._probed}.values())
-        if fresh:
-            for t in fresh:
-                self._attach(t)
-            self._note(f"probing {', '.join(t.path for t in fresh)} from now on: first mapped by "
-                       f"pid {pid} ({exec_path})")
-            # Its table is read once the ring's records up to now are in the ledger: an exec
-            # it made before the probes arrived must start the image the table belongs to.
-            self._reread[pid] = self._polls + 1
-        return done
-
     def _read_late(self) -> None:
         for pid, due in list(self._reread.items()):
             if self._polls < due:
@@ -379,12 +231,6 @@ class KeyTracer(Tracing):
                 continue  # gone: nothing more to read
             self.ledger.observe(pid, time.time_ns(), comm, late=True,
                                 **self._sight(pid, identity=False))
-
-    def _untraceable(self, pid: int, exec_path: str, exe: str) -> None:
-        """Say so when an exec'd program is one no probe can cover."""
-        why = ("statically linked without symbols" if libc.target(exe, self._functions) is None
-               else "statically linked with a C library other than glibc")
-        self._note(f"cannot trace pid {pid} ({exec_path}): {why}; its pthread keys are not counted")
 
     def poll(self, final: bool = False) -> int:
         """Drain the ring buffer into the ledger once; returns the number of events. final:
@@ -407,10 +253,10 @@ class KeyTracer(Tracing):
                                            now=time.time_ns())
                 execs = batch["op"] == wire.CODE["exec"]
                 if execs.any():
-                    now = time.monotonic() + 0.5
-                    self._pending.update(
-                        (pid, (now, raw.split(b"\0", 1)[0].decode("utf-8", "replace")))
-                        for pid, raw in zip(batch["pid"][execs].tolist(), batch["path"][execs]))
+                    self._found.exec_seen(
+                        ((pid, raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
+                         for pid, raw in zip(batch["pid"][execs].tolist(), batch["path"][execs])),
+                        time.monotonic())
             else:  # a quiet poll: no frame to build (decoding costs ~3 ms even when empty)
                 self.ledger.advance(lost=lost, now=time.time_ns())
             # Records were lost: the kernel's counts stand in. They also count calls whose
@@ -425,8 +271,11 @@ class KeyTracer(Tracing):
             self._polls += 1
             if self._reread:
                 self._read_late()
-            if self._pending:
-                self._discover(time.monotonic())
+            if self._found.pending:
+                # Its table is read once the ring's records up to now are in the ledger: an
+                # exec it made before the probes arrived must start the image it belongs to.
+                for pid in self._found.discover(time.monotonic()):
+                    self._reread[pid] = self._polls + 1
             return len(batch)
 
     def _meet(self, batch: np.ndarray) -> list:

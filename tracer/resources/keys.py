@@ -2,15 +2,19 @@
 first argument), pthread_key_delete releases it, the destructor is its owner. glibc allows 1024
 per process, musl 128. The live table is glibc's __pthread_keys, read through /proc/PID/mem
 (tracer.host.keytable); the probes are probes/keys.bpf.c, on sites the planner proves where it
-can (tracer.host.planner)."""
+can (tracer.host.planner) and a self-test shows right on this machine."""
 from __future__ import annotations
 
+import ctypes
+import os
+import time
 from typing import Optional
 
-from .. import resource
+from .. import resource, wire
 from ..bpf.loader import Unit
 from ..errors import KeytraceError
 from ..host import keytable, libc, planner
+from ..host.elf import build_id
 
 
 def read_table(pid: int, host_libc: Optional[str] = None) -> tuple:
@@ -110,3 +114,84 @@ def planned_programs(plans) -> tuple:
             sites[(p.build_id, function)] = named
             text += [site_source(name, site, flavour, p.rtld_slot) for site, name in named]
     return "\n".join(text), sites
+
+
+def plans(targets, policy) -> tuple:
+    """({target ident: {function: planner.Plan}}, notes): planned sites (tracer.host.planner)
+    for the targets keytrace can check here, those of the very build of the C library this
+    process runs on, which the self-test exercises, every site allowed by policy (stepcheck).
+    Any other file gets entry and return probes, and a note says why."""
+    own = libc.own_libc()
+    own_build = build_id(own) if own else ""
+    out, notes = {}, []
+    for t in targets:
+        try:
+            plan = planner.plan_file(t.path)
+            for p in plan.values():
+                for site in p.sites:
+                    why = policy(site.insn)
+                    if why:
+                        raise planner.Refused(f"{p.function}+{site.address - p.address:#x}: {why}")
+        except planner.Refused as e:
+            notes.append(f"{t.path}: entry probes ({e})")
+            continue
+        if not own_build or build_id(t.path) != own_build:
+            notes.append(f"{t.path}: entry probes (a build the self-test cannot run)")
+            continue
+        out[t.ident] = plan
+    return out, notes
+
+
+def self_test(program) -> tuple:
+    """(passed, what was seen, the other records drained meanwhile): prove the planned sites
+    on this machine before trusting them. A short-lived child makes 3 keys, deletes them, then
+    deletes an invalid key and one twice; exactly those events must come out. Tried 3 times: a
+    record the kernel fails to queue (6.15+) is no verdict on a plan."""
+    others = []
+    for _ in range(3):
+        got, rest = _exercise(program)
+        others.append(rest)
+        creates = [int(k) for op, k, r in got if op == wire.CODE["acquire"]]
+        deletes = sorted((int(k), int(r)) for op, k, r in got if op == wire.CODE["release"])
+        failed = [r for op, k, r in got if op == wire.CODE["release"] and r != 0]
+        if (len(got) == 8 and len(set(creates)) == 3
+                and sorted(k for k, r in deletes if r == 0) == sorted(creates) and len(failed) == 2):
+            return True, got, others
+    return False, got, others
+
+
+def _exercise(program) -> tuple:
+    """Run the self-test child and take its records out of the ring: ([(op, key, ret)], every
+    other record drained meanwhile). The child is a fork of this process, so Python's own
+    after-fork key work comes first: only records from the moment it says it starts count."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: libc calls, then out without any Python cleanup
+        try:
+            os.close(r)
+            start = time.clock_gettime_ns(time.CLOCK_BOOTTIME)  # the records' clock
+            c = ctypes.CDLL(None)
+            keys = (ctypes.c_uint * 3)()
+            for i in range(3):
+                c.pthread_key_create(ctypes.byref(keys, 4 * i), None)
+            for i in range(3):
+                c.pthread_key_delete(keys[i])
+            c.pthread_key_delete(1 << 20)   # out of range: EINVAL
+            c.pthread_key_delete(keys[0])   # deleted already: EINVAL
+            os.write(w, str(start).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    if program.pids is not None:
+        program.add_pid(child)
+    os.waitpid(child, 0)
+    with os.fdopen(r) as fh:
+        start = int(fh.read() or 0)
+    batch = program.drain()
+    mine = batch["pid"] == child
+    rest = batch[~mine]
+    mine &= batch["ts"] >= start
+    mine &= batch["res"] == KEYS.id
+    ops = (wire.CODE["acquire"], wire.CODE["acquire_failed"], wire.CODE["release"])
+    return [(int(o), int(k), int(r)) for o, k, r in zip(batch["op"][mine], batch["handle"][mine],
+                                                         batch["ret"][mine]) if o in ops], rest
