@@ -66,11 +66,12 @@ def test_processes_before_and_after_the_agent(agent, keymaker, bins):
     before = keymaker()
     for _ in range(4):
         before.do(f"r {bins['libleaky']}")  # the same address each time, 4 keys, one destructor
+    before.do("c 1")  # and one of its own
     p, port = agent("--reloads-per-day", "1")
     line = p.stderr.readline()
     assert "serving http://" in line, line
     text = metrics(port)  # the first scrape
-    assert value(text, "keytrace_process_pthread_keys", pid=before.pid) == 4
+    assert value(text, "keytrace_process_pthread_keys", pid=before.pid) == 5
     assert value(text, "keytrace_process_pthread_keys_leaking", pid=before.pid) == 1
     assert value(text, "keytrace_process_pthread_keys_limit", pid=before.pid) == 1024
 
@@ -92,6 +93,13 @@ def test_processes_before_and_after_the_agent(agent, keymaker, bins):
     finally:
         after.kill()
         after.wait()
+    # a key it held when met, deleted now with two new ones: all three deletes are counted
+    before.do("c 2")
+    before.do("d 3")
+    deleted = until(lambda: sum(float(v) for v in re.findall(
+        rf'keytrace_pthread_key_deletes_total{{exe="[^"]*keymaker",library="[^"]*"}} (\S+)',
+        metrics(port))) == 3 or None)
+    assert deleted, metrics(port)
     before.close()
     gone = until(lambda: value(metrics(port), "keytrace_process_pthread_keys", pid=before.pid) is None)
     assert gone, "an exited process keeps its series"

@@ -25,9 +25,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import wire
-from ..analysis import forecast as fc
 from ..analysis import verdicts
-from ..analysis.attribution import UNKNOWN, Attribution
+from ..analysis.attribution import Attribution
 from ..host import proc
 from ..resources.keys import KEYS
 from ..session import KeyTracer
@@ -121,8 +120,8 @@ class Agent:
             if not running(r["pid"], r["start"] - wire.boot_to_wall_offset_ns()):  # exit lost
                 continue
             r = dict(r, container=proc.container(r["pid"]))
-            self._recall(r, now)
-            rows.append(r)
+            saved = self._prior(r["pid"], r["start"])
+            rows.append(verdicts.recall(r, saved, now, self.reloads_per_day) if saved else r)
         for p in procs:
             self._count(p)
         live = {p.ident for p in procs}
@@ -145,19 +144,6 @@ class Agent:
             if p == pid and abs(s - start) < SAME_START_NS:
                 return saved
         return None
-
-    def _recall(self, r: dict, now: int) -> None:
-        """A process measured before a restart keeps its leak rate, date and library."""
-        saved = self._prior(r["pid"], r["start"])
-        if not saved:
-            return
-        if not r["library"].startswith("/"):  # no module path known now
-            r["library"] = saved["library"]
-        rate = saved["reloads_per_day"] or self.reloads_per_day  # it was measured, or given
-        if r["leaking"] and r["days_left"] is None and saved["leak_per_reload"] > 0 and rate:
-            f = fc.forecast(r["live_keys"], r["limit"], verdicts._ts(now), saved["leak_per_reload"], rate)
-            r.update(leak_per_reload=saved["leak_per_reload"], reloads_per_day=rate,
-                     days_left=f.days_left, exhaustion_eta=f.exhaustion_eta)
 
     def save(self, alive=None, now: Optional[int] = None) -> None:
         """Keep the measured leaks of the processes alive now (and what was recalled)."""
@@ -183,16 +169,7 @@ class Agent:
             return
         self._counted[p.ident] = sig
         exe = p.exe or p.comm
-        a = Attribution(p)
-        made: dict = defaultdict(lambda: [0, 0])
-        for site in t.sites.values():
-            if not site.held:
-                lib = a.library_of(site)
-                made[lib][0] += site.acquired
-                made[lib][1] += site.released
-        made[UNKNOWN][0] += t.missed[0]
-        made[UNKNOWN][1] += t.missed[2]
-        for lib, (created, deleted) in made.items():
+        for lib, (created, deleted) in Attribution(p).counts_by_library().items():
             self._creates.add(p.ident, exe, lib, created)
             self._deletes.add(p.ident, exe, lib, deleted)
         self._failures.add(p.ident, exe, "", t.failed_acquires + t.missed[1])

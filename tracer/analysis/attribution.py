@@ -353,30 +353,42 @@ class Attribution:
         """Live handles whose acquires' records were lost (the kernel's counts say they exist)."""
         return max(0, self.table.live_count - len(self.table.live))
 
+    def counts_by_library(self) -> dict:
+        """{acquiring library: [acquired, released]}: traced acquires (not the handles held when
+        met) and releases, "?" for the calls whose records were lost. No stack is resolved."""
+        acc: dict = defaultdict(lambda: [0, 0])
+        for site in self.table.sites.values():
+            row = acc[self.library_of(site)]
+            row[0] += 0 if site.held else site.acquired
+            row[1] += site.released
+        missed = self.table.missed
+        if missed[0] or missed[2]:
+            acc[UNKNOWN][0] += missed[0]
+            acc[UNKNOWN][1] += missed[2]
+        return dict(acc)
+
     def libraries(self) -> list[dict]:
         """Per acquiring library: handles acquired, released, in use and orphaned, and the chain
         of its busiest call site; "?" for the calls whose records were lost."""
-        acc: dict = defaultdict(lambda: {"acquired": 0, "released": 0, "in_use": 0,
-                                         "orphaned": 0, "_top": None})
+        counts = self.counts_by_library()
+        acc: dict = defaultdict(lambda: {"in_use": 0, "orphaned": 0, "_top": None})
         own = Counter(id(s) for s in self.own.values())
         for site in self.table.sites.values():
             row = acc[self.library_of(site)]
             n = self.live.get(id(site), 0)
-            row["acquired"] += 0 if site.held else site.acquired
-            row["released"] += site.released
             row["in_use"] += n
             if self.orphaned(site):
                 row["orphaned"] += own.get(id(site), 0)
             if row["_top"] is None or (n, site.acquired) > row["_top"][0]:
                 row["_top"] = ((n, site.acquired), site)
-        out = [{"library": lib, **{k: v for k, v in row.items() if k != "_top"},
+        out = [{"library": lib, "acquired": counts[lib][0], "released": counts[lib][1],
+                "in_use": row["in_use"], "orphaned": row["orphaned"],
                 "stack": self.chain(row["_top"][1]), "stack_note": self.stack_note(row["_top"][1])}
                for lib, row in acc.items()]
-        missed = self.table.missed
-        if missed[0] or missed[2]:
-            out.append({"library": UNKNOWN, "acquired": missed[0], "released": missed[2],
-                        "in_use": self.lost_live(), "orphaned": 0, "stack": "",
-                        "stack_note": LOST_NOTE})
+        if UNKNOWN in counts:
+            out.append({"library": UNKNOWN, "acquired": counts[UNKNOWN][0],
+                        "released": counts[UNKNOWN][1], "in_use": self.lost_live(),
+                        "orphaned": 0, "stack": "", "stack_note": LOST_NOTE})
         return out
 
     def reloads(self) -> list[dict]:

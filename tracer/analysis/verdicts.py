@@ -221,6 +221,27 @@ def rows(procs, now_ns: int, reloads_per_day: Optional[float] = None,
     return [_words(r, x) for x in out]
 
 
+def recall(row: dict, saved: dict, now_ns: int, given: Optional[float] = None,
+           resource: Optional[Resource] = None) -> dict:
+    """A row (of rows()) of a process measured before, saved (the agent's state, across its
+    restarts): the very process keeps what was measured then. Its library, when none is known
+    now, and its leak per reload cycle at the rate measured then (or given), which dates it
+    when nothing dates it now."""
+    r = resource or resources.default()
+    per_cycle = r.word("per_cycle")
+    out = dict(row)
+    if not str(out["library"]).startswith("/"):  # no module path known now
+        out["library"] = saved["library"]
+    rate = saved["reloads_per_day"] or given
+    if (out["leaking"] and out["days_left"] is None and out["limit"] and rate
+            and saved.get(per_cycle, 0) > 0):
+        f = fc.forecast(out[r.word("in_use")], out["limit"], _ts(now_ns), saved[per_cycle], rate)
+        out.update({per_cycle: saved[per_cycle], "per_cycle": saved[per_cycle],
+                    "reloads_per_day": rate, "days_left": f.days_left,
+                    "exhaustion_eta": f.exhaustion_eta})
+    return out
+
+
 def summarize(procs, now_ns: int, reloads_per_day: Optional[float] = None,
               attribute: bool = True, resource: Optional[Resource] = None) -> "pd.DataFrame":
     """The per-process summary frame, judged, sorted: critical, leaking, most in use."""
