@@ -32,11 +32,12 @@ def rows_of(stdout: str, resource: str) -> list:
     return [r for r in json_rows(stdout) if r.get("resource") == resource]
 
 
-def test_a_program_that_fopens_30_and_fcloses_10_keeps_20(bpf, fx):
-    r = keytrace("watch", "--json", "--pair", FOPEN, "--", "sh", "-c",
+@pytest.mark.parametrize("spec", [FOPEN, "libc*:fopen*=ret/fclose=arg0"])
+def test_a_program_that_fopens_30_and_fcloses_10_keeps_20(bpf, fx, spec):
+    r = keytrace("watch", "--json", "--pair", spec, "--", "sh", "-c",
                  f"{fx['fopens']} 30 10 20 >/dev/null")
     assert r.returncode == 0, r.stderr
-    (row,) = rows_of(r.stdout, "fopen/fclose")
+    (row,) = [x for x in json_rows(r.stdout) if x["resource"].endswith("/fclose")]
     assert (row["acquires"], row["releases"], row["in_use"]) == (30, 10, 20)
     assert row["leaking"] and row["library"] == fx["fopens"], row
     assert row["limit"] is None and row["days_left"] is None  # no --limit: no date, and said so

@@ -1,6 +1,8 @@
 """A user's own resource: any acquire/release pair of library functions, declared on the command
 line as `LIB:ACQUIRE=WHERE/RELEASE=WHERE` (keytrace watch --pair, KeyTracer(pairs=...)).
 
+LIB, ACQUIRE and RELEASE are found as `keytrace calls` finds its patterns (a library's name or
+a glob, a function's name or a glob, IFUNCs, a process's own copy in its mount namespace).
 WHERE says where the handle is: `ret` (the acquire's return value), `argN` (an argument, N from
 0 to 5), or `*argN` (what an argument points at, read when the acquire returns); a release
 takes its handle as `argN`. What success is, and how wide the handle is, comes from the
@@ -24,7 +26,7 @@ from ..host import prototypes
 
 USAGE = ("a pair is LIB:ACQUIRE=WHERE/RELEASE=WHERE, WHERE one of ret, argN, *argN (N 0-5), "
          "e.g. 'libc:fopen=ret/fclose=arg0' or 'libc:timer_create=*arg2/timer_delete=arg0'")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+_NAME = re.compile(r"[A-Za-z_*?\[][A-Za-z0-9_.*?\[\]!-]*")  # a name, or a glob as calls takes
 _WHERE = re.compile(r"(ret|\*?arg(\d+))")
 _ARGS = 6  # x86-64 passes six integer arguments in registers
 
