@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from . import wire
+from .errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -77,3 +78,19 @@ def default() -> Resource:
 
 def known() -> list:
     return list(_REGISTRY.values())
+
+
+def select(names) -> list:
+    """The registered resources a list names (a comma list is split; "all": every one), in the
+    order given; a name none has is a UsageError that lists those known."""
+    wanted = [n.strip() for item in names for n in str(item).split(",") if n.strip()]
+    if "all" in wanted:
+        return known()
+    unknown = [n for n in wanted if n not in _REGISTRY]
+    if unknown:
+        raise UsageError(f"no resource {unknown[0]!r}: keytrace knows "
+                         f"{', '.join(r.name for r in known())} (or all)")
+    if not wanted:
+        raise UsageError("no resource named: give one or more of "
+                         f"{', '.join(r.name for r in known())} (or all)")
+    return [_REGISTRY[n] for n in dict.fromkeys(wanted)]

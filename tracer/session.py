@@ -54,9 +54,11 @@ class KeyTracer(Tracing):
     ledger: the state to feed, a tracer.analysis Ledger by default; an agent passes a bare
     Tracker, which needs no pandas.
 
-    pairs: acquire/release pairs of the user's to trace beside the keys, through the same ledger
-    ("libc:fopen=ret/fclose=arg0": tracer.resources.pairs); limit: their handles' limit per
-    process, for a forecast. ledger.summary(resource="fopen/fclose") answers for one.
+    resources: the resources keytrace knows to trace and judge (tracer.resources: "keys",
+    "timers"; "all"); pairs: acquire/release pairs of the user's to trace beside them, through
+    the same ledger ("libc:fopen=ret/fclose=arg0": tracer.resources.pairs); limit: their
+    handles' limit per process, for a forecast. ledger.summary(resource="fopen/fclose")
+    answers for one; shown lists the resources asked for.
     """
 
     def __init__(self, pids: Optional[Iterable[int]] = None, command: Optional[Sequence[str]] = None,
@@ -64,10 +66,11 @@ class KeyTracer(Tracing):
                  interval: float = 0.01, on_ready: Optional[Callable[["KeyTracer"], None]] = None,
                  on_note: Optional[Callable[[str], None]] = None, sites: str = "planned",
                  ledger: Optional[Tracker] = None, pairs: Sequence[str] = (),
-                 limit: Optional[int] = None):
+                 limit: Optional[int] = None, resources: Sequence[str] = ("keys",)):
         if limit is not None and limit < 1:
             raise UsageError(f"--limit takes a number of handles of 1 or more, not {limit}")
         parsed = [pair_specs.parse(p) for p in pairs]  # bad input: one line before anything
+        chosen = resource.select(resources)
         if limit is not None and not parsed:
             raise UsageError("--limit is the limit of --pair handles; pthread keys' limit is "
                              "their C library's (glibc 1024, musl 128)")
@@ -84,10 +87,14 @@ class KeyTracer(Tracing):
         self._reread: dict = {}          # pid -> the poll after which its table is read
         self._polls = 0
         self._host_libc: Optional[str] = None
-        # What it traces: pthread keys (the first resource registered), and the user's pairs.
-        self.pairs = [pair_specs.declare(p, limit) for p in parsed]
+        # What it traces: pthread keys (the first resource registered: its probes and the
+        # modules' are the ground every other stands on), the resources chosen, and the user's
+        # pairs; shown: the resources its report is about, in order.
+        users = [pair_specs.declare(p, limit) for p in parsed]
+        self.pairs = [r for r in chosen if "spec" in r.extra] + users
         self._pair_targets: list = []
         self.resources = [resource.default()] + self.pairs
+        self.shown = [r.name for r in chosen] + [r.name for r in users]
         self._units = units.tracer_units([r.extra["unit"] for r in self.resources
                                           if "unit" in r.extra] + ([bpf_pairs.PAIRS] if self.pairs else []))
         self._found = Discovery(units.functions(self._units), self._note)  # the C libraries

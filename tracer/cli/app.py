@@ -92,25 +92,27 @@ def frame_table(df: pd.DataFrame, title: str) -> Table:
 
 def emit(ledger: Ledger, as_json: bool, fail_on_leak: bool, title: str,
          reloads_per_day: Optional[float] = None, view: str = "process",
-         also: tuple = ()) -> None:
-    """What a ledger shows: pthread keys first, then every other resource it holds (a --pair's),
-    each in its own words; JSON lines of all of them. also: resources to show even when the
-    ledger met none of their calls."""
+         names: Optional[list] = None) -> None:
+    """What a ledger shows, each resource in its own words; JSON lines of all of them. names:
+    the resources to show, even those the ledger met no call of (what a watch was asked for);
+    None: pthread keys, then every other resource the ledger holds (report)."""
     flagged = False
-    names = [resources.default().name] + [n for n in dict.fromkeys(list(also) + ledger.resources())
-                                          if n != resources.default().name]
-    for i, name in enumerate(names):
+    if names is None:
+        names = [resources.default().name] + [n for n in ledger.resources()
+                                              if n != resources.default().name]
+    for name in names:
         r = ledger.declaration(name)
+        keys = name == resources.default().name
         summary = ledger.summary(reloads_per_day=reloads_per_day, resource=r)
         flagged |= not verdicts.flagged(summary).empty
         shown = {"process": lambda: summary, "library": lambda: ledger.by_library(resource=r),
                  "reload": lambda: ledger.reloads(resource=r)}[view]()
-        what = title if i == 0 else f"{name} per process"
+        what = title if keys else f"{name} per process"
         if as_json:
             sys.stdout.write(json_lines(shown))
             sys.stdout.flush()
         elif shown.empty:
-            out.print(("No process created or deleted a pthread key." if i == 0 else
+            out.print(("No process created or deleted a pthread key." if keys else
                        f"No process called {' or '.join(r.acquire + r.release)}.")
                       if view == "process" else f"Nothing to show per {view} ({name}).")
         elif view == "process":
@@ -137,7 +139,11 @@ def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[P
         tracer.start()
         if live:
             live.start()
-        tick = (lambda: live.update(summary_table(tracer.ledger.summary(), title=title, limit=15))) \
+        first = tracer.ledger.declaration(getattr(tracer, "shown", [None])[0])
+        tick = (lambda: live.update(summary_table(tracer.ledger.summary(resource=first),
+                                                  title=title if first == resources.default()
+                                                  else f"{first.name} per process",
+                                                  limit=15, resource=first))) \
             if live else None
         try:
             why = tracer.wait(duration=duration, stop=stop, tick=tick)
@@ -157,7 +163,7 @@ def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[P
         err.print(f"keytrace: the command exited with status {status}", markup=False)
     try:
         emit(tracer.ledger, as_json, fail_on_leak, title, reloads_per_day, view,
-             also=tuple(r.name for r in getattr(tracer, "pairs", ())))
+             names=getattr(tracer, "shown", None))
     except typer.Exit:
         if not status:
             raise  # a leak fails the gate when the command itself succeeded
@@ -215,6 +221,9 @@ def watch(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="The --pair handles' limit per "
                                         "process, for a forecast (for file descriptors: the "
                                         "RLIMIT_NOFILE)."),
+    resource: List[str] = typer.Option(["keys"], "--resource", "-r", help="The resources to "
+                                       "trace and judge: a comma list of " + ", ".join(
+                                           r.name for r in resources.known()) + ", or all."),
 ):
     """Trace pthread_key_create/delete (and dlopen/dlclose, fork, exec, exit) and report, per
     process, the keys created, deleted and still live, flagging leaks.
@@ -239,7 +248,7 @@ def watch(
         # Events are kept only to be saved: the report needs the state alone (flat memory).
         tracer = KeyTracer(pids=pid or None, command=command or None, ring_pages=ring_pages,
                            keep_events=output is not None, on_ready=announce, on_note=note,
-                           sites=sites, pairs=pair or (), limit=limit)
+                           sites=sites, pairs=pair or (), limit=limit, resources=resource)
         run_session(tracer, duration, output, as_json, fail_on_leak, "pthread keys per process",
                     reloads_per_day, by)
     except KeytraceError as e:

@@ -80,9 +80,10 @@ def parse(text: str) -> Pair:
     return Pair(spec, library, acquire, a_where, release, r_where)
 
 
-def declare(pair: Pair, limit: Optional[int] = None) -> resource.Resource:
+def declare(pair: Pair, limit: Optional[int] = None, **declared) -> resource.Resource:
     """The pair as a resource, registered: its handle's width and what success is come from the
-    functions' prototypes (tracer.host.prototypes) where keytrace knows them."""
+    functions' prototypes (tracer.host.prototypes) where keytrace knows them. declared: the
+    rest of a resource declared on top of a pair (a name, a reader, limit_of, words)."""
     acq, rel = prototypes.lookup(pair.acquire), prototypes.lookup(pair.release)
     rel_n = int(pair.release_where[3:])
     narrow = {"int", "uint", "fd"}
@@ -96,10 +97,11 @@ def declare(pair: Pair, limit: Optional[int] = None) -> resource.Resource:
         ok_if = OK_NONNEG if acq is not None and acq.ret in ("int", "fd") else OK_POSITIVE
     else:
         ok_if = OK_ALWAYS if acq is not None and acq.ret == "void" else OK_ZERO
-    return resource.register(resource.Resource(
+    fields = dict(
         name=pair.name, acquire=(pair.acquire,), release=(pair.release,),
         handle=pair.acquire_where, release_handle=pair.release_where,
         success={OK_ZERO: "zero", OK_POSITIVE: "positive", OK_NONNEG: "nonneg",
                  OK_ALWAYS: "always"}[ok_if],
         limit=limit, inherit_on_fork=True, keep_on_exec=False,
-        extra={"library": pair.library, "width": width, "ok_if": ok_if, "spec": pair.text}))
+        extra={"library": pair.library, "width": width, "ok_if": ok_if, "spec": pair.text})
+    return resource.register(resource.Resource(**{**fields, **declared}))
