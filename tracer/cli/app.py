@@ -48,7 +48,7 @@ def summary_table(summary: pd.DataFrame, title: str = "pthread keys per process"
     acq, rel, live = (r.word(w) for w in ("acquires", "releases", "in_use"))
     t = Table(title=title, title_justify="left")
     heads = [("PID", "right"), ("COMM", "left"), (acq.upper(), "right"), (rel.upper(), "right"),
-             ("FAILED", "right"), ("LIVE" if r.words else "IN USE", "right"), ("ORPHANED", "right"),
+             ("FAILED", "right"), ("LIVE" if live != "in_use" else "IN USE", "right"), ("ORPHANED", "right"),
              ("LIBRARY", "left"), ("RUNS OUT IN", "left"), ("VERDICT", "left")]
     for name, just in heads:
         t.add_column(name, justify=just, no_wrap=name not in ("VERDICT", "LIBRARY"))
