@@ -1,3 +1,4 @@
 """The resources keytrace knows: each one module, one declaration (tracer.resource.Resource),
 registered by importing it here. Adding a resource is a module and a line below."""
 from . import keys  # noqa: F401  (registers pthread keys, the first resource)
+from . import timers  # noqa: F401  (POSIX timers)
