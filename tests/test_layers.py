@@ -93,7 +93,7 @@ def test_no_import_cycle():
 GENERIC = ["tracer.wire", "tracer.resource", "tracer.bpf.ringbuf", "tracer.bpf.loader",
            "tracer.bpf.units", "tracer.bpf.pairs", "tracer.state", "tracer.store",
            "tracer.analysis.attribution", "tracer.analysis.verdicts", "tracer.analysis.forecast",
-           "tracer.analysis.ledger"]
+           "tracer.analysis.ledger", "tracer.analysis.census"]
 RESOURCE_WORDS = ("pthread", "destructor", "live_keys", "orphaned_keys", "creates", "deletes",
                   "keytable", "key_limit")
 

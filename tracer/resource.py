@@ -9,6 +9,7 @@ module and name no resource.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -33,8 +34,18 @@ class Resource:
     # How its table is read at first sight: reader(pid, host_libc) -> (status, [(handle, owner,
     # owner unmapped, seq)]); None: handles made before tracing are unknown, and said so.
     reader: Optional[Callable[..., tuple]] = None
+    # How its table is read now, with no tracing (keytrace scan --resource): census(pid, cache)
+    # -> Census, or raises tracer.host.tables.Unreadable; cache is shared by one survey's calls.
+    census: Optional[Callable[..., "Census"]] = None
+    # Handles held by one owner that a table alone shows to be a leak (None: no count does).
+    same_owner: Optional[int] = None
     words: dict = field(default_factory=dict, hash=False)  # its names in rows: see row_names
     extra: dict = field(default_factory=dict, hash=False)  # what its own probe unit needs
+
+    @property
+    def traced(self) -> bool:
+        """Whether keytrace traces its calls (watch), or only reads its table (scan)."""
+        return bool(self.acquire)
 
     @property
     def id(self) -> int:
@@ -47,6 +58,20 @@ class Resource:
         if generic == "acquire_call":
             return self.acquire[0] if self.acquire else "acquire"
         return _PLAIN.get(generic, generic)
+
+
+@dataclass
+class Census:
+    """A resource's table in one process, as read now."""
+    in_use: int
+    limit: Optional[int]          # the limit that binds (None: none does)
+    headroom: Optional[int]       # acquires left before it binds (a limit shared by others
+                                  # leaves less than limit - in_use)
+    limit_source: str             # which limit that is, in words ("RLIMIT_NOFILE")
+    owners: Counter               # what grows (an fd's target, a thread's name) -> handles
+    judged: Optional[Counter] = None  # the owners a same_owner count judges (None: owners)
+    orphaned: int = 0             # handles whose owner's code is no longer mapped
+    estimate: bool = False        # in_use is an estimate, not a count
 
 
 # Words of the prose (reasons) a resource without words of its own is spoken of in.
@@ -80,17 +105,24 @@ def known() -> list:
     return list(_REGISTRY.values())
 
 
-def select(names) -> list:
+def select(names, traced: bool = False) -> list:
     """The registered resources a list names (a comma list is split; "all": every one), in the
-    order given; a name none has is a UsageError that lists those known."""
+    order given; a name none has is a UsageError that lists those known. traced: for a tracer,
+    which takes "all" to mean every resource it can trace and refuses one it can only read."""
+    pool = [r for r in known() if r.traced or not traced]
     wanted = [n.strip() for item in names for n in str(item).split(",") if n.strip()]
     if "all" in wanted:
-        return known()
+        return pool
     unknown = [n for n in wanted if n not in _REGISTRY]
     if unknown:
         raise UsageError(f"no resource {unknown[0]!r}: keytrace knows "
                          f"{', '.join(r.name for r in known())} (or all)")
     if not wanted:
         raise UsageError("no resource named: give one or more of "
-                         f"{', '.join(r.name for r in known())} (or all)")
+                         f"{', '.join(r.name for r in pool)} (or all)")
+    read_only = [n for n in wanted if _REGISTRY[n] not in pool]
+    if read_only:
+        raise UsageError(f"{read_only[0]} is read, not traced: keytrace scan --resource "
+                         f"{read_only[0]} shows its table; watch traces "
+                         f"{', '.join(r.name for r in pool)}")
     return [_REGISTRY[n] for n in dict.fromkeys(wanted)]

@@ -70,7 +70,7 @@ class KeyTracer(Tracing):
         if limit is not None and limit < 1:
             raise UsageError(f"--limit takes a number of handles of 1 or more, not {limit}")
         parsed = [pair_specs.parse(p) for p in pairs]  # bad input: one line before anything
-        chosen = resource.select(resources)
+        chosen = resource.select(resources, traced=True)
         if limit is not None and not parsed:
             raise UsageError("--limit is the limit of --pair handles; pthread keys' limit is "
                              "their C library's (glibc 1024, musl 128)")

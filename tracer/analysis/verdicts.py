@@ -25,6 +25,7 @@ from . import forecast as fc
 from .attribution import SAME_PATH_KEYS, UNKNOWN, Attribution
 
 NEAR_LIMIT = 0.8   # a table this full is shown as an emergency, whatever the rate
+CRITICAL_HEADROOM = 0.1  # a table read with less than this share of its limit left is critical
 
 # A summary row's fields, in order, generic: a resource with words of its own renames them.
 FIELDS = [
@@ -281,6 +282,11 @@ def reloads(procs, resource: Optional[Resource] = None) -> "pd.DataFrame":
 def flagged(summary: "pd.DataFrame") -> "pd.DataFrame":
     """The processes a --fail-on-leak gate fails on."""
     return summary[summary["leaking"]]
+
+
+def is_critical(headroom, limit) -> bool:
+    """A table read now has next to nothing left: the next acquires fail."""
+    return headroom <= CRITICAL_HEADROOM * limit
 
 
 def near_limit(keys_in_use, limit) -> bool:

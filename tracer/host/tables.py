@@ -1,0 +1,195 @@
+"""The per-process tables the kernel shows under /proc, and the limits that bind them: what
+`keytrace scan --resource` reads, with no tracing.
+
+A reader raises Unreadable with the reason (the process exited mid-read, permission denied)
+rather than return an empty table that would read as an answer.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Optional
+
+from ..errors import KeytraceError
+
+UNLIMITED = None
+
+
+class Unreadable(KeytraceError):
+    pass
+
+
+def _why(pid: int, e: OSError) -> Unreadable:
+    if isinstance(e, PermissionError):
+        return Unreadable("not read: permission denied")
+    if not os.path.exists(f"/proc/{pid}"):
+        return Unreadable("not read: exited")
+    return Unreadable(f"not read: {e.strerror or e}")
+
+
+def _read(pid: int, name: str) -> str:
+    try:
+        with open(f"/proc/{pid}/{name}") as fh:
+            return fh.read()
+    except OSError as e:
+        raise _why(pid, e) from None
+
+
+# ---- file descriptors
+
+def fd_kind(target: str) -> str:
+    """What an fd is open to, as a table groups it: a path as it is; the kind of a socket, pipe
+    or anonymous inode, whose own number tells nothing ("socket", "anon_inode:[eventfd]")."""
+    if target.startswith("/"):
+        return target
+    if target.startswith("anon_inode:"):
+        return target
+    return target.split(":", 1)[0]
+
+
+def fd_targets(pid: int) -> list:
+    """What each open fd points at (readlink of /proc/PID/fd/N); an fd closed mid-read is gone."""
+    base = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(base)
+    except OSError as e:
+        raise _why(pid, e) from None
+    out = []
+    for fd in fds:
+        try:
+            out.append(os.readlink(f"{base}/{fd}"))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise _why(pid, e) from None
+    return out
+
+
+# ---- threads
+
+def task_names(pid: int) -> list:
+    """The name (comm) of every thread of the process."""
+    base = f"/proc/{pid}/task"
+    try:
+        tids = os.listdir(base)
+    except OSError as e:
+        raise _why(pid, e) from None
+    out = []
+    for tid in tids:
+        try:
+            with open(f"{base}/{tid}/comm") as fh:
+                out.append(fh.read().rstrip("\n"))
+        except FileNotFoundError:  # a thread that ended mid-read
+            continue
+        except OSError as e:
+            raise _why(pid, e) from None
+    return out
+
+
+def host_tasks() -> int:
+    """Threads on the host (the fourth field of /proc/loadavg: running/total)."""
+    with open("/proc/loadavg") as fh:
+        return int(fh.read().split()[3].split("/")[1])
+
+
+def uid_tasks() -> Counter:
+    """Threads per real uid on the host: what RLIMIT_NPROC counts."""
+    out: Counter = Counter()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            fields = status(int(d))
+            out[int(fields["Uid"].split()[0])] += int(fields["Threads"])
+        except (Unreadable, KeyError, ValueError):
+            continue
+    return out
+
+
+def cgroup_pids(pid: int) -> Optional[tuple]:
+    """(pids.max, pids.current, cgroup) of the tightest pids controller limit over the process's
+    cgroup and its ancestors (v2, or v1's pids hierarchy); None: no limit set."""
+    best = None
+    for line in _read(pid, "cgroup").splitlines():
+        hid, controllers, path = line.split(":", 2)
+        if hid == "0" and not controllers:
+            roots = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        elif "pids" in controllers.split(","):
+            roots = ["/sys/fs/cgroup/pids"]
+        else:
+            continue
+        root = next((r for r in roots if os.path.exists(f"{r}/cgroup.procs")), None)
+        if root is None:
+            continue
+        here = path.rstrip("/")
+        while True:
+            try:
+                with open(f"{root}{here}/pids.max") as fh:
+                    cap = fh.read().strip()
+                with open(f"{root}{here}/pids.current") as fh:
+                    cur = int(fh.read())
+            except OSError:
+                cap = "max"
+            if cap != "max" and (best is None or int(cap) - cur < best[0] - best[1]):
+                best = (int(cap), cur, here or "/")
+            if not here:
+                break
+            here = here.rpartition("/")[0]
+    return best
+
+
+# ---- mappings
+
+def map_owners(pid: int) -> list:
+    """What each mapping maps: its file, a kernel name ([heap], [stack], [vdso]), or [anon]."""
+    out = []
+    for line in _read(pid, "maps").splitlines():
+        f = line.split(None, 5)
+        out.append(f[5].strip() or "[anon]" if len(f) == 6 else "[anon]")
+    return out
+
+
+# ---- POSIX timers
+
+def timer_owners(pid: int) -> list:
+    """How each POSIX timer notifies (/proc/PID/timers: "signal/pid", "thread/tid", "none"),
+    with its signal: all the kernel says of who made it."""
+    out = []
+    signal = ""
+    for line in _read(pid, "timers").splitlines():
+        if line.startswith("signal:"):
+            signal = line.split()[1].split("/")[0]
+        elif line.startswith("notify:"):
+            how = line.split()[1].split("/")[0]
+            out.append(f"{how}" + (f" (signal {signal})" if how != "none" else ""))
+    return out
+
+
+# ---- limits
+
+_LIMIT_NAMES = {"nofile": "Max open files", "nproc": "Max processes",
+                "sigpending": "Max pending signals"}
+
+
+def soft_limit(pid: int, which: str) -> Optional[int]:
+    """A resource limit's soft value for the process (/proc/PID/limits); None: unlimited."""
+    title = _LIMIT_NAMES[which]
+    for line in _read(pid, "limits").splitlines():
+        if line.startswith(title):
+            soft = line[len(title):].split()[0]
+            return int(soft) if soft.isdigit() else UNLIMITED
+    raise Unreadable(f"not read: no {title!r} in /proc/{pid}/limits")
+
+
+def status(pid: int) -> dict:
+    """/proc/PID/status as a dict of its fields' text."""
+    out = {}
+    for line in _read(pid, "status").splitlines():
+        name, _, value = line.partition(":")
+        out[name] = value.strip()
+    return out
+
+
+def sysctl(name: str) -> int:
+    with open("/proc/sys/" + name.replace(".", "/")) as fh:
+        return int(fh.read())
