@@ -76,6 +76,17 @@ def bins(tmp_path_factory):
     return b
 
 
+@pytest.fixture(scope="session")
+def libeach(tmp_path_factory):
+    """(library, file): libeach.so, which leaks one fd open to file, one mapping of it, one
+    thread named "leaked" and one POSIX timer per load."""
+    d = tmp_path_factory.mktemp("each")
+    data = d / "each.data"
+    data.write_bytes(b"x" * 4096)
+    lib = compile_c(FIXTURES / "libeach.c", d, shared=True, extra=(f'-DFILE_PATH="{data}"',))
+    return str(lib), str(data)
+
+
 def keytrace(*args, timeout=120, **kw):
     """Run the keytrace command line; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True,

@@ -20,7 +20,7 @@ from .. import resource as resources
 from ..analysis import forecast, verdicts
 from ..analysis.ledger import Ledger
 from ..bpf import doctor as doctor_mod
-from ..errors import KeytraceError
+from ..errors import KeytraceError, UsageError
 from ..host import libc
 from ..session import KeyTracer
 from ..store.files import check_writable, json_lines, save_table
@@ -223,7 +223,8 @@ def watch(
                                         "RLIMIT_NOFILE)."),
     resource: List[str] = typer.Option(["keys"], "--resource", "-r", help="The resources to "
                                        "trace and judge: a comma list of " + ", ".join(
-                                           r.name for r in resources.known()) + ", or all."),
+                                           r.name for r in resources.known() if r.traced)
+                                       + ", or all."),
 ):
     """Trace pthread_key_create/delete (and dlopen/dlclose, fork, exec, exit) and report, per
     process, the keys created, deleted and still live, flagging leaks.
@@ -362,6 +363,53 @@ def scan_table(df: pd.DataFrame, show_all: bool) -> Table:
     return t
 
 
+def census_table(df: pd.DataFrame, show_all: bool) -> Table:
+    t = Table(title="per-process tables (keytrace scan --resource)", title_justify="left")
+    for name, just in [("PID", "right"), ("COMM", "left"), ("RESOURCE", "left"),
+                       ("IN USE", "right"), ("LIMIT", "right"), ("LEFT", "right"),
+                       ("LIMIT THAT BINDS", "left"), ("TOP OWNER", "left"), ("STATUS", "left"),
+                       ("VERDICT", "left")]:
+        t.add_column(name, justify=just, overflow="fold")
+    shown = df if show_all else df[df["status"] != "kernel thread"]
+    for r in shown.itertuples():
+        ok = r.status == "ok"
+        style = "bold red" if r.critical else "yellow" if r.leaking else None
+        top = f"{r.owner} ({r.owners[r.owner]})" if ok and r.owner else "-"
+        verdict = ("CRITICAL: " if r.critical else "LEAKING: " if r.leaking else "") + r.reason
+        t.add_row(str(r.pid), r.comm, r.resource, str(r.in_use) if ok else "-",
+                  "none" if ok and pd.isna(r.limit) else str(r.limit) if ok else "-",
+                  str(r.headroom) if ok and not pd.isna(r.headroom) else "-",
+                  (r.limit_source or "-") if ok else "-", top, r.status, verdict or "-",
+                  style=style)
+    counts = df.drop_duplicates("pid")["status"].value_counts()
+    t.caption = f"{df['pid'].nunique()} processes: " + ", ".join(
+        f"{n} {status}" for status, n in counts.items()) + " (by the first table)"
+    return t
+
+
+def scan_resources(names: List[str], pid, ledger, reloads_per_day, leak_per_reload, as_json,
+                   output, show_all) -> None:
+    """keytrace scan --resource: every table named, read now (tracer.analysis.census)."""
+    from ..analysis.census import read_tables
+    from ..host import proc
+    if ledger is not None:
+        raise UsageError("--ledger dates pthread key scans; leave out --resource")
+    if err.is_terminal and not pid:
+        from rich.progress import Progress
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("scanning", total=len(proc.pids()))
+            df = read_tables(names, None, reloads_per_day, leak_per_reload,
+                             progress=lambda: bar.advance(task))
+    else:
+        df = read_tables(names, pid or None, reloads_per_day, leak_per_reload)
+    if output is not None:
+        save_table(df, output)
+    if as_json:
+        sys.stdout.write(json_lines(df))
+    else:
+        out.print(census_table(df, show_all))
+
+
 def explain_reloads(ledger: Ledger, reloads_per_day: float) -> None:
     """What each reload leaves behind, and the incident's arithmetic for a fresh process."""
     reloads = ledger.reloads()
@@ -396,10 +444,15 @@ def scan(
                                           "second of a leak not tied to reloads, per process "
                                           "still running) dates the processes scanned now."),
     show_all: bool = typer.Option(False, "--all", help="List kernel threads in the table too."),
+    resource: Optional[List[str]] = typer.Option(
+        None, "--resource", "-r", help="Read these tables instead, a row per process and "
+        "resource: a comma list of " + ", ".join(r.name for r in resources.known() if r.census)
+        + ", or all. In use, the limit that binds, headroom and the top owners."),
 ):
     """Read the live pthread key table of every process (or the given ones) through
     /proc/PID/mem: keys in use against the limit, orphaned keys (destructor in no mapping),
-    and who the destructors belong to. No tracing history needed.
+    and who the destructors belong to. No tracing history needed. With --resource, the other
+    tables a process can run out of, from /proc: fds, threads, mappings, timers.
 
     \b
     Examples:
@@ -407,6 +460,8 @@ def scan(
       keytrace scan -p 1234 --json               one process, JSON
       keytrace scan --reloads-per-day 1          with a forecast for the leaking ones
       keytrace scan --ledger keys.parquet --reloads-per-day 1
+      keytrace scan -r all                       every table of every process
+      keytrace scan -r fds,threads -p 1234       two tables of one process
     """
     from ..analysis.scan import scan as scan_processes
     from ..host import proc
@@ -416,6 +471,9 @@ def scan(
         for p in pid or ():
             if not proc.exists(p):
                 raise KeytraceError(f"no process with pid {p}")
+        if resource:
+            return scan_resources(resource, pid, ledger, reloads_per_day, leak_per_reload,
+                                  as_json, output, show_all)
         rates = steady = None
         if ledger is not None:  # what the history measured, per executable
             s = Ledger.from_file(ledger).summary()

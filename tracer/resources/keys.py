@@ -8,12 +8,14 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from collections import Counter
 from typing import Optional
 
 from .. import resource, wire
+from ..analysis.attribution import SAME_PATH_KEYS
 from ..bpf.loader import Unit
 from ..errors import KeytraceError
-from ..host import keytable, libc, planner
+from ..host import keytable, libc, planner, tables
 from ..host.elf import build_id
 
 
@@ -26,6 +28,23 @@ def read_table(pid: int, host_libc: Optional[str] = None) -> tuple:
     handles = list(zip(t.keys.tolist(), t.destructors.tolist(), t.unmapped().tolist(),
                        (t.seqs & 0xFFFFFFFF).tolist()))
     return "read", handles, [(path, base) for path, base, _ in t.modules]
+
+
+def census(pid: int, cache: dict) -> resource.Census:
+    """The table now, as keytrace scan reads it: owners are the destructors' libraries."""
+    from ..analysis.scan import OK, scan_pid
+    if "host_libc" not in cache:
+        cache["host_libc"] = keytable.host_libc()
+    row = scan_pid(pid, cache["host_libc"])
+    if row["status"] != OK:
+        status = row["status"]
+        raise tables.Unreadable(status if status.startswith("not read") else f"not read: {status}")
+    owners = Counter(row["libraries"])
+    if row["keys_in_use"] > sum(owners.values()):
+        owners["(no destructor)"] = row["keys_in_use"] - sum(owners.values())
+    return resource.Census(row["keys_in_use"], row["limit"], row["headroom"], "PTHREAD_KEYS_MAX",
+                           owners, judged=Counter(row["destructors"]),
+                           orphaned=row["orphaned_keys"])
 
 
 def limit_of(p) -> int:
@@ -43,6 +62,7 @@ KEYS = resource.register(resource.Resource(
     name="keys", acquire=("pthread_key_create",), release=("pthread_key_delete",),
     handle="*arg0", release_handle="arg0", success="zero", owner="arg1",
     limit_of=limit_of, inherit_on_fork=True, keep_on_exec=False, reader=read_table,
+    census=census, same_owner=SAME_PATH_KEYS,
     words={"acquires": "creates", "releases": "deletes", "failed_acquires": "failed_creates",
            "failed_releases": "failed_deletes", "in_use": "live_keys", "held": "held_keys",
            "never_released": "never_deleted", "orphaned": "orphaned_keys",

@@ -11,9 +11,11 @@ of glibc's own, and its deletion leaves the id read at first sight counted as in
 from __future__ import annotations
 
 import resource as rlimit
+from collections import Counter
 from typing import Optional
 
-from ..host import proc
+from .. import resource
+from ..host import proc, tables
 from . import pairs
 
 _SIGPENDING = "Max pending signals"
@@ -49,8 +51,16 @@ def limit_of(p) -> int:
     return soft if soft != rlimit.RLIM_INFINITY else 0
 
 
+def census(pid: int, cache: dict) -> resource.Census:
+    """The table now: how each timer notifies; the limit the uid's signal queue (SigQ)."""
+    owners = Counter(tables.timer_owners(pid))
+    used, limit = (int(x) for x in tables.status(pid)["SigQ"].split("/"))
+    return resource.Census(sum(owners.values()), limit, max(limit - used, 0),
+                           "RLIMIT_SIGPENDING (SigQ)", owners)
+
+
 TIMERS = pairs.declare(
     pairs.parse("libc:timer_create=*arg2/timer_delete=arg0"), name="timers",
-    reader=read_timers, limit_of=limit_of, inherit_on_fork=False, keep_on_exec=False,
+    reader=read_timers, limit_of=limit_of, census=census, inherit_on_fork=False, keep_on_exec=False,
     words={"unit": "timer", "units": "timers", "acquire_word": "create",
-           "full": "signal queue limit reached (RLIMIT_SIGPENDING)"})
+           "full": "signal queue limit reached (RLIMIT_SIGPENDING)", "owner": "notification"})

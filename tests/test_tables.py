@@ -1,0 +1,191 @@
+"""keytrace scan --resource: the tables a process can run out of beyond pthread keys, read from
+/proc with no tracing, on real processes. Counts are checked against /proc itself, exactly; a
+library that leaks one of each per load shows N of each after N loads; healthy programs are not
+flagged; a process at its fd limit is critical; a table not read says why, never 0."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tracer import resources  # noqa: F401  (registers the resources)
+from tracer import resource
+from tracer.analysis.census import survey
+from conftest import json_rows, keytrace, terminate
+
+LOADS = 40
+
+
+def wait_for(check, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def soft(pid: int, title: str) -> int:
+    for line in open(f"/proc/{pid}/limits"):
+        if line.startswith(title):
+            return int(line[len(title):].split()[0])
+    raise AssertionError(title)
+
+
+def start_leaker(reload_host: str, lib: str, data: str, loads: int = LOADS):
+    """reload_host after `loads` loads of libeach, held alive for two minutes."""
+    p = subprocess.Popen([reload_host, lib, str(loads), "0", "120"])
+    wait_for(lambda: len(os.listdir(f"/proc/{p.pid}/task")) == loads + 1)
+    wait_for(lambda: sum(os.readlink(f"/proc/{p.pid}/fd/{f}") == data
+                         for f in os.listdir(f"/proc/{p.pid}/fd")) == loads)
+    return p
+
+
+@pytest.fixture(scope="module")
+def leaker(bins, libeach):
+    p = start_leaker(bins["reload_host"], *libeach)
+    yield p, libeach[1]
+    terminate(p)
+
+
+def rows_of(pid: int, names="all") -> dict:
+    r = keytrace("scan", "--json", "-r", names, "-p", str(pid))
+    assert r.returncode == 0, r.stderr
+    return {row["resource"]: row for row in json_rows(r.stdout)}
+
+
+def test_a_library_leaking_one_of_each_per_load_shows_n_of_each(leaker):
+    p, data = leaker
+    rows = rows_of(p.pid)
+    assert set(rows) == {"keys", "timers", "fds", "threads", "maps"}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    fds, threads, maps, timers = rows["fds"], rows["threads"], rows["maps"], rows["timers"]
+
+    assert fds["in_use"] == len(os.listdir(f"/proc/{p.pid}/fd"))
+    assert fds["owner"] == data and fds["owners"][data] == LOADS and fds["same_owner"] == LOADS
+    assert fds["limit"] == soft(p.pid, "Max open files") and fds["limit_source"] == "RLIMIT_NOFILE"
+    assert fds["headroom"] == fds["limit"] - fds["in_use"]
+    assert fds["leaking"] and not fds["critical"] and f"{LOADS} fds held by one file" in fds["reason"]
+
+    assert threads["in_use"] == len(os.listdir(f"/proc/{p.pid}/task")) == LOADS + 1
+    assert threads["owner"] == "leaked" and threads["owners"]["leaked"] == LOADS
+    assert not threads["leaking"]  # a count of threads alone is no leak: pools are healthy
+
+    lines = open(f"/proc/{p.pid}/maps").read().splitlines()
+    assert maps["in_use"] == len(lines)
+    assert maps["owners"][data] == LOADS == sum(line.endswith(data) for line in lines)
+    assert maps["limit"] == int(open("/proc/sys/vm/max_map_count").read())
+
+    ids = [line for line in open(f"/proc/{p.pid}/timers") if line.startswith("ID:")]
+    assert timers["in_use"] == len(ids) == LOADS and timers["owners"] == {"none": LOADS}
+    used, limit = (int(x) for x in [line.split()[1] for line in open(f"/proc/{p.pid}/status")
+                                    if line.startswith("SigQ:")][0].split("/"))
+    assert timers["limit"] == limit and timers["headroom"] == limit - used
+
+    assert rows["keys"]["in_use"] == 0 and not rows["keys"]["leaking"]
+
+
+def test_a_forecast_dates_a_leaking_table_at_the_reload_rate_given(leaker):
+    p, data = leaker
+    r = keytrace("scan", "--json", "-r", "fds", "-p", str(p.pid), "--reloads-per-day", "10")
+    row = json_rows(r.stdout)[0]
+    assert row["per_day"] == 10.0 and row["days_left"] == pytest.approx(row["headroom"] / 10)
+    assert row["exhaustion_eta"]
+
+
+def test_the_table_shows_every_resource_and_the_verdict(leaker):
+    p, data = leaker
+    r = keytrace("scan", "-r", "fds,threads", "-p", str(p.pid))
+    assert r.returncode == 0, r.stderr
+    assert "LEAKING" in r.stdout and "RLIMIT_NOFILE" in r.stdout and "leaked (40)" in r.stdout
+
+
+def test_a_process_at_its_fd_limit_is_critical(tmp_path):
+    code = ("import resource, sys, time\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+            "held = []\n"
+            "try:\n"
+            "    while True: held.append(open('/dev/null'))\n"
+            "except OSError as e: print(e.errno, flush=True)\n"
+            "time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "24"  # EMFILE
+        row = rows_of(p.pid, "fds")["fds"]
+        assert row["limit"] == 64 and row["in_use"] == 64 and row["headroom"] == 0
+        assert row["critical"] and "0 of 64 fds left (RLIMIT_NOFILE)" in row["reason"]
+        nulls = sum(os.readlink(f"/proc/{p.pid}/fd/{f}") == "/dev/null"
+                    for f in os.listdir(f"/proc/{p.pid}/fd"))
+        assert row["owner"] == "/dev/null" and row["owners"]["/dev/null"] == nulls > 30
+    finally:
+        terminate(p)
+
+
+def test_threads_of_a_user_bound_by_rlimit_nproc_count_every_thread_of_the_uid():
+    p = subprocess.Popen(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                          "prlimit", "--nproc=50:50", "sleep", "60"])
+    try:
+        wait_for(lambda: os.path.basename(os.readlink(f"/proc/{p.pid}/exe")) == "sleep")
+        row = rows_of(p.pid, "threads")["threads"]
+        mine = sum(int(s.split()[1]) for pid in os.listdir("/proc") if pid.isdigit()
+                   for s in _status(pid) if s.startswith("Threads:")
+                   if _uid(pid) == 65534)
+        assert row["limit"] == 50 and row["limit_source"] == "RLIMIT_NPROC of uid 65534"
+        assert row["headroom"] == 50 - mine and row["in_use"] == 1
+    finally:
+        terminate(p)
+
+
+def _status(pid):
+    try:
+        return open(f"/proc/{pid}/status").read().splitlines()
+    except OSError:
+        return []
+
+
+def _uid(pid):
+    return next((int(s.split()[1]) for s in _status(pid) if s.startswith("Uid:")), None)
+
+
+def test_healthy_programs_are_not_flagged():
+    progs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+             for argv in (["python3", "-c", "import threading, time; [threading.Thread("
+                                            "target=time.sleep, args=(60,)).start() "
+                                            "for _ in range(16)]"],
+                          ["perl", "-e", "sleep 60"], ["sleep", "60"], ["cat"])]
+    try:
+        time.sleep(0.5)
+        for p in progs:
+            for row in rows_of(p.pid).values():
+                assert row["status"] == "ok", row
+                assert not row["leaking"] and not row["critical"], row
+    finally:
+        for p in progs:
+            terminate(p)
+
+
+def test_a_table_not_read_says_why_and_counts_nothing():
+    p = subprocess.Popen(["true"])
+    p.wait()
+    df = survey(resource.select(["fds", "threads", "maps", "timers", "keys"]), [p.pid])
+    assert (df["status"] == "not read: exited").all(), df["status"].tolist()
+    assert df["in_use"].isna().all() and df["headroom"].isna().all()
+    # another user's process, read by one who may not
+    r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                        sys.executable, "-m", "tracer.cli", "scan", "--json", "-r", "fds,maps",
+                        "-p", "1"], capture_output=True, text=True, cwd=os.getcwd())
+    assert r.returncode == 0, r.stderr
+    rows = json_rows(r.stdout)
+    assert [row["status"] for row in rows] == ["not read: permission denied"] * 2
+    assert all(row["in_use"] is None for row in rows)
+
+
+def test_bad_resource_names_are_one_line_and_exit_2():
+    r = keytrace("scan", "-r", "nonsense")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "keys, timers, fds, threads, maps" in r.stderr
+    r = keytrace("watch", "-r", "fds", "-d", "1")
+    assert r.returncode == 2 and "scan --resource fds" in r.stderr
