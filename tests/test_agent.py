@@ -239,3 +239,38 @@ def test_a_fast_reload_leak_beats_the_fleet_wide_reload_rate(agent, bins):
         host.kill()
         host.wait()
     assert abs(eta - truth) < 3.0, eta - truth
+
+
+def test_every_table_of_a_process_is_exported_by_resource(agent, bins, libeach):
+    import os
+    from test_tables import LOADS, start_leaker
+    lib, data = libeach
+    leaker = start_leaker(bins["reload_host"], f"{lib}:{bins['libleaky']}", data)
+    try:
+        p, port = agent("--tables-interval", "1", "--reloads-per-day", "1")
+        assert "serving http://" in p.stderr.readline()
+        text = metrics(port)
+        pid = str(leaker.pid)
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        assert value(text, "keytrace_process_resource_in_use", pid=pid, resource="fds") == fds
+        assert value(text, "keytrace_process_resource_leaking", pid=pid, resource="fds") == 1
+        limit = value(text, "keytrace_process_resource_limit", pid=pid, resource="fds")
+        assert value(text, "keytrace_process_resource_headroom", pid=pid, resource="fds") == limit - fds
+        eta = value(text, "keytrace_process_resource_exhaustion_timestamp_seconds", pid=pid,
+                    resource="fds")
+        assert eta and (limit - fds - 1) * 86400 < eta - time.time() < (limit - fds) * 86400
+        assert value(text, "keytrace_process_resource_in_use", pid=pid, resource="threads") == LOADS + 1
+        assert value(text, "keytrace_process_resource_leaking", pid=pid, resource="threads") == 0
+        assert value(text, "keytrace_process_resource_in_use", pid=pid, resource="timers") == LOADS
+        # keys (libleaky leaks one a load), from the trace, beside the pthread_keys series
+        assert value(text, "keytrace_process_resource_in_use", pid=pid, resource="keys") == \
+            value(text, "keytrace_process_pthread_keys", pid=pid) == LOADS
+        assert value(text, "keytrace_process_resource_leaking", pid=pid, resource="keys") == 1
+        # read again every interval: an exited process's rows go
+        terminate(leaker)
+        assert until(lambda: value(metrics(port), "keytrace_process_resource_in_use", pid=pid,
+                                   resource="fds") is None)
+        maps = open(f"/proc/{p.pid}/maps").read()
+        assert "/pandas/" not in maps and "/pyarrow/" not in maps
+    finally:
+        terminate(leaker)

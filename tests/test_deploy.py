@@ -23,17 +23,19 @@ UNIT = ROOT / "deploy" / "systemd" / "keytrace-agent.service"
 REQUIRED = os.environ.get("KEYTRACE_REQUIRE_BPF") == "1"
 
 ALERTS = {"KeytracePthreadKeysNearLimit", "KeytracePthreadKeysExhaustionSoon",
-          "KeytracePthreadKeyCreateFailed", "KeytracePthreadKeysOrphaned", "KeytraceEventsLost"}
-# The metric names the agent exports (binding: the rules may use no others).
-METRICS = {
-    "keytrace_process_pthread_keys", "keytrace_process_pthread_keys_limit",
-    "keytrace_process_pthread_keys_orphaned", "keytrace_process_pthread_keys_leaking",
-    "keytrace_process_pthread_keys_exhaustion_timestamp_seconds",
-    "keytrace_pthread_key_creates_total", "keytrace_pthread_key_deletes_total",
-    "keytrace_pthread_key_create_failures_total",
-    "keytrace_events_lost_total", "keytrace_probed_files", "keytrace_scan_duration_seconds",
-    "keytrace_build_info",
-}
+          "KeytracePthreadKeyCreateFailed", "KeytracePthreadKeysOrphaned", "KeytraceEventsLost",
+          "KeytraceResourceNearLimit", "KeytraceResourceExhaustionSoon"}
+# The metric names the agent exports, as its collector declares them (the rules may use no
+# others): one family per name, even with no process to report.
+def _exported() -> set:
+    import types
+
+    from tracer.agent.exporter import Collector, Snapshot
+    return {f.name + ("_total" if f.type == "counter" else "")
+            for f in Collector(types.SimpleNamespace(snapshot=Snapshot())).collect()}
+
+
+METRICS = _exported()
 CAPABILITIES = {"cap_bpf", "cap_perfmon", "cap_sys_ptrace", "cap_sys_resource", "cap_sys_admin"}
 
 try:

@@ -1,5 +1,7 @@
 """The agent: every process's key table read at start, the whole host traced, tables read
-again every scan interval, and the verdicts exported to Prometheus.
+again every scan interval, and the verdicts exported to Prometheus. Every other table a process
+can run out of (fds, threads, mappings, timers: tracer.analysis.census) is read every tables
+interval and exported beside the keys as keytrace_process_resource_*{resource=...}.
 
 Scrapes never touch the ledger: a refresh thread computes a Snapshot every few seconds (the
 analysis runs on a copy taken under the ingest lock) and the collector serves the latest one,
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Callable, Optional
@@ -24,8 +26,8 @@ from typing import Callable, Optional
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .. import wire
-from ..analysis import verdicts
+from .. import resource, wire
+from ..analysis import census, verdicts
 from ..analysis.attribution import Attribution
 from ..host import proc
 from ..resources.keys import KEYS
@@ -35,6 +37,7 @@ from ..state.tracker import Tracker
 from .state import State
 
 PROCESS_LABELS = ["pid", "comm", "exe", "container"]
+TABLE_LABELS = PROCESS_LABELS + ["resource"]
 # A start is known to the clock tick from /proc/PID/stat and to the nanosecond from a traced
 # fork: two readings of one process agree within a tick or two (10 ms each).
 SAME_START_NS = 25_000_000
@@ -49,6 +52,8 @@ class Snapshot:
     lost: int = 0
     probed: int = 0
     scan_seconds: float = 0.0
+    tables: list = field(default_factory=list)   # per (process, resource) census rows, bounded
+    tables_seconds: float = 0.0
 
 
 class Totals:
@@ -74,7 +79,7 @@ class Agent:
     def __init__(self, tracer: KeyTracer, max_processes: int = 100,
                  reloads_per_day: Optional[float] = None, scan_interval: float = 300.0,
                  refresh: float = 5.0, log: Callable[[str], None] = lambda s: None,
-                 state: Optional[State] = None):
+                 state: Optional[State] = None, tables_interval: float = 60.0):
         self.tracer = tracer
         self.state = state
         self.prior = state.load() if state else {}  # (pid, start) -> facts saved before a restart
@@ -89,6 +94,11 @@ class Agent:
         self._counted: dict = {}  # ident -> the counts last turned into totals
         self._stop = threading.Event()
         self._scan_seconds = 0.0
+        # The tables read, not traced: every resource with one but keys (the trace has them).
+        self.read_only = [r for r in resource.known() if r.census is not None and r is not KEYS]
+        self.tables_interval = tables_interval
+        self._tables: list = []
+        self._tables_seconds = 0.0
 
     # -- the loop -----------------------------------------------------------------------------
     def scan(self) -> int:
@@ -98,11 +108,35 @@ class Agent:
         self._scan_seconds = time.monotonic() - t0
         return n
 
+    def read_tables(self) -> int:
+        """Read every other table of every process now; keep, per resource, the max_processes
+        rows closest to trouble (critical, leaking, then the least headroom for the limit)."""
+        t0 = time.monotonic()
+        read = [r for r in census.rows(self.read_only, reloads_per_day=self.reloads_per_day)
+                if r["status"] == census.OK]
+        read.sort(key=lambda r: (not r["critical"], not r["leaking"],
+                                 r["headroom"] / r["limit"] if r["limit"] else 2.0, -r["in_use"]))
+        kept, per, containers = [], Counter(), {}
+        for r in read:
+            if per[r["resource"]] < self.max_processes:
+                per[r["resource"]] += 1
+                if r["pid"] not in containers:
+                    containers[r["pid"]] = proc.container(r["pid"])
+                kept.append(dict(r, owners=None, container=containers[r["pid"]]))
+        self._tables = kept
+        self._tables_seconds = time.monotonic() - t0
+        return len(read)
+
     def run(self, stop: threading.Event) -> None:
-        """Refresh the snapshot every refresh seconds and rescan every scan interval, until stop."""
+        """Refresh the snapshot every refresh seconds, rescan every scan interval and read the
+        other tables every tables interval, until stop."""
         next_scan = time.monotonic() + self.scan_interval
+        next_tables = time.monotonic() + self.tables_interval
         while not stop.is_set():
             self.tracer.check()  # a drain that died must end the agent, not freeze its metrics
+            if time.monotonic() >= next_tables:
+                self.read_tables()
+                next_tables = time.monotonic() + self.tables_interval
             self.refresh()
             proc.trim_heap()  # what a refresh or a burst of events freed: back to the system
             if time.monotonic() >= next_scan:
@@ -130,7 +164,8 @@ class Agent:
         self._counted = {i: sig for i, sig in self._counted.items() if i in live}
         self.snapshot = Snapshot(rows, dict(self._creates.sum), dict(self._deletes.sum),
                                  {exe: n for (exe, _), n in self._failures.sum.items()},
-                                 self.ledger.lost, len(self.tracer.files), self._scan_seconds)
+                                 self.ledger.lost, len(self.tracer.files), self._scan_seconds,
+                                 self._tables, self._tables_seconds)
         self.save(alive, now)
         return self.snapshot
 
@@ -207,6 +242,7 @@ class Collector:
             if r["exhaustion_eta"] is not None:
                 gauges["eta"].add_metric(labels, r["exhaustion_eta"].timestamp())
         yield from gauges.values()
+        yield from self.resources(s)
         for name, doc, values in (("keytrace_pthread_key_creates", "pthread_key_create calls that "
                                    "made a key", s.creates),
                                   ("keytrace_pthread_key_deletes", "pthread_key_delete calls that "
@@ -229,9 +265,39 @@ class Collector:
         yield GaugeMetricFamily("keytrace_scan_duration_seconds",
                                 "how long the last read of every process's table took",
                                 value=s.scan_seconds)
+        yield GaugeMetricFamily("keytrace_tables_duration_seconds",
+                                "how long the last read of every process's other tables took",
+                                value=s.tables_seconds)
         info = GaugeMetricFamily("keytrace_build_info", "keytrace's version", labels=["version"])
         info.add_metric([version()], 1)
         yield info
+
+
+    @staticmethod
+    def resources(s: Snapshot):
+        """Every table of every process, one family per measure, labelled resource: the keys
+        from the trace (the rows above), the others as last read."""
+        g = {m: GaugeMetricFamily(f"keytrace_process_resource_{m}", doc, labels=TABLE_LABELS)
+             for m, doc in (("in_use", "handles the process holds in the table"),
+                            ("limit", "the limit that binds the table"),
+                            ("headroom", "what can still be acquired before it binds (a limit "
+                                         "shared by other processes leaves less than limit - "
+                                         "in_use)"),
+                            ("leaking", "1 when the table is judged to be leaking"),
+                            ("exhaustion_timestamp_seconds", "when the table will be full, "
+                                                             "where a leak rate is known"))}
+        keys = [dict(r, resource=KEYS.name, in_use=r["live_keys"],
+                     headroom=r["limit"] - r["live_keys"]) for r in s.rows]
+        for r in keys + s.tables:
+            labels = [str(r["pid"]), r["comm"], r["exe"], r["container"], r["resource"]]
+            g["in_use"].add_metric(labels, r["in_use"])
+            if r["limit"] is not None:
+                g["limit"].add_metric(labels, r["limit"])
+                g["headroom"].add_metric(labels, r["headroom"])
+            g["leaking"].add_metric(labels, 1 if r["leaking"] else 0)
+            if r["exhaustion_eta"] is not None:
+                g["exhaustion_timestamp_seconds"].add_metric(labels, r["exhaustion_eta"].timestamp())
+        yield from g.values()
 
 
 def running(pid: int, boot_start: int) -> bool:

@@ -33,12 +33,16 @@ def agent(
     refresh: float = typer.Option(5.0, "--refresh", min=0.1, help="Seconds between two "
                                   "recomputations of what /metrics serves (a scrape only reads "
                                   "the latest)."),
+    tables_interval: float = typer.Option(60.0, "--tables-interval", min=1, help="Seconds "
+                                          "between two reads of every process's other tables "
+                                          "(fds, threads, mappings, timers)."),
     state_dir: Path = typer.Option(Path("/var/lib/keytrace"), "--state-dir", help="Where the "
                                    "measured leaks are kept across restarts (SQLite)."),
 ):
     """Run always on: read every process's key table, trace the whole host, and export the
     verdicts to Prometheus (per process: keys, limit, orphaned, leaking, exhaustion time;
-    counters of creates, deletes and failures by executable and library).
+    counters of creates, deletes and failures by executable and library; and every other table
+    it can run out of, read every --tables-interval: keytrace_process_resource_*{resource}).
 
     Ends on SIGTERM or Ctrl-C, detaching every probe.
 
@@ -66,7 +70,8 @@ def agent(
     # from the kernel's counters, exact when records are lost.
     tracer = KeyTracer(keep_events=False, on_note=note, interval=0.05, ring_pages=1024,
                        ledger=Tracker(keep_events=False))
-    a = Agent(tracer, max_processes, reloads_per_day, scan_interval, refresh, log, state)
+    a = Agent(tracer, max_processes, reloads_per_day, scan_interval, refresh, log, state,
+              tables_interval)
     try:
         server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry(a))
     except OSError as e:
@@ -78,6 +83,7 @@ def agent(
         tracer.start()
         started = True
         n = a.scan()
+        a.read_tables()
         a.refresh()
         err.print(f"keytrace agent: {tracer.attached} probes attached in {len(tracer.files)} "
                   f"file(s); {n} processes read in {a.snapshot.scan_seconds:.2f} s; serving "
