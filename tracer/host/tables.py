@@ -47,17 +47,18 @@ def fd_kind(target: str) -> str:
     return target.split(":", 1)[0]
 
 
-def fd_targets(pid: int) -> list:
-    """What each open fd points at (readlink of /proc/PID/fd/N); an fd closed mid-read is gone."""
-    base = f"/proc/{pid}/fd"
+def _each(pid: int, sub: str, read) -> list:
+    """read(path) of every entry of /proc/PID/<sub>; an entry gone mid-read (an fd closed, a
+    thread ended) is left out."""
+    base = f"/proc/{pid}/{sub}"
     try:
-        fds = os.listdir(base)
+        names = os.listdir(base)
     except OSError as e:
         raise _why(pid, e) from None
     out = []
-    for fd in fds:
+    for name in names:
         try:
-            out.append(os.readlink(f"{base}/{fd}"))
+            out.append(read(f"{base}/{name}"))
         except FileNotFoundError:
             continue
         except OSError as e:
@@ -65,25 +66,19 @@ def fd_targets(pid: int) -> list:
     return out
 
 
+def fd_targets(pid: int) -> list:
+    """What each open fd points at (readlink of /proc/PID/fd/N)."""
+    return _each(pid, "fd", os.readlink)
+
+
 # ---- threads
 
 def task_names(pid: int) -> list:
     """The name (comm) of every thread of the process."""
-    base = f"/proc/{pid}/task"
-    try:
-        tids = os.listdir(base)
-    except OSError as e:
-        raise _why(pid, e) from None
-    out = []
-    for tid in tids:
-        try:
-            with open(f"{base}/{tid}/comm") as fh:
-                out.append(fh.read().rstrip("\n"))
-        except FileNotFoundError:  # a thread that ended mid-read
-            continue
-        except OSError as e:
-            raise _why(pid, e) from None
-    return out
+    def comm(path: str) -> str:
+        with open(f"{path}/comm") as fh:
+            return fh.read().rstrip("\n")
+    return _each(pid, "task", comm)
 
 
 def host_tasks() -> int:
