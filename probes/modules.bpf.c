@@ -86,6 +86,12 @@ int dlopen_enter(struct pt_regs *ctx)
     if (d < KT_DLOPEN_DEPTH) {
         s->file[d] = PT_REGS_PARM1(ctx);
         s->id[d] = bpf_ktime_get_boot_ns();
+        // Said at once: until its dlopen record, the process is mid-load (constructors run).
+        struct event *e = new_event(OP_DLOPEN_BEGIN, pid_tgid);
+        if (e) {
+            e->load = s->id[d];
+            submit(e);
+        }
     }
     s->depth = d + 1;  // counted past the depth too, so returns stay paired
     return 0;

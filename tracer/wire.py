@@ -56,8 +56,10 @@ _C_TYPES = {"<u8": "u64", "<u4": "u32", "<i4": "s32"}  # numpy type -> C
 LIBCS = ["glibc", "musl"]
 
 # Op codes, in order; the index is the code (0 is never sent).
+# dlopen_begin: a dlopen has begun (load: its id; the dlopen record with that id ends it): its
+# constructors may be running, so a table read now is mid-cycle.
 KERNEL_OPS = ["acquire", "acquire_failed", "release", "dlopen", "dlclose", "exec", "exit",
-              "fork", "map", "unmap"]
+              "fork", "map", "unmap", "dlopen_begin"]
 # seen: a process met while already running (path: exe, aux: its start, ns since the epoch);
 # mapped: a module it had mapped then (path, aux: load base), as /proc/PID/maps showed it;
 # table: a resource's table of it was read, or could not be (path: "read" or why not); tracing
@@ -65,8 +67,11 @@ KERNEL_OPS = ["acquire", "acquire_failed", "release", "dlopen", "dlclose", "exec
 #   probed late);
 # held: a handle in use in that table (handle, owner; ret 1: the owner lay in no mapping);
 # counted: the kernel's own counts of a resource for the process image, kept whatever records
-#   were lost (aux: acquires, caller: failed acquires, owner: releases, load: failed releases).
-HOST_OPS = ["seen", "mapped", "table", "held", "counted"]
+#   were lost (aux: acquires, caller: failed acquires, owner: releases, load: failed releases);
+# sample: a resource's table read now, not traced (path: the limit that binds, or "not read:
+#   why"; aux: in use; owner: the limit, 0 for none; caller: headroom);
+# owned: one owner's count in the sample before it (path: the owner, aux: handles).
+HOST_OPS = ["seen", "mapped", "table", "held", "counted", "sample", "owned"]
 OPS = [""] + KERNEL_OPS + HOST_OPS
 CODE = {name: i for i, name in enumerate(OPS) if name}
 
@@ -77,8 +82,9 @@ COLUMNS = ["ts", "pid", "tid", "comm", "op", "resource", "handle", "ret", "owner
            "path", "aux", "load", "child", "stack", "seq"]
 _HANDLED = [CODE[o] for o in ("acquire", "release", "held")]
 _OF_RESOURCE = [CODE[o] for o in ("acquire", "acquire_failed", "release", "held", "table",
-                                  "counted")]
-_PATHED = [CODE[o] for o in ("dlopen", "exec", "map", "seen", "mapped", "table")]
+                                  "counted", "sample", "owned")]
+_PATHED = [CODE[o] for o in ("dlopen", "exec", "map", "seen", "mapped", "table", "sample",
+                             "owned")]
 
 # Resources by id, as records carry them; a name is registered once and keeps its id.
 RESOURCES: list = []

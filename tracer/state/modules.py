@@ -6,6 +6,7 @@ base is unmapped, whatever is mapped there later.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,6 +27,7 @@ class Modules:
     instances: list = field(default_factory=list)  # Module, in mapping order
     loads: dict = field(default_factory=dict)      # dlopen id -> (path, handle, ts)
     mapped: dict = field(default_factory=dict)     # base -> the instance mapped there now
+    loading: set = field(default_factory=set)      # dlopens begun and not returned (ids)
 
     def map(self, path: str, base: int, load: int, ts: int, file: Optional[str] = None) -> None:
         now = self.mapped.get(base)
@@ -41,12 +43,38 @@ class Modules:
             m.unmapped = ts
 
     def dlopen(self, load: int, path: str, handle: int, ts: int) -> None:
+        self.loading.discard(load)
         if handle:  # not a failed dlopen
             self.loads[load] = (path, handle, ts)
 
     def completed_loads(self) -> set:
         """The dlopens whose instances have been unmapped: finished load cycles."""
         return {m.load for m in self.instances if m.load and m.unmapped is not None}
+
+    def cycles_by_path(self) -> Counter:
+        """Completed load/unload cycles per dlopen'd path."""
+        return Counter(self.loads[i][0] for i in self.completed_loads() if i in self.loads)
+
+    def cycles(self) -> int:
+        """The most load/unload cycles any one dlopen'd path has completed (a graceful restart
+        that reloads every module is one cycle)."""
+        return max(self.cycles_by_path().values(), default=0)
+
+    def phase(self) -> Optional[str]:
+        """Where the process is in its reload cycles: "loaded" (every path it dlopened while
+        traced has an instance mapped), "unloaded" (none has), or None in between (a server
+        mid-restart: some of its modules unloaded, some not). A library dlopened for good
+        beside one that cycles leaves only "loaded" moments to be read in."""
+        if self.loading:
+            return None  # a dlopen in flight: its constructors may be running
+        loaded = dict.fromkeys((path for path, _, _ in self.loads.values()), False)
+        for m in self.mapped.values():
+            path = self.loads.get(m.load, ("",))[0]
+            if path in loaded:
+                loaded[path] = True
+        if all(loaded.values()):
+            return "loaded"
+        return "unloaded" if not any(loaded.values()) else None
 
     @property
     def paths(self) -> list:
@@ -56,4 +84,5 @@ class Modules:
         copies = {id(m): Module(m.path, m.base, m.load, m.mapped, m.unmapped, m.file)
                   for m in self.instances}  # (dataclasses.replace: 4x slower, per fork)
         return Modules(instances=list(copies.values()), loads=dict(self.loads),
-                       mapped={b: copies[id(m)] for b, m in self.mapped.items()})
+                       mapped={b: copies[id(m)] for b, m in self.mapped.items()},
+                       loading=set(self.loading))

@@ -10,6 +10,7 @@ from typing import Optional
 
 from .. import resource
 from .modules import Modules
+from .samples import Samples
 from .tables import Table
 
 
@@ -27,10 +28,18 @@ class Process:
     libc: str = ""                    # "musl" once an acquire ran in musl (its probe says so)
     tables: dict = field(default_factory=dict)    # resource name -> Table
     modules: Modules = field(default_factory=Modules)
+    samples: dict = field(default_factory=dict)   # resource name -> Samples (tables read)
 
     @property
     def ident(self) -> tuple:
         return (self.pid, self.start)
+
+    def sampled(self, name: str) -> Samples:
+        """Its reads of a resource's table (empty until the first)."""
+        s = self.samples.get(name)
+        if s is None:
+            s = self.samples[name] = Samples()
+        return s
 
     def table(self, name: str) -> Table:
         """Its table of a resource (empty until the resource is met)."""
@@ -47,7 +56,8 @@ class Process:
     def copy(self) -> "Process":
         return Process(self.pid, self.start, self.comm, self.exe, self.parent, self.exited,
                        self.traced_since, self.libc,
-                       {n: t.copy() for n, t in self.tables.items()}, self.modules.copy())
+                       {n: t.copy() for n, t in self.tables.items()}, self.modules.copy(),
+                       {n: s.copy() for n, s in self.samples.items()})
 
 
 class Processes:

@@ -18,6 +18,7 @@ from .. import wire
 if TYPE_CHECKING:  # frames are built on demand: a tracker fed records never imports pandas
     import pandas as pd
 from .processes import Process, Processes
+from .samples import Sample
 
 _C = wire.CODE
 _LEVEL_OPS = {_C["acquire"], _C["release"], _C["held"]}
@@ -116,6 +117,20 @@ class Tracker:
         return wire.records(rows)  # ts: ns since the epoch already (wall offset 0)
 
     @staticmethod
+    def sample_records(pid: int, ts: int, comm: str, name: str, census=None,
+                       why: str = "", top: int = 16) -> np.ndarray:
+        """A resource's table read now (census: tracer.resource.Census; else why it was not
+        read) as host facts: the count, the limit, headroom and the top owners."""
+        base = dict(ts=ts, pid=pid, tid=pid, comm=comm, resource=name)
+        if census is None:
+            return wire.records([dict(base, op="sample", path=why)])
+        c = census
+        rows = [dict(base, op="sample", path=c.limit_source or "none", aux=c.in_use,
+                     owner=c.limit or 0, caller=max(c.headroom or 0, 0))]
+        rows += [dict(base, op="owned", path=o, aux=n) for o, n in c.owners.most_common(top)]
+        return wire.records(rows)
+
+    @staticmethod
     def counted(counts: dict, ts: int) -> np.ndarray:
         """The kernel's counts ({(pid, resource name): (acquires, failed acquires, releases,
         failed releases)}) as host facts: records, to ingest_records(..., 0)."""
@@ -126,6 +141,12 @@ class Tracker:
     def known_pids(self) -> set:
         with self._lock:
             return set(self._procs.latest)
+
+    def settled(self, pid: int) -> bool:
+        """Is the process on this pid between reload cycles (tracer.state.modules)?"""
+        with self._lock:
+            p = self._procs.current.get(pid)
+            return p is None or p.modules.phase() is not None
 
     def knows(self, pid: int) -> bool:
         """Is there a current (not exited) process on this pid?"""
@@ -165,6 +186,8 @@ class Tracker:
                 p.modules.unmap(aux, ts)
             elif op == _C["dlopen"]:
                 p.modules.dlopen(load, path, aux, ts)
+            elif op == _C["dlopen_begin"]:
+                p.modules.loading.add(load)
             # dlclose: kept in the events, but unmapping (unmap) is what says a library is gone
             elif op == _C["fork"]:
                 procs.fork(p, child, ts)
@@ -186,6 +209,17 @@ class Tracker:
                 p.exe = path or p.exe
                 if aux:
                     procs.restart(p, aux)
+            elif op == _C["sample"]:
+                if path.startswith("not read"):
+                    p.sampled(res).failed(path)
+                else:
+                    p.sampled(res).add(Sample(ts, p.modules.cycles(), aux, owner or None,
+                                              caller if owner else None, path,
+                                              p.modules.phase() or "between"))
+            elif op == _C["owned"]:
+                last = p.sampled(res).last
+                if last is not None:
+                    last.owners[path] = aux
             if op != _C["exit"]:
                 p.comm = comm  # thread names at exit are not the process's
             if self.levels is not None and op in _LEVEL_OPS:
