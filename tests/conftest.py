@@ -87,6 +87,16 @@ def libeach(tmp_path_factory):
     return str(lib), str(data)
 
 
+@pytest.fixture(scope="session")
+def libeach_tidy(tmp_path_factory):
+    """libeach.so built -DTIDY: it gives back on unload all that it takes on load."""
+    d = tmp_path_factory.mktemp("each-tidy")
+    data = d / "each.data"
+    data.write_bytes(b"x" * 4096)
+    return str(compile_c(FIXTURES / "libeach.c", d, shared=True,
+                         extra=(f'-DFILE_PATH="{data}"', "-DTIDY"), name="libeach_tidy.so"))
+
+
 def keytrace(*args, timeout=120, **kw):
     """Run the keytrace command line; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True,

@@ -1,7 +1,8 @@
-"""keytrace scan --resource: the tables a process can run out of beyond pthread keys, read from
-/proc with no tracing, on real processes. Counts are checked against /proc itself, exactly; a
-library that leaks one of each per load shows N of each after N loads; healthy programs are not
-flagged; a process at its fd limit is critical; a table not read says why, never 0."""
+"""The tables a process can run out of beyond pthread keys, read from /proc: by keytrace scan
+--resource with no tracing, and by watch at each completed reload cycle. Counts are checked
+against /proc itself, exactly; a library that leaks one of each per load shows N of each after N
+loads, and 1 a cycle; healthy programs are not flagged; a process at its fd limit is critical; a
+table not read says why, never 0."""
 from __future__ import annotations
 
 import os
@@ -187,5 +188,64 @@ def test_bad_resource_names_are_one_line_and_exit_2():
     r = keytrace("scan", "-r", "nonsense")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "keys, timers, fds, threads, maps" in r.stderr
-    r = keytrace("watch", "-r", "fds", "-d", "1")
-    assert r.returncode == 2 and "scan --resource fds" in r.stderr
+    r = keytrace("watch", "-r", "fds,nonsense", "-d", "1")
+    assert r.returncode == 2 and "no resource 'nonsense'" in r.stderr
+
+
+# --- watch --resource fds,threads,maps: the tables read at each completed reload cycle -------
+
+def test_a_reloader_attached_mid_life_shows_what_each_cycle_leaves(bpf, bins, libeach):
+    lib, data = libeach
+    loads = 60
+    # 50 ms between loads: still reloading when the watch attaches, then holding still
+    p = subprocess.Popen([bins["reload_host"], lib, str(loads), "50000", "60"])
+    try:
+        wait_for(lambda: len(os.listdir(f"/proc/{p.pid}/task")) >= 6)
+        r = keytrace("watch", "--json", "-r", "fds,threads,maps,timers", "-p", str(p.pid),
+                     "-d", "6", "--reloads-per-day", "1")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: len(os.listdir(f"/proc/{p.pid}/task")) == loads + 1)
+        rows = {row["resource"]: row for row in json_rows(r.stdout) if row["pid"] == p.pid}
+        fds, threads, maps = rows["fds"], rows["threads"], rows["maps"]
+        # everything held, made before the attach too, exactly as /proc shows it now
+        assert fds["in_use"] == len(os.listdir(f"/proc/{p.pid}/fd"))
+        assert threads["in_use"] == loads + 1
+        assert maps["in_use"] == len(open(f"/proc/{p.pid}/maps").read().splitlines())
+        assert fds["held"] < fds["in_use"]  # the first read, at the attach, held some already
+        # the cycles traced: those after the attach (one in flight then may count or not)
+        assert fds["reload_cycles"] == threads["reload_cycles"]
+        assert abs(fds["reload_cycles"] - (loads - (threads["held"] - 1))) <= 1
+        # one fd, one thread, and three mappings (a thread's stack and its guard page, the
+        # file) each cycle; the owner that grew, and the library reloaded
+        assert (fds["per_cycle"], threads["per_cycle"], maps["per_cycle"]) == (1.0, 1.0, 3.0)
+        assert (fds["owner"], threads["owner"], maps["owner"]) == (data, "leaked", "[anon]")
+        assert fds["library"] == threads["library"] == lib
+        assert fds["leaking"] and threads["leaking"] and maps["leaking"]
+        assert fds["limit_source"] == "RLIMIT_NOFILE"
+        # dated at one reload a day and one fd a cycle
+        assert fds["days_left"] == pytest.approx(fds["headroom"], abs=1)
+        assert "1 a cycle" in fds["reason"] and data in fds["reason"]
+        # timers are traced: the ones made before the attach come from /proc/PID/timers
+        assert rows["timers"]["in_use"] == loads
+    finally:
+        terminate(p)
+
+
+def test_a_tidy_reloader_is_not_flagged_on_any_table(bpf, bins, libeach_tidy):
+    r = keytrace("watch", "--json", "-r", "all", "--", bins["reload_host"], libeach_tidy, "20",
+                 "20000")
+    assert r.returncode == 0, r.stderr
+    rows = [row for row in json_rows(r.stdout) if row["comm"].startswith("reload_host")]
+    assert {row["resource"] for row in rows} >= {"keys", "timers", "fds", "threads", "maps"}
+    for row in rows:
+        assert not row["leaking"], row
+    by = {row["resource"]: row for row in rows}
+    assert by["fds"]["reload_cycles"] == 20 and by["fds"]["per_cycle"] == 0.0
+
+
+def test_the_table_of_a_sampled_resource_names_what_grows(bpf, bins, libeach):
+    lib, data = libeach
+    r = keytrace("watch", "-r", "fds", "--", bins["reload_host"], lib, "10", "20000", "1")
+    assert r.returncode == 0, r.stderr
+    assert "fds per process, read at each reload cycle" in r.stdout
+    assert "LEAKING" in r.stdout and "libeach.so" in r.stdout

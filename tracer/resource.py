@@ -108,8 +108,9 @@ def known() -> list:
 def select(names, traced: bool = False) -> list:
     """The registered resources a list names (a comma list is split; "all": every one), in the
     order given; a name none has is a UsageError that lists those known. traced: for a tracer,
-    which takes "all" to mean every resource it can trace and refuses one it can only read."""
-    pool = [r for r in known() if r.traced or not traced]
+    which takes "all" to mean every resource it can trace or read at each reload cycle, and
+    refuses one it can do neither with."""
+    pool = [r for r in known() if r.traced or r.census is not None or not traced]
     wanted = [n.strip() for item in names for n in str(item).split(",") if n.strip()]
     if "all" in wanted:
         return pool
@@ -122,7 +123,6 @@ def select(names, traced: bool = False) -> list:
                          f"{', '.join(r.name for r in pool)} (or all)")
     read_only = [n for n in wanted if _REGISTRY[n] not in pool]
     if read_only:
-        raise UsageError(f"{read_only[0]} is read, not traced: keytrace scan --resource "
-                         f"{read_only[0]} shows its table; watch traces "
+        raise UsageError(f"{read_only[0]} can be neither traced nor read: watch takes "
                          f"{', '.join(r.name for r in pool)}")
     return [_REGISTRY[n] for n in dict.fromkeys(wanted)]

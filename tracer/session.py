@@ -21,7 +21,7 @@ from .bpf import pairs as bpf_pairs
 from .bpf import stepcheck, units
 from .bpf.loader import DEFAULT_RING_PAGES, Program
 from .errors import KeytraceError, UsageError
-from .host import keytable, proc
+from .host import keytable, proc, tables
 from .host import patterns as pat
 from .resources import keys as keys_resource
 from .resources import pairs as pair_specs
@@ -29,6 +29,10 @@ from .host.sight import sight
 from .state.tracker import Tracker
 from .discovery import Discovery
 from .tracing import Tracing, check_sites
+
+SAMPLE_EVERY = 0.05  # seconds between two reads of one process's sampled tables
+QUIET = 0.005        # and since its modules last changed: one quiet poll (a reload going on)
+_MODULE_OPS = [wire.CODE[o] for o in ("dlopen_begin", "dlopen", "dlclose", "map", "unmap")]
 
 
 def _no_reader(pid, host_libc) -> tuple:
@@ -95,6 +99,15 @@ class KeyTracer(Tracing):
         self._pair_targets: list = []
         self.resources = [resource.default()] + self.pairs
         self.shown = [r.name for r in chosen] + [r.name for r in users]
+        # The resources whose tables are read, not traced: at first sight and after each
+        # completed reload cycle (an unmap), at most every SAMPLE_EVERY seconds per process.
+        self.sampled = [r for r in chosen if not r.traced]
+        self._owed: set = set()          # pids whose tables are to be read
+        self._sampled_at: dict = {}      # pid -> when its tables were last read (monotonic)
+        self._moved_at: dict = {}        # pid -> when its modules last changed (monotonic)
+        # Reads made after a drain go in with the next one, in time order among its records:
+        # a dlopen the process began between the drain and the read comes before the read.
+        self._pending: list = []
         self._units = units.tracer_units([r.extra["unit"] for r in self.resources
                                           if "unit" in r.extra] + ([bpf_pairs.PAIRS] if self.pairs else []))
         self._found = Discovery(units.functions(self._units), self._note)  # the C libraries
@@ -225,7 +238,45 @@ class KeyTracer(Tracing):
             return 0
         self._snapshotted.add(pid)
         self.ledger.observe(pid, time.time_ns(), st.comm, **self._sight(pid))
+        self._sample([pid])
         return 1
+
+    def _sample(self, pids, defer: bool = False) -> None:
+        """Read the sampled resources' tables of these processes now, into the ledger; defer:
+        with the next drain's records, where its time puts it among them."""
+        if not self.sampled:
+            return
+        cache: dict = {}
+        now = time.monotonic()
+        for pid in pids:
+            self._sampled_at[pid] = now
+            try:
+                comm = proc.stat(pid).comm
+            except (OSError, IndexError, ValueError):
+                continue  # gone: its last read stands
+            for r in self.sampled:
+                try:
+                    rec = Tracker.sample_records(pid, time.time_ns(), comm, r.name,
+                                                 r.census(pid, cache))
+                except tables.Unreadable as u:
+                    if not proc.exists(pid):
+                        break
+                    rec = Tracker.sample_records(pid, time.time_ns(), comm, r.name, why=str(u))
+                if defer:
+                    self._pending.append(rec)
+                else:
+                    self.ledger.ingest_records(rec, 0)
+
+    def _sample_owed(self, final: bool) -> None:
+        now = time.monotonic()
+        # read between cycles only: its modules still for a moment, and all in one phase (a
+        # server mid-restart has half its modules loaded)
+        due = [pid for pid in self._owed
+               if final or (now - self._sampled_at.get(pid, 0.0) >= SAMPLE_EVERY
+                            and now - self._moved_at.get(pid, 0.0) >= QUIET
+                            and self.ledger.settled(pid))]
+        self._owed.difference_update(due)
+        self._sample(due, defer=not final)
 
     def _read_late(self) -> None:
         for pid, due in list(self._reread.items()):
@@ -250,9 +301,15 @@ class KeyTracer(Tracing):
                 batch = np.concatenate(self._early + [batch])
                 self._early = []
             lost = self._program.lost() - self._lost_base
+            reads, self._pending = self._pending, []
             if len(batch):
                 at, stack_of = 0, self._program.stack
-                for pos, facts in self._meet(batch):
+                met = self._meet(batch)
+                if reads:  # each where its time falls among the records
+                    wall = batch["ts"].astype(np.int64) + self._offset
+                    met = sorted(met + [(int(np.searchsorted(wall, int(rec["ts"][0]), "right")),
+                                         rec) for rec in reads], key=lambda item: item[0])
+                for pos, facts in met:
                     self.ledger.ingest_records(batch[at:pos], self._offset, stack_of)
                     self.ledger.ingest_records(facts, 0)
                     at = pos
@@ -265,6 +322,8 @@ class KeyTracer(Tracing):
                          for pid, raw in zip(batch["pid"][execs].tolist(), batch["path"][execs])),
                         time.monotonic())
             else:  # a quiet poll: no frame to build (decoding costs ~3 ms even when empty)
+                for rec in reads:
+                    self.ledger.ingest_records(rec, 0)
                 self.ledger.advance(lost=lost, now=time.time_ns())
             # Records were lost: the kernel's counts stand in. They also count calls whose
             # records are still in the ring, so they are compared again now and then, and
@@ -275,6 +334,16 @@ class KeyTracer(Tracing):
                 known = self.ledger.known_pids()
                 counts = {k: c for k, c in units.read_counts(self._program).items() if k[0] in known}
                 self.ledger.ingest_records(Tracker.counted(counts, time.time_ns()), 0)
+            if self.sampled:
+                if len(batch):  # a completed cycle (an unmap), or a first sight: read again
+                    ops = batch["op"]
+                    gone = batch["pid"][ops == wire.CODE["unmap"]].tolist()
+                    self._owed.update(gone)
+                    moved = np.isin(ops, _MODULE_OPS)
+                    if moved.any():
+                        at = time.monotonic()
+                        self._moved_at.update((pid, at) for pid in batch["pid"][moved].tolist())
+                self._sample_owed(final)
             self._polls += 1
             if self._reread:
                 self._read_late()
@@ -309,6 +378,7 @@ class KeyTracer(Tracing):
                 self._snapshotted.add(pid)
                 out.append((at, Tracker.fact_records(pid, int(ts[min(at, len(ts) - 1)]) - 1, comm,
                                              **self._sight(pid))))
+                self._owed.add(pid)
                 continue
             if len(execs):  # a new image: its modules are not known yet (curl's first keys)
                 self._snapshotted.discard(pid)

@@ -74,7 +74,7 @@ class Ledger(Tracker):
     def resources(self) -> list:
         """The names of the resources the ledger has seen, the first registered first."""
         procs, _ = self.snapshot()
-        seen = {n for p in procs for n in p.tables}
+        seen = {n for p in procs for n in [*p.tables, *p.samples]}
         order = [r.name for r in resources.known()]
         return sorted(seen, key=lambda n: (order.index(n) if n in order else len(order), n))
 
@@ -86,9 +86,10 @@ class Ledger(Tracker):
         libraries."""
         r = self.declaration(resource)
 
-        def touched(p) -> bool:  # this resource, or a library
-            t = p.tables.get(r.name)
-            return (t is not None and t.touched) or bool(p.modules.loads)
+        def touched(p) -> bool:  # this resource, or a library; a table read more than once
+            t, sampled = p.tables.get(r.name), p.samples.get(r.name)
+            return ((t is not None and t.touched) or bool(p.modules.loads)
+                    or (sampled is not None and sampled.reads > 1))
         procs, now = self.snapshot(None if all_processes else touched)
         return verdicts.summarize(procs, now, reloads_per_day, attribute, r)
 

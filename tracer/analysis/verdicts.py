@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Optional
 
 from .. import resource as resources
 from ..resource import Resource
+from ..state.samples import Samples
 from ..state.tables import Table
 from ..state.tracker import Tracker
 from . import forecast as fc
@@ -53,12 +54,16 @@ def _named(r: Resource, fields: list) -> list:
     return [r.word(f) for f in fields]
 
 
+# What a resource whose table is read, not traced, adds: what grows, and which limit binds.
+SAMPLED = ["owner", "limit_source"]
+
+
 def summary_columns(r: Optional[Resource] = None) -> list:
     """The summary's columns, in order: the JSON contract of `watch --json` and `report
     --json`, for a resource (the first registered by default)."""
     r = r or resources.default()
     own = _named(r, FIELDS)
-    return own + [c for c in GENERIC if c not in own]
+    return own + [c for c in GENERIC if c not in own] + ([] if r.traced else SAMPLED)
 
 
 def forecast_columns(r: Optional[Resource] = None) -> list:
@@ -84,6 +89,7 @@ LIBRARY_COLUMNS = library_columns()
 RELOAD_COLUMNS = reload_columns()
 _TIMES = ("start", "traced_since")  # ns since the epoch in rows; datetimes in frames
 _EMPTY = Table()
+_NO_SAMPLES = Samples()
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -145,6 +151,79 @@ def _state(p, r: Resource, now_ns: int, reloads_per_day: Optional[float], attrib
     return row
 
 
+def _sampled(p, r: Resource, now_ns: int, given: Optional[float],
+             prefer_measured: bool) -> dict:
+    """A process's row for a resource whose table is read at each completed reload cycle, not
+    traced: in use as last read, what each cycle leaves (from the first read after the first
+    cycle: a first load's lazily made handles are no leak), the owner that grew, the library
+    reloaded. Leaking: it grew by at least MIN_CYCLES handles over MIN_CYCLES cycles or more,
+    and the typical step between reads grew too (not one jump)."""
+    s = p.samples.get(r.name) or _NO_SAMPLES
+    first, last = s.first, s.last
+    ph = s.compared()  # what a cycle leaves: reads of one phase compared
+    base, then = ph.base, ph.last
+    row = {
+        "pid": p.pid, "start": p.start, "comm": p.comm, "exe": p.exe or "",
+        "alive": p.exited is None, "parent_pid": p.parent[0] if p.parent else 0,
+        "traced_since": p.traced_since, "table": s.status or "not read: not yet", "resource": r.name,
+        "acquires": None, "releases": None, "failed_acquires": None, "failed_releases": None,
+        "last_failure_ret": 0, "in_use": last.in_use if last else None,
+        "held": first.in_use if first else None, "never_released": False, "orphaned": None,
+        "same_path": 0, "busiest_path": "", "limit": last.limit if last else None,
+        "headroom": last.headroom if last else None, "limit_source": last.source if last else "",
+    }
+    cycles = then.cycles - base.cycles if base else 0
+    grown = then.in_use - base.in_use if cycles else 0
+    per_cycle = grown / cycles if cycles else 0.0
+    steps = sorted(d / c for c, d in ph.steps)
+    typical = steps[len(steps) // 2] if steps else 0.0
+    leaking = cycles >= fc.MIN_CYCLES and grown >= fc.MIN_CYCLES and typical > 0
+    growth = {o: n - base.owners.get(o, 0) for o, n in then.owners.items()} if cycles else {}
+    owner = max(growth, key=growth.get, default="") if grown > 0 else \
+        (max(last.owners, key=last.owners.get, default="") if last else "")
+    by_path = p.modules.cycles_by_path()
+    most = max(by_path.values(), default=0)
+    reloaded = sorted(path for path, n in by_path.items() if n == most)
+    critical = bool(last and last.limit and is_critical(last.headroom, last.limit))
+    reload = fc.reload_rate(given, most, base.ts if base else None, then.ts if then else None,
+                            (p.exited or now_ns) - p.traced_since, prefer_measured)
+    per_day = per_cycle * reload.per_day if leaking and reload.per_day else None
+    f = fc.exhaustion(last.limit - last.headroom, last.limit, _ts(now_ns), per_day) \
+        if last and last.limit else None
+    row.update(library=reloaded[0] if reloaded else "",
+               libraries={path: by_path[path] for path in reloaded}, owner=owner,
+               per_cycle=round(per_cycle, 3), reload_cycles=most,
+               reloads_per_day=reload.per_day, per_second=None,
+               rate_basis=reload.basis if given or most else
+               "nothing to measure: no completed reload cycle",
+               per_day=per_day, days_left=f.days_left if f and leaking else None,
+               exhaustion_eta=f.exhaustion_eta if f and leaking else None,
+               leaking=leaking or critical, critical=critical)
+    row["reason"] = _sampled_reason(row, r, cycles, grown, growth.get(owner, 0), reloaded)
+    return row
+
+
+def _sampled_reason(row: dict, r: Resource, cycles: int, grown: int, by_owner: int,
+                    reloaded: list) -> str:
+    units = r.word("units")
+    parts = []
+    if row["critical"]:
+        parts.append(f"{row['headroom']} of {row['limit']} {units} left ({row['limit_source']})")
+    if row["table"].startswith("not read"):
+        parts.append(f"table {row['table']}")
+    if row["leaking"] and cycles:
+        lib = os.path.basename(reloaded[0]) + (f" and {len(reloaded) - 1} more reloaded with it"
+                                               if len(reloaded) > 1 else "")
+        owner = f", {by_owner} of them {row['owner']}" if row["owner"] and by_owner > 0 else ""
+        parts.append(f"{grown} more {units} over {cycles} completed reload cycles of {lib}: "
+                     f"{row['per_cycle']:g} a cycle{owner}")
+        if row["days_left"] is not None and row["days_left"] > 0:
+            parts.append(f"out of {units} in {fc.describe(row['days_left'])}")
+        elif row["days_left"] is None:
+            parts.append(f"no date: {row['rate_basis']}")
+    return "; ".join(parts)
+
+
 def _rates(attr: dict, observed: int, given: Optional[float], prefer_measured: bool,
            r: Resource) -> dict:
     """The rate fields of a row, None when unknown: handles a day are what the reload cycles
@@ -203,7 +282,7 @@ def _reason(row: dict, r: Resource, busiest: int, lost: int) -> str:
 
 def _words(r: Resource, row: dict) -> dict:
     """A generic row in the resource's words, generic fields kept beside them."""
-    out = {r.word(k): v for k, v in row.items()}
+    out = {(k if k in SAMPLED else r.word(k)): v for k, v in row.items()}
     for k in GENERIC:
         out.setdefault(k, row[k])
     return out
@@ -217,8 +296,12 @@ def rows(procs, now_ns: int, reloads_per_day: Optional[float] = None,
     leaking, most in use. prefer_measured: a given reloads_per_day is an assumption that a
     trusted measure replaces (the agent), not the user's what-if that wins (watch, report)."""
     r = resource or resources.default()
-    out = [_state(p, r, now_ns, reloads_per_day, attribute, prefer_measured) for p in procs]
-    out.sort(key=lambda x: (not x["critical"], not x["leaking"], -x["in_use"], x["pid"]))
+    if r.traced:
+        out = [_state(p, r, now_ns, reloads_per_day, attribute, prefer_measured) for p in procs]
+    else:  # its table is read at each cycle: rows for the processes read
+        out = [_sampled(p, r, now_ns, reloads_per_day, prefer_measured) for p in procs
+               if r.name in p.samples]
+    out.sort(key=lambda x: (not x["critical"], not x["leaking"], -(x["in_use"] or 0), x["pid"]))
     return [_words(r, x) for x in out]
 
 
@@ -254,6 +337,10 @@ def summarize(procs, now_ns: int, reloads_per_day: Optional[float] = None,
         df[col] = pd.to_datetime(df[col], unit="ns", utc=True)
     df["exhaustion_eta"] = pd.to_datetime(df["exhaustion_eta"], utc=True)
     df[r.word("headroom")] = df[r.word("headroom")].astype("Int64")
+    if not r.traced:  # counts a read gives; the call counts it has none of stay null
+        for col in ("in_use", "held", "limit", "acquires", "releases", "failed_acquires",
+                    "failed_releases", "orphaned"):
+            df[col] = df[col].astype("Int64")
     return df.astype({"leaking": bool, "critical": bool, "alive": bool,
                       r.word("never_released"): bool})
 

@@ -14,6 +14,7 @@ from typing import List, Optional
 import pandas as pd
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from .. import resource as resources
@@ -70,6 +71,29 @@ def summary_table(summary: pd.DataFrame, title: str = "pthread keys per process"
     return t
 
 
+def sampled_table(summary: pd.DataFrame, title: str, r) -> Table:
+    """The summary of a resource whose table is read at each reload cycle (fds, threads...)."""
+    t = Table(title=title, title_justify="left")
+    for name, just in [("PID", "right"), ("COMM", "left"), ("IN USE", "right"),
+                       ("LEFT", "right"), ("CYCLES", "right"), ("PER CYCLE", "right"),
+                       ("GROWS", "left"), ("RELOADED", "left"), ("RUNS OUT IN", "left"),
+                       ("VERDICT", "left")]:
+        t.add_column(name, justify=just, no_wrap=name not in ("VERDICT", "GROWS"))
+    for row in summary.to_dict(orient="records"):
+        style = "bold red" if row["critical"] else "yellow" if row["leaking"] else None
+        verdict = ("CRITICAL: " if row["critical"] else "LEAKING: " if row["leaking"] else
+                   "ok" + (" " if row["reason"] else "")) + row["reason"]
+        read = row["in_use"] is not pd.NA
+        of = f"/{row['limit']}" if read and row["limit"] is not pd.NA else ""
+        t.add_row(str(row["pid"]), row["comm"] + ("" if row["alive"] else " (exited)"),
+                  f"{row['in_use']}{of}" if read else "-",
+                  str(row["headroom"]) if row["headroom"] is not pd.NA else "-",
+                  str(row["reload_cycles"]), f"{row['per_cycle']:g}", escape(row["owner"] or "-"),
+                  os.path.basename(row["library"]) or "-", runs_out(row), escape(verdict),
+                  style=style)
+    return t
+
+
 def runs_out(r: dict) -> str:
     if not r["leaking"]:
         return "-"
@@ -113,8 +137,12 @@ def emit(ledger: Ledger, as_json: bool, fail_on_leak: bool, title: str,
             sys.stdout.flush()
         elif shown.empty:
             out.print(("No process created or deleted a pthread key." if keys else
-                       f"No process called {' or '.join(r.acquire + r.release)}.")
+                       f"No process called {' or '.join(r.acquire + r.release)}." if r.traced
+                       else f"No process's {name} table was read at a reload cycle.")
                       if view == "process" else f"Nothing to show per {view} ({name}).")
+        elif view == "process" and not r.traced:
+            out.print(sampled_table(summary, f"{name} per process, read at each reload cycle",
+                                    r))
         elif view == "process":
             out.print(summary_table(summary, title=what, resource=r))
         else:
@@ -222,9 +250,11 @@ def watch(
                                         "process, for a forecast (for file descriptors: the "
                                         "RLIMIT_NOFILE)."),
     resource: List[str] = typer.Option(["keys"], "--resource", "-r", help="The resources to "
-                                       "trace and judge: a comma list of " + ", ".join(
-                                           r.name for r in resources.known() if r.traced)
-                                       + ", or all."),
+                                       "judge: a comma list of " + ", ".join(
+                                           r.name for r in resources.known())
+                                       + ", or all. " + ", ".join(
+                                           r.name for r in resources.known() if not r.traced)
+                                       + " are read at each reload cycle, not traced."),
 ):
     """Trace pthread_key_create/delete (and dlopen/dlclose, fork, exec, exit) and report, per
     process, the keys created, deleted and still live, flagging leaks.
@@ -379,8 +409,8 @@ def census_table(df: pd.DataFrame, show_all: bool) -> Table:
         t.add_row(str(r.pid), r.comm, r.resource, str(r.in_use) if ok else "-",
                   "none" if ok and pd.isna(r.limit) else str(r.limit) if ok else "-",
                   str(r.headroom) if ok and not pd.isna(r.headroom) else "-",
-                  (r.limit_source or "-") if ok else "-", top, r.status, verdict or "-",
-                  style=style)
+                  (r.limit_source or "-") if ok else "-", escape(top), r.status,
+                  escape(verdict or "-"), style=style)
     counts = df.drop_duplicates("pid")["status"].value_counts()
     t.caption = f"{df['pid'].nunique()} processes: " + ", ".join(
         f"{n} {status}" for status, n in counts.items()) + " (by the first table)"
