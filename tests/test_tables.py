@@ -249,3 +249,18 @@ def test_the_table_of_a_sampled_resource_names_what_grows(bpf, bins, libeach):
     assert r.returncode == 0, r.stderr
     assert "fds per process, read at each reload cycle" in r.stdout
     assert "LEAKING" in r.stdout and "libeach.so" in r.stdout
+
+
+def test_the_reads_are_saved_with_the_ledger_and_replayed(bpf, bins, libeach, tmp_path):
+    lib, data = libeach
+    saved = tmp_path / "each.parquet"
+    r = keytrace("watch", "--json", "-r", "fds,threads", "-o", str(saved), "--",
+                 bins["reload_host"], lib, "10", "20000", "1")
+    assert r.returncode == 0, r.stderr
+    live = {row["resource"]: row for row in json_rows(r.stdout)}
+    r = keytrace("report", "--json", str(saved))
+    assert r.returncode == 0, r.stderr
+    replayed = {row["resource"]: row for row in json_rows(r.stdout)}
+    for name in ("fds", "threads"):
+        assert replayed[name] == live[name]
+    assert live["fds"]["per_cycle"] == 1.0 and live["fds"]["owner"] == data
