@@ -85,6 +85,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("-n", type=int, default=20000, help="requests per ab run")
     ap.add_argument("-c", type=int, default=8, help="ab concurrency")
+    ap.add_argument("--tables-interval", type=float, default=60.0, help="the agent's reads of "
+                    "every other table (fds, threads, maps, timers), as its own option; its "
+                    "default, 60 s, reads them once per ab run")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="keytrace-apache-bench-"))
     work.chmod(0o755)
@@ -100,7 +103,8 @@ def main() -> None:
         for r in range(args.rounds):
             off.append(ab(port, args.n, args.c))
             agent = spawn([sys.executable, "-m", "tracer.cli", "agent", "--listen",
-                           f"127.0.0.1:{agent_port}", "--state-dir", str(work / "state")],
+                           f"127.0.0.1:{agent_port}", "--state-dir", str(work / "state"),
+                           "--tables-interval", str(args.tables_interval)],
                           stderr=subprocess.PIPE, text=True, cwd=ROOT)
             if "serving" not in agent.stderr.readline():
                 raise RuntimeError("the agent did not start")
