@@ -118,10 +118,12 @@ def test_a_port_in_use_is_one_line(agent):
     assert len(errs.strip().splitlines()) == 1 and "Traceback" not in errs
 
 
-def test_a_bad_listen_address_is_a_usage_error():
-    res = subprocess.run([sys.executable, "-m", "tracer.cli", "agent", "--listen", "nowhere"],
+@pytest.mark.parametrize("listen", ["nowhere", "127.0.0.1:99999", "127.0.0.1:0"])
+def test_a_bad_listen_address_is_a_usage_error(listen):
+    res = subprocess.run([sys.executable, "-m", "tracer.cli", "agent", "--listen", listen],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "--listen takes HOST:PORT" in res.stderr
+    assert res.stderr.count("\n") == 1  # one line, no traceback
 
 
 def test_a_restart_keeps_the_measured_date(agent, bins):

@@ -90,3 +90,22 @@ def test_a_forked_workers_inherited_keys_are_counted_once():
     a.ledger.ingest(events(*[dict(op="fork", pid=PID, child=c, ts=20 * S + c) for c in (7, 8)]))
     a.refresh()
     assert sum(a.snapshot.creates.values()) == 3
+
+
+def test_gauges_and_counters_label_an_unknown_exe_alike():
+    # A process whose executable is not known: every series says its command name as exe,
+    # so that a PromQL join of the gauges and the counters on exe finds it.
+    t = Tracer()
+    t.ledger.observe(PID, 10 * S - 1, "server", start=proc.stat(PID).start_ns,
+                     tables={"keys": ("read", [])})
+    t.ledger.ingest(events(*reloads(3, S, 10 * S)))
+    a = Agent(t, reloads_per_day=1.0)
+    a.refresh()
+    fams = {m.name: m.samples for m in Collector(a).collect()}
+    (gauge,) = fams["keytrace_process_pthread_keys"]
+    creates = [x for x in fams["keytrace_pthread_key_creates"] if x.name.endswith("_total")]
+    comm = gauge.labels["comm"]
+    assert comm and gauge.labels["exe"] == comm
+    assert {x.labels["exe"] for x in creates} == {comm}
+    (res,) = [x for x in fams["keytrace_process_resource_in_use"] if x.labels["resource"] == "keys"]
+    assert res.labels["exe"] == comm and res.value == gauge.value == 3

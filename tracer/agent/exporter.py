@@ -37,6 +37,14 @@ from ..state.tracker import Tracker
 from .state import State
 
 PROCESS_LABELS = ["pid", "comm", "exe", "container"]
+
+
+def exe_label(exe: str, comm: str) -> str:
+    """The exe label of every series, gauges and counters alike (so that they join): the
+    executable, or the command name when it is not known."""
+    return exe or comm
+
+
 TABLE_LABELS = PROCESS_LABELS + ["resource"]
 # A start is known to the clock tick from /proc/PID/stat and to the nanosecond from a traced
 # fork: two readings of one process agree within a tick or two (10 ms each).
@@ -203,7 +211,7 @@ class Agent:
         if self._counted.get(p.ident) == sig:
             return
         self._counted[p.ident] = sig
-        exe = p.exe or p.comm
+        exe = exe_label(p.exe, p.comm)
         for lib, (created, deleted) in Attribution(p).counts_by_library().items():
             self._creates.add(p.ident, exe, lib, created)
             self._deletes.add(p.ident, exe, lib, deleted)
@@ -234,7 +242,7 @@ class Collector:
                                      labels=PROCESS_LABELS),
         }
         for r in s.rows:
-            labels = [str(r["pid"]), r["comm"], r["exe"], r["container"]]
+            labels = [str(r["pid"]), r["comm"], exe_label(r["exe"], r["comm"]), r["container"]]
             gauges["keys"].add_metric(labels, r["live_keys"])
             gauges["limit"].add_metric(labels, r["limit"])
             gauges["orphaned"].add_metric(labels, r["orphaned_keys"])
@@ -289,7 +297,8 @@ class Collector:
         keys = [dict(r, resource=KEYS.name, in_use=r["live_keys"],
                      headroom=r["limit"] - r["live_keys"]) for r in s.rows]
         for r in keys + s.tables:
-            labels = [str(r["pid"]), r["comm"], r["exe"], r["container"], r["resource"]]
+            labels = [str(r["pid"]), r["comm"], exe_label(r["exe"], r["comm"]), r["container"],
+                      r["resource"]]
             g["in_use"].add_metric(labels, r["in_use"])
             if r["limit"] is not None:
                 g["limit"].add_metric(labels, r["limit"])

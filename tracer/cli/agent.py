@@ -57,8 +57,9 @@ def agent(
     from ..agent.exporter import Agent, registry
     from ..agent.state import State
     host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise fail(f"--listen takes HOST:PORT, not {listen!r}", EXIT_USAGE)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise fail(f"--listen takes HOST:PORT (a port from 1 to 65535), not {listen!r}",
+                   EXIT_USAGE)
     log = lambda s: err.print(f"keytrace agent: {s}", markup=False, soft_wrap=True)  # noqa: E731
     try:
         state = State(state_dir, log)
