@@ -163,9 +163,9 @@ def test_a_corrupt_state_is_a_warning_and_a_fresh_start(agent, tmp_path):
 def test_an_unwritable_state_dir_is_one_line(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("")
-    res = subprocess.run([sys.executable, "-m", "tracer.cli", "agent", "--listen", "127.0.0.1:0",
-                          "--state-dir", str(blocked / "sub")], capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run([sys.executable, "-m", "tracer.cli", "agent", "--listen",
+                          f"127.0.0.1:{free_port()}", "--state-dir", str(blocked / "sub")],
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "state directory" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
@@ -180,8 +180,11 @@ def test_a_copied_libc_in_its_own_namespace_started_after_the_agent(agent, keyma
     k = keymaker(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
     k.do("c 2")
     k.do("x 5000")  # an invalid delete: nothing changes, but the process is seen doing it
-    got = until(lambda: value(metrics(port), "keytrace_process_pthread_keys", pid=k.pid) == 2)
+    # healthy so far: no series of its own, but counted in its executable's group
+    got = until(lambda: value(metrics(port), "keytrace_resource_in_use_max",
+                              exe=bins["keymaker"], resource="keys") == 2)
     assert got, "the namespaced process was not counted"
+    assert value(metrics(port), "keytrace_process_pthread_keys", pid=k.pid) is None
     for _ in range(3):  # keys on separate occasions (OCCASION_NS apart): a path that keeps making them
         time.sleep(0.15)
         k.do("c 1")
@@ -276,3 +279,25 @@ def test_every_table_of_a_process_is_exported_by_resource(agent, bins, libeach):
         assert "/pandas/" not in maps and "/pyarrow/" not in maps
     finally:
         terminate(leaker)
+
+
+def test_series_per_pid_are_bounded_to_processes_at_risk(agent, bins):
+    sleepers = [subprocess.Popen(["sleep", "120"]) for _ in range(300)]
+    try:
+        p, port = agent("--tables-interval", "1")
+        assert "serving http://" in p.stderr.readline()
+        text = until(lambda: (lambda t: t if value(t, "keytrace_processes", exe="/usr/bin/sleep",
+                                                   resource="fds") == 300 else None)(metrics(port)))
+        assert text, "the 300 sleepers were not counted"
+        for resource in ("fds", "threads", "maps", "timers"):
+            assert value(text, "keytrace_processes", exe="/usr/bin/sleep", resource=resource) == 300
+        assert value(text, "keytrace_resource_in_use_max", exe="/usr/bin/sleep",
+                     resource="threads") == 1
+        mine = {str(s.pid) for s in sleepers}
+        per_pid = set(re.findall(r'keytrace_process_\w+\{pid="(\d+)"', text))
+        assert not per_pid & mine, "healthy processes got series of their own"
+    finally:
+        for s in sleepers:
+            s.kill()
+        for s in sleepers:
+            s.wait()

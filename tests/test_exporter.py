@@ -109,3 +109,17 @@ def test_gauges_and_counters_label_an_unknown_exe_alike():
     assert {x.labels["exe"] for x in creates} == {comm}
     (res,) = [x for x in fams["keytrace_process_resource_in_use"] if x.labels["resource"] == "keys"]
     assert res.labels["exe"] == comm and res.value == gauge.value == 3
+
+
+def test_a_healthy_process_has_no_series_of_its_own_but_counts_in_its_group():
+    # Two keys made in one go at start-up: a fixed set, no leak.
+    a = agent_with(*[dict(op="acquire", pid=PID, handle=k, caller=0x4000, ts=10 * S + k)
+                     for k in range(2)])
+    assert a.snapshot.rows == []
+    (g,) = [g for g in a.snapshot.groups if g["resource"] == "keys"]
+    assert (g["processes"], g["in_use_max"]) == (1, 2)
+    assert g["used_ratio_max"] == pytest.approx(2 / 1024)
+    fams = {m.name: m.samples for m in Collector(a).collect()}
+    assert fams["keytrace_process_pthread_keys"] == []
+    (n,) = [x for x in fams["keytrace_processes"] if x.labels["resource"] == "keys"]
+    assert n.value == 1 and n.labels["exe"] == g["exe"]

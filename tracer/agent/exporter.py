@@ -2,6 +2,9 @@
 again every scan interval, and the verdicts exported to Prometheus. Every other table a process
 can run out of (fds, threads, mappings, timers: tracer.analysis.census) is read every tables
 interval and exported beside the keys as keytrace_process_resource_*{resource=...}.
+Series labelled pid are kept to the processes at risk (at most --max-processes); every process
+counts in the groups by executable, container and resource (keytrace_processes and the
+keytrace_resource_*_max gauges), whose number does not grow with pids.
 
 Scrapes never touch the ledger: a refresh thread computes a Snapshot every few seconds (the
 analysis runs on a copy taken under the ingest lock) and the collector serves the latest one,
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Callable, Optional
@@ -37,6 +40,42 @@ from ..state.tracker import Tracker
 from .state import State
 
 PROCESS_LABELS = ["pid", "comm", "exe", "container"]
+
+
+def at_risk(row: dict) -> bool:
+    """A process gets series of its own (labelled pid) when one of its tables is at risk:
+    leaking, critical, or (keys) above the near-limit share that the rules alert on."""
+    if row["leaking"] or row["critical"]:
+        return True
+    return "live_keys" in row and bool(row["limit"]) and verdicts.near_limit(row["live_keys"],
+                                                                             row["limit"])
+
+
+def risk_order(row: dict):
+    return (not row["critical"], not row["leaking"], -used_ratio(row), row["pid"])
+
+
+def used_ratio(row: dict) -> float:
+    """How full the table is, against what its limit leaves (a shared pool counts whole)."""
+    if not row["limit"]:
+        return 0.0
+    if "live_keys" in row:
+        return row["live_keys"] / row["limit"]
+    return (row["limit"] - row["headroom"]) / row["limit"]
+
+
+def group(rows: list) -> list:
+    """Every process's tables, grouped by (exe, container, resource): how many processes, the
+    most any holds, and the fullest share of a limit. Series whose number does not grow with
+    the processes a host runs."""
+    out: dict = {}
+    for r in rows:
+        key = (exe_label(r["exe"], r["comm"]), r["container"], r["resource"])
+        g = out.setdefault(key, {"processes": 0, "in_use_max": 0, "used_ratio_max": 0.0})
+        g["processes"] += 1
+        g["in_use_max"] = max(g["in_use_max"], r["in_use"])
+        g["used_ratio_max"] = max(g["used_ratio_max"], used_ratio(r))
+    return [dict(zip(("exe", "container", "resource"), k), **v) for k, v in sorted(out.items())]
 
 
 def exe_label(exe: str, comm: str) -> str:
@@ -62,6 +101,7 @@ class Snapshot:
     scan_seconds: float = 0.0
     tables: list = field(default_factory=list)   # per (process, resource) census rows, bounded
     tables_seconds: float = 0.0
+    groups: list = field(default_factory=list)   # per (exe, container, resource): every process
 
 
 class Totals:
@@ -117,21 +157,12 @@ class Agent:
         return n
 
     def read_tables(self) -> int:
-        """Read every other table of every process now; keep, per resource, the max_processes
-        rows closest to trouble (critical, leaking, then the least headroom for the limit)."""
+        """Read every other table of every process now (the rows refresh() exports)."""
         t0 = time.monotonic()
-        read = [r for r in census.rows(self.read_only, reloads_per_day=self.reloads_per_day)
+        read = [dict(r, owners=None) for r in census.rows(self.read_only,
+                                                          reloads_per_day=self.reloads_per_day)
                 if r["status"] == census.OK]
-        read.sort(key=lambda r: (not r["critical"], not r["leaking"],
-                                 r["headroom"] / r["limit"] if r["limit"] else 2.0, -r["in_use"]))
-        kept, per, containers = [], Counter(), {}
-        for r in read:
-            if per[r["resource"]] < self.max_processes:
-                per[r["resource"]] += 1
-                if r["pid"] not in containers:
-                    containers[r["pid"]] = proc.container(r["pid"])
-                kept.append(dict(r, owners=None, container=containers[r["pid"]]))
-        self._tables = kept
+        self._tables = read
         self._tables_seconds = time.monotonic() - t0
         return len(read)
 
@@ -155,25 +186,37 @@ class Agent:
     def refresh(self) -> Snapshot:
         procs, now = self.ledger.snapshot()
         alive = [r for r in self._rows([p for p in procs if p.active], now) if r["alive"]]
-        rows = []
-        for r in sorted(alive, key=lambda r: (not r["leaking"], -r["live_keys"])):
-            if len(rows) == self.max_processes:
-                break
-            if not running(r["pid"], r["start"] - wire.boot_to_wall_offset_ns()):  # exit lost
+        offset = wire.boot_to_wall_offset_ns()
+        keys = []
+        for r in alive:
+            if not running(r["pid"], r["start"] - offset):  # its exit record was lost
                 continue
-            r = dict(r, container=proc.container(r["pid"]))
             saved = self._prior(r["pid"], r["start"])
-            rows.append(verdicts.recall(r, saved, now, self.reloads_per_day) if saved else r)
+            keys.append(verdicts.recall(r, saved, now, self.reloads_per_day) if saved else r)
+        tables = [r for r in self._tables if proc.exists(r["pid"])]
+        # Series per process only for the processes at risk, at most max_processes of them
+        # (the riskiest); every process, at risk or not, counts in the groups by executable.
+        risky = sorted({r["pid"]: r for r in [*keys, *tables] if at_risk(r)}.values(),
+                       key=risk_order)
+        exported = {r["pid"] for r in risky[:self.max_processes]}
+        containers = {pid: proc.container(pid) for pid in
+                      {r["pid"] for r in [*keys, *tables]}}
+        keys = [dict(r, container=containers[r["pid"]]) for r in keys]
+        tables = [dict(r, container=containers[r["pid"]]) for r in tables]
+        groups = group([dict(r, resource=KEYS.name, in_use=r["live_keys"],
+                             headroom=r["limit"] - r["live_keys"]) for r in keys] + tables)
         for p in procs:
             self._count(p)
         live = {p.ident for p in procs}
         for t in (self._creates, self._deletes, self._failures):
             t.forget(live)
         self._counted = {i: sig for i, sig in self._counted.items() if i in live}
-        self.snapshot = Snapshot(rows, dict(self._creates.sum), dict(self._deletes.sum),
+        self.snapshot = Snapshot(sorted((r for r in keys if r["pid"] in exported), key=risk_order),
+                                 dict(self._creates.sum), dict(self._deletes.sum),
                                  {exe: n for (exe, _), n in self._failures.sum.items()},
                                  self.ledger.lost, len(self.tracer.files), self._scan_seconds,
-                                 self._tables, self._tables_seconds)
+                                 [r for r in tables if r["pid"] in exported],
+                                 self._tables_seconds, groups)
         self.save(alive, now)
         return self.snapshot
 
@@ -251,6 +294,7 @@ class Collector:
                 gauges["eta"].add_metric(labels, r["exhaustion_eta"].timestamp())
         yield from gauges.values()
         yield from self.resources(s)
+        yield from self.groups(s)
         for name, doc, values in (("keytrace_pthread_key_creates", "pthread_key_create calls that "
                                    "made a key", s.creates),
                                   ("keytrace_pthread_key_deletes", "pthread_key_delete calls that "
@@ -280,6 +324,20 @@ class Collector:
         info.add_metric([version()], 1)
         yield info
 
+
+    @staticmethod
+    def groups(s: Snapshot):
+        """Every process, at risk or not, by (exe, container, resource)."""
+        labels = ["exe", "container", "resource"]
+        g = {m: GaugeMetricFamily(name, doc, labels=labels) for m, name, doc in (
+            ("processes", "keytrace_processes", "processes of this executable holding the table"),
+            ("in_use_max", "keytrace_resource_in_use_max", "the most any one of them holds"),
+            ("used_ratio_max", "keytrace_resource_used_ratio_max", "the fullest share of its "
+             "limit any one of them has used (a shared pool counted whole)"))}
+        for row in s.groups:
+            for m, fam in g.items():
+                fam.add_metric([row["exe"], row["container"], row["resource"]], row[m])
+        yield from g.values()
 
     @staticmethod
     def resources(s: Snapshot):

@@ -27,8 +27,9 @@ def agent(
                                         "two reads of every process's key table (reconciles "
                                         "what the probes may have missed)."),
     max_processes: int = typer.Option(100, "--max-processes", min=1, help="At most this many "
-                                      "per-process series: flagged processes first, then the "
-                                      "most keys in use."),
+                                      "processes get series of their own (labelled pid): only "
+                                      "those at risk, the riskiest first. Every process counts "
+                                      "in the groups by executable."),
     reloads_per_day: Optional[float] = RELOADS_PER_DAY,
     refresh: float = typer.Option(5.0, "--refresh", min=0.1, help="Seconds between two "
                                   "recomputations of what /metrics serves (a scrape only reads "
