@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 
 from tracer import resources  # noqa: F401  (registers the resources)
@@ -264,3 +265,57 @@ def test_the_reads_are_saved_with_the_ledger_and_replayed(bpf, bins, libeach, tm
     for name in ("fds", "threads"):
         assert replayed[name] == live[name]
     assert live["fds"]["per_cycle"] == 1.0 and live["fds"]["owner"] == data
+
+
+def test_a_name_cut_mid_character_is_read(tmp_path):
+    # comm keeps 15 bytes: this name is cut inside a two-byte character
+    odd = tmp_path / "xданные-сервер"
+    odd.write_bytes(open("/bin/sleep", "rb").read())
+    odd.chmod(0o755)
+    p = subprocess.Popen([str(odd), "60"])
+    try:
+        wait_for(lambda: os.readlink(f"/proc/{p.pid}/exe") == str(odd))
+        rows = rows_of(p.pid)
+        assert all(r["status"] == "ok" for r in rows.values()), rows
+        assert "\ufffd" in rows["threads"]["owner"] and rows["threads"]["in_use"] == 1
+    finally:
+        terminate(p)
+
+
+def test_an_unlimited_signal_queue_binds_nothing(monkeypatch):
+    # (raising RLIMIT_SIGPENDING's hard limit takes CAP_SYS_RESOURCE, which a test may lack)
+    from tracer.host import tables
+    real = tables.status
+    monkeypatch.setattr(tables, "status", lambda pid: dict(real(pid),
+                                                           SigQ="3/18446744073709551615"))
+    (row,) = survey(resource.select(["timers"]), [os.getpid()]).to_dict(orient="records")
+    assert row["status"] == "ok" and pd.isna(row["limit"]) and pd.isna(row["headroom"])
+    assert row["limit_source"].startswith("none") and not row["critical"]
+
+
+def test_the_phase_of_reload_cycles_a_table_is_read_in():
+    from tracer.state.modules import Modules
+    m, ids = Modules(), iter(range(100, 200))
+
+    def load(path, base, t, name=None):  # name: the dlopen's argument
+        n = next(ids)
+        m.loading[n] = t
+        assert m.phase(t) is None  # a dlopen in flight
+        m.dlopen(n, name or path, 1, t)
+        m.map(path, base, n, t)
+
+    m.map("/lib/libc.so.6", 0x1000, 0, 1)  # mapped at first sight, then dlopened for good:
+    load("/lib/libc.so.6", 0x1000, 2, name="libc.so.6")  # not a library that cycles
+    load("/a", 0xA000, 3)
+    load("/b", 0xB000, 3)
+    assert m.phase(4) == "loaded"
+    m.unmap(0xA000, 5)
+    assert m.phase(6) is None  # a restart half done: not a moment to read
+    m.unmap(0xB000, 7)
+    assert m.phase(8) == "unloaded" and m.cycles() == 1
+    load("/a", 0xA000, 9)
+    assert m.phase(10) is None
+    load("/b", 0xB000, 11)
+    assert m.phase(12) == "loaded"
+    m.loading[999] = 13  # a dlopen whose return record was lost holds it for LOADING_NS only
+    assert m.phase(14) is None and m.phase(13 + 11 * 10**9) == "loaded"

@@ -251,17 +251,22 @@ class KeyTracer(Tracing):
         for pid in pids:
             self._sampled_at[pid] = now
             try:
-                comm = proc.stat(pid).comm
+                st = proc.stat(pid)
             except (OSError, IndexError, ValueError):
                 continue  # gone: its last read stands
+            if st.state == "Z" or not self.ledger.knows(pid):
+                continue  # a zombie's tables are empty: not what it held
+            comm = st.comm
             for r in self.sampled:
                 try:
                     rec = Tracker.sample_records(pid, time.time_ns(), comm, r.name,
                                                  r.census(pid, cache))
-                except tables.Unreadable as u:
-                    if not proc.exists(pid):
+                except (tables.Unreadable, OSError, ValueError, KeyError, IndexError) as e:
+                    if not proc.alive(pid):
                         break
-                    rec = Tracker.sample_records(pid, time.time_ns(), comm, r.name, why=str(u))
+                    why = str(e) if isinstance(e, tables.Unreadable) else \
+                        f"not read: {type(e).__name__}: {e}"
+                    rec = Tracker.sample_records(pid, time.time_ns(), comm, r.name, why=why)
                 if defer:
                     self._pending.append(rec)
                 else:
@@ -343,6 +348,9 @@ class KeyTracer(Tracing):
                     if moved.any():
                         at = time.monotonic()
                         self._moved_at.update((pid, at) for pid in batch["pid"][moved].tolist())
+                    for pid in batch["pid"][ops == wire.CODE["exit"]].tolist():
+                        self._moved_at.pop(pid, None)  # a pid's next process starts afresh
+                        self._sampled_at.pop(pid, None)
                 self._sample_owed(final)
             self._polls += 1
             if self._reread:
@@ -378,7 +386,8 @@ class KeyTracer(Tracing):
                 self._snapshotted.add(pid)
                 out.append((at, Tracker.fact_records(pid, int(ts[min(at, len(ts) - 1)]) - 1, comm,
                                              **self._sight(pid))))
-                self._owed.add(pid)
+                if self.sampled:
+                    self._owed.add(pid)
                 continue
             if len(execs):  # a new image: its modules are not known yet (curl's first keys)
                 self._snapshotted.discard(pid)

@@ -301,7 +301,8 @@ def records(rows: list[dict]) -> np.ndarray:
             if k == "op":
                 v = CODE[v]
             elif k in ("comm", "path"):
-                v = v.encode()[:RECORD[k].itemsize - 1]
+                # a path read as bytes (surrogateescape) goes back to its bytes
+                v = v.encode("utf-8", "surrogateescape")[:RECORD[k].itemsize - 1]
             elif k in ("child", "seq"):
                 k = "other"
             elif k == "resource":

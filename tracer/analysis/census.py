@@ -40,6 +40,9 @@ def census_row(pid: int, comm: str, exe: str, r: Resource, cache: dict,
     except tables.Unreadable as u:
         row["status"] = str(u)
         return row
+    except (OSError, ValueError, KeyError, IndexError) as e:  # a /proc shape not foreseen
+        row["status"] = f"not read: {type(e).__name__}: {e}"
+        return row
     judged = c.judged if c.judged is not None else c.owners
     top = judged.most_common(1)
     row.update(status=OK, in_use=c.in_use, limit=c.limit, headroom=c.headroom,
@@ -62,7 +65,8 @@ def census_row(pid: int, comm: str, exe: str, r: Resource, cache: dict,
         f = fc.forecast(c.limit - c.headroom, c.limit, now or datetime.now(timezone.utc),
                         leak_per_reload, reloads_per_day)
         row.update(per_day=f.keys_per_day, days_left=f.days_left, exhaustion_eta=f.exhaustion_eta)
-        reasons.append(f"full in {fc.describe(f.days_left)}")
+        if f.days_left is not None:
+            reasons.append(f"full in {fc.describe(f.days_left)}")
     row["reason"] = "; ".join(reasons)
     return row
 

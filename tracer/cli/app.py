@@ -60,7 +60,7 @@ def summary_table(summary: pd.DataFrame, title: str = "pthread keys per process"
                    "LEAKING: " + row["reason"] if row["leaking"] else
                    "ok" + (f" ({row['reason']})" if row["reason"] else ""))
         headroom = row[r.word("headroom")]
-        known = "" if headroom is not pd.NA else ">="  # handles before tracing unknown
+        known = ">=" if pd.isna(headroom) else ""  # handles before tracing unknown
         of = f"/{row['limit']}" if row["limit"] is not None and row["limit"] == row["limit"] else ""
         t.add_row(str(row["pid"]), row["comm"] + ("" if row["alive"] else " (exited)"),
                   str(row[acq]), str(row[rel]), str(row[r.word("failed_acquires")]),
@@ -83,11 +83,11 @@ def sampled_table(summary: pd.DataFrame, title: str, r) -> Table:
         style = "bold red" if row["critical"] else "yellow" if row["leaking"] else None
         verdict = ("CRITICAL: " if row["critical"] else "LEAKING: " if row["leaking"] else
                    "ok" + (" " if row["reason"] else "")) + row["reason"]
-        read = row["in_use"] is not pd.NA
-        of = f"/{row['limit']}" if read and row["limit"] is not pd.NA else ""
+        read = not pd.isna(row["in_use"])
+        of = f"/{row['limit']}" if read and not pd.isna(row["limit"]) else ""
         t.add_row(str(row["pid"]), row["comm"] + ("" if row["alive"] else " (exited)"),
                   f"{row['in_use']}{of}" if read else "-",
-                  str(row["headroom"]) if row["headroom"] is not pd.NA else "-",
+                  "-" if pd.isna(row["headroom"]) else str(row["headroom"]),
                   str(row["reload_cycles"]), f"{row['per_cycle']:g}", escape(row["owner"] or "-"),
                   os.path.basename(row["library"]) or "-", runs_out(row), escape(verdict),
                   style=style)

@@ -30,13 +30,13 @@ class Stat:
 def boot_start_ns(pid: int) -> int:
     """When the process started on the boot clock (CLOCK_BOOTTIME), which no wall-clock step
     moves. Raises OSError (gone) or ValueError."""
-    with open(f"/proc/{pid}/stat") as fh:
+    with open(f"/proc/{pid}/stat", errors="replace") as fh:
         return int(fh.read().rpartition(")")[2].split()[19]) * 10**9 // _TICKS
 
 
 def stat(pid: int) -> Stat:
     """Raises OSError (FileNotFoundError: gone; PermissionError)."""
-    with open(f"/proc/{pid}/stat") as fh:
+    with open(f"/proc/{pid}/stat", errors="replace") as fh:
         text = fh.read()
     head, _, rest = text.rpartition(")")
     f = rest.split()
@@ -87,7 +87,7 @@ def image(pid: int) -> Optional[tuple]:
 def mappings(pid: int) -> list[tuple[int, int, int, str]]:
     """(start, end, file offset, path or pseudo-name) of every mapping, in address order.
     Raises OSError (FileNotFoundError: the process is gone; PermissionError)."""
-    with open(f"/proc/{pid}/maps") as fh:
+    with open(f"/proc/{pid}/maps", errors="surrogateescape") as fh:  # paths as their bytes
         text = fh.read()
     out = []
     for line in text.splitlines():
@@ -132,7 +132,7 @@ def container(pid: int) -> str:
     """The container a process runs in, from its cgroup path (the runtime's id, cut to 12
     characters as `docker ps` shows it); "" on the host or when unreadable."""
     try:
-        with open(f"/proc/{pid}/cgroup") as fh:
+        with open(f"/proc/{pid}/cgroup", errors="replace") as fh:
             text = fh.read()
     except OSError:
         return ""

@@ -28,8 +28,9 @@ def _why(pid: int, e: OSError) -> Unreadable:
 
 
 def _read(pid: int, name: str) -> str:
+    # /proc shows names as the bytes they are (a comm cut mid-character): never a decode error
     try:
-        with open(f"/proc/{pid}/{name}") as fh:
+        with open(f"/proc/{pid}/{name}", errors="replace") as fh:
             return fh.read()
     except OSError as e:
         raise _why(pid, e) from None
@@ -59,7 +60,7 @@ def _each(pid: int, sub: str, read) -> list:
     for name in names:
         try:
             out.append(read(f"{base}/{name}"))
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone mid-read (ESRCH: a thread)
             continue
         except OSError as e:
             raise _why(pid, e) from None
@@ -67,8 +68,9 @@ def _each(pid: int, sub: str, read) -> list:
 
 
 def fd_targets(pid: int) -> list:
-    """What each open fd points at (readlink of /proc/PID/fd/N)."""
-    return _each(pid, "fd", os.readlink)
+    """What each open fd points at (readlink of /proc/PID/fd/N), undecodable bytes replaced."""
+    return _each(pid, "fd", lambda path: os.fsencode(os.readlink(path)).decode("utf-8",
+                                                                                "replace"))
 
 
 # ---- threads
@@ -76,7 +78,7 @@ def fd_targets(pid: int) -> list:
 def task_names(pid: int) -> list:
     """The name (comm) of every thread of the process."""
     def comm(path: str) -> str:
-        with open(f"{path}/comm") as fh:
+        with open(f"{path}/comm", errors="replace") as fh:
             return fh.read().rstrip("\n")
     return _each(pid, "task", comm)
 

@@ -10,6 +10,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+# A dlopen begun longer ago than this whose return was not seen (its record lost) no longer
+# holds the process "mid-load".
+LOADING_NS = 10 * 10**9
+
 
 @dataclass(slots=True)
 class Module:
@@ -27,10 +31,15 @@ class Modules:
     instances: list = field(default_factory=list)  # Module, in mapping order
     loads: dict = field(default_factory=dict)      # dlopen id -> (path, handle, ts)
     mapped: dict = field(default_factory=dict)     # base -> the instance mapped there now
-    loading: set = field(default_factory=set)      # dlopens begun and not returned (ids)
+    loading: dict = field(default_factory=dict)    # dlopens begun, not returned: id -> ts
+    # dlopen id -> the base of what it opened; None when that was mapped already (a dlopen of
+    # a library loaded before, which its dlclose does not unload)
+    opened: dict = field(default_factory=dict)
 
     def map(self, path: str, base: int, load: int, ts: int, file: Optional[str] = None) -> None:
         now = self.mapped.get(base)
+        if load and load not in self.opened:  # a dlopen reports what it opened first
+            self.opened[load] = None if now is not None and now.path == path else base
         if now is not None and now.path == path:
             return  # reported again while still mapped (a backward walk, a rescan): one instance
         if path.startswith("/"):
@@ -43,7 +52,7 @@ class Modules:
             m.unmapped = ts
 
     def dlopen(self, load: int, path: str, handle: int, ts: int) -> None:
-        self.loading.discard(load)
+        self.loading.pop(load, None)
         if handle:  # not a failed dlopen
             self.loads[load] = (path, handle, ts)
 
@@ -60,18 +69,19 @@ class Modules:
         that reloads every module is one cycle)."""
         return max(self.cycles_by_path().values(), default=0)
 
-    def phase(self) -> Optional[str]:
-        """Where the process is in its reload cycles: "loaded" (every path it dlopened while
-        traced has an instance mapped), "unloaded" (none has), or None in between (a server
-        mid-restart: some of its modules unloaded, some not). A library dlopened for good
-        beside one that cycles leaves only "loaded" moments to be read in."""
-        if self.loading:
+    def phase(self, now: int) -> Optional[str]:
+        """Where the process is in its reload cycles at now (ns): "loaded" (every library it
+        dlopened while traced has what it opened mapped), "unloaded" (none has), or None in
+        between (a server mid-restart: some of its modules unloaded, some not; or a dlopen in
+        flight). A library dlopened for good beside one that cycles leaves only "loaded"
+        moments to be read in."""
+        if any(now - begun < LOADING_NS for begun in self.loading.values()):
             return None  # a dlopen in flight: its constructors may be running
-        loaded = dict.fromkeys((path for path, _, _ in self.loads.values()), False)
-        for m in self.mapped.values():
-            path = self.loads.get(m.load, ("",))[0]
-            if path in loaded:
-                loaded[path] = True
+        loaded: dict = {}
+        for load, (path, _, _) in self.loads.items():
+            base = self.opened.get(load, 0)
+            if base is not None:  # (a library it found loaded already is not its to cycle)
+                loaded[path] = loaded.get(path, False) or base in self.mapped
         if all(loaded.values()):
             return "loaded"
         return "unloaded" if not any(loaded.values()) else None
@@ -85,4 +95,4 @@ class Modules:
                   for m in self.instances}  # (dataclasses.replace: 4x slower, per fork)
         return Modules(instances=list(copies.values()), loads=dict(self.loads),
                        mapped={b: copies[id(m)] for b, m in self.mapped.items()},
-                       loading=set(self.loading))
+                       loading=dict(self.loading), opened=dict(self.opened))

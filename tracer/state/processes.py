@@ -95,8 +95,10 @@ class Processes:
         # A forked child starts with a copy of its parent's memory: the tables in it.
         tables = {n: t.inherited() for n, t in parent.tables.items()
                   if resource.get(n).inherit_on_fork}
+        modules = parent.modules.copy()
+        modules.loading.clear()  # another thread's dlopen in flight does not go on in the child
         return self.begin(Process(child, ts, parent.comm, parent.exe, parent.ident, traced_since=ts,
-                                  libc=parent.libc, tables=tables, modules=parent.modules.copy()))
+                                  libc=parent.libc, tables=tables, modules=modules))
 
     def exec(self, p: Process, exe: str, comm: str, ts: int) -> Process:
         # A new program image: its libraries and counters start empty, and the tables that do

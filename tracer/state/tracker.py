@@ -22,6 +22,7 @@ from .samples import Sample
 
 _C = wire.CODE
 _LEVEL_OPS = {_C["acquire"], _C["release"], _C["held"]}
+_READ_OPS = {_C["sample"], _C["owned"]}
 _HOST_CODES = len(wire.KERNEL_OPS)
 _MUSL = wire.LIBCS.index("musl")  # category codes from here on are host facts, not records
 
@@ -146,7 +147,7 @@ class Tracker:
         """Is the process on this pid between reload cycles (tracer.state.modules)?"""
         with self._lock:
             p = self._procs.current.get(pid)
-            return p is None or p.modules.phase() is not None
+            return p is None or p.modules.phase(self.last_ts) is not None
 
     def knows(self, pid: int) -> bool:
         """Is there a current (not exited) process on this pid?"""
@@ -167,6 +168,8 @@ class Tracker:
                 if p is not None:
                     p.table(res).reconcile(aux, caller, owner, load)
                 continue
+            if p is None and op in _READ_OPS:
+                continue  # a table read of a process not (or no longer) known: no ghost
             if p is None:
                 start = aux if op == _C["seen"] and aux else ts
                 p = procs.begin(Process(pid=pid, start=start, comm=comm, traced_since=ts))
@@ -187,7 +190,7 @@ class Tracker:
             elif op == _C["dlopen"]:
                 p.modules.dlopen(load, path, aux, ts)
             elif op == _C["dlopen_begin"]:
-                p.modules.loading.add(load)
+                p.modules.loading[load] = ts
             # dlclose: kept in the events, but unmapping (unmap) is what says a library is gone
             elif op == _C["fork"]:
                 procs.fork(p, child, ts)
@@ -215,11 +218,11 @@ class Tracker:
                 else:
                     p.sampled(res).add(Sample(ts, p.modules.cycles(), aux, owner or None,
                                               caller if owner else None, path,
-                                              p.modules.phase() or "between"))
+                                              p.modules.phase(ts) or "between"))
             elif op == _C["owned"]:
                 last = p.sampled(res).last
-                if last is not None:
-                    last.owners[path] = aux
+                if last is not None:  # (two names cut to one path length add up)
+                    last.owners[path] = last.owners.get(path, 0) + aux
             if op != _C["exit"]:
                 p.comm = comm  # thread names at exit are not the process's
             if self.levels is not None and op in _LEVEL_OPS:
