@@ -55,7 +55,7 @@ def census(pid: int, cache: dict) -> resource.Census:
     """The table now: how each timer notifies; the limit the uid's signal queue (SigQ)."""
     owners = Counter(tables.timer_owners(pid))
     used, limit = (int(x) for x in tables.status(pid)["SigQ"].split("/"))
-    if limit >= rlimit.RLIM_INFINITY:  # unlimited: no limit binds
+    if limit >= 2**63:  # unlimited (RLIM_INFINITY, 2^64 - 1): no limit binds
         return resource.Census(sum(owners.values()), None, None, "none (RLIMIT_SIGPENDING "
                                "unlimited)", owners)
     return resource.Census(sum(owners.values()), limit, max(limit - used, 0),
