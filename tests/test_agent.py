@@ -281,18 +281,22 @@ def test_every_table_of_a_process_is_exported_by_resource(agent, bins, libeach):
         terminate(leaker)
 
 
-def test_series_per_pid_are_bounded_to_processes_at_risk(agent, bins):
-    sleepers = [subprocess.Popen(["sleep", "120"]) for _ in range(300)]
+def test_series_per_pid_are_bounded_to_processes_at_risk(agent, tmp_path):
+    sleeper = tmp_path / "sleeper"  # its own executable: no other process on the host is one
+    sleeper.write_bytes(open("/bin/sleep", "rb").read())
+    sleeper.chmod(0o755)
+    sleepers = [subprocess.Popen([str(sleeper), "120"]) for _ in range(300)]
     try:
         p, port = agent("--tables-interval", "1")
         assert "serving http://" in p.stderr.readline()
-        text = until(lambda: (lambda t: t if value(t, "keytrace_processes", exe="/usr/bin/sleep",
-                                                   resource="fds") == 300 else None)(metrics(port)))
+        exe = str(sleeper)
+        text = until(lambda: (lambda t: t if value(t, "keytrace_processes", exe=exe,
+                                                   resource="fds") == 300 else None)(metrics(port)),
+                     timeout=40)
         assert text, "the 300 sleepers were not counted"
         for resource in ("fds", "threads", "maps", "timers"):
-            assert value(text, "keytrace_processes", exe="/usr/bin/sleep", resource=resource) == 300
-        assert value(text, "keytrace_resource_in_use_max", exe="/usr/bin/sleep",
-                     resource="threads") == 1
+            assert value(text, "keytrace_processes", exe=exe, resource=resource) == 300
+        assert value(text, "keytrace_resource_in_use_max", exe=exe, resource="threads") == 1
         mine = {str(s.pid) for s in sleepers}
         per_pid = set(re.findall(r'keytrace_process_\w+\{pid="(\d+)"', text))
         assert not per_pid & mine, "healthy processes got series of their own"

@@ -299,7 +299,7 @@ def test_the_phase_of_reload_cycles_a_table_is_read_in():
 
     def load(path, base, t, name=None):  # name: the dlopen's argument
         n = next(ids)
-        m.loading[n] = t
+        m.begin(n, t)
         assert m.phase(t) is None  # a dlopen in flight
         m.dlopen(n, name or path, 1, t)
         m.map(path, base, n, t)

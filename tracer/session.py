@@ -258,9 +258,11 @@ class KeyTracer(Tracing):
                 continue  # a zombie's tables are empty: not what it held
             comm = st.comm
             for r in self.sampled:
+                began = time.time_ns()
                 try:
-                    rec = Tracker.sample_records(pid, time.time_ns(), comm, r.name,
-                                                 r.census(pid, cache))
+                    census = r.census(pid, cache)
+                    rec = Tracker.sample_records(pid, time.time_ns(), comm, r.name, census,
+                                                 began=began)
                 except (tables.Unreadable, OSError, ValueError, KeyError, IndexError) as e:
                     if not proc.alive(pid):
                         break

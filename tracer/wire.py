@@ -69,7 +69,8 @@ KERNEL_OPS = ["acquire", "acquire_failed", "release", "dlopen", "dlclose", "exec
 # counted: the kernel's own counts of a resource for the process image, kept whatever records
 #   were lost (aux: acquires, caller: failed acquires, owner: releases, load: failed releases);
 # sample: a resource's table read now, not traced (path: the limit that binds, or "not read:
-#   why"; aux: in use; owner: the limit, 0 for none; caller: headroom);
+#   why"; aux: in use; owner: the limit, 0 for none; caller: headroom; ts: when the read ended,
+#   load: when it began);
 # owned: one owner's count in the sample before it (path: the owner, aux: handles).
 HOST_OPS = ["seen", "mapped", "table", "held", "counted", "sample", "owned"]
 OPS = [""] + KERNEL_OPS + HOST_OPS

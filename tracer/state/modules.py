@@ -35,8 +35,10 @@ class Modules:
     # dlopen id -> the base of what it opened; None when that was mapped already (a dlopen of
     # a library loaded before, which its dlclose does not unload)
     opened: dict = field(default_factory=dict)
+    changed: int = 0  # ts of the last dlopen begun or returned, map or unmap
 
     def map(self, path: str, base: int, load: int, ts: int, file: Optional[str] = None) -> None:
+        self.changed = max(self.changed, ts)
         now = self.mapped.get(base)
         if load and load not in self.opened:  # a dlopen reports what it opened first
             self.opened[load] = None if now is not None and now.path == path else base
@@ -47,12 +49,19 @@ class Modules:
             self.instances.append(self.mapped[base])
 
     def unmap(self, base: int, ts: int) -> None:
+        self.changed = max(self.changed, ts)
         m = self.mapped.pop(base, None)
         if m is not None:
             m.unmapped = ts
 
+    def begin(self, load: int, ts: int) -> None:
+        """A dlopen has begun: until it returns, the process is mid-load."""
+        self.loading[load] = ts
+        self.changed = max(self.changed, ts)
+
     def dlopen(self, load: int, path: str, handle: int, ts: int) -> None:
         self.loading.pop(load, None)
+        self.changed = max(self.changed, ts)
         if handle:  # not a failed dlopen
             self.loads[load] = (path, handle, ts)
 
@@ -95,4 +104,5 @@ class Modules:
                   for m in self.instances}  # (dataclasses.replace: 4x slower, per fork)
         return Modules(instances=list(copies.values()), loads=dict(self.loads),
                        mapped={b: copies[id(m)] for b, m in self.mapped.items()},
-                       loading=dict(self.loading), opened=dict(self.opened))
+                       loading=dict(self.loading), opened=dict(self.opened),
+                       changed=self.changed)

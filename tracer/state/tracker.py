@@ -119,10 +119,11 @@ class Tracker:
 
     @staticmethod
     def sample_records(pid: int, ts: int, comm: str, name: str, census=None,
-                       why: str = "", top: int = 16) -> np.ndarray:
-        """A resource's table read now (census: tracer.resource.Census; else why it was not
-        read) as host facts: the count, the limit, headroom and the top owners."""
-        base = dict(ts=ts, pid=pid, tid=pid, comm=comm, resource=name)
+                       why: str = "", top: int = 16, began: int = 0) -> np.ndarray:
+        """A resource's table read (census: tracer.resource.Census; else why it was not read)
+        as host facts: the count, the limit, headroom and the top owners. ts: when the read
+        ended; began: when it began (0: the same)."""
+        base = dict(ts=ts, pid=pid, tid=pid, comm=comm, resource=name, load=began or ts)
         if census is None:
             return wire.records([dict(base, op="sample", path=why)])
         c = census
@@ -190,7 +191,7 @@ class Tracker:
             elif op == _C["dlopen"]:
                 p.modules.dlopen(load, path, aux, ts)
             elif op == _C["dlopen_begin"]:
-                p.modules.loading[load] = ts
+                p.modules.begin(load, ts)
             # dlclose: kept in the events, but unmapping (unmap) is what says a library is gone
             elif op == _C["fork"]:
                 procs.fork(p, child, ts)
@@ -216,9 +217,12 @@ class Tracker:
                 if path.startswith("not read"):
                     p.sampled(res).failed(path)
                 else:
+                    # its modules changed while it was read (load: when the read began): the
+                    # read may have caught either side of it
+                    phase = p.modules.phase(ts) if p.modules.changed < load else None
                     p.sampled(res).add(Sample(ts, p.modules.cycles(), aux, owner or None,
                                               caller if owner else None, path,
-                                              p.modules.phase(ts) or "between"))
+                                              phase or "between"))
             elif op == _C["owned"]:
                 last = p.sampled(res).last
                 if last is not None:  # (two names cut to one path length add up)
