@@ -604,23 +604,7 @@ def plan_entry(path: str, address: int, size: int, name: str = "", unsafe=None) 
     mempcpy's calls as memmove's). The arguments may have moved by then: a site for counting,
     not for reading them. unsafe(bytes) says why an instruction may not be probed (None: it
     may). Raises Refused."""
-    name = name or f"{address:#x}"
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise Refused(f"cannot read {path}: {e.strerror}") from None
-    ident = ((st.st_dev, st.st_ino, st.st_mtime_ns), address, size, unsafe)
-    if ident not in _CACHE:
-        try:
-            _CACHE[ident] = _entry_site(path, name, address, unsafe)
-        except Refused as e:
-            _CACHE[ident] = str(e)
-        except CsError as e:
-            _CACHE[ident] = f"{name}: capstone: {e}"
-    got = _CACHE[ident]
-    if isinstance(got, str):
-        raise Refused(got)
-    return got
+    return _entry_cached(path, name or f"{address:#x}", address, ("entry", size, unsafe), unsafe)
 
 
 def argument_site(path: str, address: int, name: str, unsafe, args: tuple) -> Site:
@@ -629,12 +613,17 @@ def argument_site(path: str, address: int, name: str, unsafe, args: tuple) -> Si
     a probe that reads those arguments and nothing else (not the stack, which a push moves):
     a release's handle. Raises Refused."""
     keep = frozenset(_ARGS[n] for n in args)
-    name = name or f"{address:#x}"
+    return _entry_cached(path, name or f"{address:#x}", address, ("argument", unsafe, keep), unsafe,
+                         keep)
+
+
+def _entry_cached(path: str, name: str, address: int, key: tuple, unsafe, keep=frozenset()) -> Site:
+    """_entry_site, once per file version, address and key (a reason it refused, too)."""
     try:
         st = os.stat(path)
     except OSError as e:
         raise Refused(f"cannot read {path}: {e.strerror}") from None
-    ident = ((st.st_dev, st.st_ino, st.st_mtime_ns), address, unsafe, keep)
+    ident = ((st.st_dev, st.st_ino, st.st_mtime_ns), address) + key
     if ident not in _CACHE:
         try:
             _CACHE[ident] = _entry_site(path, name, address, unsafe, keep)
