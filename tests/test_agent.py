@@ -267,6 +267,9 @@ def test_every_table_of_a_process_is_exported_by_resource(agent, bins, libeach):
         assert value(text, "keytrace_process_resource_in_use", pid=pid, resource="threads") == LOADS + 1
         assert value(text, "keytrace_process_resource_leaking", pid=pid, resource="threads") == 0
         assert value(text, "keytrace_process_resource_in_use", pid=pid, resource="timers") == LOADS
+        # a fork handler left by each unloaded instance of libeach: orphaned, what alerts
+        assert value(text, "keytrace_process_resource_orphaned", pid=pid,
+                     resource="handlers") == LOADS
         # keys (libleaky leaks one a load), from the trace, beside the pthread_keys series
         assert value(text, "keytrace_process_resource_in_use", pid=pid, resource="keys") == \
             value(text, "keytrace_process_pthread_keys", pid=pid) == LOADS
@@ -294,7 +297,7 @@ def test_series_per_pid_are_bounded_to_processes_at_risk(agent, tmp_path):
                                                    resource="fds") == 300 else None)(metrics(port)),
                      timeout=40)
         assert text, "the 300 sleepers were not counted"
-        for resource in ("fds", "threads", "maps", "timers"):
+        for resource in ("fds", "threads", "maps", "timers", "handlers"):
             assert value(text, "keytrace_processes", exe=exe, resource=resource) == 300
         assert value(text, "keytrace_resource_in_use_max", exe=exe, resource="threads") == 1
         mine = {str(s.pid) for s in sleepers}

@@ -62,7 +62,7 @@ def rows_of(pid: int, names="all") -> dict:
 def test_a_library_leaking_one_of_each_per_load_shows_n_of_each(leaker):
     p, data = leaker
     rows = rows_of(p.pid)
-    assert set(rows) == {"keys", "timers", "fds", "threads", "maps"}
+    assert set(rows) == {"keys", "timers", "fds", "threads", "maps", "handlers"}
     assert all(r["status"] == "ok" for r in rows.values()), rows
     fds, threads, maps, timers = rows["fds"], rows["threads"], rows["maps"], rows["timers"]
 
@@ -88,6 +88,15 @@ def test_a_library_leaking_one_of_each_per_load_shows_n_of_each(leaker):
     assert timers["limit"] == limit and timers["headroom"] == limit - used
 
     assert rows["keys"]["in_use"] == 0 and not rows["keys"]["leaking"]
+
+    # one fork handler a load, with no DSO handle: glibc keeps each after its unload, and the
+    # next fork would run code that is gone (the exit handler is ld.so's _dl_fini)
+    handlers = rows["handlers"]
+    (gone,) = [o for o in handlers["owners"] if o.startswith("unmapped ")]
+    assert gone.endswith(" (fork)") and handlers["owners"][gone] == LOADS
+    assert handlers["in_use"] == LOADS + 1 and handlers["orphaned"] == LOADS
+    assert handlers["critical"] and handlers["leaking"] and handlers["limit"] is None
+    assert handlers["owner"] == gone and f"{LOADS} handlers orphaned" in handlers["reason"]
 
 
 def test_a_forecast_dates_a_leaking_table_at_the_reload_rate_given(leaker):
@@ -169,6 +178,46 @@ def test_healthy_programs_are_not_flagged():
             terminate(p)
 
 
+@pytest.fixture(scope="module")
+def handler_bins(tmp_path_factory):
+    from tracer.workloads import compile_c
+    from conftest import FIXTURES
+    d = tmp_path_factory.mktemp("handlers")
+    src = FIXTURES / "handlers.c"
+    return str(compile_c(src, d)), str(compile_c(src, d, shared=True, extra=("-DLIB",)))
+
+
+def _ready(argv):
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def test_every_fork_and_exit_handler_is_read_and_named(handler_bins):
+    prog, lib = handler_bins
+    p = _ready([prog])
+    try:
+        row = rows_of(p.pid, "handlers")["handlers"]
+    finally:
+        terminate(p)
+    ld = os.path.realpath("/lib64/ld-linux-x86-64.so.2")
+    assert row["status"] == "ok" and row["in_use"] == 7, row
+    assert row["owners"] == {f"{prog} (exit)": 4, f"{prog} (fork)": 2, f"{ld} (exit)": 1}
+    assert row["orphaned"] == 0 and not row["critical"] and not row["leaking"]
+
+
+def test_an_exit_handler_left_by_an_unloaded_library_is_critical(handler_bins):
+    prog, lib = handler_bins
+    p = _ready([prog, lib])
+    try:
+        row = rows_of(p.pid, "handlers")["handlers"]
+    finally:
+        terminate(p)
+    assert row["in_use"] == 8 and row["orphaned"] == 1 and row["critical"], row
+    assert row["owner"].startswith("unmapped 0x") and row["owner"].endswith(" (exit)")
+    assert "1 handler orphaned" in row["reason"]
+
+
 def test_a_table_not_read_says_why_and_counts_nothing():
     p = subprocess.Popen(["true"])
     p.wait()
@@ -188,7 +237,7 @@ def test_a_table_not_read_says_why_and_counts_nothing():
 def test_bad_resource_names_are_one_line_and_exit_2():
     r = keytrace("scan", "-r", "nonsense")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "keys, timers, fds, threads, maps" in r.stderr
+    assert "keys, timers, fds, threads, maps, handlers" in r.stderr
     r = keytrace("watch", "-r", "fds,nonsense", "-d", "1")
     assert r.returncode == 2 and "no resource 'nonsense'" in r.stderr
 
@@ -202,7 +251,7 @@ def test_a_reloader_attached_mid_life_shows_what_each_cycle_leaves(bpf, bins, li
     p = subprocess.Popen([bins["reload_host"], lib, str(loads), "50000", "60"])
     try:
         wait_for(lambda: len(os.listdir(f"/proc/{p.pid}/task")) >= 6)
-        r = keytrace("watch", "--json", "-r", "fds,threads,maps,timers", "-p", str(p.pid),
+        r = keytrace("watch", "--json", "-r", "fds,threads,maps,timers,handlers", "-p", str(p.pid),
                      "-d", "6", "--reloads-per-day", "1")
         assert r.returncode == 0, r.stderr
         wait_for(lambda: len(os.listdir(f"/proc/{p.pid}/task")) == loads + 1)
@@ -228,6 +277,11 @@ def test_a_reloader_attached_mid_life_shows_what_each_cycle_leaves(bpf, bins, li
         assert "1 a cycle" in fds["reason"] and data in fds["reason"]
         # timers are traced: the ones made before the attach come from /proc/PID/timers
         assert rows["timers"]["in_use"] == loads
+        # a fork handler each load, left behind: critical, named by the library traced there
+        handlers = rows["handlers"]
+        assert handlers["in_use"] == loads + 1 and handlers["orphaned"] == loads
+        assert handlers["per_cycle"] == 1.0 and handlers["owner"] == f"{lib} (fork)"
+        assert handlers["critical"] and "handlers orphaned" in handlers["reason"]
     finally:
         terminate(p)
 
@@ -237,9 +291,10 @@ def test_a_tidy_reloader_is_not_flagged_on_any_table(bpf, bins, libeach_tidy):
                  "20000")
     assert r.returncode == 0, r.stderr
     rows = [row for row in json_rows(r.stdout) if row["comm"].startswith("reload_host")]
-    assert {row["resource"] for row in rows} >= {"keys", "timers", "fds", "threads", "maps"}
+    assert {row["resource"] for row in rows} >= {"keys", "timers", "fds", "threads", "maps",
+                                                 "handlers"}
     for row in rows:
-        assert not row["leaking"], row
+        assert not row["leaking"] and not row["critical"], row
     by = {row["resource"]: row for row in rows}
     assert by["fds"]["reload_cycles"] == 20 and by["fds"]["per_cycle"] == 0.0
 

@@ -39,6 +39,9 @@ class Resource:
     census: Optional[Callable[..., "Census"]] = None
     # Handles held by one owner that a table alone shows to be a leak (None: no count does).
     same_owner: Optional[int] = None
+    # One orphaned handle makes the process critical (a handler whose code is gone: the next
+    # fork or exit crashes), not only leaking.
+    orphan_critical: bool = False
     words: dict = field(default_factory=dict, hash=False)  # its names in rows: see row_names
     extra: dict = field(default_factory=dict, hash=False)  # what its own probe unit needs
 
@@ -71,12 +74,13 @@ class Census:
     owners: Counter               # what grows (an fd's target, a thread's name) -> handles
     judged: Optional[Counter] = None  # the owners a same_owner count judges (None: owners)
     orphaned: int = 0             # handles whose owner's code is no longer mapped
+    orphans: Optional[Counter] = None  # the owners of those, when known
     estimate: bool = False        # in_use is an estimate, not a count
 
 
 # Words of the prose (reasons) a resource without words of its own is spoken of in.
 _PLAIN = {"unit": "handle", "units": "handles", "acquire_word": "acquire", "full": "table full",
-          "owner": "owner"}
+          "owner": "owner", "orphaned_why": "owner in no mapping"}
 
 _REGISTRY: dict = {}
 

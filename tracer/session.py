@@ -10,6 +10,7 @@ or after a failed start) drains what is left, detaches every probe and ends a la
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Callable, Iterable, Optional, Sequence
@@ -257,6 +258,8 @@ class KeyTracer(Tracing):
             if st.state == "Z" or not self.ledger.knows(pid):
                 continue  # a zombie's tables are empty: not what it held
             comm = st.comm
+            # a dangling handler's library, named from the instances traced (it is unmapped)
+            cache["library_at"] = functools.partial(self.ledger.library_at, pid)
             for r in self.sampled:
                 began = time.time_ns()
                 try:
@@ -273,6 +276,7 @@ class KeyTracer(Tracing):
                     self._pending.append(rec)
                 else:
                     self.ledger.ingest_records(rec, 0)
+            cache.pop(("maps", pid), None)
 
     def _sample_owed(self, final: bool) -> None:
         now = time.monotonic()

@@ -350,6 +350,9 @@ class Collector:
                                          "shared by other processes leaves less than limit - "
                                          "in_use)"),
                             ("leaking", "1 when the table is judged to be leaking"),
+                            ("orphaned", "handles left by a library instance that is gone (a "
+                                         "fork or exit handler among them crashes the next "
+                                         "fork or exit)"),
                             ("exhaustion_timestamp_seconds", "when the table will be full, "
                                                              "where a leak rate is known"))}
         keys = [dict(r, resource=KEYS.name, in_use=r["live_keys"],
@@ -362,6 +365,8 @@ class Collector:
                 g["limit"].add_metric(labels, r["limit"])
                 g["headroom"].add_metric(labels, r["headroom"])
             g["leaking"].add_metric(labels, 1 if r["leaking"] else 0)
+            if r.get("orphaned") is not None:
+                g["orphaned"].add_metric(labels, r["orphaned"])
             if r["exhaustion_eta"] is not None:
                 g["exhaustion_timestamp_seconds"].add_metric(labels, r["exhaustion_eta"].timestamp())
         yield from g.values()

@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..host import proc, tables
 from ..resource import Resource
 from . import forecast as fc
-from .verdicts import is_critical
+from .verdicts import is_critical, orphan_reason
 
 OK = "ok"
 KERNEL_THREAD = "kernel thread"
@@ -49,15 +49,17 @@ def census_row(pid: int, comm: str, exe: str, r: Resource, cache: dict,
                limit_source=c.limit_source, owners=dict(c.owners.most_common(TOP)),
                owner=(c.owners.most_common(1) or [("", 0)])[0][0],
                same_owner=top[0][1] if top else 0, orphaned=c.orphaned, estimate=c.estimate)
-    row["critical"] = bool(c.limit and is_critical(c.headroom, c.limit))
+    near = bool(c.limit and is_critical(c.headroom, c.limit))
+    row["critical"] = near or bool(r.orphan_critical and c.orphaned)
     crowded = bool(r.same_owner and top and top[0][1] >= r.same_owner)
     row["leaking"] = bool(c.orphaned) or crowded
     reasons = []
-    if row["critical"]:
+    if near:
         reasons.append(f"{c.headroom} of {c.limit} {r.word('units')} left ({c.limit_source})")
     if c.orphaned:
-        reasons.append(f"{c.orphaned} {r.word('unit' if c.orphaned == 1 else 'units')} orphaned:"
-                       f" {r.word('owner')} in no mapping")
+        reasons.append(orphan_reason(r, c.orphaned, c.orphans))
+        if c.orphans:
+            row["owner"] = c.orphans.most_common(1)[0][0]
     if crowded:
         reasons.append(f"{top[0][1]} {r.word('units')} held by one {r.word('owner')} "
                        f"({top[0][0]})")
@@ -100,6 +102,7 @@ def rows(resources: list, pids: Optional[Iterable[int]] = None,
             else:
                 out.append(census_row(pid, comm, exe, r, cache, reloads_per_day,
                                       leak_per_reload, now))
+        cache.pop(("maps", pid), None)  # (one process's maps, shared by its tables' reads)
         if progress:
             progress()
     return out

@@ -184,7 +184,9 @@ def _sampled(p, r: Resource, now_ns: int, given: Optional[float],
     by_path = p.modules.cycles_by_path()
     most = max(by_path.values(), default=0)
     reloaded = sorted(path for path, n in by_path.items() if n == most)
-    critical = bool(last and last.limit and is_critical(last.headroom, last.limit))
+    near = bool(last and last.limit and is_critical(last.headroom, last.limit))
+    orphaned = last.orphaned if last else 0
+    critical = near or bool(r.orphan_critical and orphaned)
     reload = fc.reload_rate(given, most, base.ts if base else None, then.ts if then else None,
                             (p.exited or now_ns) - p.traced_since, prefer_measured)
     per_day = per_cycle * reload.per_day if leaking and reload.per_day else None
@@ -198,17 +200,27 @@ def _sampled(p, r: Resource, now_ns: int, given: Optional[float],
                "nothing to measure: no completed reload cycle",
                per_day=per_day, days_left=f.days_left if f and leaking else None,
                exhaustion_eta=f.exhaustion_eta if f and leaking else None,
-               leaking=leaking or critical, critical=critical)
-    row["reason"] = _sampled_reason(row, r, cycles, grown, growth.get(owner, 0), reloaded)
+               leaking=leaking or critical or bool(orphaned), critical=critical,
+               orphaned=orphaned if last else None)
+    row["reason"] = _sampled_reason(row, r, cycles, grown, growth.get(owner, 0), reloaded,
+                                    near)
     return row
 
 
+def orphan_reason(r: Resource, n: int, orphans: Optional[dict] = None) -> str:
+    """"2 handlers orphaned: left behind by ... (libfoo.so (fork))": shared by scan and watch."""
+    whose = f" ({', '.join(sorted(orphans))})" if orphans else ""
+    return f"{n} {r.word('unit' if n == 1 else 'units')} orphaned: {r.word('orphaned_why')}{whose}"
+
+
 def _sampled_reason(row: dict, r: Resource, cycles: int, grown: int, by_owner: int,
-                    reloaded: list) -> str:
+                    reloaded: list, near: bool) -> str:
     units = r.word("units")
     parts = []
-    if row["critical"]:
+    if near:
         parts.append(f"{row['headroom']} of {row['limit']} {units} left ({row['limit_source']})")
+    if row["orphaned"]:
+        parts.append(orphan_reason(r, row["orphaned"]))
     if row["table"].startswith("not read"):
         parts.append(f"table {row['table']}")
     if row["leaking"] and cycles:

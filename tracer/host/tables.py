@@ -137,10 +137,20 @@ def cgroup_pids(pid: int) -> Optional[tuple]:
 
 # ---- mappings
 
-def map_owners(pid: int) -> list:
+def maps_text(pid: int, cache: Optional[dict] = None) -> str:
+    """/proc/PID/maps, read once per process for the readers that share cache (a survey clears
+    it after each process)."""
+    if cache is None:
+        return _read(pid, "maps")
+    if ("maps", pid) not in cache:
+        cache[("maps", pid)] = _read(pid, "maps")
+    return cache[("maps", pid)]
+
+
+def map_owners(pid: int, cache: Optional[dict] = None) -> list:
     """What each mapping maps: its file, a kernel name ([heap], [stack], [vdso]), or [anon]."""
     out = []
-    for line in _read(pid, "maps").splitlines():
+    for line in maps_text(pid, cache).splitlines():
         f = line.split(None, 5)
         out.append(f[5].strip() or "[anon]" if len(f) == 6 else "[anon]")
     return out

@@ -11,7 +11,7 @@ from ..host import tables
 
 
 def census(pid: int, cache: dict) -> resource.Census:
-    owners = Counter(tables.map_owners(pid))
+    owners = Counter(tables.map_owners(pid, cache))
     if "max_map_count" not in cache:
         cache["max_map_count"] = tables.sysctl("vm.max_map_count")
     limit = cache["max_map_count"]

@@ -25,6 +25,7 @@ class Sample:
     source: str                      # which limit
     phase: str = ""                  # "loaded" or "unloaded" (tracer.state.modules.phase)
     owners: dict = field(default_factory=dict)  # what grows -> handles (the top of them)
+    orphaned: int = 0                # handles whose owner's code was gone when read
 
 
 @dataclass

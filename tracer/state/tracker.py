@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterable, Optional
 import numpy as np
 
 from .. import wire
+from ..host.elf import elf_info
 
 if TYPE_CHECKING:  # frames are built on demand: a tracker fed records never imports pandas
     import pandas as pd
@@ -128,7 +129,7 @@ class Tracker:
             return wire.records([dict(base, op="sample", path=why)])
         c = census
         rows = [dict(base, op="sample", path=c.limit_source or "none", aux=c.in_use,
-                     owner=c.limit or 0, caller=max(c.headroom or 0, 0))]
+                     owner=c.limit or 0, caller=max(c.headroom or 0, 0), ret=c.orphaned)]
         rows += [dict(base, op="owned", path=o, aux=n) for o, n in c.owners.most_common(top)]
         return wire.records(rows)
 
@@ -149,6 +150,19 @@ class Tracker:
         with self._lock:
             p = self._procs.current.get(pid)
             return p is None or p.modules.phase(self.last_ts) is not None
+
+    def library_at(self, pid: int, addr: int) -> Optional[str]:
+        """The library whose instance held addr in the process, the latest first: one unmapped
+        since is what a dangling code pointer (a handler left behind) belongs to."""
+        with self._lock:
+            p = self._procs.current.get(pid)
+            instances = list(p.modules.instances) if p is not None else []
+        for m in reversed(instances):
+            if m.base <= addr and m.path:
+                info = elf_info(m.path)
+                if info is not None and addr < m.base + info.hi:
+                    return m.path
+        return None
 
     def knows(self, pid: int) -> bool:
         """Is there a current (not exited) process on this pid?"""
@@ -222,7 +236,7 @@ class Tracker:
                     phase = p.modules.phase(ts) if p.modules.changed < load else None
                     p.sampled(res).add(Sample(ts, p.modules.cycles(), aux, owner or None,
                                               caller if owner else None, path,
-                                              phase or "between"))
+                                              phase or "between", orphaned=ret))
             elif op == _C["owned"]:
                 last = p.sampled(res).last
                 if last is not None:  # (two names cut to one path length add up)
