@@ -297,7 +297,7 @@ def test_series_per_pid_are_bounded_to_processes_at_risk(agent, tmp_path):
                                                    resource="fds") == 300 else None)(metrics(port)),
                      timeout=40)
         assert text, "the 300 sleepers were not counted"
-        for resource in ("fds", "threads", "maps", "timers", "handlers"):
+        for resource in ("fds", "threads", "maps", "timers", "handlers", "tls"):
             assert value(text, "keytrace_processes", exe=exe, resource=resource) == 300
         assert value(text, "keytrace_resource_in_use_max", exe=exe, resource="threads") == 1
         mine = {str(s.pid) for s in sleepers}

@@ -62,7 +62,7 @@ def rows_of(pid: int, names="all") -> dict:
 def test_a_library_leaking_one_of_each_per_load_shows_n_of_each(leaker):
     p, data = leaker
     rows = rows_of(p.pid)
-    assert set(rows) == {"keys", "timers", "fds", "threads", "maps", "handlers"}
+    assert set(rows) == {"keys", "timers", "fds", "threads", "maps", "handlers", "tls"}
     assert all(r["status"] == "ok" for r in rows.values()), rows
     fds, threads, maps, timers = rows["fds"], rows["threads"], rows["maps"], rows["timers"]
 
@@ -218,6 +218,52 @@ def test_an_exit_handler_left_by_an_unloaded_library_is_critical(handler_bins):
     assert "1 handler orphaned" in row["reason"]
 
 
+@pytest.fixture(scope="module")
+def statictls(tmp_path_factory):
+    """(tlsreload, liba, libb): two modules with 256 and 64 bytes of initial-exec TLS, and a
+    program that reloads them closing the first one first (glibc keeps its block each time)."""
+    from tracer.workloads import compile_c
+    from conftest import FIXTURES
+    d = tmp_path_factory.mktemp("tls")
+    lib = FIXTURES / "libstatictls.c"
+    return (str(compile_c(FIXTURES / "tlsreload.c", d)),
+            str(compile_c(lib, d, shared=True, name="liba_tls.so")),
+            str(compile_c(lib, d, shared=True, extra=("-DBLOCK=64",), name="libb_tls.so")))
+
+
+def _tls_after(statictls, loads: int):
+    prog, a, b = statictls
+    p = subprocess.Popen([prog, a, b, str(loads), "0", "60"], stdout=subprocess.PIPE, text=True)
+    said = p.stdout.readline().strip()
+    assert p.stdout.readline().strip() == "ready"
+    try:
+        return said, rows_of(p.pid, "tls")["tls"]
+    finally:
+        terminate(p)
+
+
+def test_static_tls_kept_by_reloads_is_counted_and_the_last_load_that_fits_is_critical(
+        statictls):
+    from tracer.resources.tls import UNHELD
+    prog, a, b = statictls
+    # how many loads fit, told by glibc itself: the first that does not fails
+    said = subprocess.run([prog, a, b, "1000"], capture_output=True, text=True).stdout
+    failed = int(said.split()[1].rstrip(":"))
+    assert said.startswith("failed") and "static TLS block" in said, said
+    last = failed - 1
+    said, row = _tls_after(statictls, last)
+    assert said == f"loaded {last}" and row["status"] == "ok" and row["estimate"]
+    # each load but the last left a's 256 bytes behind; the live blocks are a's and b's
+    assert row["owners"][UNHELD] == 256 * (last - 1)
+    assert row["owners"][a] == 256 and row["owners"][b] == 64
+    assert row["headroom"] == row["limit"] - row["in_use"]
+    assert 0 <= row["headroom"] < 256  # the next load fails, as glibc said
+    assert row["critical"] and "at most" in row["reason"]
+    said, row = _tls_after(statictls, 1)  # one load: the whole surplus but a's and b's
+    assert row["headroom"] >= 256 * (last - 1) and not row["critical"]
+    assert UNHELD not in row["owners"]
+
+
 def test_a_table_not_read_says_why_and_counts_nothing():
     p = subprocess.Popen(["true"])
     p.wait()
@@ -237,7 +283,7 @@ def test_a_table_not_read_says_why_and_counts_nothing():
 def test_bad_resource_names_are_one_line_and_exit_2():
     r = keytrace("scan", "-r", "nonsense")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "keys, timers, fds, threads, maps, handlers" in r.stderr
+    assert "keys, timers, fds, threads, maps, handlers, tls" in r.stderr
     r = keytrace("watch", "-r", "fds,nonsense", "-d", "1")
     assert r.returncode == 2 and "no resource 'nonsense'" in r.stderr
 
@@ -292,11 +338,23 @@ def test_a_tidy_reloader_is_not_flagged_on_any_table(bpf, bins, libeach_tidy):
     assert r.returncode == 0, r.stderr
     rows = [row for row in json_rows(r.stdout) if row["comm"].startswith("reload_host")]
     assert {row["resource"] for row in rows} >= {"keys", "timers", "fds", "threads", "maps",
-                                                 "handlers"}
+                                                 "handlers", "tls"}
     for row in rows:
         assert not row["leaking"] and not row["critical"], row
     by = {row["resource"]: row for row in rows}
     assert by["fds"]["reload_cycles"] == 20 and by["fds"]["per_cycle"] == 0.0
+
+
+def test_static_tls_kept_at_each_reload_is_what_each_cycle_leaves(bpf, statictls):
+    from tracer.resources.tls import UNHELD
+    prog, a, b = statictls
+    r = keytrace("watch", "--json", "-r", "tls", "--", prog, a, b, "6", "100000", "1")
+    assert r.returncode == 0, r.stderr
+    (row,) = [x for x in json_rows(r.stdout.replace("ready\n", "").replace("loaded 6\n", ""))
+              if x["comm"] == "tlsreload"]
+    assert row["per_cycle"] == 256.0 and row["owner"] == UNHELD and row["estimate"]
+    assert row["library"] in (a, b) and row["reload_cycles"] == 5
+    assert row["leaking"] and row["critical"] and row["headroom"] < 256
 
 
 def test_the_table_of_a_sampled_resource_names_what_grows(bpf, bins, libeach):
@@ -341,8 +399,8 @@ def test_an_unlimited_signal_queue_binds_nothing(monkeypatch):
     # (raising RLIMIT_SIGPENDING's hard limit takes CAP_SYS_RESOURCE, which a test may lack)
     from tracer.host import tables
     real = tables.status
-    monkeypatch.setattr(tables, "status", lambda pid: dict(real(pid),
-                                                           SigQ="3/18446744073709551615"))
+    monkeypatch.setattr(tables, "status", lambda pid, cache=None: dict(
+        real(pid, cache), SigQ="3/18446744073709551615"))
     (row,) = survey(resource.select(["timers"]), [os.getpid()]).to_dict(orient="records")
     assert row["status"] == "ok" and pd.isna(row["limit"]) and pd.isna(row["headroom"])
     assert row["limit_source"].startswith("none") and not row["critical"]

@@ -42,6 +42,8 @@ class Resource:
     # One orphaned handle makes the process critical (a handler whose code is gone: the next
     # fork or exit crashes), not only leaking.
     orphan_critical: bool = False
+    # Its count is an estimate (a lower bound, say), never to be shown as a count.
+    estimate: bool = False
     words: dict = field(default_factory=dict, hash=False)  # its names in rows: see row_names
     extra: dict = field(default_factory=dict, hash=False)  # what its own probe unit needs
 

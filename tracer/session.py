@@ -276,7 +276,7 @@ class KeyTracer(Tracing):
                     self._pending.append(rec)
                 else:
                     self.ledger.ingest_records(rec, 0)
-            cache.pop(("maps", pid), None)
+            tables.drop_process(cache, pid)
 
     def _sample_owed(self, final: bool) -> None:
         now = time.monotonic()

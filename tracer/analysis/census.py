@@ -48,14 +48,16 @@ def census_row(pid: int, comm: str, exe: str, r: Resource, cache: dict,
     row.update(status=OK, in_use=c.in_use, limit=c.limit, headroom=c.headroom,
                limit_source=c.limit_source, owners=dict(c.owners.most_common(TOP)),
                owner=(c.owners.most_common(1) or [("", 0)])[0][0],
-               same_owner=top[0][1] if top else 0, orphaned=c.orphaned, estimate=c.estimate)
+               same_owner=top[0][1] if top else 0, orphaned=c.orphaned, estimate=c.estimate or r.estimate)
     near = bool(c.limit and is_critical(c.headroom, c.limit))
     row["critical"] = near or bool(r.orphan_critical and c.orphaned)
     crowded = bool(r.same_owner and top and top[0][1] >= r.same_owner)
     row["leaking"] = bool(c.orphaned) or crowded
     reasons = []
     if near:
-        reasons.append(f"{c.headroom} of {c.limit} {r.word('units')} left ({c.limit_source})")
+        most = "at most " if row["estimate"] else ""  # (in use is a lower bound)
+        reasons.append(f"{most}{c.headroom} of {c.limit} {r.word('units')} left "
+                       f"({c.limit_source})")
     if c.orphaned:
         reasons.append(orphan_reason(r, c.orphaned, c.orphans))
         if c.orphans:
@@ -102,7 +104,7 @@ def rows(resources: list, pids: Optional[Iterable[int]] = None,
             else:
                 out.append(census_row(pid, comm, exe, r, cache, reloads_per_day,
                                       leak_per_reload, now))
-        cache.pop(("maps", pid), None)  # (one process's maps, shared by its tables' reads)
+        tables.drop_process(cache, pid)  # (what its tables' reads shared)
         if progress:
             progress()
     return out

@@ -55,7 +55,7 @@ def _named(r: Resource, fields: list) -> list:
 
 
 # What a resource whose table is read, not traced, adds: what grows, and which limit binds.
-SAMPLED = ["owner", "limit_source"]
+SAMPLED = ["owner", "limit_source", "estimate"]
 
 
 def summary_columns(r: Optional[Resource] = None) -> list:
@@ -201,7 +201,7 @@ def _sampled(p, r: Resource, now_ns: int, given: Optional[float],
                per_day=per_day, days_left=f.days_left if f and leaking else None,
                exhaustion_eta=f.exhaustion_eta if f and leaking else None,
                leaking=leaking or critical or bool(orphaned), critical=critical,
-               orphaned=orphaned if last else None)
+               orphaned=orphaned if last else None, estimate=r.estimate)
     row["reason"] = _sampled_reason(row, r, cycles, grown, growth.get(owner, 0), reloaded,
                                     near)
     return row
@@ -218,7 +218,9 @@ def _sampled_reason(row: dict, r: Resource, cycles: int, grown: int, by_owner: i
     units = r.word("units")
     parts = []
     if near:
-        parts.append(f"{row['headroom']} of {row['limit']} {units} left ({row['limit_source']})")
+        most = "at most " if r.estimate else ""  # (in use is a lower bound)
+        parts.append(f"{most}{row['headroom']} of {row['limit']} {units} left "
+                     f"({row['limit_source']})")
     if row["orphaned"]:
         parts.append(orphan_reason(r, row["orphaned"]))
     if row["table"].startswith("not read"):

@@ -86,7 +86,7 @@ def sampled_table(summary: pd.DataFrame, title: str, r) -> Table:
         read = not pd.isna(row["in_use"])
         of = f"/{row['limit']}" if read and not pd.isna(row["limit"]) else ""
         t.add_row(str(row["pid"]), row["comm"] + ("" if row["alive"] else " (exited)"),
-                  f"{row['in_use']}{of}" if read else "-",
+                  ("≥" if row.get("estimate") else "") + f"{row['in_use']}{of}" if read else "-",
                   "-" if pd.isna(row["headroom"]) else str(row["headroom"]),
                   str(row["reload_cycles"]), f"{row['per_cycle']:g}", escape(row["owner"] or "-"),
                   os.path.basename(row["library"]) or "-", runs_out(row), escape(verdict),
@@ -406,7 +406,8 @@ def census_table(df: pd.DataFrame, show_all: bool) -> Table:
         style = "bold red" if r.critical else "yellow" if r.leaking else None
         top = f"{r.owner} ({r.owners[r.owner]})" if ok and r.owner else "-"
         verdict = ("CRITICAL: " if r.critical else "LEAKING: " if r.leaking else "") + r.reason
-        t.add_row(str(r.pid), r.comm, r.resource, str(r.in_use) if ok else "-",
+        t.add_row(str(r.pid), r.comm, r.resource,
+                  ("≥" if r.estimate else "") + str(r.in_use) if ok else "-",
                   "none" if ok and pd.isna(r.limit) else str(r.limit) if ok else "-",
                   str(r.headroom) if ok and not pd.isna(r.headroom) else "-",
                   (r.limit_source or "-") if ok else "-", escape(top), r.status,

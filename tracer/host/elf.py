@@ -176,6 +176,28 @@ class FileCache:
         self.results.clear()
 
 
+class MappedCache:
+    """What parse(path) made of a mapped file, kept by the identity /proc/PID/maps gives it
+    (device, inode, name): a reader of every process's memory then stats no /proc/PID/map_files
+    link per process. An upgrade replaces a library with a new inode; a file rewritten in place
+    keeps its inode (what is read from it is checked where it is used)."""
+
+    def __init__(self, parse, limit: int = 4096):
+        self.parse, self.limit, self.results = parse, limit, {}
+
+    def get(self, ident: tuple, path: str):
+        """parse(path) for the file of that identity; None when it cannot be read now."""
+        if ident not in self.results:
+            try:
+                result = self.parse(path)
+            except OSError:
+                return None
+            if len(self.results) >= self.limit:
+                self.results.clear()
+            self.results[ident] = result
+        return self.results[ident]
+
+
 def _segments(path: str) -> Optional[ElfInfo]:
     try:
         with open(path, "rb") as fh:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import errno
-import os
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -40,8 +39,9 @@ from capstone import x86 as X
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from . import libc, proc
-from .elf import FileCache, defined_symbols, elf_info, read_at
+from . import proc
+from . import tables
+from .elf import MappedCache, defined_symbols, elf_info, read_at
 from .tables import Unreadable
 
 REGISTER, ENLARGE, CXA_ATEXIT = "__register_atfork", "__libc_dynarray_emplace_enlarge", \
@@ -187,13 +187,18 @@ def _parse(path: str):
     return Layout(forks, stride, fields, exits, path)
 
 
-_LAYOUTS = FileCache(_parse)
+def _facts(path: str) -> tuple:
+    """(the file's lowest mapped address, its Layout or why there is none)."""
+    info = elf_info(path)
+    return (info.lo if info else 0), (_parse(path) if info else "unreadable")
+
+
+_FILES = MappedCache(_facts)
 
 
 def layout(path: str):
     """The handler tables' layout in the C library at path, or why there is none (a str)."""
-    got = _LAYOUTS.get(path)[1]
-    return got if got is not None else "unreadable"
+    return _facts(path)[1]
 
 
 def _rol(v: int, n: int) -> int:
@@ -267,49 +272,41 @@ def _where(addr: int, code: list) -> Optional[str]:
     return None
 
 
-def _libc_and_code(pid: int, text: str) -> tuple:
-    """From /proc/PID/maps: (glibc's file as the process names it, its load bias, where to open
-    it) and the executable mappings [(start, end, path)], in address order."""
-    holder, code, paths = None, [], set()
-    for line in text.splitlines():
-        parts = line.split(None, 5)
-        path = parts[5] if len(parts) == 6 else ""
-        paths.add(path)
-        if parts[1][2] == "x":
-            start, end = parts[0].split("-", 1)
-            code.append((int(start, 16), int(end, 16), path))
-        if holder is None and parts[2] == "00000000" and \
-                os.path.basename(path).startswith("libc.so"):
-            start, end = (int(x, 16) for x in parts[0].split("-", 1))
-            opened = proc.map_file(pid, start, end)
-            info = elf_info(opened)
-            if info is not None:
-                holder = (path, start - info.lo, opened)
-    if any(libc.is_musl(p) for p in paths):
-        raise Unreadable("not read: unsupported: musl keeps no handler table that can be read")
-    return holder, code
+def _code_mappings(entries: list) -> list:
+    """The executable mappings [(start, end, path)] of /proc/PID/maps (tables.maps), in address
+    order."""
+    out = []
+    for f in entries:
+        if f[1][2] == "x":
+            start, end = f[0].split("-", 1)
+            out.append((int(start, 16), int(end, 16), f[5] if len(f) == 6 else ""))
+    return out
 
 
-def read(pid: int, maps: Optional[str] = None) -> list:
+def read(pid: int, maps: Optional[list] = None, cache: Optional[dict] = None) -> list:
     """Every fork and exit handler of pid, in registration order (fork, then exit); maps: its
-    /proc/PID/maps, if read already. Raises Unreadable with why (exited, permission denied,
-    musl, a layout not proved)."""
+    /proc/PID/maps as tracer.host.tables.maps gives it, if read already (cache: what other
+    tables' reads of the process share). Raises Unreadable with why (exited, permission
+    denied, musl, a layout not proved)."""
     try:
         if maps is None:
-            with open(f"/proc/{pid}/maps", errors="surrogateescape") as fh:
-                maps = fh.read()
+            maps = tables.maps(pid)
         if not maps:  # (no mappings: a kernel thread, or a zombie)
             raise Unreadable("not read: kernel thread" if proc.stat(pid).kernel_thread else
                              "not read: exited")
-        holder, maps = _libc_and_code(pid, maps)
-        if holder is None:
+        mine = tables.glibc_files(pid, maps, cache).get("libc")
+        if mine is None:
             raise Unreadable("not read: unsupported: no shared glibc mapped (a static program)")
-        lay = layout(holder[2])
+        facts = _FILES.get(mine[2], mine[3])
+        if facts is None:
+            raise Unreadable("not read: exited")
+        lo, lay = facts
         if isinstance(lay, str):
             raise Unreadable(f"not read: unsupported: {lay}")
-        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-            forks = _forks(mem, holder[1], lay)
-            exits = _exits(mem, holder[1], lay)
+        bias, maps = mine[1] - lo, _code_mappings(maps)
+        with tables.memory(pid, cache) as mem:
+            forks = _forks(mem, bias, lay)
+            exits = _exits(mem, bias, lay)
             guard = _guard(pid, mem) if exits else 0
     except OSError as e:
         if isinstance(e, (FileNotFoundError, ProcessLookupError)) or e.errno == errno.ESRCH:

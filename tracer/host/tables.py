@@ -6,11 +6,13 @@ rather than return an empty table that would read as an answer.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from typing import Optional
 
 from ..errors import KeytraceError
+from . import libc, proc
 
 UNLIMITED = None
 
@@ -34,6 +36,39 @@ def _read(pid: int, name: str) -> str:
             return fh.read()
     except OSError as e:
         raise _why(pid, e) from None
+
+
+def of_process(cache: Optional[dict], pid: int) -> dict:
+    """What the reads of one process's tables share (its maps, status, limits), inside cache;
+    drop_process() ends it. No cache: nothing is shared."""
+    return {} if cache is None else cache.setdefault(("process", pid), {})
+
+
+def drop_process(cache: dict, pid: int) -> None:
+    mine = cache.pop(("process", pid), None) or {}
+    if "mem" in mine:
+        mine["mem"].close()
+
+
+@contextlib.contextmanager
+def memory(pid: int, cache: Optional[dict] = None):
+    """/proc/PID/mem open for reading, shared by the readers of one process's tables (closed
+    by drop_process), or closed on leaving when there is no cache. Raises OSError."""
+    if cache is None:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as fh:
+            yield fh
+        return
+    mine = of_process(cache, pid)
+    if "mem" not in mine:
+        mine["mem"] = open(f"/proc/{pid}/mem", "rb", buffering=0)
+    yield mine["mem"]
+
+
+def _shared(cache: Optional[dict], pid: int, name: str) -> str:
+    mine = of_process(cache, pid)
+    if name not in mine:
+        mine[name] = _read(pid, name)
+    return mine[name]
 
 
 # ---- file descriptors
@@ -103,7 +138,7 @@ def uid_tasks() -> Counter:
     return out
 
 
-def cgroup_pids(pid: int) -> Optional[tuple]:
+def cgroup_pids(pid: int, cache: Optional[dict] = None) -> Optional[tuple]:
     """(pids.max, pids.current, cgroup) of the tightest pids controller limit over the process's
     cgroup and its ancestors (v2, or v1's pids hierarchy); None: no limit set."""
     best = None
@@ -120,13 +155,19 @@ def cgroup_pids(pid: int) -> Optional[tuple]:
             continue
         here = path.rstrip("/")
         while True:
-            try:
-                with open(f"{root}{here}/pids.max") as fh:
-                    cap = fh.read().strip()
-                with open(f"{root}{here}/pids.current") as fh:
-                    cur = int(fh.read())
-            except OSError:
-                cap = "max"
+            got = None if cache is None else cache.get(("pids", root, here))
+            if got is None:
+                try:
+                    with open(f"{root}{here}/pids.max") as fh:
+                        cap = fh.read().strip()
+                    with open(f"{root}{here}/pids.current") as fh:
+                        cur = int(fh.read())
+                except OSError:
+                    cap, cur = "max", 0
+                got = (cap, cur)
+                if cache is not None:  # (one reading of the host: processes share cgroups)
+                    cache[("pids", root, here)] = got
+            cap, cur = got
             if cap != "max" and (best is None or int(cap) - cur < best[0] - best[1]):
                 best = (int(cap), cur, here or "/")
             if not here:
@@ -137,23 +178,41 @@ def cgroup_pids(pid: int) -> Optional[tuple]:
 
 # ---- mappings
 
-def maps_text(pid: int, cache: Optional[dict] = None) -> str:
-    """/proc/PID/maps, read once per process for the readers that share cache (a survey clears
-    it after each process)."""
-    if cache is None:
-        return _read(pid, "maps")
-    if ("maps", pid) not in cache:
-        cache[("maps", pid)] = _read(pid, "maps")
-    return cache[("maps", pid)]
+def maps(pid: int, cache: Optional[dict] = None) -> list:
+    """/proc/PID/maps, each line split into its fields [range, perms, offset, dev, inode,
+    path?], read once per process for the readers that share cache."""
+    mine = of_process(cache, pid)
+    if "maps_split" not in mine:
+        mine["maps_split"] = [line.split(None, 5) for line in _read(pid, "maps").splitlines()]
+    return mine["maps_split"]
+
+
+def glibc_files(pid: int, entries: list, cache: Optional[dict] = None) -> dict:
+    """glibc's libc.so and ld.so as a process maps them (from maps()): {"libc" | "ld": (path,
+    load start, identity (dev, inode, path), /proc/PID/map_files link)}. Raises Unreadable
+    for a process on musl, which keeps none of glibc's state."""
+    mine = of_process(cache, pid)
+    if "glibc" in mine:
+        return mine["glibc"]
+    out: dict = {}
+    for f in entries:
+        if len(f) == 6 and f[2] == "00000000":
+            path = f[5]
+            name = path.rpartition("/")[2]
+            kind = "libc" if name.startswith("libc.so") else \
+                "ld" if name.startswith("ld-linux") else None
+            if "musl" in path and libc.is_musl(path):
+                raise Unreadable("not read: unsupported: musl keeps no state of glibc's")
+            if kind and kind not in out:
+                start, end = (int(x, 16) for x in f[0].split("-", 1))
+                out[kind] = (path, start, (f[3], f[4], path), proc.map_file(pid, start, end))
+    mine["glibc"] = out
+    return out
 
 
 def map_owners(pid: int, cache: Optional[dict] = None) -> list:
     """What each mapping maps: its file, a kernel name ([heap], [stack], [vdso]), or [anon]."""
-    out = []
-    for line in maps_text(pid, cache).splitlines():
-        f = line.split(None, 5)
-        out.append(f[5].strip() or "[anon]" if len(f) == 6 else "[anon]")
-    return out
+    return [f[5].strip() or "[anon]" if len(f) == 6 else "[anon]" for f in maps(pid, cache)]
 
 
 # ---- POSIX timers
@@ -178,20 +237,20 @@ _LIMIT_NAMES = {"nofile": "Max open files", "nproc": "Max processes",
                 "sigpending": "Max pending signals"}
 
 
-def soft_limit(pid: int, which: str) -> Optional[int]:
+def soft_limit(pid: int, which: str, cache: Optional[dict] = None) -> Optional[int]:
     """A resource limit's soft value for the process (/proc/PID/limits); None: unlimited."""
     title = _LIMIT_NAMES[which]
-    for line in _read(pid, "limits").splitlines():
+    for line in _shared(cache, pid, "limits").splitlines():
         if line.startswith(title):
             soft = line[len(title):].split()[0]
             return int(soft) if soft.isdigit() else UNLIMITED
     raise Unreadable(f"not read: no {title!r} in /proc/{pid}/limits")
 
 
-def status(pid: int) -> dict:
+def status(pid: int, cache: Optional[dict] = None) -> dict:
     """/proc/PID/status as a dict of its fields' text."""
     out = {}
-    for line in _read(pid, "status").splitlines():
+    for line in _shared(cache, pid, "status").splitlines():
         name, _, value = line.partition(":")
         out[name] = value.strip()
     return out

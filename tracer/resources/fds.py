@@ -18,7 +18,7 @@ SAME_FILE = 30
 
 def census(pid: int, cache: dict) -> resource.Census:
     owners = Counter(tables.fd_kind(t) for t in tables.fd_targets(pid))
-    limit = tables.soft_limit(pid, "nofile")
+    limit = tables.soft_limit(pid, "nofile", cache)
     n = sum(owners.values())
     files = Counter({k: v for k, v in owners.items() if k.startswith("/")})
     return resource.Census(n, limit, None if limit is None else limit - n, "RLIMIT_NOFILE",

@@ -25,7 +25,7 @@ def _owner(h, library_at) -> str:
 
 
 def census(pid: int, cache: dict) -> resource.Census:
-    found = handlers.read(pid, tables.maps_text(pid, cache))
+    found = handlers.read(pid, tables.maps(pid, cache), cache)
     gone = handlers.orphaned(found)
     named = {h: _owner(h, cache.get("library_at")) for h in set(found)}
     owners = Counter(named[h] for h in found)

@@ -24,11 +24,11 @@ def _host(cache: dict) -> dict:
 def census(pid: int, cache: dict) -> resource.Census:
     owners = Counter(tables.task_names(pid))
     bounds = dict(_host(cache))  # source -> (limit, in use in its pool)
-    pids = tables.cgroup_pids(pid)
+    pids = tables.cgroup_pids(pid, cache)
     if pids is not None:
         bounds[f"pids.max of cgroup {pids[2]}"] = pids[:2]
-    uid = int(tables.status(pid)["Uid"].split()[0])
-    nproc = tables.soft_limit(pid, "nproc")
+    uid = int(tables.status(pid, cache)["Uid"].split()[0])
+    nproc = tables.soft_limit(pid, "nproc", cache)
     if uid != 0 and nproc is not None:
         if "uid_tasks" not in cache:
             cache["uid_tasks"] = tables.uid_tasks()

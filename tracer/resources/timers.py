@@ -54,7 +54,7 @@ def limit_of(p) -> int:
 def census(pid: int, cache: dict) -> resource.Census:
     """The table now: how each timer notifies; the limit the uid's signal queue (SigQ)."""
     owners = Counter(tables.timer_owners(pid))
-    used, limit = (int(x) for x in tables.status(pid)["SigQ"].split("/"))
+    used, limit = (int(x) for x in tables.status(pid, cache)["SigQ"].split("/"))
     if limit >= 2**63:  # unlimited (RLIM_INFINITY, 2^64 - 1): no limit binds
         return resource.Census(sum(owners.values()), None, None, "none (RLIMIT_SIGPENDING "
                                "unlimited)", owners)
