@@ -24,7 +24,7 @@ REQUIRED = os.environ.get("KEYTRACE_REQUIRE_BPF") == "1"
 
 ALERTS = {"KeytracePthreadKeysNearLimit", "KeytracePthreadKeysExhaustionSoon",
           "KeytracePthreadKeyCreateFailed", "KeytracePthreadKeysOrphaned", "KeytraceEventsLost",
-          "KeytraceResourceNearLimit", "KeytraceResourceExhaustionSoon"}
+          "KeytraceResourceNearLimit", "KeytraceResourceExhaustionSoon", "KeytraceHandlerDangling"}
 # The metric names the agent exports, as its collector declares them (the rules may use no
 # others): one family per name, even with no process to report.
 def _exported() -> set:

@@ -29,7 +29,8 @@ def test_notebook_finds_the_leak_and_names_the_library():
     assert (found["orphaned_keys"], found["leak_per_reload"]) == (50, 1.0)
     assert found["days_left"] == pytest.approx(974)  # (1024 - 50) keys at one a day
     assert found["scan_keys_in_use"] == 50 and found["scan_orphaned_keys"] == 50
-    assert found["tables"] == dict.fromkeys(["keys", "timers", "fds", "threads", "maps"], "ok")
+    assert found["tables"] == dict.fromkeys(["keys", "timers", "fds", "threads", "maps",
+                                             "handlers", "tls"], "ok")
     assert found["keys_table"] == 50
     pngs = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
     assert len(pngs) == 2 and all(base64.b64decode(p)[:4] == b"\x89PNG" for p in pngs)
