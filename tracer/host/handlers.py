@@ -27,7 +27,6 @@ fork or exit that finds the library unloaded or moved). Thread-exit handlers
 from __future__ import annotations
 
 import bisect
-import errno
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -217,11 +216,7 @@ def _guard(pid: int, mem) -> int:
 
 
 def _read(mem, addr: int, size: int) -> bytes:
-    mem.seek(addr)
-    data = mem.read(size)
-    if len(data) != size:
-        raise Unreadable("not read: short read of a handler table")
-    return data
+    return tables.read_exactly(mem, addr, size, "a handler table")
 
 
 def _forks(mem, bias: int, lay: Layout) -> list:
@@ -309,11 +304,7 @@ def read(pid: int, maps: Optional[list] = None, cache: Optional[dict] = None) ->
             exits = _exits(mem, bias, lay)
             guard = _guard(pid, mem) if exits else 0
     except OSError as e:
-        if isinstance(e, (FileNotFoundError, ProcessLookupError)) or e.errno == errno.ESRCH:
-            raise Unreadable("not read: exited") from None
-        if isinstance(e, PermissionError):
-            raise Unreadable("not read: permission denied") from None
-        raise Unreadable(f"not read: {e.strerror or e}") from None
+        raise tables.why(pid, e) from None
     out = [Handler(kind, code, ident, _where(code, maps) if code else "") for kind, code, ident
            in forks]
     exit_handlers = []

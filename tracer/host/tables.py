@@ -7,6 +7,7 @@ rather than return an empty table that would read as an answer.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections import Counter
 from typing import Optional
@@ -21,12 +22,24 @@ class Unreadable(KeytraceError):
     pass
 
 
-def _why(pid: int, e: OSError) -> Unreadable:
+def why(pid: int, e: OSError) -> Unreadable:
+    """The Unreadable to raise for an OSError met reading a process: exited, permission denied,
+    or what the error says."""
     if isinstance(e, PermissionError):
         return Unreadable("not read: permission denied")
-    if not os.path.exists(f"/proc/{pid}"):
+    if isinstance(e, ProcessLookupError) or e.errno == errno.ESRCH or \
+            not os.path.exists(f"/proc/{pid}"):
         return Unreadable("not read: exited")
     return Unreadable(f"not read: {e.strerror or e}")
+
+
+def read_exactly(mem, addr: int, size: int, what: str) -> bytes:
+    """size bytes at addr of an open /proc/PID/mem; a short read is Unreadable (of what)."""
+    mem.seek(addr)
+    data = mem.read(size)
+    if len(data) != size:
+        raise Unreadable(f"not read: short read of {what}")
+    return data
 
 
 def _read(pid: int, name: str) -> str:
@@ -35,7 +48,7 @@ def _read(pid: int, name: str) -> str:
         with open(f"/proc/{pid}/{name}", errors="replace") as fh:
             return fh.read()
     except OSError as e:
-        raise _why(pid, e) from None
+        raise why(pid, e) from None
 
 
 def of_process(cache: Optional[dict], pid: int) -> dict:
@@ -90,7 +103,7 @@ def _each(pid: int, sub: str, read) -> list:
     try:
         names = os.listdir(base)
     except OSError as e:
-        raise _why(pid, e) from None
+        raise why(pid, e) from None
     out = []
     for name in names:
         try:
@@ -98,7 +111,7 @@ def _each(pid: int, sub: str, read) -> list:
         except (FileNotFoundError, ProcessLookupError):  # gone mid-read (ESRCH: a thread)
             continue
         except OSError as e:
-            raise _why(pid, e) from None
+            raise why(pid, e) from None
     return out
 
 

@@ -21,7 +21,6 @@ next reload that places a block above it shows it.
 """
 from __future__ import annotations
 
-import errno
 import struct
 from dataclasses import dataclass
 from typing import Optional
@@ -135,11 +134,7 @@ def block_size(path: str) -> int:
 
 
 def _read(mem, addr: int, size: int) -> bytes:
-    mem.seek(addr)
-    data = mem.read(size)
-    if len(data) != size:
-        raise Unreadable("not read: short read of the static TLS state")
-    return data
+    return tables.read_exactly(mem, addr, size, "the static TLS state")
 
 
 def _name(mem, addr: int) -> str:
@@ -187,11 +182,7 @@ def read(pid: int, maps: Optional[list] = None,
                     modules[_name(mem, name) or proc.exe(pid) or "(main program)"] = off
                 lm = nxt
     except OSError as e:
-        if isinstance(e, (FileNotFoundError, ProcessLookupError)) or e.errno == errno.ESRCH:
-            raise Unreadable("not read: exited") from None
-        if isinstance(e, PermissionError):
-            raise Unreadable("not read: permission denied") from None
-        raise Unreadable(f"not read: {e.strerror or e}") from None
+        raise tables.why(pid, e) from None
     if not desc.tcb < size < 1 << 30:
         raise Unreadable("not read: the static TLS size read is out of shape")
     return StaticTls(size, size - desc.tcb, max(modules.values(), default=0), modules)
