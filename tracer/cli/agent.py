@@ -39,6 +39,11 @@ def agent(
                                           "(fds, threads, mappings, timers)."),
     state_dir: Path = typer.Option(Path("/var/lib/keytrace"), "--state-dir", help="Where the "
                                    "measured leaks are kept across restarts (SQLite)."),
+    web_config: Optional[Path] = typer.Option(None, "--web-config", help="A web config file "
+                                              "in Prometheus exporter-toolkit's format: TLS "
+                                              "(tls_server_config), client certificates, "
+                                              "basic_auth_users with bcrypt hashes "
+                                              "(docs/agent.md)."),
 ):
     """Run always on: read every process's key table, trace the whole host, and export the
     verdicts to Prometheus (per process: keys, limit, orphaned, leaking, exhaustion time;
@@ -51,16 +56,20 @@ def agent(
     Examples:
       keytrace agent
       keytrace agent --listen 0.0.0.0:10451 --reloads-per-day 1
+      keytrace agent --listen 0.0.0.0:10451 --web-config /etc/keytrace/web.yml
       curl -s localhost:10451/metrics | grep keytrace_process_pthread_keys_leaking
     """
-    from prometheus_client import start_http_server
-
+    from ..agent import web
     from ..agent.exporter import Agent, registry
     from ..agent.state import State
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise fail(f"--listen takes HOST:PORT (a port from 1 to 65535), not {listen!r}",
                    EXIT_USAGE)
+    try:  # (before anything is attached: a bad file costs nothing)
+        config = web.load(str(web_config)) if web_config is not None else web.WebConfig()
+    except KeytraceError as e:
+        raise failure(e)
     log = lambda s: err.print(f"keytrace agent: {s}", markup=False, soft_wrap=True)  # noqa: E731
     try:
         state = State(state_dir, log)
@@ -75,7 +84,7 @@ def agent(
     a = Agent(tracer, max_processes, reloads_per_day, scan_interval, refresh, log, state,
               tables_interval)
     try:
-        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry(a))
+        server = web.serve(registry(a), host.strip("[]"), int(port), config)
     except OSError as e:
         raise fail(f"cannot listen on {listen}: {e.strerror or e}")
     stop = threading.Event()
@@ -89,7 +98,8 @@ def agent(
         a.refresh()
         err.print(f"keytrace agent: {tracer.attached} probes attached in {len(tracer.files)} "
                   f"file(s); {n} processes read in {a.snapshot.scan_seconds:.2f} s; serving "
-                  f"http://{listen}/metrics", markup=False, soft_wrap=True)
+                  f"{config.scheme}://{listen}/metrics"
+                  + (" (basic auth)" if config.users else ""), markup=False, soft_wrap=True)
         a.run(stop)
     except KeytraceError as e:
         raise failure(e)
