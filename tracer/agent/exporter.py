@@ -355,6 +355,12 @@ class Collector:
                                          "fork or exit)"),
                             ("exhaustion_timestamp_seconds", "when the table will be full, "
                                                              "where a leak rate is known"))}
+        # Which library to blame and what grows, as labels an alert can take (group_left):
+        # one series per table at risk, in the manner of *_info metrics.
+        blame = GaugeMetricFamily("keytrace_process_leak_info", "1 for each table at risk: "
+                                  "the library that made what leaks (\"\": not known from a "
+                                  "table read) and what grows", labels=TABLE_LABELS
+                                  + ["library", "owner"])
         keys = [dict(r, resource=KEYS.name, in_use=r["live_keys"],
                      headroom=r["limit"] - r["live_keys"]) for r in s.rows]
         for r in keys + s.tables:
@@ -369,7 +375,10 @@ class Collector:
                 g["orphaned"].add_metric(labels, r["orphaned"])
             if r["exhaustion_eta"] is not None:
                 g["exhaustion_timestamp_seconds"].add_metric(labels, r["exhaustion_eta"].timestamp())
+            if r["leaking"] or r["critical"]:
+                blame.add_metric(labels + [r.get("library") or "", str(r.get("owner") or "")], 1)
         yield from g.values()
+        yield blame
 
 
 def running(pid: int, boot_start: int) -> bool:
