@@ -8,8 +8,12 @@ need=(python3-bpfcc libbpfcc bpfcc-tools python3-venv gcc libc6-dev bpftool)
 # Test fixtures on other C libraries: a musl program (musl-gcc) and static glibc ones; and PHP's
 # CLI, a real program that dlopens its extensions, for the healthy-host test.
 need+=(musl-tools php-cli)
-# promtool, for the alert rules' unit tests (Debian ships it in the server package).
-need+=(prometheus)
+# promtool, for the alert rules' unit tests (Debian ships it in the server package), and an
+# Alertmanager, which the delivery test sends a real alert through.
+need+=(prometheus prometheus-alertmanager)
+# The agent's container image, built offline from a Debian rootfs and run with the host's PID
+# namespace (runc: crun fails on these hosts' hybrid cgroups).
+need+=(podman runc mmdebstrap)
 # The incident's own stack, for the verdict tests: Debian's stock Apache with mod_php and Imagick
 # (their services are kept off: the tests start their own), and curl, an OpenSSL client.
 need+=(apache2 libapache2-mod-php php-imagick curl)
@@ -34,7 +38,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
   # Servers installed just now (not ones the host already ran) stay off.
-  for svc in prometheus apache2; do
+  for svc in prometheus prometheus-alertmanager apache2; do
     if [[ " ${missing[*]} " == *" $svc "* ]]; then
       systemctl disable "$svc" >/dev/null 2>&1 || true
       systemctl stop "$svc" >/dev/null 2>&1 || true
