@@ -4,6 +4,7 @@ or pyarrow: it works on records and rows only (about 40 + 40 MB less resident)."
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -66,6 +67,12 @@ def agent(
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise fail(f"--listen takes HOST:PORT (a port from 1 to 65535), not {listen!r}",
                    EXIT_USAGE)
+    try:  # a host that names no address is a usage error, found before anything starts
+        socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM,
+                           flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        why = e.strerror if isinstance(e, socket.gaierror) else "not a valid host name"
+        raise fail(f"--listen {listen}: {host} is no address to listen on ({why})", EXIT_USAGE)
     try:  # (before anything is attached: a bad file costs nothing)
         config = web.load(str(web_config)) if web_config is not None else web.WebConfig()
     except KeytraceError as e:
