@@ -83,3 +83,58 @@ def test_bad_values_are_reported(tmp_path):
     path.write_text(path.read_text().replace("dlclose", "dlexplode"))
     res = keytrace("report", str(path))
     assert res.returncode == 1 and "unknown op 'dlexplode'" in res.stderr
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("end", "soon", "'end' is 'soon', not a time in ns"),
+    ("lost", "many", "'lost' is 'many', not a count of records"),
+    ("lost", -1, "'lost' is -1, not a count of records"),
+    ("resources", [], "'resources' is [], not a mapping"),
+])
+def test_a_saved_ledger_whose_meta_row_is_wrong_is_one_line_naming_the_field(
+        tmp_path, field, value, says):
+    import json
+    path = tmp_path / "l.jsonl"
+    save_events(SAMPLE, path)
+    lines = path.read_text().splitlines()
+    head = json.loads(lines[0])
+    meta = json.loads(head["path"])
+    meta[field] = value
+    head["path"] = json.dumps(meta)
+    path.write_text("\n".join([json.dumps(head)] + lines[1:]) + "\n")
+    with pytest.raises(KeytraceError, match=re.escape(says)):
+        load_events(path)
+    res = keytrace("report", str(path))
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert says in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 64 KiB tmpfs (mounting one takes root)."""
+    import os
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tmp_path / "tiny"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tiny", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+@pytest.mark.parametrize("ext", [".parquet", ".csv", ".jsonl"])
+def test_a_full_disk_leaves_no_partial_file_under_the_final_name(tiny_fs, ext):
+    import numpy as np
+    big = pd.concat([SAMPLE] * 3000, ignore_index=True)
+    big["path"] = [f"/lib/{n:x}.so" for n in np.random.default_rng(1).integers(0, 2**62, len(big))]
+    # (random names: well over 64 KiB in any format, compressed or not)
+    path = tiny_fs / f"ledger{ext}"
+    with pytest.raises(KeytraceError, match=r"cannot write .*No space left on device"):
+        save_events(big, path)
+    assert list(tiny_fs.iterdir()) == []  # neither the file nor its temporary
+    save_events(SAMPLE, path)  # a small one fits, and is whole
+    assert len(load_events(path)[0]) == len(SAMPLE)
+    assert [p.name for p in tiny_fs.iterdir()] == [path.name]

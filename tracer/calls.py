@@ -21,7 +21,7 @@ from . import wire
 from .analysis import calls as report
 from .bpf import calls as kc
 from .bpf import stepcheck, units
-from .bpf.loader import DEFAULT_RING_PAGES, Program
+from .bpf.loader import DEFAULT_RING_PAGES, Program, check_ring_pages
 from .errors import KeytraceError, UsageError
 from .host import patterns as pat
 from .host import planner
@@ -60,7 +60,7 @@ class CallTracer(Tracing):
         self.timing, self.stacks, self.strsize = timing, stacks, strsize
         self.sites, self.limit, self.keep = check_sites(sites), limit, keep
         self.on_call = on_call
-        self.ring_pages = ring_pages
+        self.ring_pages = check_ring_pages(ring_pages)
         self.on_progress = on_progress    # (functions attached, of how many) while attaching
         self.targets: list = []
         self.skipped: dict = {}     # "library!function" -> why no probe could go on it

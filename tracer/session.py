@@ -20,7 +20,7 @@ import numpy as np
 from . import resource, wire
 from .bpf import pairs as bpf_pairs
 from .bpf import stepcheck, units
-from .bpf.loader import DEFAULT_RING_PAGES, Program
+from .bpf.loader import DEFAULT_RING_PAGES, Program, check_ring_pages
 from .errors import KeytraceError, UsageError
 from .host import keytable, proc, tables
 from .host import patterns as pat
@@ -86,7 +86,7 @@ class KeyTracer(Tracing):
             from .analysis.ledger import Ledger
             ledger = Ledger(keep_events=keep_events)
         self.ledger = ledger
-        self._ring_pages = ring_pages
+        self._ring_pages = check_ring_pages(ring_pages)
         self._offset = wire.boot_to_wall_offset_ns()
         self._snapshotted: set = set()  # pids whose current image's modules are in the ledger
         self._reread: dict = {}          # pid -> the poll after which its table is read

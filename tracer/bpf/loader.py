@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .. import wire
-from ..errors import KeytraceError
+from ..errors import KeytraceError, UsageError
 from ..host import planner
 from ..host.elf import read_vaddr
 from ..host.proc import trim_heap
@@ -153,6 +153,14 @@ def release_compiler() -> int:
 _COMPILER = re.compile(r"/lib(LLVM|clang)[^/]*\.so")
 
 
+def check_ring_pages(pages: int) -> int:
+    """The ring buffer's size in pages: a power of two (the kernel's rule), checked before
+    anything is spawned or attached."""
+    if pages < 1 or pages & (pages - 1):
+        raise UsageError(f"--ring-pages takes a power of two (1, 2, 4, ... 2048), not {pages}")
+    return pages
+
+
 class Program:
     """Compiled probe units: open(), attach(file) as files are found, drain(), always close().
 
@@ -169,8 +177,7 @@ class Program:
         policy(code) -> None or why a probe may not go on that instruction
         (tracer.bpf.stepcheck.Policy; this host's, by default): every site is checked with it
         before it is attached."""
-        if ring_pages < 1 or ring_pages & (ring_pages - 1):
-            raise KeytraceError(f"ring buffer pages must be a power of two, not {ring_pages}")
+        check_ring_pages(ring_pages)
         self.units = list(units)
         self.sites: dict = dict(sites or {})  # (build id, function) -> [(site, program name)]
         self._site_text = [programs]

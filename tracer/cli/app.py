@@ -183,9 +183,14 @@ def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[P
         tracer.stop()
         signal.signal(signal.SIGTERM, previous)
     tracer.check()  # a failure of the drain thread after the wait ended
+    unsaved = None
     if output is not None:
-        tracer.ledger.save(output)
-        err.print(f"keytrace: wrote {tracer.ledger.event_count} events to {output}", markup=False)
+        try:
+            tracer.ledger.save(output)
+            err.print(f"keytrace: wrote {tracer.ledger.event_count} events to {output}",
+                      markup=False)
+        except KeytraceError as e:  # (a full disk): the summary is still worth printing
+            unsaved = e
     status = command_status(tracer.returncode, why)
     if status:
         err.print(f"keytrace: the command exited with status {status}", markup=False)
@@ -193,8 +198,10 @@ def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[P
         emit(tracer.ledger, as_json, fail_on_leak, title, reloads_per_day, view,
              names=getattr(tracer, "shown", None))
     except typer.Exit:
-        if not status:
+        if not status and unsaved is None:
             raise  # a leak fails the gate when the command itself succeeded
+    if unsaved is not None:
+        raise failure(unsaved)
     if status:
         raise typer.Exit(status)
     return tracer.ledger

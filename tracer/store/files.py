@@ -66,15 +66,24 @@ def json_lines(df: pd.DataFrame) -> str:
 
 
 def _write(out: pd.DataFrame, path, fmt: str) -> None:
+    """Write beside the final name, then rename: a full disk or a crash never leaves a partial
+    file under the name asked for."""
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
         if fmt == "parquet":
-            out.to_parquet(path, index=False)
+            out.to_parquet(tmp, index=False)
         elif fmt == "csv":
-            out.to_csv(path, index=False)
+            out.to_csv(tmp, index=False)
         else:
-            Path(path).write_text(json_lines(out))
-    except OSError as e:
+            tmp.write_text(json_lines(out))
+        os.replace(tmp, final)
+    except OSError as e:  # (pyarrow's IO errors are OSErrors too)
+        tmp.unlink(missing_ok=True)
         raise KeytraceError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_events(events: pd.DataFrame, path, lost: int = 0, end: int = 0,
@@ -120,12 +129,27 @@ def load_events(path) -> tuple[pd.DataFrame, dict]:
         except (TypeError, ValueError):
             raise KeytraceError(f"{path} has an unreadable meta row") from None
         raw = raw.iloc[1:].reset_index(drop=True)
+    _check_meta(meta, path)
     if meta["schema"] not in READABLE:
         raise KeytraceError(f"{path} is a keytrace ledger of schema {meta['schema']}; this "
                             f"keytrace reads schemas {', '.join(map(str, READABLE))}: upgrade it")
     if meta["schema"] < 3:
         raw = _upgrade(raw)
     return coerce(raw, source=str(path)), meta
+
+
+# The meta row's fields, and what each must be: a bad one is named, never trusted.
+_META_FIELDS = {"schema": (int, "a schema number"), "lost": (int, "a count of records, >= 0"),
+                "end": (int, "a time in ns, >= 0"), "resources": (dict, "a mapping of resources")}
+
+
+def _check_meta(meta: dict, path) -> None:
+    for name, (kind, what) in _META_FIELDS.items():
+        if name not in meta:
+            continue
+        v = meta[name]
+        if not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0):
+            raise KeytraceError(f"{path}: its meta row's {name!r} is {v!r}, not {what}")
 
 
 def _upgrade(raw: pd.DataFrame) -> pd.DataFrame:
