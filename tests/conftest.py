@@ -120,10 +120,39 @@ def uprobe_events() -> set:
     return set(tracefs.read_text().splitlines()) if tracefs.exists() else set()
 
 
+def attached() -> set:
+    """Every BPF attachment on the host: tracefs uprobe events, bpftool's perf-attached probes
+    (any process's) and BPF links. A failing bpftool fails the caller: an unreadable answer
+    must never read as "nothing attached"."""
+    out = {("uprobe_events", line) for line in uprobe_events()}
+    for what in ("perf", "link"):
+        res = subprocess.run(["bpftool", "-j", what, "list"], capture_output=True, text=True)
+        assert res.returncode == 0, f"bpftool {what} list failed: {res.stderr.strip()}"
+        for r in json.loads(res.stdout or "[]"):
+            out.add((what, json.dumps(r, sort_keys=True)))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_by_the_test(request):
+    """After each test that traces (bpf-marked): nothing attached on the host that was not
+    before it, whoever attached it (the test, or a keytrace it ran as a command)."""
+    if request.node.get_closest_marker("bpf") is None or os.geteuid() != 0:
+        yield  # (a pure test attaches nothing; one not root cannot read what is attached)
+        return
+    before = attached()
+    yield
+    added = attached() - before
+    assert not added, f"left attached by {request.node.name}: {sorted(added)}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_attached():
     """After the whole suite: no uprobe of ours left, perf-attached or registered in tracefs
     (compared with what the host had before: other tools may have their own)."""
+    if os.geteuid() != 0:  # tracefs and bpftool are root's to read; nothing was attached
+        yield
+        return
     before = uprobe_events()
     yield
     left = uprobes_attached_by(os.getpid())
