@@ -103,9 +103,11 @@ def test_processes_before_and_after_the_agent(agent, keymaker, bins):
     before.close()
     gone = until(lambda: value(metrics(port), "keytrace_process_pthread_keys", pid=before.pid) is None)
     assert gone, "an exited process keeps its series"
+    assert uprobes_attached_by(p.pid)  # while it runs, its probes are there to be seen
     p.send_signal(signal.SIGTERM)
     assert p.wait(30) == 0
-    assert uprobes_attached_by(p.pid) == []
+    # (gone with it whatever it did; that the stop detached them, the host-wide check after
+    # each test says: conftest.nothing_left_by_the_test)
 
 
 def test_a_port_in_use_is_one_line(agent):
@@ -130,7 +132,8 @@ def test_a_bad_listen_address_is_a_usage_error(listen, says):
     assert res.stderr.count("\n") == 1  # one line, no traceback
 
 
-def test_a_restart_keeps_the_measured_date(agent, bins):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_a_restart_keeps_the_measured_date(agent, bins, stop):
     p, port = agent("--reloads-per-day", "1")
     assert "serving" in p.stderr.readline()
     host = subprocess.Popen([bins["reload_host"], bins["libleaky"], "5", "20000", "60"])
@@ -138,8 +141,9 @@ def test_a_restart_keeps_the_measured_date(agent, bins):
         eta = until(lambda: value(metrics(port), "keytrace_process_pthread_keys_exhaustion_timestamp_seconds",
                                   pid=host.pid))
         assert eta, "no date before the restart"
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(30) == 0
+        time.sleep(1.5)  # a refresh or two: the state is written at each (and at SIGTERM)
+        p.send_signal(stop)
+        assert p.wait(30) == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
         again, port = agent("--reloads-per-day", "1")
         assert "serving" in again.stderr.readline()
         # Its table alone says 5 keys and nothing of what each reload leaves: the date comes
@@ -164,14 +168,29 @@ def test_a_corrupt_state_is_a_warning_and_a_fresh_start(agent, tmp_path):
     assert value(metrics(port), "keytrace_build_info") == 1
 
 
-def test_an_unwritable_state_dir_is_one_line(tmp_path):
-    blocked = tmp_path / "file"
-    blocked.write_text("")
-    res = subprocess.run([sys.executable, "-m", "tracer.cli", "agent", "--listen",
-                          f"127.0.0.1:{free_port()}", "--state-dir", str(blocked / "sub")],
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 1 and "state directory" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize("how", ["not a directory", "read-only"])
+def test_an_unwritable_state_dir_is_one_warning_and_the_agent_serves(agent, tmp_path, how):
+    if how == "not a directory":
+        blocked = tmp_path / "file"
+        blocked.write_text("")
+        state = blocked / "sub"
+    else:
+        state = tmp_path / "ro"
+        state.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "ro", str(state)],
+                       check=True)
+    try:
+        p, port = agent(state=state)
+        first = p.stderr.readline()
+        assert first.startswith("keytrace agent: warning: the state directory") and \
+            "kept in memory only" in first, first
+        assert "serving" in p.stderr.readline()
+        assert value(metrics(port), "keytrace_build_info") == 1
+        terminate(p)
+        assert p.returncode == 0 and p.stderr.read() == ""  # one line, then a clean stop
+    finally:
+        if how == "read-only":
+            subprocess.run(["umount", str(state)], check=True)
 
 
 def test_a_copied_libc_in_its_own_namespace_started_after_the_agent(agent, keymaker, bins, tmp_path):
@@ -312,3 +331,35 @@ def test_series_per_pid_are_bounded_to_processes_at_risk(agent, tmp_path):
             s.kill()
         for s in sleepers:
             s.wait()
+
+
+def test_a_reused_pid_does_not_inherit_the_first_process_keys_or_date(agent, bins):
+    from conftest import Keymaker
+    from test_watch import _on_pid
+    p, port = agent("--reloads-per-day", "1")
+    assert "serving" in p.stderr.readline()
+    first = Keymaker([bins["keymaker"]])
+    pid = str(first.pid)
+    for _ in range(3):
+        first.do(f"r {bins['libleaky']}")  # 3 reloads: leaking, dated
+    assert until(lambda: value(metrics(port), "keytrace_process_pthread_keys_leaking",
+                               pid=pid) == 1)
+    first.close()
+    assert until(lambda: value(metrics(port), "keytrace_process_pthread_keys", pid=pid) is None)
+    second = _on_pid(int(pid), [bins["keymaker"]])
+    try:
+        for _ in range(40):  # 40 keys of its own, deleted again: healthy
+            second.do("c 1")
+            second.do("d 1")
+        second.do(f"L {bins['libtidy']}")
+        time.sleep(2)  # several refreshes
+        text = metrics(port)
+        # healthy: no series of its own, and nothing of the first's (keys, leak, date)
+        for name in ("keytrace_process_pthread_keys", "keytrace_process_pthread_keys_leaking",
+                     "keytrace_process_pthread_keys_exhaustion_timestamp_seconds"):
+            assert value(text, name, pid=pid) is None, name
+        assert value(text, "keytrace_processes", exe=bins["keymaker"], resource="keys") == 1
+        assert value(text, "keytrace_resource_in_use_max", exe=bins["keymaker"],
+                     resource="keys") == 1
+    finally:
+        second.close()

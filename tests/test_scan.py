@@ -90,6 +90,7 @@ def test_static_executable(keymaker, tmp_path):
     assert row["libc"] == str(static) and row["keys_in_use"] == 5 and row["limit"] == 1024
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
 def test_a_chrooted_process_with_its_own_libc(keymaker, bins, tmp_path):
     root = tmp_path / "root"
     (root / "chrootlib").mkdir(parents=True)
@@ -106,6 +107,8 @@ def test_a_chrooted_process_with_its_own_libc(keymaker, bins, tmp_path):
 
 @pytest.fixture
 def namespaced_keymaker(keymaker, bins, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("a mount namespace of its own needs root (unshare --mount)")
     """A keymaker whose libc is a copy on a tmpfs mounted only inside its own mount namespace:
     from here that path leads to an empty directory, only /proc/PID/map_files reaches it."""
     hidden = tmp_path / "nslib"
@@ -126,7 +129,11 @@ def test_a_private_mount_namespace_with_its_own_libc(namespaced_keymaker):
 
 def test_a_process_exiting_mid_scan():
     p = subprocess.Popen(["true"])
-    time.sleep(0.2)  # exited, not yet reaped: what a scan meets when a process ends under it
+    # exited, not yet reaped (a zombie): what a scan meets when a process ends under it
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{p.pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
+        assert time.monotonic() < deadline, "true did not exit"
+        time.sleep(0.01)
     assert scan_pid(p.pid)["status"] == "exited"
     p.wait()
     assert scan_pid(p.pid)["status"] == "exited"  # and once it is gone altogether
@@ -157,6 +164,44 @@ def test_an_unprivileged_scan_reports_permission_per_process(keymaker):
         rows = {row["pid"]: row["status"] for row in json.loads(fh.read())}
     os.waitpid(child, 0)
     assert rows == {k.pid: "permission denied", 2: "kernel thread"}
+
+
+KEYS = ("import ctypes, sys, time\n"
+        "libc = ctypes.CDLL(None)\n"
+        "for _ in range(3):\n"
+        "    assert libc.pthread_key_create(ctypes.byref(ctypes.c_uint()), None) == 0\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to nobody needs root")
+def test_an_ordinary_user_scans_its_own_processes(keymaker):
+    """As nobody: its own process is read whole (map_files is root's, so the files are opened
+    by their paths in the same mount namespace); another user's says permission denied."""
+    import sys
+    nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    mine = subprocess.Popen(nobody + [sys.executable, "-c", KEYS], stdout=subprocess.PIPE,
+                            text=True)
+    other = keymaker()  # root's
+    try:
+        assert mine.stdout.readline().strip() == "ready"
+        as_root = scan_pid(mine.pid)
+        r = subprocess.run(nobody + [sys.executable, "-m", "tracer.cli", "scan", "--json",
+                                     "-p", str(mine.pid), "-p", str(other.pid)],
+                           capture_output=True, text=True, cwd=os.getcwd(), timeout=60)
+        assert r.returncode == 0, r.stderr
+        rows = {row["pid"]: row for row in json_rows(r.stdout)}
+        assert rows[mine.pid]["status"] == "ok" and as_root["status"] == "ok"
+        assert rows[mine.pid]["keys_in_use"] == as_root["keys_in_use"] >= 3
+        assert rows[other.pid]["status"] == "permission denied"
+        assert rows[other.pid]["keys_in_use"] is None
+        r = subprocess.run(nobody + [sys.executable, "-m", "tracer.cli", "scan", "--json",
+                                     "-r", "handlers,tls", "-p", str(mine.pid)],
+                           capture_output=True, text=True, cwd=os.getcwd(), timeout=60)
+        assert [row["status"] for row in json_rows(r.stdout)] == ["ok", "ok"], r.stdout
+    finally:
+        mine.kill()
+        mine.wait()
 
 
 def test_full_host_scan_gives_every_process_a_status():

@@ -8,7 +8,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import json_rows, keytrace, uprobes_attached_by
+from conftest import attached, json_rows, keytrace, uprobes_attached_by
 from tracer.errors import KeytraceError
 from tracer.host import libc, proc
 from tracer.launch import _gate_script
@@ -205,14 +205,17 @@ def children_of(pid):
 
 
 def test_a_killed_tracer_leaves_no_probe_and_no_command(bins):
+    before = attached()
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--", "sleep", "60"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert "probes attached" in proc.stderr.readline()
-    assert uprobes_attached_by(proc.pid)
+    assert uprobes_attached_by(proc.pid) and attached() != before
     (command,) = children_of(proc.pid)
     proc.kill()
     proc.wait()
-    assert uprobes_attached_by(proc.pid) == []
+    # host-wide, not by the dead pid (bpftool lists only live processes' descriptors): the
+    # kernel released every probe with the killed process's descriptors
+    assert attached() == before
     deadline = time.monotonic() + 5
     while os.path.exists(f"/proc/{command}") and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -337,3 +340,63 @@ def test_a_host_wide_ledger_replays_exactly(bins, tmp_path):
     live = json_rows(out)
     assert [r for r in live if r["exe"] == bins["reload_host"]]
     assert json_rows(keytrace("report", "--json", str(path)).stdout) == live
+
+
+def test_a_full_disk_prints_the_summary_and_leaves_no_partial_file(bins, tmp_path):
+    full = tmp_path / "tiny"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tiny", str(full)], check=True)
+    try:
+        out = full / "keys.parquet"
+        r = keytrace("watch", "--json", "-o", str(out), "--", bins["reload_host"],
+                     bins["libleaky"], "300")
+        assert r.returncode == 1, r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.startswith("keytrace: error")]
+        assert errors == [f"keytrace: error: cannot write {out}: No space left on device"]
+        (row,) = [x for x in json_rows(r.stdout) if x["comm"] == "reload_host"]
+        assert row["creates"] == 300 and row["leaking"]  # the summary, all the same
+        assert list(full.iterdir()) == []  # no partial file, no temporary
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def _on_pid(pid: int, argv):
+    """Start argv on this very pid (it must be free): as root, ns_last_pid is set to the pid
+    before it, then a fork; tried again while another process takes it first."""
+    from conftest import Keymaker
+    for _ in range(50):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as fh:
+            fh.write(str(pid - 1))
+        k = Keymaker(argv)
+        if k.pid == pid:
+            return k
+        k.close()
+    raise AssertionError(f"pid {pid} could not be had again")
+
+
+def test_a_reused_pid_is_two_processes_and_the_second_inherits_nothing(bins):
+    from conftest import Keymaker
+    w = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json", "-d", "12",
+                          "--reloads-per-day", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "probes attached" in w.stderr.readline()
+        first = Keymaker([bins["keymaker"]])
+        pid = first.pid
+        first.do(f"l {bins['libleaky']}")  # an orphaned key: the first is leaking, dated
+        first.do("c 3")
+        first.close()
+        second = _on_pid(pid, [bins["keymaker"]])
+        second.do("c 1")
+        out, _ = w.communicate(timeout=60)
+        second.close()
+    finally:
+        w.kill()
+        w.wait()
+    rows = [r for r in json_rows(out) if r["pid"] == pid and r["comm"] == "keymaker"]
+    assert len(rows) == 2, rows
+    old, new = sorted(rows, key=lambda r: r["start"])
+    assert (old["creates"], old["live_keys"], old["alive"]) == (4, 4, False)
+    assert old["leaking"] and old["orphaned_keys"] == 1
+    assert (new["creates"], new["live_keys"], new["orphaned_keys"]) == (1, 1, 0)
+    assert not new["leaking"] and new["days_left"] is None and new["exhaustion_eta"] is None

@@ -182,9 +182,11 @@ def test_a_bad_web_config_is_one_line_and_exit_2_before_anything_is_attached(nam
         path.write_text(text.format(pki=pki))
     with pytest.raises(UsageError, match=message):
         web.load(str(path))
-    before = uprobe_events()
+    root = os.geteuid() == 0  # (tracefs is root's to read; nothing else could attach)
+    before = uprobe_events() if root else None
     r = keytrace("agent", "--web-config", str(path), "--listen", f"127.0.0.1:{free_port()}",
                  "--state-dir", str(tmp_path / "state"), timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert message in r.stderr and str(path) in r.stderr
-    assert uprobe_events() == before and not os.path.exists(tmp_path / "state")
+    assert (uprobe_events() if root else None) == before
+    assert not os.path.exists(tmp_path / "state")

@@ -110,7 +110,7 @@ def mapped_libraries(pid: int) -> list[tuple[str, str]]:
     first: dict = {}
     for start, end, _, path in proc.file_mappings(pid):
         if is_candidate(path) and path not in first:
-            first[path] = proc.map_file(pid, start, end)
+            first[path] = proc.map_file(pid, start, end, path)
     return sorted((link, path) for path, link in first.items())
 
 

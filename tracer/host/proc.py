@@ -106,9 +106,24 @@ def file_mappings(pid: int) -> list[tuple[int, int, int, str]]:
     return [m for m in maps if m[3].startswith("/") and not m[3].endswith("(deleted)")]
 
 
-def map_file(pid: int, start: int, end: int) -> str:
-    """The mapped file itself, whatever mount namespace or chroot the process is in."""
+def map_file(pid: int, start: int, end: int, path: str = "") -> str:
+    """The mapped file itself, whatever mount namespace or chroot the process is in. Following
+    /proc/PID/map_files takes CAP_SYS_ADMIN (CAP_CHECKPOINT_RESTORE on newer kernels), so an
+    ordinary user gets path instead, when the process sees the same files as we do (its mount
+    namespace is ours)."""
+    if path and _UNPRIVILEGED and _same_files(pid):
+        return path
     return f"/proc/{pid}/map_files/{start:x}-{end:x}"
+
+
+_UNPRIVILEGED = os.geteuid() != 0
+
+
+def _same_files(pid: int) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return False
 
 
 def modules(pid: int) -> list[tuple[str, int, str]]:
@@ -117,7 +132,7 @@ def modules(pid: int) -> list[tuple[str, int, str]]:
     seen: dict = {}
     for start, end, offset, path in file_mappings(pid):
         if offset == 0 and path not in seen:
-            opened = map_file(pid, start, end)
+            opened = map_file(pid, start, end, path)
             info = elf_info(opened)
             if info is not None:
                 seen[path] = (path, start - info.lo, opened)

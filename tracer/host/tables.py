@@ -218,7 +218,7 @@ def glibc_files(pid: int, entries: list, cache: Optional[dict] = None) -> dict:
                 raise Unreadable("not read: unsupported: musl keeps no state of glibc's")
             if kind and kind not in out:
                 start, end = (int(x, 16) for x in f[0].split("-", 1))
-                out[kind] = (path, start, (f[3], f[4], path), proc.map_file(pid, start, end))
+                out[kind] = (path, start, (f[3], f[4], path), proc.map_file(pid, start, end, path))
     mine["glibc"] = out
     return out
 
