@@ -1,4 +1,5 @@
-"""Bad input gets one clear line on stderr and a non-zero exit, never a traceback."""
+"""Bad input gets one clear line on stderr and its documented exit status (2 for a usage
+error, 1 for anything else), never a traceback."""
 import os
 import subprocess
 import sys
@@ -8,8 +9,9 @@ import pytest
 from conftest import keytrace
 
 
-def assert_one_line_error(res, text):
-    assert res.returncode != 0
+def assert_one_line_error(res, text, code=1):
+    """One line on stderr, and the documented exit status: 2 for a usage error, 1 else."""
+    assert res.returncode == code, (res.returncode, res.stderr)
     assert "Traceback" not in res.stderr, res.stderr
     assert res.stderr.startswith("keytrace: error: "), res.stderr
     assert text in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
@@ -24,11 +26,21 @@ def test_an_unknown_command(bpf):
 
 
 def test_unknown_output_extension():
-    assert_one_line_error(keytrace("watch", "-o", "events.xlsx", "--", "true"), "cannot tell the format")
+    for cmd in (["watch"], ["calls", "-e", "malloc"], ["scan"]):
+        assert_one_line_error(keytrace(*cmd, "-o", "events.xlsx", "--", "true") if cmd[0] != "scan"
+                              else keytrace("scan", "-o", "events.xlsx"),
+                              "cannot tell the format", code=2)
 
 
-def test_bad_ring_size(bpf):
-    assert_one_line_error(keytrace("watch", "--ring-pages", "3", "--", "true"), "power of two")
+def test_usage_errors_come_before_anything_is_spawned():
+    # (no bpf fixture: these must fail even where tracing is impossible, before trying it)
+    for args, text in ((["watch", "--ring-pages", "3", "--", "true"], "power of two"),
+                       (["calls", "-e", "libc:", "--", "true"], "empty function"),
+                       (["watch", "-r", "nonsense", "--", "true"], "no resource 'nonsense'"),
+                       (["watch", "--pair", "libc:fopen", "--", "true"], "--pair"),
+                       (["watch", "--sites", "sideways", "--", "true"], "planned or entry"),
+                       (["scan", "-r", "nonsense"], "no resource 'nonsense'")):
+        assert_one_line_error(keytrace(*args), text, code=2)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root")
@@ -45,7 +57,7 @@ def test_not_root():
 
 
 def test_every_command_has_help_with_examples():
-    for cmd in ("watch", "report", "demo", "doctor"):
+    for cmd in COMMANDS:
         res = keytrace(cmd, "--help")
         assert res.returncode == 0 and "Example" in res.stdout, res.stdout
 
@@ -54,3 +66,24 @@ def test_doctor_passes_here(bpf):
     res = keytrace("doctor")
     assert res.returncode == 0, res.stdout
     assert "FAIL" not in res.stdout and "kernel headers" in res.stdout
+
+
+COMMANDS = ["calls", "agent", "watch", "report", "demo", "scan", "doctor"]
+
+
+def test_every_option_of_every_command_is_in_the_docs():
+    """Each option a command's --help lists appears in the README or docs/: an option added
+    without its documentation fails here."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    docs = (root / "README.md").read_text() + "".join(
+        p.read_text() for p in sorted((root / "docs").glob("*.md")))
+    missing = []
+    for cmd in COMMANDS:
+        r = keytrace(cmd, "--help", env={**__import__("os").environ, "COLUMNS": "200"})
+        assert r.returncode == 0, (cmd, r.stderr)
+        for opt in sorted(set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", r.stdout)) - {"--help"}):
+            if not re.search(rf"{re.escape(opt)}(?![a-z0-9-])", docs):
+                missing.append(f"{cmd} {opt}")
+    assert not missing, f"options in --help but in no doc: {missing}"

@@ -16,7 +16,7 @@ from typing import Optional
 import pandas as pd
 
 from .. import resource
-from ..errors import KeytraceError
+from ..errors import KeytraceError, UsageError
 from ..wire import COLUMNS, decode, op_type, records
 
 SCHEMA = 3        # 3: resources (acquire, release, handle, owner); 2: a meta row, host facts
@@ -28,11 +28,11 @@ FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv",
 
 
 def format_of(path) -> str:
-    """The format a path's extension asks for; a KeytraceError names the ones known."""
+    """The format a path's extension asks for; a UsageError names the ones known."""
     fmt = FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         known = ", ".join(sorted(FORMATS))
-        raise KeytraceError(f"cannot tell the format of {str(path)!r} from its extension "
+        raise UsageError(f"cannot tell the format of {str(path)!r} from its extension "
                             f"(use one of {known})")
     return fmt
 
