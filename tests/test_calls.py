@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -11,7 +12,7 @@ import pytest
 from tracer.calls import CallTracer
 from tracer.workloads import compile_c
 
-from conftest import FIXTURES, json_rows, keytrace
+from conftest import REQUIRE_BPF, FIXTURES, json_rows, keytrace
 
 N = 150
 # What tests/fixtures/caller.c does with N and "threads fork": rand in main, 2 threads, a child.
@@ -41,11 +42,15 @@ def test_counts_exact_where_ltrace_sees_nothing(bpf, callers):
     assert r.returncode == 0, r.stderr
     assert counted(json_rows(r.stdout)) == {f: EXPECTED[f] for f in ("rand", "getpid", "strlen", "open")}
     assert "on planned sites" in r.stderr
-    if shutil.which("ltrace"):
-        lt = subprocess.run(["ltrace", "-c", "-f", "-e", "rand+getpid+strlen+open", callers["pie"],
-                             str(N)], capture_output=True, text=True, timeout=120)
-        # -z now -fno-plt: no PLT to break on, so ltrace counts nothing of what ran
-        assert "rand" not in lt.stderr and "getpid" not in lt.stderr, lt.stderr
+    if not shutil.which("ltrace"):
+        if REQUIRE_BPF:
+            pytest.fail("ltrace is not installed (setup.sh installs it)")
+        pytest.skip("ltrace is not installed: the comparison cannot be made")
+    lt = subprocess.run(["ltrace", "-c", "-f", "-e", "rand+getpid+strlen+open", callers["pie"],
+                         str(N)], capture_output=True, text=True, timeout=120)
+    # -z now -fno-plt: no PLT to break on, so ltrace counts nothing of what ran
+    assert lt.returncode == 0 and "calls" in lt.stderr, lt.stderr
+    assert "rand" not in lt.stderr and "getpid" not in lt.stderr, lt.stderr
 
 
 @pytest.mark.parametrize("kind", ["pie", "nopie"])
@@ -109,7 +114,9 @@ def test_json_lines_and_files(bpf, callers, tmp_path):
     r = keytrace("calls", "-c", "-e", "rand", "-o", str(table), "--", callers["pie"], "5")
     assert r.returncode == 0, r.stderr
     assert pd.read_csv(table).set_index("function")["calls"].to_dict() == {"rand": 5}
-    assert "5" in r.stdout and "libc.so.6!rand" in r.stdout
+    (line,) = [x for x in r.stdout.splitlines() if "libc.so.6!rand" in x]
+    cells = [c.strip() for c in re.split(r"[│┃|]", line) if c.strip()]
+    assert cells[0] == "5" and cells[-1] == "libc.so.6!rand", line
 
 
 def test_latency_histograms_errors_and_stacks_in_the_kernel(bpf, callers):
@@ -130,7 +137,7 @@ def test_latency_histograms_errors_and_stacks_in_the_kernel(bpf, callers):
 @pytest.mark.parametrize("pattern, message, code", [
     ("libsssl:SSL_read", "no library matches 'libsssl': did you mean", 1),
     ("mallocc", "no function in libc.so.6 matches 'mallocc': did you mean malloc", 1),
-    ("libc:", "pattern", 2),  # malformed: a usage error
+    ("libc:", "pattern 'libc:' has an empty function after ':'", 2),  # malformed: usage
 ])
 def test_bad_patterns_are_one_line(pattern, message, code):
     r = keytrace("calls", "-c", "-e", pattern, "--", "true")

@@ -38,10 +38,7 @@ def _exported() -> set:
 METRICS = _exported()
 CAPABILITIES = {"cap_bpf", "cap_perfmon", "cap_sys_ptrace", "cap_sys_resource", "cap_sys_admin"}
 
-try:
-    import yaml
-except ImportError:  # PyYAML comes with Debian's python3-yaml; the checks below fall back
-    yaml = None
+import yaml  # (a dependency of keytrace: the agent's --web-config is YAML)
 
 
 def _tool(name: str) -> str:
@@ -74,31 +71,6 @@ def test_promtool_test_rules():
 
 # --- (b) every rule has a firing and a quiet case ---------------------------------------------
 
-def _cases_minimal(text: str) -> list[tuple[str, bool]]:
-    """(alertname, fires) per alert_rule_test entry, read line by line (no PyYAML): an entry
-    fires when its exp_alerts is followed by a list item rather than being `[]`."""
-    cases, name, lines = [], None, text.splitlines()
-    for i, line in enumerate(lines):
-        m = re.match(r"\s*(?:-\s+)?alertname:\s*['\"]?([\w:]+)", line)
-        if m:
-            name = m.group(1)
-            continue
-        m = re.match(r"(\s*)(?:-\s+)?exp_alerts:\s*(\S.*)?$", line)
-        if m and name is not None:
-            if m.group(2) is not None:
-                fires = m.group(2).split("#")[0].strip() not in ("[]", "")
-            else:
-                nxt = next((ln for ln in lines[i + 1:] if ln.strip() and not ln.strip().startswith("#")), "")
-                fires = nxt.lstrip().startswith("-") and len(nxt) - len(nxt.lstrip()) >= len(m.group(1))
-            cases.append((name, fires))
-            name = None
-    return cases
-
-
-def _alerts_minimal(text: str) -> set[str]:
-    return set(re.findall(r"^\s*-\s+alert:\s*['\"]?([\w:]+)", text, re.M))
-
-
 def _rules() -> list[dict]:
     doc = yaml.safe_load(RULES.read_text())
     return [r for g in doc["groups"] for r in g["rules"]]
@@ -112,12 +84,8 @@ def _cases() -> list[tuple[str, list]]:
 
 
 def test_every_rule_has_firing_and_quiet_cases():
-    if yaml is not None:
-        alerts = {r["alert"] for r in _rules() if "alert" in r}
-        cases = [(name, bool(exp)) for name, exp in _cases()]
-    else:
-        alerts = _alerts_minimal(RULES.read_text())
-        cases = _cases_minimal(RULE_TESTS.read_text())
+    alerts = {r["alert"] for r in _rules() if "alert" in r}
+    cases = [(name, bool(exp)) for name, exp in _cases()]
     assert alerts == ALERTS
     # A case naming no rule passes promtool silently when it expects nothing: catch typos.
     unknown = {name for name, _ in cases} - alerts
@@ -128,7 +96,6 @@ def test_every_rule_has_firing_and_quiet_cases():
     assert not missing, "; ".join(missing)
 
 
-@pytest.mark.skipif(yaml is None, reason="PyYAML not importable")
 def test_rules_are_labelled_and_annotated():
     """Each rule has a severity, and summary and description annotations, the description
     naming the series through $labels; each firing case expects those labels and annotations."""
@@ -144,14 +111,6 @@ def test_rules_are_labelled_and_annotated():
         for alert in exp:
             assert alert["exp_labels"]["severity"] == rules[name]["labels"]["severity"], name
             assert set(alert.get("exp_annotations", {})) >= {"summary", "description"}, name
-
-
-def test_minimal_parser_agrees():
-    """The no-PyYAML fallback reads the same cases as PyYAML does."""
-    if yaml is None:
-        pytest.skip("PyYAML not importable: nothing to compare with")
-    assert _alerts_minimal(RULES.read_text()) == {r["alert"] for r in _rules()}
-    assert _cases_minimal(RULE_TESTS.read_text()) == [(n, bool(e)) for n, e in _cases()]
 
 
 # --- (c) the systemd unit -------------------------------------------------------------------
@@ -183,8 +142,8 @@ def test_systemd_unit_verifies(tmp_path):
     dump = _run(analyze, "verify", str(unit), env=env)
     for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
         m = re.search(rf"^\s*{key}:\s*(.*)$", dump.stdout + dump.stderr, re.M)
-        if m:
-            assert CAPABILITIES <= set(m.group(1).split()), f"{key}: {m.group(1)}"
+        assert m, f"systemd-analyze showed no {key}: the capabilities cannot be checked"
+        assert CAPABILITIES <= set(m.group(1).split()), f"{key}: {m.group(1)}"
 
 
 def test_systemd_unit_contents():

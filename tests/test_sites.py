@@ -68,7 +68,12 @@ def test_keys_until_eagain(bins):
 
 
 def test_fork_and_exec(bins):
-    both([bins["forker"]])
+    planned, _ = both([bins["forker"]])
+    # the forker's known counts (tests/fixtures/forker.c): the parent makes 3; child A makes 2
+    # and deletes one it inherited (holding 3 + 2 - 1); child B, exec'd, makes 1
+    forker = bins["forker"]
+    assert rows(planned) == sorted([(forker, 3, 0, 0, 0, 3), (forker, 2, 1, 0, 0, 4),
+                                    (forker, 1, 0, 0, 0, 1)])
 
 
 def test_a_wrong_plan_fails_its_self_test_and_falls_back(bins, monkeypatch):
