@@ -185,10 +185,13 @@ def _exercise(program) -> tuple:
     other record drained meanwhile). The child is a fork of this process, so Python's own
     after-fork key work comes first: only records from the moment it says it starts count."""
     r, w = os.pipe()
+    go_r, go_w = os.pipe()  # the child waits until it is in the pid filter (-p, --)
     child = os.fork()
     if child == 0:  # the child: libc calls, then out without any Python cleanup
         try:
             os.close(r)
+            os.close(go_w)
+            os.read(go_r, 1)
             start = time.clock_gettime_ns(time.CLOCK_BOOTTIME)  # the records' clock
             c = ctypes.CDLL(None)
             keys = (ctypes.c_uint * 3)()
@@ -202,8 +205,13 @@ def _exercise(program) -> tuple:
         finally:
             os._exit(0)
     os.close(w)
-    if program.pids is not None:
-        program.add_pid(child)
+    os.close(go_r)
+    try:
+        if program.pids is not None:
+            program.add_pid(child)
+    finally:
+        os.write(go_w, b"g")  # (also when adding failed: the child must not wait forever)
+        os.close(go_w)
     os.waitpid(child, 0)
     with os.fdopen(r) as fh:
         start = int(fh.read() or 0)
