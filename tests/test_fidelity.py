@@ -100,7 +100,7 @@ def test_a_healthy_host_flags_only_the_leaky_reloader(bins, leaky):
     rows = json_rows(out)
     flagged = [(r["comm"], r["reason"]) for r in rows if r["leaking"]]
     ran = {r["comm"] for r in rows}
-    assert {"python3", "perl", "php", "onekey", "reload_host"} <= ran, ran
+    assert {"python3", "perl", "php", "onekey", "reload_host"} <= ran, (ran, errs)
     if leaky:
         assert proc.returncode == 3, errs
         assert {r["exe"] for r in rows if r["leaking"]} == {bins["reload_host"]}, flagged
