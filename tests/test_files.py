@@ -41,15 +41,15 @@ def test_report_cli_reads_a_saved_ledger(tmp_path):
     assert '"failed_creates": 1' in res.stdout and '"critical": true' in res.stdout
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("bad.parquet", b"not parquet at all", "is not a readable parquet ledger"),
-    ("bad.csv", b"a,b\n1,2\n", "missing column(s)"),
-    ("bad.parquet", None, "no such file"),
-    ("bad.jsonl", b'{"ts": "x"\n', "is not a readable jsonl ledger"),
-    ("missing.csv", None, "no such file"),
-    ("ledger.txt", b"", "cannot tell the format"),
+@pytest.mark.parametrize("name,content,message,code", [
+    ("bad.parquet", b"not parquet at all", "is not a readable parquet ledger", 1),
+    ("bad.csv", b"a,b\n1,2\n", "missing column(s)", 1),
+    ("bad.parquet", None, "no such file", 1),
+    ("bad.jsonl", b'{"ts": "x"\n', "is not a readable jsonl ledger", 1),
+    ("missing.csv", None, "no such file", 1),
+    ("ledger.txt", b"", "cannot tell the format", 2),  # what was asked for: a usage error
 ])
-def test_bad_files_are_one_clear_line(tmp_path, name, content, message):
+def test_bad_files_are_one_clear_line(tmp_path, name, content, message, code):
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
@@ -57,7 +57,7 @@ def test_bad_files_are_one_clear_line(tmp_path, name, content, message):
         load_events(path)
     assert message in str(e.value)
     res = keytrace("report", str(path))
-    assert res.returncode == 1
+    assert res.returncode == code
     assert res.stderr.startswith("keytrace: error: ") and message in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
 

@@ -4,7 +4,6 @@ build-id or .gnu_debuglink points to. Parsed once per file identity (device, ino
 """
 from __future__ import annotations
 
-import bisect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +55,17 @@ class ElfInfo:
                 except (ELFError, ValueError):
                     break
             else:
-                return ([], [], [], None)  # no path works now: not kept, a later call retries
-            starts = sorted(funcs)
-            self._syms = (starts, [a + funcs[a][0] for a in starts], [funcs[a][1] for a in starts],
+                return (np.zeros(0, np.uint64), np.zeros(0, np.uint64),
+                        (b"", np.zeros(1, np.uint64)), None)  # not kept: a later call retries
+            # Compact, for an agent that keeps the tables of many large libraries: two arrays
+            # of addresses and one blob of names (about a fifth of Python lists of ints and
+            # strs); a name is decoded when it is asked for.
+            starts = np.array(sorted(funcs), dtype=np.uint64)
+            sizes = np.array([funcs[a][0] for a in starts.tolist()], dtype=np.uint64)
+            encoded = [funcs[a][1] for a in starts.tolist()]
+            offsets = np.zeros(len(encoded) + 1, dtype=np.uint64)
+            np.cumsum([len(n) for n in encoded], out=offsets[1:])
+            self._syms = (starts, starts + sizes, (b"".join(encoded), offsets),
                           str(debug) if debug else None)
         return self._syms
 
@@ -66,17 +73,23 @@ class ElfInfo:
     def debug_file(self) -> Optional[str]:
         return self._symbols()[3]
 
+    @staticmethod
+    def _name(names: tuple, i: int) -> str:
+        blob, offsets = names
+        return blob[int(offsets[i]):int(offsets[i + 1])].decode("utf-8", "replace")
+
     def address_of(self, name: str) -> Optional[int]:
         """The address of a function symbol, by name."""
         starts, _, names, _ = self._symbols()
-        return next((a for a, n in zip(starts, names) if n == name), None)
+        return next((int(starts[i]) for i in range(len(starts)) if self._name(names, i) == name),
+                    None)
 
     def symbol(self, vaddr: int) -> Optional[tuple]:
         """(name, offset) of the function containing vaddr, if any."""
         starts, ends, names, _ = self._symbols()
-        i = bisect.bisect_right(starts, vaddr) - 1
-        if i >= 0 and vaddr < ends[i]:
-            return names[i], vaddr - starts[i]
+        i = int(np.searchsorted(starts, np.uint64(vaddr), side="right")) - 1
+        if i >= 0 and vaddr < int(ends[i]):
+            return self._name(names, i), vaddr - int(starts[i])
         return None
 
 
@@ -117,13 +130,24 @@ def defined_symbols(elf: ELFFile, names, kinds=None) -> dict:
 
 
 def _functions(elf: ELFFile, into: dict) -> None:
-    for _, syms, names in reversed(_tables(elf)):  # .symtab first: its names win
+    """{address: (size, name as bytes)} of the function symbols, .symtab's names first. Only
+    the functions' names are cut out of the string table (a C++ library's tables hold
+    hundreds of thousands of long names: decoding them all is what an agent would keep)."""
+    for section in (".symtab", ".dynsym"):
+        sec = elf.get_section_by_name(section)
+        if not isinstance(sec, SymbolTableSection) or sec["sh_type"] == "SHT_NOBITS":
+            continue
+        syms = np.frombuffer(sec.data(), dtype=_SYM)
         func = np.isin(syms["info"] & 0xF, (2, 10)) & (syms["value"] != 0) & (syms["shndx"] != 0)
-        for i in np.flatnonzero(func).tolist():
-            if names[i]:
-                # Versioned aliases share an address: keep the first name.
-                into.setdefault(int(syms["value"][i]), (int(syms["size"][i]) or 1,
-                                                        names[i].split("@")[0]))
+        if not func.any():
+            continue
+        strtab = elf.get_section(sec["sh_link"]).data()
+        for value, size, o in zip(syms["value"][func].tolist(), syms["size"][func].tolist(),
+                                  syms["name"][func].tolist()):
+            if value in into or not strtab[o:o + 1].strip(b"\0"):
+                continue  # versioned aliases share an address: the first name stays
+            name = strtab[o:strtab.index(b"\0", o)].split(b"@", 1)[0]
+            into[value] = (size or 1, name)
 
 
 def _debug_file(elf: ELFFile, path: str) -> Optional[Path]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -65,6 +66,14 @@ def json_lines(df: pd.DataFrame) -> str:
                    for rec in df.to_dict(orient="records"))
 
 
+def _why(e: OSError) -> str:
+    """An OSError's reason, the same from Python's writes and pyarrow's ("... [errno 28] ...")."""
+    m = re.search(r"\[errno (\d+)\]", str(e))
+    if m:
+        return os.strerror(int(m.group(1)))
+    return e.strerror or str(e)
+
+
 def _write(out: pd.DataFrame, path, fmt: str) -> None:
     """Write beside the final name, then rename: a full disk or a crash never leaves a partial
     file under the name asked for."""
@@ -78,9 +87,9 @@ def _write(out: pd.DataFrame, path, fmt: str) -> None:
         else:
             tmp.write_text(json_lines(out))
         os.replace(tmp, final)
-    except OSError as e:  # (pyarrow's IO errors are OSErrors too)
+    except OSError as e:  # (pyarrow's IO errors are OSErrors too, its errno in the text)
         tmp.unlink(missing_ok=True)
-        raise KeytraceError(f"cannot write {path}: {e.strerror or e}") from None
+        raise KeytraceError(f"cannot write {path}: {_why(e)}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
