@@ -222,7 +222,11 @@ class Agent:
 
     def _rows(self, procs, now: int) -> list:
         # --reloads-per-day is the assumption until a measure is trusted: prefer_measured
-        return verdicts.rows(procs, now, self.reloads_per_day, prefer_measured=True)
+        # Code paths by module and offset: they tell paths apart as well as names do, and an
+        # agent that named them would hold the symbol tables of every large library whose
+        # keys it judges (tens of MB for one process of LLVM's or Arrow's).
+        return verdicts.rows(procs, now, self.reloads_per_day, prefer_measured=True,
+                             symbols=False)
 
     def _prior(self, pid: int, start: int) -> Optional[dict]:
         """The saved facts of this very process: same pid, same start (SAME_START_NS)."""
@@ -255,7 +259,7 @@ class Agent:
             return
         self._counted[p.ident] = sig
         exe = exe_label(p.exe, p.comm)
-        for lib, (created, deleted) in Attribution(p).counts_by_library().items():
+        for lib, (created, deleted) in Attribution(p, symbols=False).counts_by_library().items():
             self._creates.add(p.ident, exe, lib, created)
             self._deletes.add(p.ident, exe, lib, deleted)
         self._failures.add(p.ident, exe, "", t.failed_acquires + t.missed[1])

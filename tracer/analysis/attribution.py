@@ -103,9 +103,12 @@ class Frame:
 class Resolver:
     """Names addresses against module instances (one process's history, or a scan's mappings).
 
-    pid: a live process whose files are then read as it sees them (its mount namespace)."""
+    pid: a live process whose files are then read as it sees them (its mount namespace).
+    symbols: name a frame by its function (else by its module and offset, which tells code
+    paths apart as well, and reads no symbol table: the agent's choice)."""
 
-    def __init__(self, modules: list, pid: Optional[int] = None):
+    def __init__(self, modules: list, pid: Optional[int] = None, symbols: bool = True):
+        self.symbols = symbols
         root = f"/proc/{pid}/root"
         self.root = root if pid is not None and os.path.exists(root) else ""
         self._infos: dict = {}   # file or path -> (ElfInfo, the path it was read from)
@@ -171,7 +174,7 @@ class Resolver:
         m = self.module_at(addr, ts, load)
         if m is None:
             return Frame(addr, None, None, 0)
-        sym = self.info(m).symbol(addr - m.base)
+        sym = self.info(m).symbol(addr - m.base) if self.symbols else None
         return Frame(addr, m, sym[0], sym[1]) if sym else Frame(addr, m, None, addr - m.base)
 
     def stack(self, site: Site) -> list:
@@ -234,15 +237,18 @@ class Occasion:
 class Attribution:
     """Every site of one process tied to the module instance that made it (computed once).
 
-    without_elf: name nothing (no ELF file is read); code paths are then raw addresses."""
+    without_elf: name nothing (no ELF file is read); code paths are then raw addresses.
+    symbols: False names frames by module and offset (no symbol table read)."""
 
-    def __init__(self, proc: Process, resource=None, without_elf: bool = False):
+    def __init__(self, proc: Process, resource=None, without_elf: bool = False,
+                 symbols: bool = True):
         self.proc = proc
         r = resource or resources.default()
         self.table = proc.tables.get(r.name) or Table()
         self.unit, self.units, self.owner_word = r.word("unit"), r.word("units"), r.word("owner")
         self.acquire_call = r.word("acquire_call")
-        self.resolver = Resolver(proc.modules.instances, proc.pid if proc.exited is None else None)
+        self.resolver = Resolver(proc.modules.instances, proc.pid if proc.exited is None else None,
+                                 symbols=symbols)
         self.without_elf = without_elf
         t = self.table
         sites = t.sites.values()

@@ -115,7 +115,7 @@ def is_leaking(critical, orphaned, same_path):
 
 
 def _state(p, r: Resource, now_ns: int, reloads_per_day: Optional[float], attribute: bool,
-           prefer_measured: bool) -> dict:
+           prefer_measured: bool, symbols: bool = True) -> dict:
     """A process's row for one resource, in generic fields."""
     t = p.tables.get(r.name) or _EMPTY
     unknown = (t.read or "").startswith("not read")  # handles made before tracing: not known
@@ -129,7 +129,7 @@ def _state(p, r: Resource, now_ns: int, reloads_per_day: Optional[float], attrib
         "in_use": t.live_count, "held": t.held_count,
     }
     row["never_released"] = row["acquires"] - row["failed_acquires"] > 0 and row["releases"] == 0
-    attr = Attribution(p, r, without_elf=not attribute).summary()
+    attr = Attribution(p, r, without_elf=not attribute, symbols=symbols).summary()
     if not attribute:
         attr.update(_NO_ATTRIBUTION)
     rates = _rates(attr, (p.exited or now_ns) - p.traced_since, reloads_per_day, prefer_measured, r)
@@ -304,14 +304,16 @@ def _words(r: Resource, row: dict) -> dict:
 
 def rows(procs, now_ns: int, reloads_per_day: Optional[float] = None,
          attribute: bool = True, prefer_measured: bool = False,
-         resource: Optional[Resource] = None) -> list:
+         resource: Optional[Resource] = None, symbols: bool = True) -> list:
     """The per-process summary of a resource (the first registered by default) as dicts
     (summary_columns; start and traced_since in ns since the epoch), judged, sorted: critical,
     leaking, most in use. prefer_measured: a given reloads_per_day is an assumption that a
-    trusted measure replaces (the agent), not the user's what-if that wins (watch, report)."""
+    trusted measure replaces (the agent), not the user's what-if that wins (watch, report).
+    symbols: False names code paths by module and offset (the agent: no symbol table held)."""
     r = resource or resources.default()
     if r.traced:
-        out = [_state(p, r, now_ns, reloads_per_day, attribute, prefer_measured) for p in procs]
+        out = [_state(p, r, now_ns, reloads_per_day, attribute, prefer_measured, symbols)
+               for p in procs]
     else:  # its table is read at each cycle: rows for the processes read
         out = [_sampled(p, r, now_ns, reloads_per_day, prefer_measured) for p in procs
                if r.name in p.samples]

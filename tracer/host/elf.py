@@ -38,19 +38,20 @@ class ElfInfo:
 
     def _symbols(self) -> tuple:
         if self._syms is None:
-            funcs: dict = {}
+            parts: list = []
             debug = None
             for path in self.paths or [self.path]:
                 try:
                     with open(path, "rb") as fh:
                         elf = ELFFile(fh)
-                        _functions(elf, funcs)
+                        _functions(elf, parts)
                         debug = _debug_file(elf, path)
                     if debug is not None:
                         with open(debug, "rb") as dfh:
-                            _functions(ELFFile(dfh), funcs)
+                            _functions(ELFFile(dfh), parts)
                     break
                 except OSError:  # a link of an exited process: try the next path
+                    parts = []
                     continue
                 except (ELFError, ValueError):
                     break
@@ -58,15 +59,8 @@ class ElfInfo:
                 return (np.zeros(0, np.uint64), np.zeros(0, np.uint64),
                         (b"", np.zeros(1, np.uint64)), None)  # not kept: a later call retries
             # Compact, for an agent that keeps the tables of many large libraries: two arrays
-            # of addresses and one blob of names (about a fifth of Python lists of ints and
-            # strs); a name is decoded when it is asked for.
-            starts = np.array(sorted(funcs), dtype=np.uint64)
-            sizes = np.array([funcs[a][0] for a in starts.tolist()], dtype=np.uint64)
-            encoded = [funcs[a][1] for a in starts.tolist()]
-            offsets = np.zeros(len(encoded) + 1, dtype=np.uint64)
-            np.cumsum([len(n) for n in encoded], out=offsets[1:])
-            self._syms = (starts, starts + sizes, (b"".join(encoded), offsets),
-                          str(debug) if debug else None)
+            # of addresses and one blob of names; a name is decoded when it is asked for.
+            self._syms = (*_merge(parts), str(debug) if debug else None)
         return self._syms
 
     @property
@@ -129,10 +123,10 @@ def defined_symbols(elf: ELFFile, names, kinds=None) -> dict:
     return found
 
 
-def _functions(elf: ELFFile, into: dict) -> None:
-    """{address: (size, name as bytes)} of the function symbols, .symtab's names first. Only
-    the functions' names are cut out of the string table (a C++ library's tables hold
-    hundreds of thousands of long names: decoding them all is what an agent would keep)."""
+def _functions(elf: ELFFile, into: list) -> None:
+    """Append (addresses, sizes, names blob, name offsets) of the function symbols of .symtab
+    then .dynsym. Vectorised: a C++ library's tables hold hundreds of thousands of long names,
+    and a Python object per name is what a long-running agent's heap would keep the holes of."""
     for section in (".symtab", ".dynsym"):
         sec = elf.get_section_by_name(section)
         if not isinstance(sec, SymbolTableSection) or sec["sh_type"] == "SHT_NOBITS":
@@ -141,13 +135,43 @@ def _functions(elf: ELFFile, into: dict) -> None:
         func = np.isin(syms["info"] & 0xF, (2, 10)) & (syms["value"] != 0) & (syms["shndx"] != 0)
         if not func.any():
             continue
-        strtab = elf.get_section(sec["sh_link"]).data()
-        for value, size, o in zip(syms["value"][func].tolist(), syms["size"][func].tolist(),
-                                  syms["name"][func].tolist()):
-            if value in into or not strtab[o:o + 1].strip(b"\0"):
-                continue  # versioned aliases share an address: the first name stays
-            name = strtab[o:strtab.index(b"\0", o)].split(b"@", 1)[0]
-            into[value] = (size or 1, name)
+        strtab = np.frombuffer(elf.get_section(sec["sh_link"]).data(), dtype=np.uint8)
+        starts = syms["name"][func].astype(np.int64)
+        # a name ends at its NUL, or at "@" (a version: versioned aliases are one function)
+        stops = np.flatnonzero((strtab == 0) | (strtab == ord("@")))
+        ends = stops[np.searchsorted(stops, starts)]
+        named = ends > starts
+        starts, ends = starts[named], ends[named]
+        lengths = ends - starts
+        offsets = np.zeros(len(lengths) + 1, dtype=np.uint64)
+        np.cumsum(lengths, out=offsets[1:])
+        # every name's bytes, gathered in one go: start + 0 .. length - 1 for each name
+        gather = np.repeat(starts - offsets[:-1].astype(np.int64), lengths) + \
+            np.arange(int(offsets[-1]), dtype=np.int64)
+        into.append((syms["value"][func][named].astype(np.uint64),
+                     np.maximum(syms["size"][func][named], 1).astype(np.uint64),
+                     strtab[gather].tobytes(), offsets))
+
+
+def _merge(parts: list) -> tuple:
+    """(starts, ends, (names blob, offsets)) sorted by address, the first name met for an
+    address kept (.symtab's, then .dynsym's)."""
+    if not parts:
+        return (np.zeros(0, np.uint64), np.zeros(0, np.uint64), (b"", np.zeros(1, np.uint64)))
+    addrs = np.concatenate([p[0] for p in parts])
+    sizes = np.concatenate([p[1] for p in parts])
+    base = np.cumsum([0] + [len(p[2]) for p in parts[:-1]]).astype(np.uint64)
+    begins = np.concatenate([p[3][:-1] + b for p, b in zip(parts, base)])
+    lengths = np.concatenate([np.diff(p[3]) for p in parts])
+    blob = np.frombuffer(b"".join(p[2] for p in parts), dtype=np.uint8)
+    _, first = np.unique(addrs, return_index=True)  # sorted by address, first occurrence
+    lengths = lengths[first].astype(np.int64)
+    offsets = np.zeros(len(first) + 1, dtype=np.uint64)
+    np.cumsum(lengths, out=offsets[1:])
+    gather = np.repeat(begins[first].astype(np.int64) - offsets[:-1].astype(np.int64), lengths) \
+        + np.arange(int(offsets[-1]), dtype=np.int64)
+    starts = addrs[first]
+    return starts, starts + sizes[first], (blob[gather].tobytes(), offsets)
 
 
 def _debug_file(elf: ELFFile, path: str) -> Optional[Path]:
