@@ -38,6 +38,18 @@ def bpf():
         pytest.skip(f"BPF unavailable: {e}")
 
 
+def require_tool(name: str, hint: str) -> str:
+    """The path of a program a test needs: missing, the test skips saying so, or fails where
+    every test must run (KEYTRACE_REQUIRE_BPF, as in CI)."""
+    import shutil
+    path = shutil.which(name)
+    if path is None:
+        if REQUIRE_BPF:
+            pytest.fail(f"{name} is not installed ({hint})")
+        pytest.skip(f"{name} is not installed ({hint})")
+    return path
+
+
 class Bins(dict):
     """The built fixtures by name; one that could not be built skips the test that asks for
     it, saying why (a failure where BPF tests are required: CI must run them all)."""

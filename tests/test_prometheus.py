@@ -2,7 +2,6 @@
 there, and the exhaustion alert goes pending or firing for a leaky reloader (a test copy of the
 rules, with `for:` cut to a second)."""
 import json
-import shutil
 import subprocess
 import urllib.parse
 import urllib.request
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REQUIRE_BPF, terminate
+from conftest import require_tool, terminate
 from test_agent import agent, free_port, until  # noqa: F401  (agent is a fixture)
 
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "keytrace-rules.yml"
@@ -30,11 +29,7 @@ def query(port, promql):
 
 @pytest.fixture
 def prometheus(tmp_path):
-    binary = shutil.which("prometheus")
-    if binary is None:
-        if REQUIRE_BPF:
-            pytest.fail("prometheus is not installed (setup.sh installs Debian's package)")
-        pytest.skip("prometheus is not installed")
+    binary = require_tool("prometheus", "setup.sh installs Debian's package")
     running = []
 
     def start(target_port, scrape=None, alertmanager=None):
@@ -72,11 +67,7 @@ def alertmanager(tmp_path):
     receiver in this process; received collects the alerts it is sent."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    binary = shutil.which("prometheus-alertmanager")
-    if binary is None:
-        if REQUIRE_BPF:
-            pytest.fail("prometheus-alertmanager is not installed (setup.sh installs it)")
-        pytest.skip("prometheus-alertmanager is not installed")
+    binary = require_tool("prometheus-alertmanager", "setup.sh installs it")
     received = []
 
     class Hook(BaseHTTPRequestHandler):
