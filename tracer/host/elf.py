@@ -138,9 +138,9 @@ def _functions(elf: ELFFile, into: list) -> None:
         strtab = np.frombuffer(elf.get_section(sec["sh_link"]).data(), dtype=np.uint8)
         starts = syms["name"][func].astype(np.int64)
         # a name ends at its NUL, or at "@" (a version: versioned aliases are one function)
-        stops = np.flatnonzero((strtab == 0) | (strtab == ord("@")))
-        ends = stops[np.searchsorted(stops, starts)]
-        named = ends > starts
+        stops = np.append(np.flatnonzero((strtab == 0) | (strtab == ord("@"))), -1)
+        ends = stops[np.minimum(np.searchsorted(stops[:-1], starts), len(stops) - 1)]
+        named = ends > starts  # (a name past the table's last NUL, in a broken file: none)
         starts, ends = starts[named], ends[named]
         lengths = ends - starts
         offsets = np.zeros(len(lengths) + 1, dtype=np.uint64)
@@ -244,6 +244,15 @@ class MappedCache:
                 self.results.clear()
             self.results[ident] = result
         return self.results[ident]
+
+
+def with_load_base(parse):
+    """A parse for MappedCache that gives (the file's lowest mapped address, parse(path)), what
+    a reader of a process's memory needs to turn the file's addresses into the process's."""
+    def facts(path: str) -> tuple:
+        info = elf_info(path)
+        return (info.lo, parse(path)) if info else (0, "unreadable")
+    return facts
 
 
 def _segments(path: str) -> Optional[ElfInfo]:

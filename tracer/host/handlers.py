@@ -40,7 +40,7 @@ from elftools.elf.elffile import ELFFile
 
 from . import proc
 from . import tables
-from .elf import MappedCache, defined_symbols, elf_info, read_at
+from .elf import MappedCache, defined_symbols, read_at, with_load_base
 from .tables import Unreadable
 
 REGISTER, ENLARGE, CXA_ATEXIT = "__register_atfork", "__libc_dynarray_emplace_enlarge", \
@@ -179,25 +179,12 @@ def _parse(path: str):
             elf = ELFFile(fh)
             forks, stride, fields = _fork_layout(elf)
             exits = _exit_list(elf)
-    except (LookupError, CsError) as e:
-        return f"handler tables not found: {e}"
-    except (ELFError, ValueError, struct.error) as e:
+    except (LookupError, CsError, ELFError, ValueError, struct.error) as e:
         return f"handler tables not found: {e}"
     return Layout(forks, stride, fields, exits, path)
 
 
-def _facts(path: str) -> tuple:
-    """(the file's lowest mapped address, its Layout or why there is none)."""
-    info = elf_info(path)
-    return (info.lo if info else 0), (_parse(path) if info else "unreadable")
-
-
-_FILES = MappedCache(_facts)
-
-
-def layout(path: str):
-    """The handler tables' layout in the C library at path, or why there is none (a str)."""
-    return _facts(path)[1]
+_FILES = MappedCache(with_load_base(_parse))
 
 
 def _rol(v: int, n: int) -> int:
@@ -211,8 +198,7 @@ def _guard(pid: int, mem) -> int:
     at = auxv[auxv[:, 0] == _AT_RANDOM]
     if not len(at):
         raise Unreadable("not read: no AT_RANDOM in the auxiliary vector")
-    mem.seek(int(at[0, 1]) + 8)
-    return struct.unpack("<Q", mem.read(8))[0]
+    return struct.unpack("<Q", _read(mem, int(at[0, 1]) + 8, 8))[0]
 
 
 def _read(mem, addr: int, size: int) -> bytes:

@@ -31,7 +31,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from . import proc, tables
-from .elf import FileCache, MappedCache, defined_symbols, elf_info, read_at
+from .elf import FileCache, MappedCache, defined_symbols, read_at, with_load_base
 from .tables import Unreadable
 
 INFO, R_DEBUG = "_dl_get_tls_static_info", "_r_debug"
@@ -105,15 +105,7 @@ def _libc(path: str):
     return Libc(off, bits // 8, tcb)
 
 
-def _with_lo(parse):
-    def facts(path: str) -> tuple:
-        """(the file's lowest mapped address, what parse made of it)."""
-        info = elf_info(path)
-        return (info.lo, parse(path)) if info else (0, "unreadable")
-    return facts
-
-
-_LOADERS, _LIBCS = MappedCache(_with_lo(_loader)), MappedCache(_with_lo(_libc))
+_LOADERS, _LIBCS = MappedCache(with_load_base(_loader)), MappedCache(with_load_base(_libc))
 
 
 def _block(path: str) -> int:

@@ -22,12 +22,10 @@ UNHELD = "(kept blocks of unloaded modules, alignment)"
 
 def census(pid: int, cache: dict) -> resource.Census:
     t = tls.read(pid, tables.maps(pid, cache), cache)
-    files = cache.setdefault("tls_files", {})
-    owners = Counter()
-    for module in t.modules:
-        if module not in files:  # (a module named as the process sees it; read through /proc)
-            files[module] = tls.block_size(f"/proc/{pid}/root{module}")
-        owners[module] = files[module]
+    # (a module named as the process sees it, opened through its root: one path may be two
+    # files in two containers; block_size keeps each file's answer by its identity)
+    owners = Counter({module: tls.block_size(f"/proc/{pid}/root{module}")
+                      for module in t.modules})
     unheld = t.used - sum(owners.values())
     if unheld > 0:
         owners[UNHELD] = unheld
