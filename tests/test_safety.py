@@ -217,6 +217,23 @@ def test_a_failing_drain_stops_tracing_with_one_line_and_detaches(bpf):
     assert t.process.poll() is not None
 
 
+def test_a_drain_failure_nobody_waited_for_is_raised_by_stop(bpf):
+    """The API's caller who never waits nor checks still gets the error, at stop()."""
+    t = CallTracer(["getpid"], command=["sleep", "30"], count=True)
+
+    def broken():
+        raise RuntimeError("boom")
+    t.poll = broken
+    t.start()
+    t._thread.join(10)  # the drain thread ends at its first failed poll
+    assert not t._thread.is_alive()
+    with pytest.raises(KeytraceError, match="tracing stopped: reading the probes' records failed"):
+        t.stop()
+    assert uprobes_attached_by(os.getpid()) == []
+    assert t.process.poll() is not None
+    t.stop()  # told once
+
+
 # ---- the launched command's whole tree ends with keytrace ------------------------------------
 
 def marked(tag: str, sleeps: bool = True) -> list:

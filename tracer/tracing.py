@@ -63,6 +63,7 @@ class Tracing:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._error: Optional[BaseException] = None
+        self._told = False  # the drain's error reached the caller (check, wait or stop)
         self._started = False
 
     # -- what subclasses provide ------------------------------------------------------------------
@@ -174,10 +175,12 @@ class Tracing:
                 self._program.close()
                 self._program = None
             atexit.unregister(self.stop)
+        self.check()  # a drain that failed unseen (no wait, no check) is not lost at the stop
 
     def check(self) -> None:
-        """Raise what stopped the background drain, if anything did."""
-        if self._error is not None:
+        """Raise what stopped the background drain, if anything did, once."""
+        if self._error is not None and not self._told:
+            self._told = True
             raise self._error
 
     def __enter__(self):
