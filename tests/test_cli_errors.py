@@ -32,15 +32,20 @@ def test_unknown_output_extension():
                               "cannot tell the format", code=2)
 
 
-def test_usage_errors_come_before_anything_is_spawned():
-    # (no bpf fixture: these must fail even where tracing is impossible, before trying it)
-    for args, text in ((["watch", "--ring-pages", "3", "--", "true"], "power of two"),
-                       (["calls", "-e", "libc:", "--", "true"], "empty function"),
-                       (["watch", "-r", "nonsense", "--", "true"], "no resource 'nonsense'"),
-                       (["watch", "--pair", "libc:fopen", "--", "true"], "--pair"),
-                       (["watch", "--sites", "sideways", "--", "true"], "planned or entry"),
+def test_usage_errors_come_before_anything_is_spawned(tmp_path):
+    # (no bpf fixture: these must fail even where tracing is impossible, before trying it.) The
+    # command leaves a mark if it ever runs: a usage error must come before the spawn.
+    mark = tmp_path / "ran"
+    cmd = ["--", "touch", str(mark)]
+    for args, text in ((["watch", "--ring-pages", "3", *cmd], "power of two"),
+                       (["calls", "-e", "libc:", *cmd], "empty function"),
+                       (["watch", "-r", "nonsense", *cmd], "no resource 'nonsense'"),
+                       (["watch", "--pair", "libc:fopen", *cmd], "--pair"),
+                       (["watch", "--sites", "sideways", *cmd], "planned or entry"),
+                       (["watch", "-o", str(tmp_path / "out.xlsx"), *cmd], "xlsx"),
                        (["scan", "-r", "nonsense"], "no resource 'nonsense'")):
         assert_one_line_error(keytrace(*args), text, code=2)
+        assert not mark.exists(), f"{args}: the command ran before the usage error"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root")
