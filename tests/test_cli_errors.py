@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from conftest import keytrace
 
 
@@ -32,9 +30,27 @@ def test_unknown_output_extension():
                               "cannot tell the format", code=2)
 
 
+def unprivileged() -> list:
+    """A command prefix that runs as a user without tracing privileges: nobody where nobody can
+    read this checkout, else uid 0 without a capability (the same check, the same message)."""
+    if os.geteuid() != 0:
+        return []
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+    probe = subprocess.run([*nobody, sys.executable, "-c", "import tracer.cli"],
+                           capture_output=True, cwd="/")
+    return nobody if probe.returncode == 0 else ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+
+
+def as_unprivileged(*args):
+    return subprocess.run([*unprivileged(), sys.executable, "-m", "tracer.cli", *args],
+                          capture_output=True, text=True, cwd="/", env={**os.environ, "HOME": "/"})
+
+
 def test_usage_errors_come_before_anything_is_spawned(tmp_path):
     # (no bpf fixture: these must fail even where tracing is impossible, before trying it.) The
-    # command leaves a mark if it ever runs: a usage error must come before the spawn.
+    # command leaves a mark if it ever runs: a usage error must come before the spawn. Without
+    # privileges, the usage error still comes first (usage, then the target, then privileges).
+    tmp_path.chmod(0o777)
     mark = tmp_path / "ran"
     cmd = ["--", "touch", str(mark)]
     for args, text in ((["watch", "--ring-pages", "3", *cmd], "power of two"),
@@ -44,19 +60,20 @@ def test_usage_errors_come_before_anything_is_spawned(tmp_path):
                        (["watch", "--sites", "sideways", *cmd], "planned or entry"),
                        (["watch", "-o", str(tmp_path / "out.xlsx"), *cmd], "xlsx"),
                        (["scan", "-r", "nonsense"], "no resource 'nonsense'")):
-        assert_one_line_error(keytrace(*args), text, code=2)
-        assert not mark.exists(), f"{args}: the command ran before the usage error"
+        for run in (keytrace, as_unprivileged):
+            assert_one_line_error(run(*args), text, code=2)
+            assert not mark.exists(), f"{args}: the command ran before the usage error"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root")
+def test_a_missing_pid_comes_before_privileges():
+    for cmd in ("watch", "calls"):
+        extra = ["-e", "getpid"] if cmd == "calls" else []
+        assert_one_line_error(as_unprivileged(cmd, *extra, "-p", "999999999"),
+                              "no process with pid 999999999")
+
+
 def test_not_root():
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
-    probe = subprocess.run([*nobody, sys.executable, "-c", "import tracer.cli"], capture_output=True, cwd="/")
-    # Where nobody cannot read this checkout (under /root, say), stay uid 0 but drop every
-    # capability: the same check, the same message.
-    drop = nobody if probe.returncode == 0 else ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
-    res = subprocess.run([*drop, sys.executable, "-m", "tracer.cli", "watch", "--", "true"],
-                         capture_output=True, text=True, cwd="/", env={**os.environ, "HOME": "/"})
+    res = as_unprivileged("watch", "--", "true")
     assert_one_line_error(res, "privileges")
     assert "run as root" in res.stderr
 

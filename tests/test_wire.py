@@ -88,9 +88,21 @@ def test_records_replayed_without_a_frame_give_the_summary_decoded_events_give()
 
 
 def test_columns_split_records_into_the_fields_replay_reads():
-    recs = _records(RECORDS)
-    cols = wire.columns(recs, 0)
-    assert len(cols) == 15 and all(len(c) == len(RECORDS) for c in cols)
-    ts, pid, comm, op = cols[0], cols[1], cols[2], cols[3]
-    assert ts[0] == 1_000_000_000 and pid[2] == 10 and comm[0] == "proc"
-    assert op[2] == wire.CODE["acquire"] and op[-1] == wire.CODE["exit"]
+    """Each column holds each record's own field, in record order: a field read from the wrong
+    place (owner for caller, aux for load) is caught here, not only through a summary."""
+    rows = RECORDS + [dict(op="acquire", pid=2, handle=9, ret=-11, seq=7)]
+    cols = dict(zip(("ts", "pid", "comm", "op", "resource", "handle", "ret", "owner", "caller",
+                     "path", "aux", "load", "child", "stack", "seq"), wire.columns(_records(rows), 0)))
+    assert len(cols) == 15 and all(len(c) == len(rows) for c in cols.values())
+    handled = [r["op"] in ("acquire", "release") for r in rows]
+    assert cols["ts"] == [1_000_000_000 + i * 1000 for i in range(len(rows))]
+    assert cols["comm"] == [r.get("comm", "proc") for r in rows]
+    assert cols["op"] == [wire.CODE[r["op"]] for r in rows]
+    assert cols["resource"] == ["keys" if h else None for h in handled]
+    assert cols["handle"] == [r["handle"] if h else -1 for r, h in zip(rows, handled)]
+    assert cols["seq"] == [r.get("seq", 0) for r in rows]
+    assert cols["child"] == [r.get("child", 0) for r in rows]
+    assert cols["path"] == [r.get("path") for r in rows]
+    assert cols["stack"] == [None] * len(rows)
+    for field in ("pid", "ret", "owner", "caller", "aux", "load"):
+        assert cols[field] == [r.get(field, 0) for r in rows], field
