@@ -350,3 +350,16 @@ def test_lost_records_are_the_only_unknown_library_and_say_so():
     libs = led.by_library().set_index("library")
     assert libs.loc["?", "created"] == 2 and "could not queue" in libs.loc["?", "stack_note"]
     assert libs.loc["(in no known module)", "created"] == 1
+
+
+def test_a_process_met_mid_life_has_the_parent_the_host_showed():
+    """parent_pid of a process whose fork was not seen: its ppid when it was met (1, a daemon),
+    not 0; a fork seen names its parent."""
+    met = Tracker.facts(10, 10**9, "httpd", exe="/usr/sbin/httpd", start=5 * 10**8, ppid=1)
+    led = Ledger()
+    led.ingest(met)
+    led.ingest(events(dict(op="acquire", pid=10, handle=2, ts=15 * 10**8),
+                      dict(op="fork", pid=10, child=11, ts=2 * 10**9),
+                      dict(op="acquire", pid=11, handle=3, ts=3 * 10**9)))
+    s = led.summary()
+    assert one(s, pid=10).parent_pid == 1 and one(s, pid=11).parent_pid == 10

@@ -78,7 +78,8 @@ CODE = {name: i for i, name in enumerate(OPS) if name}
 
 # The columns of an events frame, in order: what decode() makes and what files hold.
 # resource: the name of the resource an acquire, release, held handle, table or count is of;
-# stack: an acquire's user stack, caller first, as hex addresses separated by spaces.
+# stack: an acquire's user stack, caller first, as hex addresses separated by spaces;
+# child: a fork's child, or the parent of a process seen (as the host showed it).
 COLUMNS = ["ts", "pid", "tid", "comm", "op", "resource", "handle", "ret", "owner", "caller",
            "path", "aux", "load", "child", "stack", "seq"]
 _HANDLED = [CODE[o] for o in ("acquire", "release", "held")]
@@ -86,6 +87,11 @@ _OF_RESOURCE = [CODE[o] for o in ("acquire", "acquire_failed", "release", "held"
                                   "counted", "sample", "owned")]
 _PATHED = [CODE[o] for o in ("dlopen", "exec", "map", "seen", "mapped", "table", "sample",
                              "owned")]
+
+
+def _pid_in_child(op: np.ndarray) -> np.ndarray:
+    """Records whose child column is a pid: a fork's child, a process seen's parent."""
+    return (op == CODE["fork"]) | (op == CODE["seen"])
 
 # Resources by id, as records carry them; a name is registered once and keeps its id.
 RESOURCES: list = []
@@ -229,7 +235,7 @@ def decode(batch: np.ndarray, wall_offset_ns: int,
         "path": pd.Series(paths, dtype=object),  # object: the same under pandas 2 and 3
         "aux": batch["aux"],
         "load": batch["load"],
-        "child": np.where(op == CODE["fork"], batch["other"], 0).astype(np.int64),
+        "child": np.where(_pid_in_child(op), batch["other"], 0).astype(np.int64),
         "stack": pd.Series(_stacks(batch, stack_of), dtype=object),
         "seq": np.where(np.isin(op, _HANDLED), batch["other"], 0).astype(np.int64),
     })
@@ -262,7 +268,7 @@ def columns(batch: np.ndarray, wall_offset_ns: int,
             np.where(handled, batch["handle"].astype(np.int64), -1).tolist(), batch["ret"].tolist(),
             batch["owner"].tolist(), batch["caller"].tolist(), paths,
             batch["aux"].tolist(), batch["load"].tolist(),
-            np.where(op == CODE["fork"], batch["other"], 0).tolist(),
+            np.where(_pid_in_child(op), batch["other"], 0).tolist(),
             _stacks(batch, stack_of).tolist(), np.where(handled, batch["other"], 0).tolist())
 
 

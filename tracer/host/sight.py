@@ -11,14 +11,15 @@ from . import proc
 
 def sight(pid: int, readers: dict, host_libc: Optional[str] = None,
           identity: bool = True) -> dict:
-    """Keyword arguments for Tracker.fact_records: exe, start (with identity), modules, and
+    """Keyword arguments for Tracker.fact_records: exe, start, ppid (with identity), modules, and
     tables: resource name -> (status: "read", or "not read: why", [handles in use]). readers:
     resource name -> reader(pid, host_libc) -> (status, handles, the modules it read the table
     with, or None)."""
     out: dict = {}
     if identity:
         try:
-            out["start"] = proc.stat(pid).start_ns
+            st = proc.stat(pid)
+            out["start"], out["ppid"] = st.start_ns, st.ppid
         except (OSError, IndexError, ValueError):
             pass
         out["exe"] = proc.exe(pid)

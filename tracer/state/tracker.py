@@ -99,9 +99,9 @@ class Tracker:
 
     @staticmethod
     def fact_records(pid: int, ts: int, comm: str, exe: Optional[str] = None,
-                     start: Optional[int] = None, modules: Iterable[tuple] = (),
+                     start: Optional[int] = None, ppid: int = 0, modules: Iterable[tuple] = (),
                      tables: Optional[dict] = None, late: bool = False) -> np.ndarray:
-        """Host facts about a process as events: its identity (exe, start time), the modules it
+        """Host facts about a process as events: its identity (exe, start time, parent pid), the modules it
         had mapped ((path, base) pairs), and its resources' tables (tables: resource name ->
         (status: "read" or why not, [(handle, owner, owner unmapped[, seq])] in use)); late: its
         C library was probed just now, so tracing of it begins here. Kept like any event, so a
@@ -109,7 +109,7 @@ class Tracker:
         base = dict(ts=ts, pid=pid, tid=pid, comm=comm)
         rows = []
         if exe is not None or start is not None:
-            rows.append(dict(base, op="seen", path=exe or "", aux=start or 0))
+            rows.append(dict(base, op="seen", path=exe or "", aux=start or 0, child=ppid))
         rows += [dict(base, op="mapped", path=path, aux=addr) for path, addr in modules]
         for name, (status, handles) in (tables or {}).items():
             rows.append(dict(base, op="table", resource=name, path=status, ret=int(late)))
@@ -225,6 +225,8 @@ class Tracker:
                     p.traced_since = ts
             elif op == _C["seen"]:
                 p.exe = path or p.exe
+                if child and p.parent is None:  # its parent as the host showed it (not forked
+                    p.parent = (child, 0)        # under the probes: start unknown)
                 if aux:
                     procs.restart(p, aux)
             elif op == _C["sample"]:
