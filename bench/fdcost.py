@@ -7,7 +7,7 @@ bench/fdloop.c opens /dev/null and closes it N times, and times itself (ns per o
 untraced; under bpftrace with the two syscall tracepoints filtered to the loop's pid in the
 kernel (sys_exit_openat for the fd made, sys_enter_close); under bpftrace with uprobes on
 libc's open64 (entry and return: the fd is its return value) and close. Rounds interleave the
-three. Each traced run's counts are checked against N. Every process is ended on every exit
+three. Each traced run's counts are checked against N. Writes bench/results/FDCOST.md. Every process is ended on every exit
 path (bpftrace detaches as it exits).
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tracer.workloads import compile_c  # noqa: E402
+from results_file import save, table  # noqa: E402
 
 TRACEPOINTS = ("tracepoint:syscalls:sys_exit_openat /pid == cpid/ { @made = count(); } "
                "tracepoint:syscalls:sys_enter_close /pid == cpid/ { @closed = count(); }")
@@ -68,15 +69,16 @@ def main() -> None:
                         raise SystemExit(f"{mode}: counted {counts}, expected {args.calls}")
                 times[mode].append(ns)
     base = statistics.median(times["untraced"])
-    print(f"| fd tracing, {args.calls} open+close pairs, median of {args.rounds} | ns per pair "
-          "| added ns per traced call | x untraced |")
-    print("|---|---|---|---|")
+    rows = []
     for mode, ts in times.items():
         med = statistics.median(ts)
         added = (med - base) / 2 if mode != "untraced" else 0.0
-        print(f"| {mode} | {med:.0f} ({min(ts):.0f}-{max(ts):.0f}) | {added:.0f} | "
-              f"{med / base:.2f} |")
-
+        rows.append((mode, f"{med:.0f} ({min(ts):.0f}-{max(ts):.0f})", f"{added:.0f}",
+                     f"{med / base:.2f}"))
+    save("FDCOST", "What tracing file descriptors would cost",
+         f"bench/fdloop.c, {args.calls} open+close pairs, median of {args.rounds} interleaved "
+         "rounds.\n\n" + table(["fd tracing", "ns per pair (range)", "added ns per traced call",
+                                 "x untraced"], rows))
 
 if __name__ == "__main__":
     main()

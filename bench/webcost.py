@@ -6,7 +6,8 @@ One registry of N gauge series (about what 1,000 at-risk processes export), serv
 agent's own server (tracer.agent.web) three ways: plain HTTP, TLS (a self-signed RSA-2048
 certificate made here with openssl), and TLS with basic auth (a bcrypt hash, cost 12). Each
 scrape is a new connection, as with the agent's HTTP/1.0 server: TLS pays a handshake every
-time. Rounds interleave the three; medians and ratios to plain HTTP. Servers are shut down on
+time. Rounds interleave the three; medians and ratios to plain HTTP. Writes
+bench/results/WEBCOST.md. Servers are shut down on
 every exit path.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tracer.agent import web  # noqa: E402
+from results_file import save, table  # noqa: E402
 
 PASSWORD = "bench-password"
 
@@ -89,14 +91,15 @@ def main() -> None:
                 s.shutdown()
                 s.server_close()
     base = statistics.median(times["plain HTTP"])
-    print(f"| /metrics, {args.series} series, new connection each, median of {args.scrapes} "
-          "| ms per scrape (median, p90) | added ms | x plain |")
-    print("|---|---|---|---|")
+    rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
         p90 = sorted(ts)[int(len(ts) * 0.9)]
-        print(f"| {name} | {med:.1f} ({p90:.1f}) | {med - base:.1f} | {med / base:.2f} |")
-
+        rows.append((name, f"{med:.1f} ({p90:.1f})", f"{med - base:.1f}", f"{med / base:.2f}"))
+    save("WEBCOST", "What TLS and basic auth cost a scrape",
+         f"/metrics with {args.series} series, a new connection each scrape, median of "
+         f"{args.scrapes} interleaved rounds.\n\n"
+         + table(["/metrics served", "ms per scrape (median, p90)", "added ms", "x plain"], rows))
 
 if __name__ == "__main__":
     main()
