@@ -110,6 +110,9 @@ def _read(path: str, function: str) -> tuple:
 # ---- the control-flow graph ------------------------------------------------------------------
 
 _TRAPS = {X.X86_INS_UD2, X.X86_INS_HLT, X.X86_INS_INT3}
+# A system call may not return (execve, exit) or return twice (fork, clone, vfork): no site
+# after one is reached once per call.
+_SYSCALLS = {X.X86_INS_SYSCALL, X.X86_INS_SYSENTER, X.X86_INS_INT}
 # A call may change every register the System V ABI does not make the callee keep.
 _CALL_CLOBBERS = {"ax", "cx", "dx", "si", "di", "r8", "r9", "r10", "r11"}
 
@@ -650,7 +653,7 @@ def _prologue(path: str, address: int) -> list:
 
 def _ends_block(insn) -> bool:
     return bool(insn.group(X.X86_GRP_JUMP) or insn.group(X.X86_GRP_CALL)
-                or insn.group(X.X86_GRP_RET) or insn.id in _TRAPS)
+                or insn.group(X.X86_GRP_RET) or insn.id in _TRAPS or insn.id in _SYSCALLS)
 
 
 def _only_entry(path: str, name: str, address: int, site: int) -> None:
