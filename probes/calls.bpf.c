@@ -218,31 +218,85 @@ static __always_inline struct call *kc_record(u64 id, u32 fn, u32 kind)
     e->stack = -1;
     e->cut = 0;
     e->err = 0;
+    e->ip = 0;
+    e->lens = 0;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     e->str0[0] = 0;
     e->str1[0] = 0;
     return e;
 }
 
-static __always_inline void kc_strings(struct call *e, u64 p0, u64 p1)
+// What a slot holds (tracer.host.prototypes: STR, BYTES_IN, BYTES_OUT, RET_STR).
+#define KC_SLOT_STR 0        // a string argument, read on entry (again on return if unread)
+#define KC_SLOT_BYTES_IN 1   // bytes of an argument on entry, as many as another argument says
+#define KC_SLOT_BYTES_OUT 2  // bytes of an argument on return, as many as the call returned
+#define KC_SLOT_RET_STR 3    // the string returned
+
+// A string into slot 0 or 1: cut bit i when it filled the slot, bit 2 + i when unreadable.
+static __always_inline void kc_string(struct call *e, int slot, u64 p)
 {
-    if (p0) {
-        long n = bpf_probe_read_user_str(&e->str0, sizeof(e->str0), (void *)p0);
-        if (n == sizeof(e->str0))
-            e->cut |= 1;
-        if (n < 0)
-            e->cut |= 4;
-    }
-    if (p1) {
-        long n = bpf_probe_read_user_str(&e->str1, sizeof(e->str1), (void *)p1);
-        if (n == sizeof(e->str1))
-            e->cut |= 2;
-        if (n < 0)
-            e->cut |= 8;
-    }
+    if (!p)
+        return;
+    long n = slot == 0 ? bpf_probe_read_user_str(&e->str0, sizeof(e->str0), (void *)p)
+                       : bpf_probe_read_user_str(&e->str1, sizeof(e->str1), (void *)p);
+    if (n == sizeof(e->str0))
+        e->cut |= 1 << slot;
+    if (n < 0)
+        e->cut |= 4 << slot;
 }
 
-static __always_inline int kc_trace_entry(struct pt_regs *ctx, u32 fn, int s0, int s1)
+// len bytes at p into slot 0 or 1 (at most the slot's size): the count read goes in lens, cut
+// bit i when there were more.
+static __always_inline void kc_bytes(struct call *e, int slot, u64 p, s64 len)
+{
+    if (!p || len <= 0)
+        return;
+    u32 n = len > (s64)sizeof(e->str0) ? sizeof(e->str0) : (u32)len;
+    if (len > (s64)sizeof(e->str0))
+        e->cut |= 1 << slot;
+    n &= 0xffff;  // (a bound the verifier sees: the slot size is below it)
+    if (n > sizeof(e->str0))
+        return;
+    long r = slot == 0 ? bpf_probe_read_user(&e->str0, n, (void *)p)
+                       : bpf_probe_read_user(&e->str1, n, (void *)p);
+    if (r < 0) {
+        e->cut |= 4 << slot;
+        return;
+    }
+    e->lens |= n << (16 * slot);
+}
+
+static __always_inline u64 kc_arg(struct call *e, int i)
+{
+    return i >= 0 && i < 6 ? e->args[i & 7] : 0;
+}
+
+// Entry: what each slot reads now; the frame keeps the pointer a return will read.
+static __always_inline u64 kc_slot_entry(struct call *e, int slot, int arg, int mode, int len)
+{
+    u64 p = kc_arg(e, arg);
+    if (mode == KC_SLOT_STR) {
+        kc_string(e, slot, p);
+        return p;
+    }
+    if (mode == KC_SLOT_BYTES_IN)
+        kc_bytes(e, slot, p, (s64)kc_arg(e, len));
+    return mode == KC_SLOT_BYTES_OUT ? p : 0;
+}
+
+// Return: a string unread at entry read again; a filled buffer or the string returned read.
+static __always_inline void kc_slot_return(struct call *e, int slot, int mode, u64 p, u64 ret)
+{
+    if (mode == KC_SLOT_STR)
+        kc_string(e, slot, p);
+    else if (mode == KC_SLOT_BYTES_OUT)
+        kc_bytes(e, slot, p, (s64)ret);
+    else if (mode == KC_SLOT_RET_STR)
+        kc_string(e, slot, ret);
+}
+
+static __always_inline int kc_trace_entry(struct pt_regs *ctx, u32 fn, int a0, int m0, int l0,
+                                          int a1, int m1, int l1)
 {
     u64 id = bpf_get_current_pid_tgid();
     if (!wanted(id >> 32))
@@ -258,8 +312,9 @@ static __always_inline int kc_trace_entry(struct pt_regs *ctx, u32 fn, int s0, i
     e->args[3] = PT_REGS_PARM4(ctx);
     e->args[4] = PT_REGS_PARM5(ctx);
     e->args[5] = PT_REGS_PARM6(ctx);
-    u64 p0 = s0 >= 0 && s0 < 6 ? e->args[s0] : 0, p1 = s1 >= 0 && s1 < 6 ? e->args[s1] : 0;
-    kc_strings(e, p0, p1);
+    // the return address: the entry site sees the stack pointer as the call left it
+    bpf_probe_read_user(&e->ip, sizeof(e->ip), (void *)PT_REGS_SP(ctx));
+    u64 p0 = kc_slot_entry(e, 0, a0, m0, l0), p1 = kc_slot_entry(e, 1, a1, m1, l1);
     if (f) {
         f->str[0] = p0;
         f->str[1] = p1;
@@ -271,7 +326,7 @@ static __always_inline int kc_trace_entry(struct pt_regs *ctx, u32 fn, int s0, i
     return 0;
 }
 
-static __always_inline int kc_trace_return(struct pt_regs *ctx, u32 fn, int err)
+static __always_inline int kc_trace_return(struct pt_regs *ctx, u32 fn, int err, int m0, int m1)
 {
     u64 id = bpf_get_current_pid_tgid();
     if (!wanted(id >> 32))
@@ -283,8 +338,11 @@ static __always_inline int kc_trace_return(struct pt_regs *ctx, u32 fn, int err)
     __builtin_memset(&e->args, 0, sizeof(e->args));
     e->args[0] = PT_REGS_RC(ctx);
     if (f) {
-        kc_strings(e, f->str[0], f->str[1]);
+        kc_slot_return(e, 0, m0, f->str[0], e->args[0]);
+        kc_slot_return(e, 1, m1, f->str[1], e->args[0]);
         e->err = f->err;
+    } else if (m0 == KC_SLOT_RET_STR || m1 == KC_SLOT_RET_STR) {
+        kc_slot_return(e, m0 == KC_SLOT_RET_STR ? 0 : 1, KC_SLOT_RET_STR, 0, e->args[0]);
     }
     kc_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
     return 0;

@@ -86,9 +86,15 @@ def test_trace_shows_threads_fork_strings_and_errno(bpf, callers):
     r = keytrace("calls", "-e", "rand", "-e", "open", "-e", "strlen", "-s", "10", "-T",
                  "--", callers["pie"], "3", "threads", "fork")
     assert r.returncode == 0, r.stderr
-    lines = [ln for ln in r.stdout.splitlines() if ln[:1].isdigit()]  # then -T's histograms
-    assert sum("libc.so.6!rand() = " in ln for ln in lines) == 12
-    assert "libc.so.6!rand: latency" in r.stdout
+    # as ltrace: the trace goes to standard error; standard output is the program's own
+    assert r.stdout.startswith("done ") and "libc.so.6!" not in r.stdout, r.stdout
+    lines = [ln for ln in r.stderr.splitlines() if ln[:1].isdigit()]  # then -T's histograms
+    # a call another thread's call interrupted is two lines: unfinished, then resumed
+    assert sum("libc.so.6!rand() = " in ln or "<... libc.so.6!rand resumed> ) = " in ln
+               for ln in lines) == 12
+    assert (sum("libc.so.6!rand( <unfinished ...>" in ln for ln in lines)
+            == sum("<... libc.so.6!rand resumed>" in ln for ln in lines))
+    assert "libc.so.6!rand: latency" in r.stderr
     pids = {ln.split()[0] for ln in lines}
     assert any("/" in p for p in pids), "thread calls are shown as PID/TID"
     assert len({p.split("/")[0] for p in pids}) == 2, "the forked child is followed"
@@ -114,7 +120,7 @@ def test_json_lines_and_files(bpf, callers, tmp_path):
     r = keytrace("calls", "-c", "-e", "rand", "-o", str(table), "--", callers["pie"], "5")
     assert r.returncode == 0, r.stderr
     assert pd.read_csv(table).set_index("function")["calls"].to_dict() == {"rand": 5}
-    (line,) = [x for x in r.stdout.splitlines() if "libc.so.6!rand" in x]
+    (line,) = [x for x in r.stderr.splitlines() if "libc.so.6!rand" in x]
     cells = [c.strip() for c in re.split(r"[│┃|]", line) if c.strip()]
     assert cells[0] == "5" and cells[-1] == "libc.so.6!rand", line
 

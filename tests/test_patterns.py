@@ -299,10 +299,11 @@ def test_the_limit_counts_what_is_left_after_exclusions():
     ("!", "empty pattern '!'"),
     ("libc:", "pattern 'libc:' has an empty function after ':'"),
     (":malloc", "pattern ':malloc' has an empty library before ':'"),
-    ("::", "pattern '::' has an empty"),
+    ("::", "pattern '::' is a C++ name as written: add -C"),
     ("libc:str[cmp", "bad function glob 'str[cmp' in pattern 'libc:str[cmp': '[' is not closed"),
     ("lib[c:malloc", "bad library glob 'lib[c'"),
-    ("libc:mal loc", "bad function glob 'mal loc'"),
+    ("libc:mal loc", "pattern 'libc:mal loc' is a C++ name as written: add -C"),
+    ("libc:mal/loc", "bad function glob 'mal/loc'"),
 ])
 def test_malformed_patterns(pattern, expected):
     assert error_of([pattern]).startswith(expected)
@@ -313,6 +314,10 @@ def test_globs_that_parse():
                                                                "str[!n]*", True)
     assert parse_pattern("[]x]") == patterns.Pattern("[]x]", None, "[]x]", False)
     assert parse_pattern("/a:b/libx.so:f").library == "/a:b/libx.so"
+    # -C: a C++ name as written, '::' and spaces in it; a single ':' still ends the library
+    assert parse_pattern("std::*", True) == patterns.Pattern("std::*", None, "std::*", False)
+    assert parse_pattern("libstdc++:operator new*", True) == patterns.Pattern(
+        "libstdc++:operator new*", "libstdc++", "operator new*", False)
 
 
 def test_other_usage_errors(tmp_path):

@@ -21,7 +21,7 @@ recv sendto recvfrom setsockopt getsockopt shutdown getaddrinfo freeaddrinfo dlo
 pthread_create pthread_join pthread_mutex_lock pthread_mutex_unlock pthread_key_create
 pthread_key_delete pthread_getspecific pthread_setspecific pthread_once atoi atol strtol strtoul
 qsort abort""".split()
-KINDS = {"int", "long", "uint", "ulong", "ptr", "str", "fd"}
+KINDS = {"int", "long", "uint", "ulong", "ptr", "str", "fd", "buf", "cbuf"}
 
 
 # --- the table ---
@@ -38,15 +38,19 @@ def test_every_table_line_parses_once_and_the_required_functions_are_there():
 
 def test_declarations_parse_to_kinds():
     assert P.PROTOTYPES["read"] == Prototype(
-        "read", "long", (Arg("fd", "fd"), Arg("buf", "ptr"), Arg("count", "ulong")), "-1")
+        "read", "long", (Arg("fd", "fd"), Arg("buf", "buf"), Arg("count", "ulong")), "-1")
     assert [a.kind for a in P.PROTOTYPES["mmap"].args] == ["ptr", "ulong", "int", "int", "fd", "long"]
     assert P.PROTOTYPES["mmap"].ret == "ptr" and P.PROTOTYPES["mmap"].errno_on == "-1"
     assert P.PROTOTYPES["malloc"].errno_on == "null" and P.PROTOTYPES["fopen"].errno_on == "null"
     assert P.PROTOTYPES["strlen"].errno_on is None and P.PROTOTYPES["strlen"].ret == "ulong"
     assert P.PROTOTYPES["sleep"].ret == "uint" and P.PROTOTYPES["getpid"].args == ()
-    # A filled buffer is a pointer, a string read on entry is a string, a returned one a pointer.
+    # A char * to fill is a pointer, a string read on entry is a string, a returned char * is
+    # the string returned; `void *buf` beside its size is a buffer: filled by the call (read
+    # on return) or, const, given to it (read on entry).
     strcpy = P.PROTOTYPES["strcpy"]
-    assert [a.kind for a in strcpy.args] == ["ptr", "str"] and strcpy.ret == "ptr"
+    assert [a.kind for a in strcpy.args] == ["ptr", "str"] and strcpy.ret == "str"
+    assert P.PROTOTYPES["write"].args[1] == Arg("buf", "cbuf")
+    assert P.PROTOTYPES["getenv"].ret == "str" and P.PROTOTYPES["malloc"].ret == "ptr"
     assert [a.kind for a in P.PROTOTYPES["execve"].args] == ["str", "ptr", "ptr"]
     # Function pointers and arrays: pointers, named.
     assert P.PROTOTYPES["qsort"].args[3] == Arg("compar", "ptr")
@@ -89,7 +93,11 @@ def test_string_args_are_the_first_two_register_strings():
     assert string_args(lookup("open")) == [0]
     assert string_args(lookup("openat")) == [1]
     assert string_args(lookup("rename")) == [0, 1]
-    assert string_args(lookup("read")) == []
+    assert string_args(lookup("read")) == [1]  # the buffer it fills
+    assert P.slots(lookup("read")) == [P.Slot(1, P.BYTES_OUT)]
+    assert P.slots(lookup("write")) == [P.Slot(1, P.BYTES_IN, 2)]  # as many bytes as count
+    assert P.slots(lookup("getenv")) == [P.Slot(0, P.STR), P.Slot(-1, P.RET_STR)]
+    assert P.slots(lookup("strcmp")) == [P.Slot(0, P.STR), P.Slot(1, P.STR)]  # no slot left
     assert string_args(None) == []
     many = Prototype("f", "int", tuple(Arg(f"s{i}", "str") for i in range(8)))
     assert string_args(many) == [0, 1] and P.MAX_STRINGS == 2

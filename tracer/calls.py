@@ -26,6 +26,7 @@ from .errors import KeytraceError, UsageError
 from .host import patterns as pat
 from .host import planner
 from .host import prototypes as protos
+from .host.demangle import demangle as demangled
 from .tracing import Tracing, check_sites
 
 LIFECYCLE_PAGES = 64  # fork/exec/exit records only: 256 KiB
@@ -37,11 +38,15 @@ def prototype(t: pat.Target) -> Optional[protos.Prototype]:
     return protos.lookup(name) or protos.dwarf_prototype(t.path, name)
 
 
+MAX_STRSIZE = 4096  # -s: a record carries two slots of about this size (and their lengths in 16 bits)
+
+
 class CallTracer(Tracing):
     """Trace or count library calls. patterns: [LIB:]FUNC globs and !FUNC exclusions; pids or
     command (argv) as KeyTracer takes them, neither: the whole host. count: kernel counters
     only (-c); timing: durations (-T); stacks: user stacks (--stack). on_call(call) gets each
-    finished call (a dict, see tracer.analysis.calls) in trace mode; keep: also keep them.
+    finished call (a dict, see tracer.analysis.calls) in trace mode; keep: also keep them;
+    on_event(kind, item) gets calls begun ("entry") and finished ("call") in call order.
     quiet_stdout: the launched command writes its standard output to our standard error."""
 
     def __init__(self, patterns: Sequence[str], pids: Optional[Iterable[int]] = None,
@@ -49,19 +54,22 @@ class CallTracer(Tracing):
                  timing: bool = False, stacks: bool = False, strsize: int = 32,
                  sites: str = "planned", limit: int = pat.DEFAULT_LIMIT, keep: bool = True,
                  on_call: Optional[Callable[[dict], None]] = None, interval: float = 0.05,
+                 on_event: Optional[Callable[[str, dict], None]] = None,
                  ring_pages: int = DEFAULT_RING_PAGES,
                  on_note: Optional[Callable[[str], None]] = None, quiet_stdout: bool = False,
-                 on_progress: Optional[Callable[[int, int], None]] = None):
-        if strsize < 0:
-            raise UsageError(f"-s takes a size of 0 or more, not {strsize}")
+                 on_progress: Optional[Callable[[int, int], None]] = None,
+                 demangle: bool = False):
+        if not 0 <= strsize <= MAX_STRSIZE:
+            raise UsageError(f"-s takes a size from 0 to {MAX_STRSIZE}, not {strsize}")
         super().__init__(pids, command, interval, on_note, quiet_stdout)
         self.patterns = list(patterns)
         self.mode = ("time" if timing else "count") if count else "trace"
         self.timing, self.stacks, self.strsize = timing, stacks, strsize
         self.sites, self.limit, self.keep = check_sites(sites), limit, keep
-        self.on_call = on_call
+        self.on_call, self.on_event = on_call, on_event
         self.ring_pages = check_ring_pages(ring_pages)
         self.on_progress = on_progress    # (functions attached, of how many) while attaching
+        self.demangle = demangle          # -C: C++ names as written, in patterns and output
         self.targets: list = []
         self.skipped: dict = {}     # "library!function" -> why no probe could go on it
         self.functions: list = []
@@ -82,16 +90,18 @@ class CallTracer(Tracing):
 
     def _prepare(self, exe) -> None:
         # A pattern that names nothing is told first: it needs no privileges to find out.
-        self._resolved = pat.resolve(self.patterns, self.pids or (), exe, self.limit)
+        self._resolved = pat.resolve(self.patterns, self.pids or (), exe, self.limit,
+                                     self.demangle)
 
     def _open(self, filter_pids) -> None:
         self._policy = stepcheck.policy(self._note)
         self.targets, self._sites = self._place(self._resolved)
-        self.functions = [report.Function(t.library, t.function, prototype(t)) for t in self.targets]
+        self.functions = [report.Function(t.library, self._shown(t.function), prototype(t))
+                          for t in self.targets]
         for t in self.targets:
             if t.ifunc and "resolver" in t.ifunc:
                 self._note(t.ifunc)
-        probes = [kc.Probe(i, tuple(protos.string_args(f.proto)), report.failure_of(f.proto))
+        probes = [kc.Probe(i, tuple(protos.slots(f.proto)), report.failure_of(f.proto))
                   for i, f in enumerate(self.functions)]
         trace_pages = self.ring_pages if self.mode == "trace" else 1
         self._program = Program(
@@ -109,11 +119,17 @@ class CallTracer(Tracing):
                                          wire.boot_to_wall_offset_ns(),
                                          self._stack if self.stacks else None)
 
+    def _shown(self, function: str) -> str:
+        """A function's name in output: its symbol, or with -C its C++ name as written."""
+        if not self.demangle:
+            return function
+        return "|".join(demangled(n) for n in function.split("|"))
+
     def _place(self, targets: list) -> tuple:
         """(the targets a probe can go on, their sites: (entry or return site, count site)),
         before anything is attached. A function no probe can safely go on is told and left out;
         one named exactly (not by a glob) is a usage error: the user asked for it by name."""
-        named = {p.function for p in map(pat.parse_pattern, self.patterns)
+        named = {p.function for p in (pat.parse_pattern(x, self.demangle) for x in self.patterns)
                  if not p.exclude and not pat.is_glob(p.function)}
         kept, sites = [], []
         for t in targets:
@@ -185,7 +201,7 @@ class CallTracer(Tracing):
         with self._lock:
             if self._program is None or self._program.bpf is None:
                 return 0
-            done = []
+            done = []  # (kind, item) in record order: "entry" (a call begun) or "call" (finished)
             if self._reader is not None:
                 done = self._pairer.feed(self._reader.drain())
             life = self._program.drain()
@@ -196,12 +212,18 @@ class CallTracer(Tracing):
                 done += self._pairer.end()
             if self._reader is not None:
                 self.lost = kc.lost(self._program)
-            for call in done:
+            finished = 0
+            for kind, item in done:
+                if self.on_event:
+                    self.on_event(kind, item)
+                if kind != "call":
+                    continue
+                finished += 1
                 if self.keep:
-                    self.calls.append(call)
+                    self.calls.append(item)
                 if self.on_call:
-                    self.on_call(call)
-            return len(done)
+                    self.on_call(item)
+            return finished
 
     def _finish(self) -> None:
         self._final = self._counters()

@@ -53,6 +53,9 @@ class Tracing:
                  on_note: Optional[Callable[[str], None]] = None, quiet_stdout: bool = False):
         self.pids = None if pids is None else sorted({int(p) for p in pids})
         self.command = list(command) if command else None
+        if self.pids and self.command:
+            raise UsageError("pids (-p) and a command (after --) exclude each other: trace "
+                             "running processes, or launch one")
         self.interval = interval
         self.on_note = on_note
         self.notes: list[str] = []
@@ -99,7 +102,8 @@ class Tracing:
         self._started = True
         gate = None
         try:
-            filter_pids = self.pids
+            # the children the pids have already are theirs too (those they make, the probes add)
+            filter_pids = proc.with_descendants(self.pids) if self.pids else self.pids
             if self.command:
                 self.process, gate = spawn_gated(self.command, self.quiet_stdout)
                 # traced from its gate (in the filter from the start), or from its exec on

@@ -149,6 +149,7 @@ def call_record(strsize: int) -> np.dtype:
     return np.dtype([
         ("ts", "<u8"),             # bpf_ktime_get_boot_ns()
         ("args", "<u8", (CALL_ARGS,)),  # entry: rdi rsi rdx rcx r8 r9; return: rax in args[0]
+        ("ip", "<u8"),             # entry: the return address, in the caller (0: unread)
         ("pid", "<u4"),
         ("tid", "<u4"),
         ("fn", "<u4"),             # index of the probed function
@@ -156,7 +157,7 @@ def call_record(strsize: int) -> np.dtype:
         ("stack", "<i4"),          # entry: user stack id (negative: none)
         ("cut", "<u4"),            # bit i: string i filled its buffer; bit 2 + i: unreadable
         ("err", "<i4"),            # return: errno of the last syscall that failed in the call
-        ("spare", "<u4"),
+        ("lens", "<u4"),           # bytes read as buffers: slot 0 in the low 16 bits, 1 the high
         ("comm", "S16"),
         ("str0", f"S{width}"),
         ("str1", f"S{width}"),

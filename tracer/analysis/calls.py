@@ -4,6 +4,7 @@ histograms from the kernel's counters.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -14,7 +15,7 @@ from .. import wire
 from ..host import prototypes as protos
 
 CALL_COLUMNS = ["ts", "pid", "tid", "comm", "library", "function", "args", "ret", "duration_ns",
-                "stack"]
+                "caller", "stack"]
 COUNT_COLUMNS = ["library", "function", "calls", "errors", "total_ns", "mean_ns", "max_ns",
                  "time_pct"]
 HISTOGRAM_COLUMNS = ["library", "function", "from_ns", "to_ns", "calls"]
@@ -39,9 +40,10 @@ def failure_of(proto: Optional[protos.Prototype]) -> Optional[str]:
 
 
 class Pairer:
-    """Entry and return records in, finished calls out: per thread a stack of open calls, so
-    nested probed calls (fopen calling malloc) pair right. A call still open when its process
-    exits, or at the end, is finished with no return value (exit, longjmp, a trace cut short)."""
+    """Entry and return records in, calls out in record order: ("entry", the call as it began)
+    and ("call", the finished call). Per thread a stack of open calls, so nested probed calls
+    (fopen calling malloc) pair right. A call still open when its process exits, or at the end,
+    is finished with no return value (exit, longjmp, a trace cut short)."""
 
     def __init__(self, functions: list, strsize: int, offset_ns: int,
                  stack_of: Optional[Callable[[int], list]] = None):
@@ -49,16 +51,20 @@ class Pairer:
         self.strsize = strsize
         self.offset = offset_ns
         self.stack_of = stack_of
-        # per function: which arguments are strings, in the record's string slots' order
-        self.string_args = [protos.string_args(f.proto) for f in functions]
+        # per function: what the record's two text slots hold (prototypes.Slot)
+        self.slots = [protos.slots(f.proto) for f in functions]
         self.open: dict = {}  # tid -> [entry row]
+        self._ids = 0
 
     def feed(self, batch: np.ndarray) -> list:
         done = []
         for r in batch:
             tid = int(r["tid"])
             if int(r["kind"]) == 0:
-                self.open.setdefault(tid, []).append(self._entry(r))
+                stack = self.open.setdefault(tid, [])
+                row = self._entry(r, len(stack))
+                stack.append(row)
+                done.append(("entry", self.began(row)))
                 continue
             stack = self.open.get(tid, [])
             fn = int(r["fn"])
@@ -68,7 +74,8 @@ class Pairer:
             row = stack.pop(at)
             del stack[at:]  # calls left open inside it never returned (longjmp)
             self._strings(row, r)
-            done.append(self._finish(row, int(r["args"][0]), int(r["ts"]), int(r["err"])))
+            done.append(("call", self._finish(row, int(r["args"][0]), int(r["ts"]),
+                                              int(r["err"]))))
         return done
 
     def end(self, pid: Optional[int] = None) -> list:
@@ -76,83 +83,200 @@ class Pairer:
         done = []
         for tid, stack in list(self.open.items()):
             if stack and (pid is None or stack[0]["pid"] == pid):
-                done += [self._finish(row, None, None) for row in stack]
+                done += [("call", self._finish(row, None, None)) for row in stack]
                 del self.open[tid]
         return done
 
     @staticmethod
-    def _read(r, slot: int) -> Optional[tuple]:
-        """(bytes, cut) of string slot of a record, None when it could not be read."""
+    def _read(r, slot: int, mode: int) -> Optional[tuple]:
+        """(bytes, cut) of a record's text slot, None when nothing was read into it: a string
+        up to its NUL, a buffer as many bytes as were read."""
         flags = int(r["cut"])
         if flags >> (2 + slot) & 1:
             return None
-        return r[f"str{slot}"].split(b"\0", 1)[0], bool(flags >> slot & 1)
+        raw = r[f"str{slot}"]
+        if mode in (protos.BYTES_IN, protos.BYTES_OUT):
+            n = int(r["lens"]) >> (16 * slot) & 0xFFFF
+            if n == 0 and not flags >> slot & 1:
+                return None
+            return bytes(raw[:n]), bool(flags >> slot & 1)
+        return raw.split(b"\0", 1)[0], bool(flags >> slot & 1)
 
     def _strings(self, row: dict, ret) -> None:
-        """Strings unreadable at entry, as read at return (their pages touched by the call)."""
-        for slot, at in enumerate(self.string_args[row["_fn"]]):
-            if at not in row["_strings"] and row["_raw"][at]:
-                got = self._read(ret, slot)
-                if got is not None:
-                    row["_strings"][at] = got[0]
-                    if got[1]:
-                        row["_cut"].add(at)
+        """What a return brings: strings unreadable at entry (their pages touched by the call
+        by now), buffers the call filled, the string it returned."""
+        for i, s in enumerate(self.slots[row["_fn"]]):
+            if s.mode == protos.BYTES_IN or (s.mode == protos.STR and (
+                    s.arg in row["_strings"] or not row["_raw"][s.arg])):
+                continue
+            got = self._read(ret, i, s.mode)
+            if got is not None:
+                row["_strings"][s.arg] = got[0]  # (arg -1: the string returned)
+                if got[1]:
+                    row["_cut"].add(s.arg)
 
-    def _entry(self, r) -> dict:
+    def _entry(self, r, depth: int) -> dict:
         fn = self.functions[int(r["fn"])]
+        self._ids += 1
         args = [int(a) for a in r["args"]]
         strings, cut = {}, set()
-        for slot, at in enumerate(self.string_args[int(r["fn"])]):
-            got = self._read(r, slot) if args[at] else None
+        for i, s in enumerate(self.slots[int(r["fn"])]):
+            if s.mode not in (protos.STR, protos.BYTES_IN) or not args[s.arg]:
+                continue
+            got = self._read(r, i, s.mode)
             if got is not None:
-                strings[at] = got[0]
+                strings[s.arg] = got[0]
                 if got[1]:
-                    cut.add(at)
+                    cut.add(s.arg)
         stack = ""
         if self.stack_of is not None and int(r["stack"]) >= 0:
             stack = " ".join(f"{a:#x}" for a in self.stack_of(int(r["stack"])))
         return {"_fn": int(r["fn"]), "_raw": args, "_strings": strings, "_cut": cut,
-                "_ts": int(r["ts"]),
+                "_ts": int(r["ts"]), "id": self._ids, "depth": depth, "caller": int(r["ip"]),
                 "ts": int(r["ts"]) + self.offset, "pid": int(r["pid"]), "tid": int(r["tid"]),
                 "comm": r["comm"].split(b"\0", 1)[0].decode("utf-8", "replace"),
                 "library": fn.library, "function": fn.name, "stack": stack}
+
+    def began(self, row: dict) -> dict:
+        """A call as it began: its arguments as read at entry, no return yet."""
+        out = {k: v for k, v in row.items() if not k.startswith("_")}
+        out["args"] = protos.format_call(self.functions[row["_fn"]].proto, row["_raw"],
+                                         dict(row["_strings"]), self.strsize, set(row["_cut"]))
+        return out
 
     def _finish(self, row: dict, ret: Optional[int], ts: Optional[int], err: int = 0) -> dict:
         fn = self.functions[row["_fn"]]
         out = {k: v for k, v in row.items() if not k.startswith("_")}
         out["args"] = protos.format_call(fn.proto, row["_raw"], row["_strings"], self.strsize,
                                          row["_cut"])
-        out["ret"] = "?" if ret is None else protos.format_return(fn.proto, ret, err or None)
+        out["ret"] = "?" if ret is None else protos.format_return(
+            fn.proto, ret, err or None, row["_strings"].get(-1), self.strsize, -1 in row["_cut"])
         out["errno"] = (protos.errno_name(err) if err and ret is not None
                         and protos.is_error(fn.proto, ret) else None)
         out["error"] = ret is not None and protos.is_error(fn.proto, ret)
         out["duration_ns"] = None if ts is None else ts - row["_ts"]
-        out["json_args"] = _json_args(fn.proto, row["_raw"], row["_strings"])
-        out["json_ret"] = None if ret is None else _json_ret(fn.proto, ret)
+        out["json_args"] = _json_args(fn.proto, row["_raw"], row["_strings"], self.strsize)
+        out["json_ret"] = (None if ret is None else
+                           _json_ret(fn.proto, ret, row["_strings"].get(-1), self.strsize))
+        # JSON's strings are cut at -s like the lines': which ones were longer ("ret": the return)
+        out["truncated"] = [i for i in sorted(row["_strings"]) if i >= 0 and self._cut(row, i)]
+        out["truncated"] += ["ret"] if -1 in row["_strings"] and self._cut(row, -1) else []
         return out
 
+    def _cut(self, row: dict, i: int) -> bool:
+        """Whether text i (-1: the string returned) is longer than -s shows."""
+        text = row["_strings"][i]
+        proto = self.functions[row["_fn"]].proto
+        if i == -1 or proto.args[i].kind == "str":
+            text = text.split(b"\0", 1)[0]
+        return i in row["_cut"] or len(text) > self.strsize
 
-def _json_args(proto, raw: list, strings: dict) -> list:
+
+def _json_args(proto, raw: list, strings: dict, strsize: int) -> list:
     if proto is None:
         return [protos.json_value("ptr", v) for v in raw]
-    return [protos.json_value(a.kind, raw[i], strings.get(i))
+    return [protos.json_value(a.kind, raw[i], strings.get(i), strsize)
             for i, a in enumerate(proto.args[:wire.CALL_ARGS])]
 
 
-def _json_ret(proto, raw: int):
+def _json_ret(proto, raw: int, text: Optional[bytes], strsize: int):
     if proto is None:
         return protos.json_value("ptr", raw)
-    return None if proto.ret == "void" else protos.json_value(proto.ret, raw)
+    return None if proto.ret == "void" else protos.json_value(proto.ret, raw, text, strsize)
+
+
+STAMPS = ("", "t", "tt", "ttt", "r")  # ltrace's -t, -tt, -ttt (time of day, epoch) and -r
+
+
+@dataclass(frozen=True)
+class Style:
+    """How lines look, as ltrace's options say: timing (-T: <seconds> after a return), stamps
+    (-t, -tt, -ttt, -r), ip (-i: the caller's address), indent (-n: spaces per nesting level of
+    the thread's open probed calls), name (-C: a function's shown name from its symbol)."""
+    timing: bool = False
+    stamps: str = ""
+    ip: bool = False
+    indent: int = 0
+    name: Callable[[str], str] = str
+
+
+class Lines:
+    """ltrace's lines, in call order: a call that returns before the next record of any thread
+    is one line; else its entry is printed when that next record comes, as
+    `f(args <unfinished ...>`, and its return later as `<... f resumed> ) = ret`. Feed the
+    Pairer's items in order; each feed returns the lines it completes."""
+
+    def __init__(self, style: Style = Style()):
+        self.style = style
+        self.pending: Optional[dict] = None  # the last entry, printed once something follows
+        self.last_ts: Optional[int] = None   # -r: the previous line's time
+        self.unfinished: dict = {}  # call id -> its arguments as its unfinished line showed them
+
+    def feed(self, kind: str, item: dict) -> list:
+        if kind == "entry":
+            out = self.flush()
+            self.pending = item
+            return out
+        if self.pending is not None and self.pending["id"] == item.get("id"):
+            self.pending = None
+            return [self.whole(item)]
+        end = item["ts"] + (item["duration_ns"] or 0)
+        # what the call's return brought to its arguments (a buffer filled, a string readable
+        # only once the call touched its page) is shown with the resumed part, as ltrace does
+        before = self.unfinished.pop(item.get("id"), item["args"])
+        args = ", ".join(item["args"]) if item["args"] != before else ""
+        return self.flush() + [self._line(item, end, f"<... {self._name(item)} resumed> {args})"
+                                          + self._ret(item))]
+
+    def whole(self, c: dict) -> str:
+        """A call's one line: it returned before anything else happened."""
+        return self._line(c, c["ts"], self._call(c) + self._ret(c))
+
+    def flush(self) -> list:
+        """The pending entry as an unfinished line (something else came, or time passed)."""
+        if self.pending is None:
+            return []
+        item, self.pending = self.pending, None
+        self.unfinished[item["id"]] = item["args"]
+        return [self._line(item, item["ts"], self._call(item)[:-1] + " <unfinished ...>")]
+
+    def _name(self, c: dict) -> str:
+        return f"{c['library']}!{self.style.name(c['function'])}"
+
+    def _call(self, c: dict) -> str:
+        return f"{self._name(c)}({', '.join(c['args'])})"
+
+    def _ret(self, c: dict) -> str:
+        text = f" = {c['ret']}" if c["ret"] != "" else ""
+        if self.style.timing and c.get("duration_ns") is not None:
+            text += f" <{c['duration_ns'] / 1e9:.6f}>"
+        return text
+
+    def _line(self, c: dict, ts: int, body: str) -> str:
+        who = str(c["pid"]) if c["tid"] == c["pid"] else f"{c['pid']}/{c['tid']}"
+        head = [who, c["comm"]]
+        if self.style.stamps:
+            head.append(stamp(self.style.stamps, ts, self.last_ts))
+        self.last_ts = ts
+        if self.style.ip:
+            head.append(f"[{c.get('caller') or 0:#x}]")
+        return " ".join(head) + " " + " " * (self.style.indent * c.get("depth", 0)) + body
+
+
+def stamp(style: str, ts: int, previous: Optional[int]) -> str:
+    """A line's time as ltrace writes it: -t 12:01:02, -tt 12:01:02.123456, -ttt
+    1700000000.123456 (Unix time), -r the seconds since the previous line."""
+    if style == "r":
+        return f"{(ts - (previous if previous is not None else ts)) / 1e9:9.6f}"
+    if style == "ttt":
+        return f"{ts // 10**9}.{ts % 10**9 // 1000:06d}"
+    text = time.strftime("%H:%M:%S", time.localtime(ts // 10**9))
+    return text + (f".{ts % 10**9 // 1000:06d}" if style == "tt" else "")
 
 
 def line(call: dict, timing: bool = False) -> str:
-    """ltrace's line: `PID COMM LIB!FUNC(args) = ret`, a thread as PID/TID, -T's <seconds>."""
-    who = str(call["pid"]) if call["tid"] == call["pid"] else f"{call['pid']}/{call['tid']}"
-    ret = f" = {call['ret']}" if call["ret"] != "" else ""
-    text = f"{who} {call['comm']} {call['library']}!{call['function']}({', '.join(call['args'])}){ret}"
-    if timing and call["duration_ns"] is not None:
-        text += f" <{call['duration_ns'] / 1e9:.6f}>"
-    return text
+    """A finished call's single line (Lines gives them in call order, with nesting)."""
+    return Lines(Style(timing=timing)).whole(call)
 
 
 def calls_frame(calls: list) -> pd.DataFrame:
@@ -170,6 +294,8 @@ def json_record(call: dict, timing: bool) -> dict:
            "ret": call["json_ret"]}
     if call.get("errno"):
         out["errno"] = call["errno"]
+    if call.get("truncated"):
+        out["truncated"] = call["truncated"]
     if timing:
         out["duration_ns"] = call["duration_ns"]
     return out

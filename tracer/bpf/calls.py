@@ -23,8 +23,9 @@ ERR_MODES = {None: 0, "int": 1, "long": 2, "null": 3}  # KC_ERR_*
 class Probe:
     """One function, as the kernel side sees it."""
     index: int
-    strings: tuple = ()          # argument positions read as strings (at most CALL_STRINGS)
-    failure: Optional[str] = None  # what return is a failure: "int", "long", "null" or None
+    slots: tuple = ()            # what the record's text slots hold (prototypes.Slot, at most
+    failure: Optional[str] = None  # CALL_STRINGS); what return is a failure: "int", "long",
+    #                                "null" or None
 
 
 def prelude(count: int, strsize: int, ring_pages: int, stacks: bool, errno: bool = False) -> str:
@@ -51,11 +52,13 @@ def programs(probes: Iterable[Probe], mode: str) -> str:
             out.append(f"int kc_exit_{i}(struct pt_regs *ctx) "
                        f"{{ return kc_exit(ctx, {i}, {ERR_MODES[p.failure]}); }}")
         else:
-            s0, s1 = (list(p.strings[:wire.CALL_STRINGS]) + [-1, -1])[:2]
+            # per slot: the argument (-1: none), what is read (KC_SLOT_*), the length argument
+            s = [(x.arg, x.mode, x.length) for x in p.slots[:wire.CALL_STRINGS]]
+            (a0, m0, l0), (a1, m1, l1) = (s + [(-1, -1, -1)] * 2)[:2]
             out.append(f"int kc_entry_{i}(struct pt_regs *ctx) "
-                       f"{{ return kc_trace_entry(ctx, {i}, {s0}, {s1}); }}")
+                       f"{{ return kc_trace_entry(ctx, {i}, {a0}, {m0}, {l0}, {a1}, {m1}, {l1}); }}")
             out.append(f"int kc_return_{i}(struct pt_regs *ctx) "
-                       f"{{ return kc_trace_return(ctx, {i}, {ERR_MODES[p.failure]}); }}")
+                       f"{{ return kc_trace_return(ctx, {i}, {ERR_MODES[p.failure]}, {m0}, {m1}); }}")
     return "\n".join(out) + "\n"
 
 

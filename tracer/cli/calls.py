@@ -6,18 +6,20 @@ import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..analysis import calls as report
 from ..calls import CallTracer
-from ..errors import KeytraceError
+from ..errors import KeytraceError, UsageError
 from ..store.files import check_writable, json_lines, save_table
-from .console import command_status, err, failure, out
+from .console import command_status, err, failure
 
 
 def calls(
@@ -27,21 +29,36 @@ def calls(
                                       "allowed (repeatable); LIB defaults to libc and is a short "
                                       "name (libssl), a soname or a path; '!FUNC' excludes."),
     pid: Optional[List[int]] = typer.Option(None, "--pid", "-p", help="Trace this process and "
-                                            "its children (repeatable). Default: the whole host."),
+                                            "its children, those it has and those it makes "
+                                            "(repeatable). Default: the whole host."),
     count: bool = typer.Option(False, "-c", "--count", help="Count calls in the kernel (no "
                                "record per call) and print ltrace -c's table at the end."),
     timing: bool = typer.Option(False, "-T", "--time", help="Time each call (<seconds> on each "
                                 "line) and keep a log2 latency histogram per function in the "
                                 "kernel; with -c: total, mean and max time, and errors too."),
+    stamps: int = typer.Option(0, "-t", count=True, help="Prefix each line with the time of "
+                               "day; -tt with microseconds; -ttt as Unix time with "
+                               "microseconds."),
+    relative: bool = typer.Option(False, "-r", help="Prefix each line with the seconds since "
+                                  "the previous line."),
+    ip: bool = typer.Option(False, "-i", help="Show the address each call returns to (in its "
+                            "caller) as [0x...]."),
+    indent: int = typer.Option(0, "-n", "--indent", min=0, help="Indent nested calls by this "
+                               "many spaces per level (per thread)."),
+    demangle: bool = typer.Option(False, "-C", "--demangle", help="C++ (and Rust) names as "
+                                  "written: in the output, and patterns match them "
+                                  "('operator new*', 'std::*')."),
     stack: bool = typer.Option(False, "--stack", help="The user stack of each call; with -c, "
                                "calls per stack."),
     duration: Optional[float] = typer.Option(None, "--duration", "-d", min=0,
                                              help="Stop after this many seconds."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the calls (with -c: "
-                                          "the table): .parquet, .csv or .jsonl, by extension."),
-    as_json: bool = typer.Option(False, "--json", help="JSON lines: one object per call (with "
-                                 "-c: per function). A launched command's own output then goes "
-                                 "to standard error."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the trace (with "
+                                          "-c: the table) to this file instead of standard "
+                                          "error: as text, or by extension as .parquet, .csv "
+                                          "or .jsonl data."),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines on standard output: one "
+                                 "object per call (with -c: per function). A launched command's "
+                                 "own output then goes to standard error."),
     strsize: int = typer.Option(32, "-s", "--string-size", min=0, help="Show strings up to this "
                                 "many bytes."),
     sites: str = typer.Option("planned", "--sites", help="planned: a -c probe sits on an "
@@ -53,6 +70,10 @@ def calls(
     -z now -fno-plt) are counted too. Every call of the function counts, whoever calls it (the
     program, or the library itself).
 
+    As ltrace, the trace and the -c table go to standard error (or -o FILE), so they never mix
+    with the program's output. A call that returns before anything else happens is one line;
+    else `f(args <unfinished ...>` and later `<... f resumed> ) = ret`.
+
     Ends on Ctrl-C, SIGTERM, --duration, when the launched command exits, or when every --pid
     process has exited.
 
@@ -61,38 +82,89 @@ def calls(
       keytrace calls -e malloc -e free -- ls              ltrace -e malloc+free ls
       keytrace calls -c -e 'libc:str*' -- ./server        ltrace -c -e 'str*' ./server
       keytrace calls -c -T -e 'libssl:SSL_*' -p 1234      ltrace -c -T -e 'SSL_*@libssl*' -p 1234
-      keytrace calls -T -e open -e '!open64' -- make      ltrace -T -e open-open64 make
+      keytrace calls -tt -n 2 -e 'f*' -e '!fflush' -- make    ltrace -tt -n 2 -e 'f*-fflush' make
+      keytrace calls -C -e 'libstdc++:operator new*' -- ./app ltrace -C -e '_Znw*' ./app
       keytrace calls -e getenv -s 64 --json -- ./app      (no ltrace equivalent)
     """
     try:
-        if output is not None:
-            check_writable(output)
-        stdout = sys.stdout
-        show = None  # tracing prints each call, unless it only goes to a file (-o without --json)
-        if not count and (output is None or as_json):
-            show = ((lambda c: _write(stdout, json.dumps(report.json_record(c, timing)) + "\n"))
-                    if as_json else
-                    (lambda c: _write(stdout, report.line(c, timing) + _stack(c, stack) + "\n")))
-        tracer = CallTracer(pattern, pids=pid or None, command=command or None, count=count,
-                            timing=timing, stacks=stack, strsize=strsize, sites=sites,
-                            keep=output is not None, on_call=show, quiet_stdout=as_json,
-                            on_note=lambda t: err.print(f"keytrace: {t}", markup=False,
-                                                        soft_wrap=True),
-                            on_progress=_progress())
-        why = _run(tracer, duration)
+        fmt = check_writable(output, "text") if output is not None else None
+        if stamps > 3:
+            raise UsageError("-t is given at most 3 times (-t, -tt, -ttt)")
+        if relative and stamps:
+            raise UsageError("-r and -t exclude each other: relative or absolute times")
+        style = report.Style(timing=timing, stamps="r" if relative else "t" * stamps, ip=ip,
+                             indent=indent)
+        text = _open_text(output) if fmt == "text" else None
+        try:
+            _trace(command, pattern, pid, count, timing, stack, duration, output, fmt, as_json,
+                   strsize, sites, demangle, style, text)
+        finally:
+            if text is not None and text is not sys.stderr:
+                text.close()
     except KeytraceError as e:
         raise failure(e)
+
+
+def _open_text(path: Path):
+    try:
+        return open(path, "w", encoding="utf-8", errors="replace", buffering=1)
+    except OSError as e:
+        raise KeytraceError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _trace(command, pattern, pid, count, timing, stack, duration, output, fmt, as_json, strsize,
+           sites, demangle, style, text) -> None:
+    stdout = sys.stdout
+    # the text trace: to -o FILE when it is a text file, else standard error (ltrace's place)
+    dest = text if text is not None else sys.stderr
+    show = on_event = lines = None  # (on_event: the text lines, in call order)
+    lock = threading.Lock()  # lines come from the drain thread and from the stale-entry tick
+    if not count and as_json:
+        show = (lambda c: _write(stdout, json.dumps(report.json_record(c, timing)) + "\n"))
+    elif not count and (output is None or fmt == "text"):
+        lines = report.Lines(style)
+
+        def text_lines(kind, item):
+            with lock:
+                done = lines.feed(kind, item)
+            _write(dest, "".join(ln + "\n" for ln in done))
+            if kind == "call" and stack and item.get("stack"):
+                _write(dest, "".join(f"    {a}\n" for a in item["stack"].split()))
+        on_event = text_lines
+    tracer = CallTracer(pattern, pids=pid or None, command=command or None, count=count,
+                        timing=timing, stacks=stack, strsize=strsize, sites=sites,
+                        keep=output is not None and fmt != "text", on_call=show,
+                        on_event=on_event, quiet_stdout=as_json, demangle=demangle,
+                        on_note=lambda t: err.print(f"keytrace: {t}", markup=False,
+                                                    soft_wrap=True),
+                        on_progress=_progress())
+
+    def stale():
+        """An entry with nothing after it for a while (a blocking read) is shown unfinished."""
+        if lines is None:
+            return
+        with lock:
+            old = lines.pending is not None and time.time_ns() - lines.pending["ts"] > 5e8
+            done = lines.flush() if old else []
+        _write(dest, "".join(ln + "\n" for ln in done))
+
+    why = _run(tracer, duration, stale)
+    if lines is not None:
+        with lock:
+            _write(dest, "".join(ln + "\n" for ln in lines.flush()))
     if tracer.lost:
         err.print(f"keytrace: warning: {tracer.lost} call records were lost (ring buffer full): "
                   "lines are missing; -c counts in the kernel and loses none", markup=False)
+    table_out = Console(file=text, highlight=False, width=160) if text is not None else err
     if count:
-        _report_counts(tracer, timing, stack, as_json, output)
+        _report_counts(tracer, timing, stack, as_json, output if fmt != "text" else None,
+                       table_out)
     else:
-        if output is not None:
+        if output is not None and fmt != "text":
             save_table(tracer.frame(), output)
             err.print(f"keytrace: wrote {len(tracer.calls)} calls to {output}", markup=False)
         if timing and not as_json:  # -T: the kernel's latency histograms after the lines
-            _print_histograms(tracer.histograms())
+            _print_histograms(tracer.histograms(), table_out)
     status = command_status(tracer.returncode, why)
     if status:
         err.print(f"keytrace: the command exited with status {status}", markup=False)
@@ -134,7 +206,7 @@ def _stack(call: dict, wanted: bool) -> str:
     return "".join(f"\n    {a}" for a in call["stack"].split())
 
 
-def _run(tracer: CallTracer, duration: Optional[float]) -> str:
+def _run(tracer: CallTracer, duration: Optional[float], tick=None) -> str:
     """Trace until an end condition: why it ended ("exited", "duration", "stopped")."""
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -147,7 +219,7 @@ def _run(tracer: CallTracer, duration: Optional[float]) -> str:
         err.print(f"keytrace: {len(tracer.targets)} function(s) in {files} file(s), "
                   f"{tracer.attached} probes{where}", markup=False, soft_wrap=True)
         try:
-            why = tracer.wait(duration=duration, stop=stop)
+            why = tracer.wait(duration=duration, stop=stop, tick=tick)
         except KeyboardInterrupt:
             pass
     finally:
@@ -158,7 +230,7 @@ def _run(tracer: CallTracer, duration: Optional[float]) -> str:
 
 
 def _report_counts(tracer: CallTracer, timing: bool, stack: bool, as_json: bool,
-                   output: Optional[Path]) -> None:
+                   output: Optional[Path], console: Console) -> None:
     table = tracer.counts()
     hist = tracer.histograms() if timing else None
     if output is not None:
@@ -174,11 +246,11 @@ def _report_counts(tracer: CallTracer, timing: bool, stack: bool, as_json: bool,
         sys.stdout.write(json_lines(rows))
         sys.stdout.flush()
         return
-    out.print(_counts_table(table, timing))
+    console.print(_counts_table(table, timing))
     if hist is not None:
-        _print_histograms(hist)
+        _print_histograms(hist, console)
     if stack:
-        out.print(_stacks_table(tracer.stack_counts()))
+        console.print(_stacks_table(tracer.stack_counts()))
 
 
 def _counts_table(df, timing: bool) -> Table:
@@ -205,9 +277,9 @@ def _counts_table(df, timing: bool) -> Table:
     return t
 
 
-def _print_histograms(hist) -> None:
+def _print_histograms(hist, console: Console) -> None:
     for (lib, fn), g in hist.groupby(["library", "function"], sort=False):
-        out.print(_histogram(f"{lib}!{fn}", g))
+        console.print(_histogram(f"{lib}!{fn}", g))
 
 
 def _histogram(name: str, g) -> Table:

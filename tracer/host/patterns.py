@@ -32,6 +32,7 @@ from elftools.elf.elffile import ELFFile
 
 from ..errors import KeytraceError, UsageError
 from . import proc
+from .demangle import demangle
 from .elf import FileCache, _debug_file, _tables, build_id, elf_info
 from .libc import is_musl, ld_cache
 
@@ -67,20 +68,26 @@ class Pattern:
     exclude: bool
 
 
-def parse_pattern(text: str) -> Pattern:
-    """`[!][LIB:]FUNC` split and checked; KeytraceError when it is malformed."""
+def parse_pattern(text: str, demangled: bool = False) -> Pattern:
+    """`[!][LIB:]FUNC` split and checked; UsageError when it is malformed. demangled (-C): FUNC
+    may be a C++ name as written ('std::*', 'operator new*'), spaces and '::' included."""
     body = text.strip()
     exclude = body.startswith("!")
     body = body[1:] if exclude else body
     if not body:
         raise UsageError(f"empty pattern {text!r}: {USAGE}")
-    # FUNC never holds a ':' (symbols are mangled names); a path as LIB might.
-    library, colon, function = body.rpartition(":")
+    # FUNC holds no single ':' (a symbol, or a C++ name's '::'); a path as LIB might.
+    singles = [m.start() for m in re.finditer(r"(?<!:):(?!:)", body)]
+    at = singles[-1] if singles else -1
+    library, colon, function = (body[:at], ":", body[at + 1:]) if at >= 0 else ("", "", body)
+    if not demangled and ("::" in function or re.search(r"\s", function.strip())):
+        raise UsageError(f"pattern {text!r} is a C++ name as written: add -C to match names "
+                         "demangled")
     if colon and not library:
         raise UsageError(f"pattern {text!r} has an empty library before ':': {USAGE}")
     if colon and not function:
         raise UsageError(f"pattern {text!r} has an empty function after ':': {USAGE}")
-    _check_glob(function, text, "function")
+    _check_glob(function, text, "function", demangled)
     if colon and "/" not in library:
         _check_glob(library, text, "library")
     return Pattern(text, library if colon else None, function, exclude)
@@ -90,8 +97,9 @@ def is_glob(text: str) -> bool:
     return bool(_GLOB.search(text))
 
 
-def _check_glob(part: str, text: str, what: str) -> None:
-    if re.search(r"\s", part) or (what == "function" and "/" in part):
+def _check_glob(part: str, text: str, what: str, demangled: bool = False) -> None:
+    if (re.search(r"\s", part) and not demangled) or (what == "function" and "/" in part
+                                                      and not demangled):
         raise UsageError(f"bad {what} glob {part!r} in pattern {text!r}: {USAGE}")
     i = part.find("[")
     while i >= 0:
@@ -354,12 +362,15 @@ def _functions(lib: _Library) -> _Functions:
     return table
 
 
-def _matching(table: _Functions, function: str) -> list:
-    """Positions of the addresses whose names function matches."""
-    if not _GLOB.search(function):
+def _matching(table: _Functions, function: str, demangled: bool = False) -> list:
+    """Positions of the addresses whose names function matches (demangled: their C++ names
+    as written too)."""
+    if not _GLOB.search(function) and not demangled:
         return table.index.get(function, [])
-    match = re.compile(fnmatch.translate(function)).match
-    return sorted({p for name, positions in table.index.items() if match(name) for p in positions})
+    match = re.compile(fnmatch.translate(function)).fullmatch
+    return sorted({p for name, positions in table.index.items()
+                   if match(name) or (demangled and name.startswith("_Z") and match(demangle(name)))
+                   for p in positions})
 
 
 def _no_function(pattern: Pattern, libs: list) -> str:
@@ -376,10 +387,13 @@ def _no_function(pattern: Pattern, libs: list) -> str:
 
 
 def _shown(table: _Functions, pos: int, function: str) -> str:
-    if not _GLOB.search(function):
+    """The symbol a target is shown by: the one asked for, else the plainest the glob matched
+    (by its symbol, or by its C++ name as written), else the plainest."""
+    if not _GLOB.search(function) and function in table.index:
         return function
-    match = re.compile(fnmatch.translate(function)).match
-    return min((n for n in table.names[pos] if match(n)), key=_plainest, default=table.display[pos])
+    match = re.compile(fnmatch.translate(function)).fullmatch
+    return min((n for n in table.names[pos] if match(n) or match(demangle(n))), key=_plainest,
+               default=table.display[pos])
 
 
 def _plainest(name: str) -> tuple:
@@ -462,14 +476,15 @@ def _one_per_address(targets: list) -> list:
 # ---- resolution --------------------------------------------------------------------------
 
 def resolve(patterns: Sequence[str], pids: Sequence[int] = (), exe: Optional[str] = None,
-            limit: int = DEFAULT_LIMIT) -> list[Target]:
+            limit: int = DEFAULT_LIMIT, demangled: bool = False) -> list[Target]:
     """The functions the patterns select, exclusions applied, sorted by (library, function).
     pids: the traced processes (their mapped files are looked at first); exe: the traced
     command's program (a path or a name on PATH). KeytraceError, one line, when a pattern
-    names nothing or the selection exceeds limit."""
-    parsed = [parse_pattern(p) for p in patterns]
+    names nothing or the selection exceeds limit. demangled (-C): patterns match C++ names as
+    written too."""
+    parsed = [parse_pattern(p, demangled) for p in patterns]
     if not any(not p.exclude for p in parsed):
-        raise KeytraceError(f"nothing to trace: no pattern selects functions ({USAGE})")
+        raise UsageError(f"nothing to trace: no pattern selects functions ({USAGE})")
     missing = [pid for pid in pids if not proc.exists(pid)]
     if missing:
         raise KeytraceError(f"no process {missing[0]}")
@@ -483,7 +498,7 @@ def resolve(patterns: Sequence[str], pids: Sequence[int] = (), exe: Optional[str
         for lib in libs:
             table = _functions(lib)
             libs_of.setdefault(lib.ident, lib)
-            for pos in _matching(table, pattern.function):
+            for pos in _matching(table, pattern.function, demangled):
                 key = (lib.ident, table.addresses[pos])
                 keys.append(key)
                 if key not in selected:
@@ -502,18 +517,25 @@ def resolve(patterns: Sequence[str], pids: Sequence[int] = (), exe: Optional[str
             match = re.compile(fnmatch.translate(pattern.function)).match
             for key, t in selected.items():
                 if (within is None or key[0] in within) and any(
-                        match(n) for n in t.function.split("|")):
+                        match(n) or (demangled and match(demangle(n)))
+                        for n in t.function.split("|")):
                     excluded.setdefault(key, pattern.text)
             continue
         for ident, lib in libs_of.items():
             if within is None or ident in within:
                 table = _functions(lib)
-                for pos in _matching(table, pattern.function):
+                for pos in _matching(table, pattern.function, demangled):
                     excluded.setdefault((ident, table.addresses[pos]), pattern.text)
     for text, keys in chosen.items():
         if all(k in excluded for k in keys):
             by = ", ".join(repr(t) for t in dict.fromkeys(excluded[k] for k in keys))
-            raise KeytraceError(f"every function matching {text!r} is excluded (by {by})")
+            shown = {selected[k].function for k in keys}
+            aliases = sorted({parse_pattern(excluded[k], demangled).function for k in keys}
+                             - shown - {text})
+            same = (f": {', '.join(aliases)} is another name of the same code as "
+                    f"{', '.join(sorted(shown))}" if aliases and not any(map(is_glob, aliases))
+                    else "")
+            raise UsageError(f"every function matching {text!r} is excluded (by {by}){same}")
     final = _one_per_address([t for k, t in selected.items() if k not in excluded])
     if len(final) > limit:
         counts = {text: len({k for k in keys if k not in excluded})

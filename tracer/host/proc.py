@@ -68,6 +68,23 @@ def pids() -> list[int]:
     return sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
 
 
+def with_descendants(roots) -> list[int]:
+    """roots and every process descended from them now (children, their children...)."""
+    children: dict = {}
+    for pid in pids():
+        try:
+            children.setdefault(stat(pid).ppid, []).append(pid)
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    out, todo = set(roots), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return sorted(out)
+
+
 def trim_heap() -> None:
     """Give the C heap's free pages back to the system. glibc keeps what a burst of work freed
     (raising its mmap threshold as it goes), so an always-on process would keep its peak."""

@@ -3,8 +3,10 @@ the prototype DWARF gives where a file has it, and ltrace-style formatting of th
 values the BPF side captures (x86-64: the first 6 integer arguments, and rax on return).
 
 Argument kinds: "int" (signed 32), "long" (signed 64), "uint"/"ulong" (unsigned 32/64), "ptr"
-(hex, NULL), "str" (a NUL-terminated string read on entry), "fd" (an int naming a file
-descriptor), "void" (returns only).
+(hex, NULL), "str" (a NUL-terminated string read on entry; as a return kind, the string
+returned, read on return), "cbuf" (`const void *buf`: bytes read on entry, as many as the next
+argument says), "buf" (`void *buf`: bytes the call filled, read on return, as many as it
+returned), "fd" (an int naming a file descriptor), "void" (returns only).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from elftools.elf.elffile import ELFFile
 
 from .elf import FileCache, _debug_file, defined_symbols
 
-MAX_STRINGS = 2     # strings the BPF side reads per call
+MAX_STRINGS = 2     # strings and buffers the BPF side reads per call (its slots)
 REGISTER_ARGS = 6   # rdi, rsi, rdx, rcx, r8, r9
 _MASK64 = (1 << 64) - 1
 
@@ -204,6 +206,8 @@ def _kind(ctype: str, name: str = "") -> str:
         kind = _SCALARS[" ".join(words)]  # KeyError: a type the table has no business with
         return "fd" if kind == "int" and name in _FD_NAMES else kind
     before_star = ctype.split("*", 1)[0].split()
+    if stars == 1 and words == ["void"] and name == "buf":  # a buffer with its size beside it
+        return "cbuf" if "const" in before_star else "buf"
     return "str" if stars == 1 and words == ["char"] and "const" in before_star else "ptr"
 
 
@@ -225,7 +229,8 @@ def parse(decl: str, errno_on: Optional[str] = None) -> Prototype:
     m = re.fullmatch(r"\s*(.*?)\s*(\w+)\s*", head)
     if not m or not rest.rstrip().endswith(")"):
         raise ValueError(f"not a declaration: {decl!r}")
-    ret = _kind(m[1])
+    # a returned char * is a string (getenv, strdup, fgets, strerror...): read on return
+    ret = "str" if re.fullmatch(r"(const\s+)?char\s*\*", m[1].strip()) else _kind(m[1])
     args, variadic = [], False
     for a in _split_args(rest.rstrip()[:-1]):
         if a == "...":
@@ -239,8 +244,7 @@ def parse(decl: str, errno_on: Optional[str] = None) -> Prototype:
         if not am or not am[1]:
             raise ValueError(f"unnamed or untyped argument {a!r} in {decl!r}")
         args.append(Arg(am[2], "ptr" if array else _kind(am[1], am[2])))
-    # A returned string is never read: show it as the pointer it is.
-    return Prototype(m[2], "ptr" if ret == "str" else ret, tuple(args), errno_on, variadic)
+    return Prototype(m[2], ret, tuple(args), errno_on, variadic)
 
 
 def _table() -> dict:
@@ -272,11 +276,42 @@ def lookup(name: str) -> Optional[Prototype]:
     return None
 
 
-def string_args(proto: Optional[Prototype]) -> list:
-    """Indexes of the "str" arguments among the register ones, the first MAX_STRINGS of them."""
+# What a slot of a call record holds (the BPF side's KC_SLOT_*): a string argument read on entry
+# (again on return if it could not be), bytes of an argument read on entry (as many as the
+# length argument says), bytes of an argument read on return (as many as the call returned),
+# the string returned.
+STR, BYTES_IN, BYTES_OUT, RET_STR = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Slot:
+    arg: int         # the argument read (-1: the return value)
+    mode: int        # STR, BYTES_IN, BYTES_OUT or RET_STR
+    length: int = -1  # BYTES_IN: the argument that says how many bytes
+
+
+def slots(proto: Optional[Prototype]) -> list:
+    """What the BPF side reads for a call, at most MAX_STRINGS: string arguments, then buffers,
+    then the string returned."""
     if proto is None:
         return []
-    return [i for i, a in enumerate(proto.args[:REGISTER_ARGS]) if a.kind == "str"][:MAX_STRINGS]
+    out = []
+    for i, a in enumerate(proto.args[:REGISTER_ARGS]):
+        if a.kind == "str":
+            out.append(Slot(i, STR))
+    for i, a in enumerate(proto.args[:REGISTER_ARGS]):
+        if a.kind == "cbuf" and i + 1 < min(len(proto.args), REGISTER_ARGS):
+            out.append(Slot(i, BYTES_IN, i + 1))
+        elif a.kind == "buf":
+            out.append(Slot(i, BYTES_OUT))
+    if proto.ret == "str":
+        out.append(Slot(-1, RET_STR))
+    return out[:MAX_STRINGS]
+
+
+def string_args(proto: Optional[Prototype]) -> list:
+    """Indexes of the arguments whose text a call record carries (strings and buffers)."""
+    return [s.arg for s in slots(proto) if s.arg >= 0]
 
 
 # --- formatting ---------------------------------------------------------------------------
@@ -307,7 +342,8 @@ def _escape(data: bytes) -> str:
 def format_value(kind: str, raw: int, text: Optional[bytes] = None, strsize: int = 32,
                  cut: bool = False) -> str:
     """One value, ltrace-style. For "str", text is the bytes read (up to a NUL, which ends it)
-    and cut says the read stopped at its capture length before the string ended."""
+    and cut says the read stopped at its capture length before the string ended; for "buf" and
+    "cbuf", text is the bytes of the buffer (NULs and all)."""
     num = _number(kind, raw)
     if num is not None:
         return str(num)
@@ -316,8 +352,8 @@ def format_value(kind: str, raw: int, text: Optional[bytes] = None, strsize: int
         return ""
     if raw == 0 and kind in ("ptr", "str"):
         return "NULL"
-    if kind == "str" and text is not None:
-        text = text.split(b"\0", 1)[0]
+    if kind in ("str", "buf", "cbuf") and text is not None:
+        text = text.split(b"\0", 1)[0] if kind == "str" else text
         more = cut or len(text) > strsize
         return f'"{_escape(text[:max(strsize, 0)])}"' + ("..." if more else "")
     return f"{raw:#x}"
@@ -347,28 +383,30 @@ def is_error(proto: Optional[Prototype], raw: int) -> bool:
     return raw & mask == mask  # -1 in the width of the return type (MAP_FAILED, SIG_ERR too)
 
 
-def format_return(proto: Optional[Prototype], raw: int, errno: Optional[int] = None) -> str:
+def format_return(proto: Optional[Prototype], raw: int, errno: Optional[int] = None,
+                  text: Optional[bytes] = None, strsize: int = 32, cut: bool = False) -> str:
     """The return value, typed; with errno (when the BPF side read it) after a failure, strace's
-    `-1 ENOENT (No such file or directory)`."""
+    `-1 ENOENT (No such file or directory)`; text: a returned string as read."""
     if proto is None:
         return f"{raw & _MASK64:#x}"
     if is_error(proto, raw):
         shown = "-1" if proto.errno_on == "-1" else "NULL"
         return shown if errno is None else f"{shown} {errno_name(errno)} ({os.strerror(errno)})"
-    return format_value(proto.ret, raw)
+    return format_value(proto.ret, raw, text, strsize, cut)
 
 
-def json_value(kind: str, raw: int, text: Optional[bytes] = None):
-    """One value for --json: a number, "0x..." for pointers, the text of strings, None for
-    NULL and void."""
+def json_value(kind: str, raw: int, text: Optional[bytes] = None, strsize: Optional[int] = None):
+    """One value for --json: a number, "0x..." for pointers, the text of strings and buffers
+    (up to strsize bytes), None for NULL and void."""
     num = _number(kind, raw)
     if num is not None:
         return num
     raw &= _MASK64
-    if kind == "void" or (raw == 0 and kind in ("ptr", "str")):
+    if kind == "void" or (raw == 0 and kind in ("ptr", "str", "buf", "cbuf")):
         return None
-    if kind == "str" and text is not None:
-        return text.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+    if kind in ("str", "buf", "cbuf") and text is not None:
+        text = text.split(b"\0", 1)[0] if kind == "str" else text
+        return text[:strsize].decode("utf-8", "backslashreplace")
     return f"{raw:#x}"
 
 

@@ -28,9 +28,10 @@ FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv",
            ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 
 
-def format_of(path) -> str:
-    """The format a path's extension asks for; a UsageError names the ones known."""
-    fmt = FORMATS.get(Path(path).suffix.lower())
+def format_of(path, default: Optional[str] = None) -> str:
+    """The format a path's extension asks for, else default (`calls -o` writes text, as ltrace
+    does); a UsageError names the ones known when there is no default."""
+    fmt = FORMATS.get(Path(path).suffix.lower(), default)
     if fmt is None:
         known = ", ".join(sorted(FORMATS))
         raise UsageError(f"cannot tell the format of {str(path)!r} from its extension "
@@ -38,9 +39,10 @@ def format_of(path) -> str:
     return fmt
 
 
-def check_writable(path) -> str:
-    """Before any work: the format is known and the file can be created. Returns the format."""
-    fmt = format_of(path)
+def check_writable(path, default: Optional[str] = None) -> str:
+    """Before any work: the format is known (format_of) and the file can be created. Returns
+    the format."""
+    fmt = format_of(path, default)
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():

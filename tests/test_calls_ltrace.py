@@ -1,0 +1,235 @@
+"""keytrace calls as an ltrace user reads it: the trace on standard error (or -o FILE as text),
+lines in call order with <unfinished ...> and resumed parts, -n indent, -t/-tt/-ttt/-r times,
+-i the caller's address, -C C++ names; buffers and returned strings shown; -p with the
+children a process has already."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tracer.analysis.calls import Lines, Style
+from tracer.calls import CallTracer
+from tracer.workloads import compile_c
+
+from conftest import FIXTURES, json_rows, keytrace
+
+GOLDEN = Path(__file__).parent / "golden"
+KEYTRACE = [sys.executable, "-m", "tracer.cli"]
+
+
+@pytest.fixture(scope="module")
+def nested(tmp_path_factory):
+    d = tmp_path_factory.mktemp("nested")
+    host = d / "host"
+    host.write_text("myhost\n")
+    return str(compile_c(FIXTURES / "nested.c", d)), str(host)
+
+
+def mask(text: str) -> str:
+    """A trace with what changes run to run masked: pids, times, addresses (a caller's address
+    as [exe] in the program, [lib] in a library: the program is a PIE, mapped low)."""
+    text = re.sub(r"^\d+ ", "PID ", text, flags=re.M)
+    text = re.sub(r"\d\d:\d\d:\d\d\.\d{6}", "HH:MM:SS.UUUUUU", text)
+    text = re.sub(r"\[0x7f[0-9a-f]+\]", "[lib]", text)
+    text = re.sub(r"\[0x[0-9a-f]+\]", "[exe]", text)
+    return re.sub(r"0x[0-9a-f]+", "0xADDR", text)
+
+
+def test_a_short_run_matches_the_golden_trace_line_by_line(bpf, nested, tmp_path):
+    """Order, nesting, unfinished and resumed lines, -n 2, -tt, -i, buffers and strings filled
+    by the call, the string returned, errno: all of tests/golden/calls-nested.txt."""
+    exe, host = nested
+    out = tmp_path / "trace.txt"
+    r = subprocess.run(
+        [*KEYTRACE, "calls", "-n", "2", "-tt", "-i", "-s", "256", "-e", "fopen", "-e", "fclose", "-e",
+         "malloc", "-e", "free", "-e", "fgets", "-e", "getenv", "-e", "strdup", "-e", "read",
+         "-o", str(out), "--", exe, host], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "KEYTRACE_NESTED": "abc"})
+    assert r.returncode == 0, r.stderr
+    # -o: the trace is in the file; standard error keeps keytrace's own notes only
+    assert all(ln.startswith("keytrace: ") for ln in r.stderr.splitlines()), r.stderr
+    got = mask(out.read_text().replace(host, "HOST")).splitlines()
+    want = (GOLDEN / "calls-nested.txt").read_text().splitlines()
+    assert got == want, "\n".join(got)
+
+
+def test_the_trace_goes_to_standard_error_and_never_mixes_with_the_programs_output(bpf):
+    r = keytrace("calls", "-e", "write", "--", "sh", "-c", "echo out")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "out\n"
+    (line,) = [ln for ln in r.stderr.splitlines() if not ln.startswith("keytrace: ")]
+    assert re.fullmatch(r'\d+ sh libc\.so\.6!write\(1, "out\\n", 4\) = 4', line), line
+
+
+def item(n, kind, tid=7, depth=0, ts=0, args=("1",), ret="0", dur=5000, fn="f"):
+    base = {"id": n, "pid": 7, "tid": tid, "comm": "p", "library": "lib.so", "function": fn,
+            "depth": depth, "ts": 1_700_000_000_000_000_000 + ts, "caller": 0x401000 + n,
+            "args": list(args)}
+    if kind == "call":
+        base.update(ret=ret, duration_ns=dur)
+    return kind, base
+
+
+def test_lines_in_call_order_across_threads_with_every_time_style():
+    feed = [item(1, "entry"), item(2, "entry", depth=1, ts=1000, fn="g"),
+            item(2, "call", depth=1, ts=1000, fn="g", dur=1000),
+            item(3, "entry", tid=8, ts=3000, fn="h"),  # another thread: f is still open
+            item(1, "call", args=("1", '"filled"'), dur=5000),
+            item(3, "call", tid=8, ts=3000, fn="h", dur=3000)]
+    lines = Lines(Style(indent=2, timing=True, ip=True))
+    out = [ln for k, i in feed for ln in lines.feed(k, i)] + lines.flush()
+    assert out == [
+        "7 p [0x401001] lib.so!f(1 <unfinished ...>",
+        "7 p [0x401002]   lib.so!g(1) = 0 <0.000001>",
+        "7/8 p [0x401003] lib.so!h(1 <unfinished ...>",
+        '7 p [0x401001] <... lib.so!f resumed> 1, "filled") = 0 <0.000005>',
+        "7/8 p [0x401003] <... lib.so!h resumed> ) = 0 <0.000003>"]
+    stamps = {}
+    for style in ("t", "tt", "ttt", "r"):
+        lines = Lines(Style(stamps=style))
+        stamps[style] = [ln.split()[2] for k, i in feed for ln in lines.feed(k, i)]
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d", s) for s in stamps["t"])
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d\.\d{6}", s) for s in stamps["tt"])
+    assert stamps["ttt"] == ["1700000000.000000", "1700000000.000001", "1700000000.000003",
+                             "1700000000.000005", "1700000000.000006"]
+    # -r: seconds since the previous line (a resumed line at its call's return)
+    assert stamps["r"] == ["0.000000", "0.000001", "0.000002", "0.000002", "0.000001"]
+
+
+def test_a_call_blocked_with_nothing_after_it_is_shown_unfinished(bpf, tmp_path):
+    """A read that waits shows as `read(0 <unfinished ...>` while it waits, not only when it
+    returns (the stale entry is flushed after half a second)."""
+    p = subprocess.Popen([*KEYTRACE, "calls", "-e", "read", "--", "sh", "-c",
+                          "sleep 2 | head -c1 >/dev/null"], stderr=subprocess.PIPE, text=True)
+    try:
+        seen, deadline = [], time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ln = p.stderr.readline()
+            seen.append(ln)
+            if "<unfinished ...>" in ln or not ln:
+                break
+        assert any("head libc.so.6!read(0, " in ln and "<unfinished ...>" in ln for ln in seen), seen
+        rest = p.communicate(timeout=60)[1]
+        assert re.search(r"<\.\.\. libc\.so\.6!read resumed> \) = 0", rest), rest
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def cxx(tmp_path_factory):
+    # -O0: libstdc++'s calls stay calls (not inlined from the headers)
+    return str(compile_c(FIXTURES / "cxx.cc", tmp_path_factory.mktemp("cxx"), extra=("-O0",),
+                         compiler="g++"))
+
+
+def test_C_names_as_written_in_patterns_and_output(bpf, cxx):
+    """7 loops: new[] and delete[] of an array (each calls operator new / delete inside
+    libstdc++), and a 100-character std::string (its heap block by operator new)."""
+    r = keytrace("calls", "-C", "-c", "--json", "-e", "libstdc++:operator new*", "-e",
+                 "libstdc++:operator delete*", "-e", "libstdc++:std::*basic_string*_M_construct*",
+                 "--", cxx, "7")
+    assert r.returncode == 0, r.stderr
+    got = {row["function"]: row["calls"] for row in json_rows(r.stdout)}
+    assert got == {"operator new(unsigned long)": 14, "operator new[](unsigned long)": 7,
+                   "operator delete(void*)": 14, "operator delete[](void*)": 7,
+                   "std::__cxx11::basic_string<char, std::char_traits<char>, std::allocator<char>"
+                   " >::_M_construct(unsigned long, char)": 7}, got
+    # without -C the symbols are shown, and a C++ name as written asks for -C
+    r = keytrace("calls", "-c", "-e", "libstdc++:_Zna*", "--", cxx, "3")
+    assert "libstdc++.so.6!_Znam" in r.stderr and "operator" not in r.stderr, r.stderr
+
+
+def test_C_traces_nested_cxx_calls_with_indent(bpf, cxx):
+    r = keytrace("calls", "-C", "-n", "1", "-e", "libstdc++:operator new*", "--", cxx, "1")
+    assert r.returncode == 0, r.stderr
+    lines = [ln.split(" ", 2)[2] for ln in r.stderr.splitlines() if ln[:1].isdigit()]
+    assert lines == ["libstdc++.so.6!operator new[](unsigned long)(0x10, " + lines[0].split(", ", 1)[1],
+                     " libstdc++.so.6!operator new(unsigned long)" + lines[1].split(")", 1)[1],
+                     "<... libstdc++.so.6!operator new[](unsigned long) resumed> )"
+                     + lines[2].split(")", 2)[2],
+                     "libstdc++.so.6!operator new(unsigned long)" + lines[3].split(")", 1)[1]]
+    assert "<unfinished ...>" in lines[0]
+
+
+def test_pid_covers_the_children_it_already_has(bpf, tmp_path):
+    """-p PARENT: a child that existed before the attach is traced too. It waits on a fifo (a
+    shell builtin: no call before the attach), then execs a shell that runs /bin/true 5 times."""
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    p = subprocess.Popen(["/bin/sh", "-c", f"(read x < {fifo}; exec /bin/sh -c 'for i in 1 2 3 4 5;"
+                          " do /bin/true; done') & wait"])
+    try:
+        with CallTracer(["libc:execve"], pids=[p.pid], count=True) as t:
+            with open(fifo, "w") as go:
+                go.write("go\n")
+            assert t.wait(30) == "exited"
+        got = dict(zip(t.counts()["function"], t.counts()["calls"]))
+        assert got == {"execve": 6}, got  # the child's exec of sh, and that sh's 5 of /bin/true
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_json_strings_are_cut_at_s_and_say_so(bpf, nested):
+    exe, host = nested
+    r = subprocess.run([*KEYTRACE, "calls", "--json", "-s", "4", "-e", "getenv", "-e",
+                        "strdup", "-e", "read", "--", exe, host], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "KEYTRACE_NESTED": "abcdefgh"})
+    assert r.returncode == 0, r.stderr
+    rows = {row["function"]: row for row in json_rows(r.stdout)}
+    assert rows["getenv"]["args"] == ["KEYT"] and rows["getenv"]["ret"] == "abcd"
+    assert rows["getenv"]["truncated"] == [0, "ret"]
+    assert rows["read"]["args"] == [3, "myho", 4096] and rows["read"]["ret"] == 7
+    assert rows["read"]["truncated"] == [1]
+    assert rows["strdup"]["args"] == ["abcd"] and rows["strdup"]["ret"] == "abcd"
+
+
+def test_a_call_whose_syscall_never_returns_is_counted_on_planned_sites(bpf):
+    """execve that succeeds never comes back from its syscall, _exit neither: a counting site
+    after the syscall would see none of them (fork's would see two returns)."""
+    counts = {}
+    for sites in ("planned", "entry"):
+        with CallTracer(["execve", "_exit"], sites=sites, count=True, command=[
+                "/bin/sh", "-c", "for i in 1 2 3 4 5; do /bin/true; done"]) as t:
+            assert t.wait(30) == "exited"
+        counts[sites] = dict(zip(t.counts()["function"], t.counts()["calls"]))
+    # 5 execs of /bin/true; 6 exits: the 5 trues and the shell
+    assert counts["planned"] == counts["entry"] == {"execve": 5, "_exit": 6}, counts
+
+
+def readme_examples() -> list:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    return [e for e in re.findall(r"^\| `(keytrace calls [^`]*)` \|", text, re.M)
+            if "PATTERN" not in e]  # (the synopsis)
+
+
+def test_every_readme_example_of_calls_runs(bpf, tmp_path):
+    """Each example of the README's table, run as written, its program (after --) a stand-in:
+    /bin/true, or for 'exe:work*' a program that defines work; -p 1234 a sleeping process."""
+    import shlex
+    threads = str(compile_c(FIXTURES / "threads.c", tmp_path))
+    sleeper = subprocess.Popen(["sleep", "60"])
+    examples = readme_examples()
+    assert len(examples) >= 10, examples
+    try:
+        for example in examples:
+            args = shlex.split(example)[2:]
+            if "--" in args:
+                target = [threads, "2", "2"] if "exe:work*" in args else ["/bin/true"]
+                args = args[:args.index("--") + 1] + target
+            else:
+                args = [str(sleeper.pid) if a == "1234" else a for a in args] + ["-d", "1"]
+            args = [str(tmp_path / a) if a.endswith(".txt") else a for a in args]
+            r = keytrace("calls", *args, cwd=tmp_path)
+            assert r.returncode == 0, (example, r.stderr)
+            assert "keytrace: error" not in r.stderr, (example, r.stderr)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
