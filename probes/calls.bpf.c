@@ -4,6 +4,7 @@
 //   KC_FUNCS       how many functions are probed
 //   KC_RING_PAGES  the calls ring's size in pages (records: trace mode only)
 //   KC_STACKS      count per (function, user stack) too
+//   KC_CALLERS     some functions count only calls made from the main program (FUNC@MAIN)
 //   struct call    the record (tracer.wire.call_record)
 //
 // Counting (-c) keeps no record per call: per-CPU counters, bumped by one probe, which sits on
@@ -89,6 +90,62 @@ static __always_inline void kc_stack(struct pt_regs *ctx, u32 fn)
 #endif
 }
 
+#define KC_SKIP 0x80000000u  // a frame's fn: a call pushed only so that its return pairs, not kept
+
+#ifdef KC_CALLERS
+struct kc_range {
+    u64 lo;
+    u64 hi;
+};
+// tgid -> where its main program is mapped: set at the program's entry point (kc_start), by
+// keytrace for processes already running, copied to forked children, dropped at exec
+BPF_HASH(kc_main, u32, struct kc_range, KT_MAX_ENTRIES);
+
+// The main program's entry point (its file's vaddr KC_START_AT) runs before any call it makes:
+// its load bias, so where the program's image lies (file vaddrs KC_MAIN_LO..KC_MAIN_HI).
+int kc_start(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!wanted(tgid))
+        return 0;
+    u64 bias = PT_REGS_IP(ctx) - KC_START_AT;
+    struct kc_range r = {bias + KC_MAIN_LO, bias + KC_MAIN_HI};
+    kc_main.update(&tgid, &r);
+    return 0;
+}
+
+// Whether the call being entered returns into the main program. At an entry site the stack
+// pointer is as the call left it: the return address is at its top.
+static __always_inline int kc_from_main(struct pt_regs *ctx, u32 tgid)
+{
+    struct kc_range *r = kc_main.lookup(&tgid);
+    if (!r)
+        return 0;
+    u64 ret = 0;
+    bpf_probe_read_user(&ret, sizeof(ret), (void *)PT_REGS_SP(ctx));
+    return ret >= r->lo && ret < r->hi;
+}
+
+static __always_inline void calls_fork(u32 parent, u32 child)
+{
+    struct kc_range *r = kc_main.lookup(&parent);
+    if (r) {
+        struct kc_range copy = *r;
+        kc_main.update(&child, &copy);
+    }
+}
+
+static __always_inline void calls_exec(u32 tgid)
+{
+    kc_main.delete(&tgid);  // a new image: its entry point says again if it is the program
+}
+#define KC_WANTED(ctx, tgid, main) (!(main) || kc_from_main(ctx, tgid))
+#else
+#define KC_WANTED(ctx, tgid, main) 1
+static __always_inline void calls_fork(u32 parent, u32 child) {}
+static __always_inline void calls_exec(u32 tgid) {}
+#endif
+
 static __always_inline void kc_called(u32 fn)
 {
     struct kc_stat *s = kc_stats.lookup(&fn);
@@ -96,10 +153,11 @@ static __always_inline void kc_called(u32 fn)
         s->calls++;
 }
 
-// -c: one probe, one per-CPU increment.
-static __always_inline int kc_count(struct pt_regs *ctx, u32 fn)
+// -c: one probe, one per-CPU increment. main: only calls from the main program count.
+static __always_inline int kc_count(struct pt_regs *ctx, u32 fn, int main)
 {
-    if (!wanted(bpf_get_current_pid_tgid() >> 32))
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!wanted(tgid) || !KC_WANTED(ctx, tgid, main))
         return 0;
     kc_called(fn);
     kc_stack(ctx, fn);
@@ -140,17 +198,22 @@ static __always_inline struct kc_frame *kc_pop(u32 tid, u32 fn)
         return NULL;
     u64 d = t->depth - 1;
     t->depth = d;
-    if (d >= KC_DEPTH || t->f[d & (KC_DEPTH - 1)].fn != fn)
+    if (d >= KC_DEPTH || (t->f[d & (KC_DEPTH - 1)].fn & ~KC_SKIP) != fn)
         return NULL;
     return &t->f[d & (KC_DEPTH - 1)];
 }
 
-// -c -T: counted at entry, timed at return.
-static __always_inline int kc_enter(struct pt_regs *ctx, u32 fn)
+// -c -T: counted at entry, timed at return. A call from elsewhere than the main program
+// (FUNC@MAIN) is pushed as skipped, so that its return pairs and is not kept.
+static __always_inline int kc_enter(struct pt_regs *ctx, u32 fn, int main)
 {
     u64 id = bpf_get_current_pid_tgid();
     if (!wanted(id >> 32))
         return 0;
+    if (!KC_WANTED(ctx, id >> 32, main)) {
+        kc_push((u32)id, fn | KC_SKIP);
+        return 0;
+    }
     kc_called(fn);
     kc_stack(ctx, fn);
     kc_push((u32)id, fn);
@@ -185,7 +248,7 @@ static __always_inline void kc_account(u32 fn, struct kc_frame *f, u64 ret, int 
 static __always_inline struct kc_frame *kc_returned(struct pt_regs *ctx, u64 id, u32 fn, int err)
 {
     struct kc_frame *f = kc_pop((u32)id, fn);
-    if (f)
+    if (f && !(f->fn & KC_SKIP))
         kc_account(fn, f, PT_REGS_RC(ctx), err);
     return f;
 }
@@ -296,11 +359,15 @@ static __always_inline void kc_slot_return(struct call *e, int slot, int mode, u
 }
 
 static __always_inline int kc_trace_entry(struct pt_regs *ctx, u32 fn, int a0, int m0, int l0,
-                                          int a1, int m1, int l1)
+                                          int a1, int m1, int l1, int main)
 {
     u64 id = bpf_get_current_pid_tgid();
     if (!wanted(id >> 32))
         return 0;
+    if (!KC_WANTED(ctx, id >> 32, main)) {
+        kc_push((u32)id, fn | KC_SKIP);
+        return 0;
+    }
     kc_called(fn);
     struct kc_frame *f = kc_push((u32)id, fn);
     struct call *e = kc_record(id, fn, 0);
@@ -332,6 +399,8 @@ static __always_inline int kc_trace_return(struct pt_regs *ctx, u32 fn, int err,
     if (!wanted(id >> 32))
         return 0;
     struct kc_frame *f = kc_returned(ctx, id, fn, err);
+    if (f && (f->fn & KC_SKIP))
+        return 0;
     struct call *e = kc_record(id, fn, 1);
     if (!e)
         return 0;

@@ -25,6 +25,9 @@ TRACEPOINT_PROBE(task, task_newtask)
     u8 one = 1;
     traced.update(&child, &one);
 #endif
+#ifdef KT_HAVE_CALLS
+    calls_fork(parent, child);  // the child is the same program
+#endif
     struct event *e = new_event(OP_FORK, pid_tgid);
     if (e) {
         e->other = child;
@@ -47,6 +50,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u32 tgid = pid_tgid >> 32;
 #ifdef KT_HAVE_MODULES
     walked.delete(&tgid);  // a new image has a new link_map chain
+#endif
+#ifdef KT_HAVE_CALLS
+    calls_exec(tgid);
 #endif
     counts_exec(tgid);
     struct event *e = new_event(OP_EXEC, pid_tgid);

@@ -17,7 +17,7 @@ from tracer.analysis.calls import Lines, Style
 from tracer.calls import CallTracer
 from tracer.workloads import compile_c
 
-from conftest import FIXTURES, json_rows, keytrace
+from conftest import FIXTURES, json_rows, keytrace, require_tool
 
 GOLDEN = Path(__file__).parent / "golden"
 KEYTRACE = [sys.executable, "-m", "tracer.cli"]
@@ -233,3 +233,47 @@ def test_every_readme_example_of_calls_runs(bpf, tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+FUNCTIONS = ("malloc", "free", "strlen", "getenv", "fopen", "open", "read")
+
+
+def ltrace_counts(argv: list, functions) -> dict:
+    """ltrace -c's calls per function, of calls through the main program's PLT (FUNC@MAIN)."""
+    r = subprocess.run(["ltrace", "-c", "-e", "+".join(f"{f}@MAIN" for f in functions), *argv],
+                       capture_output=True, text=True, timeout=300, cwd="/")
+    rows = re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(\S+)$", r.stderr, re.M)
+    return {name: int(n) for n, name in rows}
+
+
+def plt_imports(path: str) -> set:
+    """The functions a program calls through its PLT (JUMP_SLOT relocations): ltrace's view.
+    A function whose address the program also takes (GLOB_DAT) or that it calls -fno-plt is
+    called through its GOT: ltrace never sees those calls."""
+    out = subprocess.run(["readelf", "-rW", path], capture_output=True, text=True).stdout
+    return {m.split("@")[0] for m in re.findall(r"R_X86_64_JUMP_SLO\w*\s+\S+\s+(\S+)", out)}
+
+
+def test_calls_from_main_equal_ltraces_where_ltrace_can_see_them(bpf, nested, tmp_path):
+    """FUNC@MAIN against ltrace's FUNC@MAIN on real programs: equal for every function the
+    program calls through its PLT; a function it calls through the GOT (its address taken, or
+    -fno-plt) keytrace counts and ltrace cannot (its count there is 0)."""
+    require_tool("ltrace", "apt-get install ltrace")
+    data = tmp_path / "lines"
+    data.write_text("".join(f"{(i * 7919) % 1000} line\n" for i in range(2000)))
+    exe, host = nested
+    programs = [[exe, host], ["/usr/bin/ls", "-la", "/etc"], ["/usr/bin/gzip", "-kf", str(data)],
+                ["/usr/bin/sort", str(data)]]
+    for argv in programs:
+        theirs = ltrace_counts(argv, FUNCTIONS)
+        r = keytrace("calls", "-c", "--json", *[x for f in FUNCTIONS for x in ("-e", f"{f}@MAIN")],
+                     "--", *argv)
+        assert r.returncode == 0, r.stderr
+        ours = {row["function"].split("@")[0]: row["calls"] for row in json_rows(r.stdout)}
+        plt = plt_imports(argv[0])
+        for f in FUNCTIONS:
+            if f in plt:
+                assert ours.get(f, 0) == theirs.get(f, 0), (argv, f, ours, theirs)
+            else:
+                assert theirs.get(f, 0) == 0, (argv, f, theirs)
+        assert any(ours.get(f, 0) > 0 for f in FUNCTIONS if f in plt), (argv, ours)

@@ -26,7 +26,9 @@ from .errors import KeytraceError, UsageError
 from .host import patterns as pat
 from .host import planner
 from .host import prototypes as protos
+from .host import proc
 from .host.demangle import demangle as demangled
+from .host.elf import elf_info, entry_point
 from .tracing import Tracing, check_sites
 
 LIFECYCLE_PAGES = 64  # fork/exec/exit records only: 256 KiB
@@ -83,6 +85,8 @@ class CallTracer(Tracing):
         self._reader = None
         self._pairer: Optional[report.Pairer] = None
         self._final: Optional[tuple] = None  # (stats, histograms, stack counts) read at stop
+        self._main: Optional[tuple] = None   # FUNC@MAIN: (program, entry point, image lo, hi)
+        self._start_at = 0
 
     # -- life cycle (tracer.tracing) -------------------------------------------------------------
     thread_name = "keytrace-calls"
@@ -92,25 +96,55 @@ class CallTracer(Tracing):
         # A pattern that names nothing is told first: it needs no privileges to find out.
         self._resolved = pat.resolve(self.patterns, self.pids or (), exe, self.limit,
                                      self.demangle)
+        if any(t.caller == "MAIN" for t in self._resolved):
+            self._main = self._main_program(exe)
+
+    def _main_program(self, exe: Optional[str]) -> tuple:
+        """(path, entry point, image lo, image hi) of the one program FUNC@MAIN means: the
+        launched command's, or the -p processes' (one program for all of them)."""
+        if exe is None:
+            paths = {proc.exe(pid) for pid in self.pids or ()}
+            if len(paths) != 1 or None in paths:
+                raise UsageError("FUNC@MAIN needs one main program: a command (after --) or "
+                                 "-p processes of one program")
+            exe = paths.pop()
+        info = elf_info(exe)
+        start = entry_point(exe)
+        if info is None or start is None:
+            raise KeytraceError(f"{exe} is not an ELF program: FUNC@MAIN cannot find its code")
+        return exe, start, info.lo, info.hi
 
     def _open(self, filter_pids) -> None:
         self._policy = stepcheck.policy(self._note)
         self.targets, self._sites = self._place(self._resolved)
-        self.functions = [report.Function(t.library, self._shown(t.function), prototype(t))
+        self.functions = [report.Function(t.library, self._shown(t), prototype(t))
                           for t in self.targets]
         for t in self.targets:
             if t.ifunc and "resolver" in t.ifunc:
                 self._note(t.ifunc)
-        probes = [kc.Probe(i, tuple(protos.slots(f.proto)), report.failure_of(f.proto))
-                  for i, f in enumerate(self.functions)]
+        probes = [kc.Probe(i, tuple(protos.slots(f.proto)), report.failure_of(f.proto),
+                           t.caller == "MAIN")
+                  for i, (f, t) in enumerate(zip(self.functions, self.targets))]
+        main = None
+        if self._main is not None:
+            exe, start, lo, hi = self._main
+            try:
+                # the program's entry point runs before it makes any call: its load bias
+                self._start_at = planner.entry_site(exe, start, "_start", self._policy).address
+            except planner.Refused as e:
+                raise KeytraceError(f"FUNC@MAIN: no probe can go on {exe}'s entry point: {e}")
+            main = (self._start_at, lo, hi)
         trace_pages = self.ring_pages if self.mode == "trace" else 1
         self._program = Program(
             [kc.CALLS, units.LIFECYCLE], filter_pids, LIFECYCLE_PAGES,
             prelude=kc.prelude(len(probes), self.strsize, trace_pages, self.stacks,
                                errno=self.mode == "trace" and any(
-                                   f.proto and f.proto.errno_on == "-1" for f in self.functions)),
+                                   f.proto and f.proto.errno_on == "-1" for f in self.functions),
+                               main=main),
             programs=kc.programs(probes, self.mode), policy=self._policy)
         self._program.open()
+        if self._main is not None:
+            self._attach_main(filter_pids)
         self._attach()
         if self.mode == "trace":
             self._reader = self._program.reader("kc_events", wire.call_record(self.strsize),
@@ -119,11 +153,26 @@ class CallTracer(Tracing):
                                          wire.boot_to_wall_offset_ns(),
                                          self._stack if self.stacks else None)
 
-    def _shown(self, function: str) -> str:
-        """A function's name in output: its symbol, or with -C its C++ name as written."""
-        if not self.demangle:
-            return function
-        return "|".join(demangled(n) for n in function.split("|"))
+    def _attach_main(self, filter_pids) -> None:
+        """Where the main program lies, for FUNC@MAIN: a probe on its entry point for the
+        processes that start it from now on, and the -p processes' images as mapped now."""
+        exe, _, lo, hi = self._main
+        self._program.attach_programs(exe, [(self._start_at, "kc_start", False)])
+        table = self._program.bpf[b"kc_main"]
+        for pid in filter_pids or ():
+            if proc.exe(pid) != exe:
+                continue
+            spans = [(s, e) for s, e, _, path in proc.file_mappings(pid) if path == exe]
+            if spans:
+                bias = min(s for s, _ in spans) - (lo & ~0xFFF)
+                table[table.Key(pid)] = table.Leaf(bias + lo, bias + hi)
+
+    def _shown(self, t) -> str:
+        """A function's name in output: its symbol, or with -C its C++ name as written; FUNC@MAIN
+        says so."""
+        names = t.function.split("|")
+        shown = "|".join(demangled(n) for n in names) if self.demangle else t.function
+        return shown + (f"@{t.caller}" if t.caller else "")
 
     def _place(self, targets: list) -> tuple:
         """(the targets a probe can go on, their sites: (entry or return site, count site)),
@@ -171,6 +220,9 @@ class CallTracer(Tracing):
             return site, "entry (asked for)" + (f" at +{site - t.address:#x}" if site != t.address else "")
         try:
             planned = planner.plan_entry(t.path, t.address, t.size, t.function, self._policy)
+            if t.caller and not planner.keeps_stack(t.path, t.address, planned.address):
+                raise planner.Refused("the stack moves before the planned site: no return "
+                                      "address to tell the caller by")
         except planner.Refused as e:
             site = self._entry_site(t)
             return site, f"entry{f' +{site - t.address:#x}' if site != t.address else ''} ({e})"

@@ -26,12 +26,19 @@ class Probe:
     slots: tuple = ()            # what the record's text slots hold (prototypes.Slot, at most
     failure: Optional[str] = None  # CALL_STRINGS); what return is a failure: "int", "long",
     #                                "null" or None
+    main: bool = False           # only calls made from the main program (FUNC@MAIN)
 
 
-def prelude(count: int, strsize: int, ring_pages: int, stacks: bool, errno: bool = False) -> str:
+def prelude(count: int, strsize: int, ring_pages: int, stacks: bool, errno: bool = False,
+            main: Optional[tuple] = None) -> str:
     """errno: watch failed system calls inside traced calls (a tracepoint on every syscall
-    exit of the host, so only when a traced function reports failures through errno)."""
+    exit of the host, so only when a traced function reports failures through errno). main:
+    (entry site, lo, hi), file vaddrs of the main program, when some function counts only the
+    calls it makes."""
     lines = [f"#define KC_FUNCS {max(count, 1)}", f"#define KC_RING_PAGES {ring_pages}"]
+    if main is not None:
+        lines += ["#define KC_CALLERS", f"#define KC_START_AT {main[0]:#x}ULL",
+                  f"#define KC_MAIN_LO {main[1]:#x}ULL", f"#define KC_MAIN_HI {main[2]:#x}ULL"]
     if stacks:
         lines.append("#define KC_STACKS")
     if errno:
@@ -45,10 +52,13 @@ def programs(probes: Iterable[Probe], mode: str) -> str:
     out = []
     for p in probes:
         i = p.index
+        main = int(p.main)
         if mode == "count":
-            out.append(f"int kc_count_{i}(struct pt_regs *ctx) {{ return kc_count(ctx, {i}); }}")
+            out.append(f"int kc_count_{i}(struct pt_regs *ctx) "
+                       f"{{ return kc_count(ctx, {i}, {main}); }}")
         elif mode == "time":
-            out.append(f"int kc_enter_{i}(struct pt_regs *ctx) {{ return kc_enter(ctx, {i}); }}")
+            out.append(f"int kc_enter_{i}(struct pt_regs *ctx) "
+                       f"{{ return kc_enter(ctx, {i}, {main}); }}")
             out.append(f"int kc_exit_{i}(struct pt_regs *ctx) "
                        f"{{ return kc_exit(ctx, {i}, {ERR_MODES[p.failure]}); }}")
         else:
@@ -56,7 +66,8 @@ def programs(probes: Iterable[Probe], mode: str) -> str:
             s = [(x.arg, x.mode, x.length) for x in p.slots[:wire.CALL_STRINGS]]
             (a0, m0, l0), (a1, m1, l1) = (s + [(-1, -1, -1)] * 2)[:2]
             out.append(f"int kc_entry_{i}(struct pt_regs *ctx) "
-                       f"{{ return kc_trace_entry(ctx, {i}, {a0}, {m0}, {l0}, {a1}, {m1}, {l1}); }}")
+                       f"{{ return kc_trace_entry(ctx, {i}, {a0}, {m0}, {l0}, {a1}, {m1}, {l1}, "
+                       f"{main}); }}")
             out.append(f"int kc_return_{i}(struct pt_regs *ctx) "
                        f"{{ return kc_trace_return(ctx, {i}, {ERR_MODES[p.failure]}, {m0}, {m1}); }}")
     return "\n".join(out) + "\n"

@@ -25,9 +25,10 @@ from .console import command_status, err, failure
 def calls(
     command: Optional[List[str]] = typer.Argument(
         None, help="Launch this command (after --) and trace it with its children."),
-    pattern: List[str] = typer.Option(..., "-e", "--pattern", help="[LIB:]FUNC to probe, globs "
-                                      "allowed (repeatable); LIB defaults to libc and is a short "
-                                      "name (libssl), a soname or a path; '!FUNC' excludes."),
+    pattern: List[str] = typer.Option(..., "-e", "--pattern", help="[LIB:]FUNC[@MAIN] to probe, "
+                                      "globs allowed (repeatable); LIB defaults to libc and is a "
+                                      "short name (libssl), a soname or a path; @MAIN keeps only "
+                                      "the calls the main program makes; '!FUNC' excludes."),
     pid: Optional[List[int]] = typer.Option(None, "--pid", "-p", help="Trace this process and "
                                             "its children, those it has and those it makes "
                                             "(repeatable). Default: the whole host."),
@@ -84,6 +85,7 @@ def calls(
       keytrace calls -c -T -e 'libssl:SSL_*' -p 1234      ltrace -c -T -e 'SSL_*@libssl*' -p 1234
       keytrace calls -tt -n 2 -e 'f*' -e '!fflush' -- make    ltrace -tt -n 2 -e 'f*-fflush' make
       keytrace calls -C -e 'libstdc++:operator new*' -- ./app ltrace -C -e '_Znw*' ./app
+      keytrace calls -c -e 'malloc@MAIN' -- ./app         ltrace -c -e 'malloc@MAIN' ./app
       keytrace calls -e getenv -s 64 --json -- ./app      (no ltrace equivalent)
     """
     try:

@@ -373,3 +373,12 @@ _GOT = FileCache(_got_slots)
 def got_slot(path: str, name: str) -> int:
     """The vaddr of the GOT slot through which the file reaches symbol name (0: none)."""
     return (_GOT.get(path)[1] or {}).get(name, 0)
+
+
+def entry_point(path: str) -> Optional[int]:
+    """The ELF header's entry point (file vaddr), None if the file is not readable ELF."""
+    try:
+        with open(path, "rb") as fh:
+            return ELFFile(fh).header["e_entry"] or None
+    except (OSError, ELFError, ValueError):
+        return None

@@ -1,6 +1,7 @@
 """`keytrace calls -e PATTERN`: which functions of which files a list of patterns names.
 
-A pattern is `[LIB:]FUNC`, with fnmatch globs in both parts; `!` in front excludes what it
+A pattern is `[LIB:]FUNC[@MAIN]`, with fnmatch globs in both parts; `@MAIN` keeps the calls
+the main program makes only; `!` in front excludes what it
 matches. LIB (libc when left out) is a short name (`libssl`: libssl.so, libssl.so.3,
 libssl-1.1.so), a soname (`libc.so.6`), a glob over those names (`libssl*`), a path to a library
 or program, or `exe` (or the program's own file name) for the main program of the traced pids
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import dataclasses
 import functools
 import glob as globbing
 import os
@@ -39,7 +41,9 @@ from .libc import is_musl, ld_cache
 DEFAULT_LIBRARY = "libc"
 DEFAULT_LIMIT = 1000
 MAIN = "exe"  # the LIB that names the main program of the traced pids or command
-USAGE = "a pattern is [LIB:]FUNC or !FUNC to exclude, globs allowed: libc:malloc, 'libssl:SSL_*'"
+USAGE = ("a pattern is [LIB:]FUNC[@MAIN] or !FUNC to exclude, globs allowed: libc:malloc, "
+         "'libssl:SSL_*', malloc@MAIN")
+CALLERS = ("MAIN",)  # who may be asked for after '@': the main program
 _GLOB = re.compile(r"[*?\[]")
 _FUNCTION_TYPES = (2, 10)  # STT_FUNC, STT_GNU_IFUNC
 
@@ -58,6 +62,7 @@ class Target:
     ifunc: str = ""
     # why no probe can go on it at all (its code is not in the file: the vDSO's); "" if one can
     unprobeable: str = ""
+    caller: str = ""  # "MAIN": only the calls the main program makes (FUNC@MAIN)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Pattern:
     library: Optional[str]   # None: not given (libc for an inclusion, any for an exclusion)
     function: str
     exclude: bool
+    caller: str = ""         # after '@': MAIN, or "" for every caller
 
 
 def parse_pattern(text: str, demangled: bool = False) -> Pattern:
@@ -74,6 +80,15 @@ def parse_pattern(text: str, demangled: bool = False) -> Pattern:
     body = text.strip()
     exclude = body.startswith("!")
     body = body[1:] if exclude else body
+    caller = ""
+    if "@" in body:
+        body, _, caller = body.rpartition("@")
+        if caller not in CALLERS:
+            raise UsageError(f"pattern {text!r}: after '@' comes MAIN (the calls the main "
+                             f"program makes), not {caller!r} (no symbol version is given: "
+                             "FUNC names each version)")
+        if exclude:
+            raise UsageError(f"pattern {text!r}: an exclusion takes no '@'")
     if not body:
         raise UsageError(f"empty pattern {text!r}: {USAGE}")
     # FUNC holds no single ':' (a symbol, or a C++ name's '::'); a path as LIB might.
@@ -90,7 +105,7 @@ def parse_pattern(text: str, demangled: bool = False) -> Pattern:
     _check_glob(function, text, "function", demangled)
     if colon and "/" not in library:
         _check_glob(library, text, "library")
-    return Pattern(text, library if colon else None, function, exclude)
+    return Pattern(text, library if colon else None, function, exclude, caller)
 
 
 def is_glob(text: str) -> bool:
@@ -466,8 +481,7 @@ def _one_per_address(targets: list) -> list:
         if key in by:
             first = by[key]
             names = list(dict.fromkeys(first.function.split("|") + t.function.split("|")))
-            by[key] = Target(first.path, first.name, first.library, "|".join(names),
-                             first.address, first.size, first.ifunc, first.unprobeable)
+            by[key] = dataclasses.replace(first, function="|".join(names))
         else:
             by[key] = t
     return list(by.values())
@@ -504,7 +518,12 @@ def resolve(patterns: Sequence[str], pids: Sequence[int] = (), exe: Optional[str
                 if key not in selected:
                     # the name shown is the one asked for, or the plainest the glob matched
                     # (strchr, not its alias index)
-                    selected[key] = _target(lib, table, pos, _shown(table, pos, pattern.function))
+                    selected[key] = dataclasses.replace(
+                        _target(lib, table, pos, _shown(table, pos, pattern.function)),
+                        caller=pattern.caller)
+                elif selected[key].caller != pattern.caller:
+                    raise UsageError(f"{selected[key].function} is asked for with and without "
+                                     f"'@{pattern.caller or selected[key].caller}': one or the other")
         if not keys:
             raise KeytraceError(_no_function(pattern, libs))
     excluded: dict = {}  # key -> the exclusion that removed it

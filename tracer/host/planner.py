@@ -723,6 +723,17 @@ def _site_at(insn) -> Site:
                 "call", -1, False, {})
 
 
+def keeps_stack(path: str, address: int, site: int) -> bool:
+    """Whether no instruction from a function's entry to a site of it moves the stack pointer:
+    then the return address is at the top of the stack there, as at the entry."""
+    for insn in _prologue(path, address):
+        if insn.address >= site:
+            return True
+        if "sp" in _writes(insn):
+            return False
+    return False
+
+
 def _writes_memory(insn) -> bool:
     return any(o.type == X.X86_OP_MEM and o.access & 2 for o in insn.operands)  # CS_AC_WRITE
 
