@@ -277,3 +277,22 @@ def test_calls_from_main_equal_ltraces_where_ltrace_can_see_them(bpf, nested, tm
             else:
                 assert theirs.get(f, 0) == 0, (argv, f, theirs)
         assert any(ours.get(f, 0) > 0 for f in FUNCTIONS if f in plt), (argv, ours)
+
+
+def test_stacks_are_named_and_cut_where_the_walk_stops(bpf, keymaker):
+    """--stack / -w: lib!symbol+off frames, innermost first: the function, its caller (read at
+    the entry), and up the frame-pointer chain of code built with frame pointers; -w keeps N."""
+    k = keymaker()
+    with CallTracer(["pthread_key_create"], pids=[k.pid], stacks=True) as t:
+        k.do("c 1")
+        time.sleep(0.2)
+    with CallTracer(["pthread_key_create"], pids=[k.pid], stacks=True, stack_depth=2) as two:
+        k.do("c 1")
+        time.sleep(0.2)
+    (call,) = t.calls
+    frames = call["stack"].split()
+    assert re.fullmatch(r"libc\.so\.6!(__)?pthread_key_create\+0x0", frames[0]), frames
+    assert frames[1].startswith("keymaker!main+0x"), frames  # the caller, read at the entry
+    assert any(f.startswith("libc.so.6!__libc_start_call_main+") for f in frames[2:]), frames
+    (call,) = two.calls
+    assert call["stack"].split() == frames[:2] and call["stack_note"] == ""

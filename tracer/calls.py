@@ -60,7 +60,7 @@ class CallTracer(Tracing):
                  ring_pages: int = DEFAULT_RING_PAGES,
                  on_note: Optional[Callable[[str], None]] = None, quiet_stdout: bool = False,
                  on_progress: Optional[Callable[[int, int], None]] = None,
-                 demangle: bool = False):
+                 demangle: bool = False, stack_depth: Optional[int] = None):
         if not 0 <= strsize <= MAX_STRSIZE:
             raise UsageError(f"-s takes a size from 0 to {MAX_STRSIZE}, not {strsize}")
         super().__init__(pids, command, interval, on_note, quiet_stdout)
@@ -72,6 +72,9 @@ class CallTracer(Tracing):
         self.ring_pages = check_ring_pages(ring_pages)
         self.on_progress = on_progress    # (functions attached, of how many) while attaching
         self.demangle = demangle          # -C: C++ names as written, in patterns and output
+        if stack_depth is not None and stack_depth < 1:
+            raise UsageError(f"-w takes a number of frames of 1 or more, not {stack_depth}")
+        self.stack_depth = stack_depth    # -w: frames of each stack shown (stacks: all)
         self.targets: list = []
         self.skipped: dict = {}     # "library!function" -> why no probe could go on it
         self.functions: list = []
@@ -151,7 +154,8 @@ class CallTracer(Tracing):
                                                 trace_pages)
             self._pairer = report.Pairer(self.functions, self.strsize,
                                          wire.boot_to_wall_offset_ns(),
-                                         self._stack if self.stacks else None)
+                                         self._stack if self.stacks else None,
+                                         report.Stacks(self.stack_depth))
 
     def _attach_main(self, filter_pids) -> None:
         """Where the main program lies, for FUNC@MAIN: a probe on its entry point for the
@@ -260,6 +264,7 @@ class CallTracer(Tracing):
             for pid in life["pid"][life["op"] == wire.CODE["exit"]].tolist():
                 if self._pairer is not None:
                     done += self._pairer.end(pid)
+                    self._pairer.stacks.forget(pid)  # (its pid may come back as another process)
             if final and self._pairer is not None:  # calls still open: nothing more will come
                 done += self._pairer.end()
             if self._reader is not None:

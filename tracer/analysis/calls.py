@@ -15,7 +15,7 @@ from .. import wire
 from ..host import prototypes as protos
 
 CALL_COLUMNS = ["ts", "pid", "tid", "comm", "library", "function", "args", "ret", "duration_ns",
-                "caller", "stack"]
+                "caller", "stack", "stack_note"]
 COUNT_COLUMNS = ["library", "function", "calls", "errors", "total_ns", "mean_ns", "max_ns",
                  "time_pct"]
 HISTOGRAM_COLUMNS = ["library", "function", "from_ns", "to_ns", "calls"]
@@ -39,6 +39,57 @@ def failure_of(proto: Optional[protos.Prototype]) -> Optional[str]:
     return "int" if proto.ret in ("int", "uint", "fd") else "long"
 
 
+CUT_NOTE = "stack cut short: a caller without frame pointers"
+GONE_NOTE = "not named: the process was gone before its stack was read"
+
+
+class Stacks:
+    """User stacks as `lib!symbol+off` frames, innermost first: the function, then where each
+    caller returns to, up to the first that cannot be a frame (in no mapped module, or not
+    just after a call: past code without frame pointers the walk reads garbage), which is
+    said. Named against each process's modules as mapped when its stack is first met (read
+    again when a frame lies in none: a library loaded since). depth: frames kept (ltrace -w)."""
+
+    def __init__(self, depth: Optional[int] = None):
+        self.depth = depth
+        self._resolvers: dict = {}
+
+    def _resolver(self, pid: int, fresh: bool = False):
+        """The process's Resolver, None when it has no modules to read (it is gone)."""
+        if fresh or pid not in self._resolvers:
+            from ..host import proc
+            from ..state.modules import Module
+            from .attribution import Resolver
+            mods = [Module(p, b, 0, 0, file=f) for p, b, f in proc.modules(pid)]
+            self._resolvers[pid] = Resolver(mods, pid) if mods else None
+        return self._resolvers[pid]
+
+    def name(self, pid: int, addrs: list) -> tuple:
+        """(frames as text, the note when the walk was cut). addrs: the function's address,
+        the return address read at its entry, then the frame-pointer walk's."""
+        if not addrs:
+            return [], ""
+        r = self._resolver(pid)
+        if r is None or r.module_at(addrs[0], 1, 0) is None:
+            r = self._resolver(pid, fresh=True)
+        if r is None:
+            frames = [f"{a:#x}" for a in addrs[:self.depth or len(addrs)]]
+            return frames, GONE_NOTE
+        frames, note = [str(r.frame(addrs[0], 1, 0))], ""
+        for a in addrs[1:]:
+            f = r.frame(a, 1, 0)
+            if f.module is None or not r.returns_to(f.module, a):
+                note = CUT_NOTE
+                break
+            frames.append(str(f))
+        if self.depth is not None and len(frames) > self.depth:
+            frames, note = frames[:self.depth], ""
+        return frames, note
+
+    def forget(self, pid: int) -> None:
+        self._resolvers.pop(pid, None)
+
+
 class Pairer:
     """Entry and return records in, calls out in record order: ("entry", the call as it began)
     and ("call", the finished call). Per thread a stack of open calls, so nested probed calls
@@ -46,11 +97,13 @@ class Pairer:
     is finished with no return value (exit, longjmp, a trace cut short)."""
 
     def __init__(self, functions: list, strsize: int, offset_ns: int,
-                 stack_of: Optional[Callable[[int], list]] = None):
+                 stack_of: Optional[Callable[[int], list]] = None,
+                 stacks: Optional[Stacks] = None):
         self.functions = functions
         self.strsize = strsize
         self.offset = offset_ns
         self.stack_of = stack_of
+        self.stacks = stacks or Stacks()
         # per function: what the record's two text slots hold (prototypes.Slot)
         self.slots = [protos.slots(f.proto) for f in functions]
         self.open: dict = {}  # tid -> [entry row]
@@ -128,14 +181,19 @@ class Pairer:
                 strings[s.arg] = got[0]
                 if got[1]:
                     cut.add(s.arg)
-        stack = ""
+        stack, note = "", ""
         if self.stack_of is not None and int(r["stack"]) >= 0:
-            stack = " ".join(f"{a:#x}" for a in self.stack_of(int(r["stack"])))
+            walked = self.stack_of(int(r["stack"]))
+            # At the entry the frame pointer is still the caller's: its walk skips the caller's
+            # own return address, which the entry read at the stack pointer.
+            addrs = walked[:1] + ([int(r["ip"])] if int(r["ip"]) else []) + walked[1:]
+            frames, note = self.stacks.name(int(r["pid"]), addrs)
+            stack = " ".join(frames)
         return {"_fn": int(r["fn"]), "_raw": args, "_strings": strings, "_cut": cut,
                 "_ts": int(r["ts"]), "id": self._ids, "depth": depth, "caller": int(r["ip"]),
                 "ts": int(r["ts"]) + self.offset, "pid": int(r["pid"]), "tid": int(r["tid"]),
                 "comm": r["comm"].split(b"\0", 1)[0].decode("utf-8", "replace"),
-                "library": fn.library, "function": fn.name, "stack": stack}
+                "library": fn.library, "function": fn.name, "stack": stack, "stack_note": note}
 
     def began(self, row: dict) -> dict:
         """A call as it began: its arguments as read at entry, no return yet."""
@@ -296,6 +354,10 @@ def json_record(call: dict, timing: bool) -> dict:
         out["errno"] = call["errno"]
     if call.get("truncated"):
         out["truncated"] = call["truncated"]
+    if call.get("stack") or call.get("stack_note"):
+        out["stack"] = call["stack"].split() if call.get("stack") else []
+        if call.get("stack_note"):
+            out["stack_note"] = call["stack_note"]
     if timing:
         out["duration_ns"] = call["duration_ns"]
     return out

@@ -49,8 +49,10 @@ def calls(
     demangle: bool = typer.Option(False, "-C", "--demangle", help="C++ (and Rust) names as "
                                   "written: in the output, and patterns match them "
                                   "('operator new*', 'std::*')."),
-    stack: bool = typer.Option(False, "--stack", help="The user stack of each call; with -c, "
-                               "calls per stack."),
+    stack: bool = typer.Option(False, "--stack", help="The user stack of each call, as "
+                               "lib!symbol+offset frames; with -c, calls per stack."),
+    where: Optional[int] = typer.Option(None, "-w", "--where", min=1, help="Show this many "
+                                        "frames of each call's user stack (implies --stack)."),
     duration: Optional[float] = typer.Option(None, "--duration", "-d", min=0,
                                              help="Stop after this many seconds."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the trace (with "
@@ -98,8 +100,8 @@ def calls(
                              indent=indent)
         text = _open_text(output) if fmt == "text" else None
         try:
-            _trace(command, pattern, pid, count, timing, stack, duration, output, fmt, as_json,
-                   strsize, sites, demangle, style, text)
+            _trace(command, pattern, pid, count, timing, stack or where is not None, duration,
+                   output, fmt, as_json, strsize, sites, demangle, style, text, where)
         finally:
             if text is not None and text is not sys.stderr:
                 text.close()
@@ -115,7 +117,7 @@ def _open_text(path: Path):
 
 
 def _trace(command, pattern, pid, count, timing, stack, duration, output, fmt, as_json, strsize,
-           sites, demangle, style, text) -> None:
+           sites, demangle, style, text, where) -> None:
     stdout = sys.stdout
     # the text trace: to -o FILE when it is a text file, else standard error (ltrace's place)
     dest = text if text is not None else sys.stderr
@@ -130,13 +132,15 @@ def _trace(command, pattern, pid, count, timing, stack, duration, output, fmt, a
             with lock:
                 done = lines.feed(kind, item)
             _write(dest, "".join(ln + "\n" for ln in done))
-            if kind == "call" and stack and item.get("stack"):
-                _write(dest, "".join(f"    {a}\n" for a in item["stack"].split()))
+            if kind == "call" and stack:
+                _write(dest, "".join(f"    {a}\n" for a in item["stack"].split())
+                       + (f"    ({item['stack_note']})\n" if item.get("stack_note") else ""))
         on_event = text_lines
     tracer = CallTracer(pattern, pids=pid or None, command=command or None, count=count,
                         timing=timing, stacks=stack, strsize=strsize, sites=sites,
                         keep=output is not None and fmt != "text", on_call=show,
                         on_event=on_event, quiet_stdout=as_json, demangle=demangle,
+                        stack_depth=where,
                         on_note=lambda t: err.print(f"keytrace: {t}", markup=False,
                                                     soft_wrap=True),
                         on_progress=_progress())
@@ -200,12 +204,6 @@ def _write(stream, text: str) -> None:
         stream.flush()
     except BrokenPipeError:  # keytrace calls ... | head
         pass
-
-
-def _stack(call: dict, wanted: bool) -> str:
-    if not wanted or not call.get("stack"):
-        return ""
-    return "".join(f"\n    {a}" for a in call["stack"].split())
 
 
 def _run(tracer: CallTracer, duration: Optional[float], tick=None) -> str:
