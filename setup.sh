@@ -8,6 +8,8 @@ need=(python3-bpfcc libbpfcc bpfcc-tools python3-venv gcc libc6-dev bpftool)
 # Test fixtures on other C libraries: a musl program (musl-gcc) and static glibc ones; and PHP's
 # CLI, a real program that dlopens its extensions, for the healthy-host test.
 need+=(musl-tools php-cli)
+# keytrace calls against its models: a C++ program for -C (g++), and strace beside -S.
+need+=(g++ strace)
 # promtool, for the alert rules' unit tests (Debian ships it in the server package), and an
 # Alertmanager, which the delivery test sends a real alert through.
 need+=(prometheus prometheus-alertmanager)

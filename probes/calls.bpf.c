@@ -5,6 +5,8 @@
 //   KC_RING_PAGES  the calls ring's size in pages (records: trace mode only)
 //   KC_STACKS      count per (function, user stack) too
 //   KC_CALLERS     some functions count only calls made from the main program (FUNC@MAIN)
+//   KC_SYSCALLS    system calls too (-S), from the raw_syscalls tracepoints; KC_MODE says how:
+//                  0 counted, 1 counted and timed, 2 traced (a record at entry and return)
 //   struct call    the record (tracer.wire.call_record)
 //
 // Counting (-c) keeps no record per call: per-CPU counters, bumped by one probe, which sits on
@@ -220,10 +222,31 @@ static __always_inline int kc_enter(struct pt_regs *ctx, u32 fn, int main)
     return 0;
 }
 
+#ifdef KC_SYSCALLS
+#define KC_SYS 0x40000000u  // a frame's or record's fn: system call number (fn & 0xffff)
+#define KC_NR_MAX 512
+// Linux 6.11+ returns from a uretprobe through its own system call: the tracer's, not the
+// program's (and it never returns the usual way), so it is not seen.
+#define KC_NR_URETPROBE 335
+BPF_PERCPU_ARRAY(kc_sys_stats, struct kc_stat, KC_NR_MAX);
+#endif
+
 // A call that returned: its time, whether it failed, its histogram bucket.
 static __always_inline void kc_account(u32 fn, struct kc_frame *f, u64 ret, int err)
 {
     u64 ns = bpf_ktime_get_ns() - f->ts;
+#ifdef KC_SYSCALLS
+    if (fn & KC_SYS) {  // a system call: its own counters, failed when it returned -errno
+        u32 nr = fn & 0xffff;
+        struct kc_stat *st = kc_sys_stats.lookup(&nr);
+        if (st) {
+            st->total_ns += ns;
+            if (ns > st->max_ns)
+                st->max_ns = ns;
+        }
+        return;
+    }
+#endif
     struct kc_stat *s = kc_stats.lookup(&fn);
     if (s) {
         s->total_ns += ns;
@@ -417,18 +440,89 @@ static __always_inline int kc_trace_return(struct pt_regs *ctx, u32 fn, int err,
     return 0;
 }
 
-#ifdef KC_ERRNO
-// errno is thread-local storage, out of a probe's reach; but a libc function that fails with -1
-// does so because a system call did, and the syscall's return is -errno.
+#ifdef KC_SYSCALLS
+struct kc_sys_slots {
+    s32 a0, m0, l0, a1, m1, l1;  // as kc_trace_entry's constants, per system call (-1: none)
+};
+BPF_ARRAY(kc_sys_slots, struct kc_sys_slots, KC_NR_MAX);
+
+// -S: a system call of a traced process, counted; timed (KC_MODE 1) or traced (2) with a frame
+// on the thread's stack of calls, so that it nests under the library call that made it.
+TRACEPOINT_PROBE(raw_syscalls, sys_enter)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 nr = args->id;
+    if (!wanted(id >> 32) || nr >= KC_NR_MAX || nr == KC_NR_URETPROBE)
+        return 0;
+    struct kc_stat *s = kc_sys_stats.lookup(&nr);
+    if (s)
+        s->calls++;
+    if (KC_MODE == 0)
+        return 0;
+    struct kc_frame *f = kc_push((u32)id, KC_SYS | nr);
+    if (KC_MODE == 1)
+        return 0;
+    struct call *e = kc_record(id, KC_SYS | nr, 0);
+    if (!e)
+        return 0;
+    for (int i = 0; i < 6; i++)
+        e->args[i] = args->args[i];
+    struct kc_sys_slots *sl = kc_sys_slots.lookup(&nr);
+    if (sl) {
+        u64 p0 = kc_slot_entry(e, 0, sl->a0, sl->m0, sl->l0);
+        u64 p1 = kc_slot_entry(e, 1, sl->a1, sl->m1, sl->l1);
+        if (f) {
+            f->str[0] = p0;
+            f->str[1] = p1;
+        }
+    }
+    kc_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    return 0;
+}
+#endif
+
+#if defined(KC_SYSCALLS) || defined(KC_ERRNO)
 TRACEPOINT_PROBE(raw_syscalls, sys_exit)
 {
-    if (args->ret >= 0)
-        return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct kc_thread *t = kc_threads.lookup(&tid);
-    if (!t || t->depth == 0 || t->depth > KC_DEPTH)
-        return 0;
-    t->f[(t->depth - 1) & (KC_DEPTH - 1)].err = -args->ret;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+#ifdef KC_SYSCALLS
+    u32 nr = args->id;
+    if (wanted(id >> 32) && nr < KC_NR_MAX && nr != KC_NR_URETPROBE) {
+        if (args->ret < 0) {
+            struct kc_stat *s = kc_sys_stats.lookup(&nr);
+            if (s)
+                s->errors++;
+        }
+        if (KC_MODE != 0) {
+            struct kc_frame *f = kc_pop(tid, KC_SYS | nr);
+            if (f)
+                kc_account(KC_SYS | nr, f, args->ret, 0);
+            struct call *e = KC_MODE == 2 ? kc_record(id, KC_SYS | nr, 1) : NULL;
+            if (e) {
+                __builtin_memset(&e->args, 0, sizeof(e->args));
+                e->args[0] = args->ret;
+                e->err = args->ret < 0 ? -args->ret : 0;
+                struct kc_sys_slots *sl = kc_sys_slots.lookup(&nr);
+                if (f && sl) {
+                    kc_slot_return(e, 0, sl->m0, f->str[0], e->args[0]);
+                    kc_slot_return(e, 1, sl->m1, f->str[1], e->args[0]);
+                }
+                kc_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+            }
+        }
+    }
+#endif
+#ifdef KC_ERRNO
+    // errno is thread-local storage, out of a probe's reach; but a libc function that fails
+    // with -1 does so because a system call did, and the syscall's return is -errno: kept on
+    // the innermost open call (the syscall's own frame, with -S, is popped by now).
+    if (args->ret < 0) {
+        struct kc_thread *t = kc_threads.lookup(&tid);
+        if (t && t->depth > 0 && t->depth <= KC_DEPTH)
+            t->f[(t->depth - 1) & (KC_DEPTH - 1)].err = -args->ret;
+    }
+#endif
     return 0;
 }
 #endif

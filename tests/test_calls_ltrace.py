@@ -296,3 +296,40 @@ def test_stacks_are_named_and_cut_where_the_walk_stops(bpf, keymaker):
     assert any(f.startswith("libc.so.6!__libc_start_call_main+") for f in frames[2:]), frames
     (call,) = two.calls
     assert call["stack"].split() == frames[:2] and call["stack_note"] == ""
+
+
+def test_system_calls_nest_under_the_library_call_that_made_them(bpf, nested):
+    """-S: SYS_ lines from the raw_syscalls tracepoints, filtered to the traced process in the
+    kernel: fopen's openat (and its ENOENT) inside fopen's two lines, read inside fgets."""
+    exe, host = nested
+    r = keytrace("calls", "-S", "-n", "2", "-s", "256", "-e", "fopen", "-e", "fgets", "--", exe, host)
+    assert r.returncode == 0, r.stderr
+    lines = [ln.split(" ", 2)[2] for ln in r.stderr.splitlines() if ln[:1].isdigit()]
+    opened = lines.index(f'libc.so.6!fopen("{host}", ' + lines[lines.index(next(
+        ln for ln in lines if ln.startswith(f'libc.so.6!fopen("{host}"')))].split(", ", 1)[1])
+    inside = lines[opened + 1:lines.index(next(ln for ln in lines[opened:]
+                                               if ln.startswith("<... libc.so.6!fopen resumed>")))]
+    assert f'  SYS_openat(-100, "{host}", 0) = 3' in inside, inside
+    assert all(ln.startswith("  SYS_") for ln in inside), inside
+    assert '  SYS_read(3, "myhost\\n", 4096) = 7' in lines
+    assert ('  SYS_openat(-100, "/nonexistent/keytrace-nested", 0) = -1 ENOENT (No such file or '
+            'directory)') in lines
+    assert "<... libc.so.6!fopen resumed> ) = NULL ENOENT (No such file or directory)" in lines
+
+
+def test_system_calls_counted_as_strace_counts_them(bpf, nested):
+    """-S -c: a row per system call, counted in the kernel; equal to strace -c -f's for every
+    call but the execve that starts the program (keytrace traces it from that exec on)."""
+    strace = require_tool("strace", "apt-get install strace")
+    exe, host = nested
+    out = subprocess.run([strace, "-f", "-c", "-U", "name,calls", "--", exe, host],
+                         capture_output=True, text=True, timeout=60).stderr
+    theirs = {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)$", out, re.M)}
+    theirs.pop("total", None)
+    theirs.pop("execve")
+    r = keytrace("calls", "-S", "-c", "--json", "-e", "getpid", "--", exe, host)
+    assert r.returncode == 0, r.stderr
+    ours = {row["function"][4:]: row["calls"] for row in json_rows(r.stdout)
+            if row["function"].startswith("SYS_")}
+    ours.pop("exit_group")  # (strace counts a call when it returns: exit_group never does)
+    assert ours == theirs and ours["openat"] == 4, (ours, theirs)

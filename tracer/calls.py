@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 from . import wire
@@ -60,7 +61,8 @@ class CallTracer(Tracing):
                  ring_pages: int = DEFAULT_RING_PAGES,
                  on_note: Optional[Callable[[str], None]] = None, quiet_stdout: bool = False,
                  on_progress: Optional[Callable[[int, int], None]] = None,
-                 demangle: bool = False, stack_depth: Optional[int] = None):
+                 demangle: bool = False, stack_depth: Optional[int] = None,
+                 syscalls: bool = False):
         if not 0 <= strsize <= MAX_STRSIZE:
             raise UsageError(f"-s takes a size from 0 to {MAX_STRSIZE}, not {strsize}")
         super().__init__(pids, command, interval, on_note, quiet_stdout)
@@ -75,6 +77,8 @@ class CallTracer(Tracing):
         if stack_depth is not None and stack_depth < 1:
             raise UsageError(f"-w takes a number of frames of 1 or more, not {stack_depth}")
         self.stack_depth = stack_depth    # -w: frames of each stack shown (stacks: all)
+        self.syscalls = syscalls          # -S: system calls beside the library calls
+        self._sys: dict = {}              # -S: system call number -> report.Function
         self.targets: list = []
         self.skipped: dict = {}     # "library!function" -> why no probe could go on it
         self.functions: list = []
@@ -87,7 +91,8 @@ class CallTracer(Tracing):
         self._dropped: set = set()  # functions whose probes failed to attach: not in the tables
         self._reader = None
         self._pairer: Optional[report.Pairer] = None
-        self._final: Optional[tuple] = None  # (stats, histograms, stack counts) read at stop
+        # (stats, histograms, stack counts, system call stats) read at stop
+        self._final: Optional[tuple] = None
         self._main: Optional[tuple] = None   # FUNC@MAIN: (program, entry point, image lo, hi)
         self._start_at = 0
 
@@ -142,10 +147,16 @@ class CallTracer(Tracing):
             [kc.CALLS, units.LIFECYCLE], filter_pids, LIFECYCLE_PAGES,
             prelude=kc.prelude(len(probes), self.strsize, trace_pages, self.stacks,
                                errno=self.mode == "trace" and any(
-                                   f.proto and f.proto.errno_on == "-1" for f in self.functions),
-                               main=main),
+                                   f.proto and f.proto.errno_on is not None for f in self.functions),
+                               main=main, syscalls=self.mode if self.syscalls else None),
             programs=kc.programs(probes, self.mode), policy=self._policy)
         self._program.open()
+        if self.syscalls:
+            names = kc.syscall_names()
+            self._sys = {nr: report.Function("", f"SYS_{name}", protos.lookup(name))
+                         for nr, name in names.items()}
+            kc.set_syscall_slots(self._program, {nr: report.syscall_slots(f.proto)
+                                                 for nr, f in self._sys.items() if f.proto})
         if self._main is not None:
             self._attach_main(filter_pids)
         self._attach()
@@ -155,7 +166,7 @@ class CallTracer(Tracing):
             self._pairer = report.Pairer(self.functions, self.strsize,
                                          wire.boot_to_wall_offset_ns(),
                                          self._stack if self.stacks else None,
-                                         report.Stacks(self.stack_depth))
+                                         report.Stacks(self.stack_depth), self._sys)
 
     def _attach_main(self, filter_pids) -> None:
         """Where the main program lies, for FUNC@MAIN: a probe on its entry point for the
@@ -298,7 +309,8 @@ class CallTracer(Tracing):
             counts = kc.read_stack_counts(self._program)
             walked = {sid: self._stack(sid) for _, sid in counts}
             stacks = (counts, walked)
-        return stats, hist, stacks
+        sys_stats = kc.read_syscall_stats(self._program) if self.syscalls else {}
+        return stats, hist, stacks, sys_stats
 
     def _now(self) -> tuple:
         if self._final is not None:
@@ -312,8 +324,14 @@ class CallTracer(Tracing):
         """ltrace -c's table (tracer.analysis.calls.COUNT_COLUMNS), from the kernel's counters
         (exact when records are lost); errors and times where calls are probed at return."""
         kept = self._kept()
-        return report.counts_frame([self.functions[i] for i in kept], self._now()[0][kept],
-                                   self.mode != "count")
+        stats, _, _, sys_stats = self._now()
+        functions = [self.functions[i] for i in kept]
+        rows = stats[kept]
+        if sys_stats:  # -S: the system calls' rows too
+            functions += [self._sys.get(nr) or report.Function("", f"SYS_{nr}", None)
+                          for nr in sys_stats]
+            rows = np.vstack([rows, np.array(list(sys_stats.values()), dtype=np.uint64)])
+        return report.counts_frame(functions, rows, self.mode != "count")
 
     def _kept(self) -> list:
         return [i for i in range(len(self.functions)) if i not in self._dropped]

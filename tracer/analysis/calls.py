@@ -4,6 +4,7 @@ histograms from the kernel's counters.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -98,7 +99,7 @@ class Pairer:
 
     def __init__(self, functions: list, strsize: int, offset_ns: int,
                  stack_of: Optional[Callable[[int], list]] = None,
-                 stacks: Optional[Stacks] = None):
+                 stacks: Optional[Stacks] = None, syscalls: Optional[dict] = None):
         self.functions = functions
         self.strsize = strsize
         self.offset = offset_ns
@@ -106,8 +107,18 @@ class Pairer:
         self.stacks = stacks or Stacks()
         # per function: what the record's two text slots hold (prototypes.Slot)
         self.slots = [protos.slots(f.proto) for f in functions]
+        self.syscalls = syscalls or {}  # -S: system call number -> Function
         self.open: dict = {}  # tid -> [entry row]
         self._ids = 0
+
+    def function(self, fn: int) -> Function:
+        """The function a record's fn names: a probed one, or (-S) a system call."""
+        if fn & SYS:
+            return self.syscalls.get(fn & 0xFFFF) or Function("", f"SYS_{fn & 0xFFFF}", None)
+        return self.functions[fn]
+
+    def _slots(self, fn: int) -> list:
+        return syscall_slots(self.function(fn).proto) if fn & SYS else self.slots[fn]
 
     def feed(self, batch: np.ndarray) -> list:
         done = []
@@ -158,7 +169,7 @@ class Pairer:
     def _strings(self, row: dict, ret) -> None:
         """What a return brings: strings unreadable at entry (their pages touched by the call
         by now), buffers the call filled, the string it returned."""
-        for i, s in enumerate(self.slots[row["_fn"]]):
+        for i, s in enumerate(self._slots(row["_fn"])):
             if s.mode == protos.BYTES_IN or (s.mode == protos.STR and (
                     s.arg in row["_strings"] or not row["_raw"][s.arg])):
                 continue
@@ -169,11 +180,11 @@ class Pairer:
                     row["_cut"].add(s.arg)
 
     def _entry(self, r, depth: int) -> dict:
-        fn = self.functions[int(r["fn"])]
+        fn = self.function(int(r["fn"]))
         self._ids += 1
         args = [int(a) for a in r["args"]]
         strings, cut = {}, set()
-        for i, s in enumerate(self.slots[int(r["fn"])]):
+        for i, s in enumerate(self._slots(int(r["fn"]))):
             if s.mode not in (protos.STR, protos.BYTES_IN) or not args[s.arg]:
                 continue
             got = self._read(r, i, s.mode)
@@ -198,24 +209,35 @@ class Pairer:
     def began(self, row: dict) -> dict:
         """A call as it began: its arguments as read at entry, no return yet."""
         out = {k: v for k, v in row.items() if not k.startswith("_")}
-        out["args"] = protos.format_call(self.functions[row["_fn"]].proto, row["_raw"],
+        out["args"] = protos.format_call(self.function(row["_fn"]).proto, row["_raw"],
                                          dict(row["_strings"]), self.strsize, set(row["_cut"]))
         return out
 
     def _finish(self, row: dict, ret: Optional[int], ts: Optional[int], err: int = 0) -> dict:
-        fn = self.functions[row["_fn"]]
+        fn = self.function(row["_fn"])
         out = {k: v for k, v in row.items() if not k.startswith("_")}
         out["args"] = protos.format_call(fn.proto, row["_raw"], row["_strings"], self.strsize,
                                          row["_cut"])
-        out["ret"] = "?" if ret is None else protos.format_return(
-            fn.proto, ret, err or None, row["_strings"].get(-1), self.strsize, -1 in row["_cut"])
-        out["errno"] = (protos.errno_name(err) if err and ret is not None
-                        and protos.is_error(fn.proto, ret) else None)
-        out["error"] = ret is not None and protos.is_error(fn.proto, ret)
+        if row["_fn"] & SYS:  # a system call returns -errno
+            failed = ret is not None and -4096 < _signed(ret) < 0
+            out["ret"] = ("?" if ret is None else
+                          f"-1 {protos.errno_name(-_signed(ret))} ({os.strerror(-_signed(ret))})"
+                          if failed else protos.format_return(fn.proto, ret) if fn.proto
+                          else str(_signed(ret)))
+            out["errno"] = protos.errno_name(-_signed(ret)) if failed else None
+            out["error"] = failed
+        else:
+            out["ret"] = "?" if ret is None else protos.format_return(
+                fn.proto, ret, err or None, row["_strings"].get(-1), self.strsize,
+                -1 in row["_cut"])
+            out["errno"] = (protos.errno_name(err) if err and ret is not None
+                            and protos.is_error(fn.proto, ret) else None)
+            out["error"] = ret is not None and protos.is_error(fn.proto, ret)
         out["duration_ns"] = None if ts is None else ts - row["_ts"]
         out["json_args"] = _json_args(fn.proto, row["_raw"], row["_strings"], self.strsize)
-        out["json_ret"] = (None if ret is None else
-                           _json_ret(fn.proto, ret, row["_strings"].get(-1), self.strsize))
+        out["json_ret"] = (None if ret is None else -1 if out["error"] and row["_fn"] & SYS
+                           else _json_ret(fn.proto, ret, row["_strings"].get(-1), self.strsize)
+                           if fn.proto or not row["_fn"] & SYS else _signed(ret))
         # JSON's strings are cut at -s like the lines': which ones were longer ("ret": the return)
         out["truncated"] = [i for i in sorted(row["_strings"]) if i >= 0 and self._cut(row, i)]
         out["truncated"] += ["ret"] if -1 in row["_strings"] and self._cut(row, -1) else []
@@ -224,10 +246,24 @@ class Pairer:
     def _cut(self, row: dict, i: int) -> bool:
         """Whether text i (-1: the string returned) is longer than -s shows."""
         text = row["_strings"][i]
-        proto = self.functions[row["_fn"]].proto
+        proto = self.function(row["_fn"]).proto
         if i == -1 or proto.args[i].kind == "str":
             text = text.split(b"\0", 1)[0]
         return i in row["_cut"] or len(text) > self.strsize
+
+
+SYS = 0x40000000  # a record's fn for system call nr: SYS | nr (tracer.bpf.calls.SYS)
+
+
+def _signed(raw: int) -> int:
+    raw &= (1 << 64) - 1
+    return raw - (1 << 64) if raw >> 63 else raw
+
+
+def syscall_slots(proto) -> list:
+    """What -S reads of a system call's arguments: its libc wrapper's strings and buffers (a
+    system call returns no string)."""
+    return [s for s in protos.slots(proto) if s.mode != protos.RET_STR]
 
 
 def _json_args(proto, raw: list, strings: dict, strsize: int) -> list:
@@ -250,12 +286,11 @@ STAMPS = ("", "t", "tt", "ttt", "r")  # ltrace's -t, -tt, -ttt (time of day, epo
 class Style:
     """How lines look, as ltrace's options say: timing (-T: <seconds> after a return), stamps
     (-t, -tt, -ttt, -r), ip (-i: the caller's address), indent (-n: spaces per nesting level of
-    the thread's open probed calls), name (-C: a function's shown name from its symbol)."""
+    the thread's open probed calls)."""
     timing: bool = False
     stamps: str = ""
     ip: bool = False
     indent: int = 0
-    name: Callable[[str], str] = str
 
 
 class Lines:
@@ -299,7 +334,8 @@ class Lines:
         return [self._line(item, item["ts"], self._call(item)[:-1] + " <unfinished ...>")]
 
     def _name(self, c: dict) -> str:
-        return f"{c['library']}!{self.style.name(c['function'])}"
+        # a system call (-S) has no library: SYS_openat, as ltrace -S shows it
+        return f"{c['library']}!{c['function']}" if c["library"] else c["function"]
 
     def _call(self, c: dict) -> str:
         return f"{self._name(c)}({', '.join(c['args'])})"

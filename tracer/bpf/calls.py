@@ -17,6 +17,9 @@ from .loader import Unit
 CALLS = Unit("calls")
 SLOTS = 64  # log2 latency buckets per function (KC_SLOTS)
 ERR_MODES = {None: 0, "int": 1, "long": 2, "null": 3}  # KC_ERR_*
+MODES = ("count", "time", "trace")  # KC_MODE
+SYS = 0x40000000  # a record's fn for system call nr: SYS | nr (KC_SYS)
+NR_MAX = 512
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,14 @@ class Probe:
 
 
 def prelude(count: int, strsize: int, ring_pages: int, stacks: bool, errno: bool = False,
-            main: Optional[tuple] = None) -> str:
+            main: Optional[tuple] = None, syscalls: Optional[str] = None) -> str:
     """errno: watch failed system calls inside traced calls (a tracepoint on every syscall
     exit of the host, so only when a traced function reports failures through errno). main:
     (entry site, lo, hi), file vaddrs of the main program, when some function counts only the
-    calls it makes."""
+    calls it makes. syscalls: the mode (count, time, trace) system calls are seen in (-S)."""
     lines = [f"#define KC_FUNCS {max(count, 1)}", f"#define KC_RING_PAGES {ring_pages}"]
+    if syscalls is not None:
+        lines += ["#define KC_SYSCALLS", f"#define KC_MODE {MODES.index(syscalls)}"]
     if main is not None:
         lines += ["#define KC_CALLERS", f"#define KC_START_AT {main[0]:#x}ULL",
                   f"#define KC_MAIN_LO {main[1]:#x}ULL", f"#define KC_MAIN_HI {main[2]:#x}ULL"]
@@ -117,6 +122,34 @@ def stack(program, stack_id: int) -> list:
         return list(program.bpf[b"kc_stacks"].walk(stack_id))
     except KeyError:
         return []
+
+
+def syscall_names() -> dict:
+    """x86-64 system call numbers -> names (bcc's table)."""
+    from bcc.syscall import syscalls
+    return {int(nr): name.decode() for nr, name in syscalls.items() if int(nr) < NR_MAX}
+
+
+def set_syscall_slots(program, slots: dict) -> None:
+    """What -S reads of each system call's arguments: nr -> [prototypes.Slot] (at most 2)."""
+    table = program.bpf[b"kc_sys_slots"]
+    for nr, got in slots.items():
+        s = [(x.arg, x.mode, x.length) for x in got[:wire.CALL_STRINGS]]
+        (a0, m0, l0), (a1, m1, l1) = (s + [(-1, -1, -1)] * 2)[:2]
+        table[table.Key(nr)] = table.Leaf(a0, m0, l0, a1, m1, l1)
+
+
+def read_syscall_stats(program) -> dict:
+    """nr -> (calls, errors, total_ns, max_ns) of the system calls made."""
+    table = program.bpf[b"kc_sys_stats"]
+    out = {}
+    for nr in range(NR_MAX):
+        per_cpu = table[table.Key(nr)]
+        calls = sum(v.calls for v in per_cpu)
+        if calls:
+            out[nr] = (calls, sum(v.errors for v in per_cpu), sum(v.total_ns for v in per_cpu),
+                       max((v.max_ns for v in per_cpu), default=0))
+    return out
 
 
 def lost(program) -> int:

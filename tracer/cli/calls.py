@@ -46,6 +46,9 @@ def calls(
                             "caller) as [0x...]."),
     indent: int = typer.Option(0, "-n", "--indent", min=0, help="Indent nested calls by this "
                                "many spaces per level (per thread)."),
+    syscalls: bool = typer.Option(False, "-S", "--syscalls", help="System calls too, as "
+                                  "SYS_name lines nested under the library call that made them "
+                                  "(with -c: a row each), from tracepoints filtered in the kernel."),
     demangle: bool = typer.Option(False, "-C", "--demangle", help="C++ (and Rust) names as "
                                   "written: in the output, and patterns match them "
                                   "('operator new*', 'std::*')."),
@@ -88,6 +91,7 @@ def calls(
       keytrace calls -tt -n 2 -e 'f*' -e '!fflush' -- make    ltrace -tt -n 2 -e 'f*-fflush' make
       keytrace calls -C -e 'libstdc++:operator new*' -- ./app ltrace -C -e '_Znw*' ./app
       keytrace calls -c -e 'malloc@MAIN' -- ./app         ltrace -c -e 'malloc@MAIN' ./app
+      keytrace calls -S -n 2 -e fopen -- ./app            ltrace -S -n 2 -e fopen ./app
       keytrace calls -e getenv -s 64 --json -- ./app      (no ltrace equivalent)
     """
     try:
@@ -101,7 +105,7 @@ def calls(
         text = _open_text(output) if fmt == "text" else None
         try:
             _trace(command, pattern, pid, count, timing, stack or where is not None, duration,
-                   output, fmt, as_json, strsize, sites, demangle, style, text, where)
+                   output, fmt, as_json, strsize, sites, demangle, style, text, where, syscalls)
         finally:
             if text is not None and text is not sys.stderr:
                 text.close()
@@ -117,7 +121,7 @@ def _open_text(path: Path):
 
 
 def _trace(command, pattern, pid, count, timing, stack, duration, output, fmt, as_json, strsize,
-           sites, demangle, style, text, where) -> None:
+           sites, demangle, style, text, where, syscalls) -> None:
     stdout = sys.stdout
     # the text trace: to -o FILE when it is a text file, else standard error (ltrace's place)
     dest = text if text is not None else sys.stderr
@@ -140,7 +144,7 @@ def _trace(command, pattern, pid, count, timing, stack, duration, output, fmt, a
                         timing=timing, stacks=stack, strsize=strsize, sites=sites,
                         keep=output is not None and fmt != "text", on_call=show,
                         on_event=on_event, quiet_stdout=as_json, demangle=demangle,
-                        stack_depth=where,
+                        stack_depth=where, syscalls=syscalls,
                         on_note=lambda t: err.print(f"keytrace: {t}", markup=False,
                                                     soft_wrap=True),
                         on_progress=_progress())
@@ -262,7 +266,7 @@ def _counts_table(df, timing: bool) -> Table:
         t.add_column("calls", justify="right")
     t.add_column("function")
     for r in df.itertuples():
-        fn = f"{r.library}!{r.function}"
+        fn = f"{r.library}!{r.function}" if r.library else r.function  # (-S: SYS_name)
         if timing:
             t.add_row(f"{r.time_pct:.2f}", f"{r.total_ns / 1e9:.6f}", f"{r.mean_ns / 1e3:.3f}",
                       f"{r.max_ns / 1e3:.3f}", str(r.calls), str(r.errors), fn)
