@@ -1,6 +1,10 @@
 """keytrace calls against bpftrace and ltrace, side by side in one run:
 `sudo .venv/bin/python bench/calls.py`.
 
+Part 3, whole runs of sort and git log -p: keytrace calls -c on FUNC@MAIN against ltrace -c's
+FUNC@MAIN, and keytrace calls -S -c against strace -c -f and ltrace -S -c, with the counts each
+saw (bench/results/CALLS-CALLERS.md).
+
 Part 2, counts on real programs: sort, git log -p, sqlite3 and curl, each run against a private
 copy of libc, counted by keytrace calls -c on its planned sites, by keytrace on the (safe) entry
 sites (--sites entry), and by bpftrace on the implementation symbols the IFUNCs chose, where the
@@ -174,12 +178,88 @@ def compare_workloads(work: Path, libdir: Path) -> list:
     return lines
 
 
+# -- part 3: calls from the program (FUNC@MAIN) and system calls (-S), against ltrace and strace --
+MAIN_FUNCTIONS = ["malloc", "free", "strlen", "getenv", "fopen", "open", "read"]
+
+
+def _timed(argv: list, **kw) -> tuple:
+    t0 = time.monotonic()
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=900, **kw)
+    return time.monotonic() - t0, r
+
+
+def _ltrace_total(text: str) -> int:
+    m = re.search(r"^100\.00\s+[\d.]+\s+(\d+) total$", text, re.M)
+    return int(m.group(1)) if m else -1
+
+
+def _strace_total(text: str) -> int:
+    m = re.search(r"^\S+\s+[\d.]+\s+\d+\s+(\d+)\s+(\d+\s+)?total$", text, re.M)
+    return int(m.group(1)) if m else -1
+
+
+def _keytrace_total(r, prefix: str = "") -> int:
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return sum(row["calls"] for row in rows if row["function"].startswith(prefix))
+
+
+def compare_callers(work: Path, rounds: int) -> list:
+    """Wall time of a whole run and what it counted, interleaved rounds: FUNC@MAIN -c against
+    ltrace -c's FUNC@MAIN; -S -c against strace -c -f and ltrace -S -c."""
+    progs = workloads(work)
+    progs = {"sort": progs["sort"], "git log -p": progs["git log -p"]}
+    main_e = [x for f in MAIN_FUNCTIONS for x in ("-e", f"{f}@MAIN")]
+    runs = {
+        "untraced": lambda a: (_timed(a), None),
+        "keytrace calls -c FUNC@MAIN": lambda a: (
+            (t := _timed([*KEYTRACE, "calls", "-c", "--json", *main_e, "--", *a], cwd=ROOT)),
+            _keytrace_total(t[1])),
+        "ltrace -c FUNC@MAIN": lambda a: (
+            (t := _timed(["ltrace", "-c", "-e", "+".join(f"{f}@MAIN" for f in MAIN_FUNCTIONS),
+                          *a])), _ltrace_total(t[1].stderr)),
+        "keytrace calls -S -c": lambda a: (
+            (t := _timed([*KEYTRACE, "calls", "-S", "-c", "--json", "-e", "getpid", "--", *a],
+                         cwd=ROOT)), _keytrace_total(t[1], "SYS_")),
+        "strace -c -f": lambda a: ((t := _timed(["strace", "-f", "-c", *a])),
+                                   _strace_total(t[1].stderr)),
+        "ltrace -S -c": lambda a: ((t := _timed(["ltrace", "-S", "-c", "-e", "getpid", *a])),
+                                   _ltrace_total(t[1].stderr)),
+    }
+    times = {(p, n): [] for p in progs for n in runs}
+    counted = {}
+    names = list(runs)
+    for r in range(rounds):
+        for prog, argv in progs.items():
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                (secs, _), n = runs[name](argv)
+                times[(prog, name)].append(secs)
+                counted[(prog, name)] = n
+                print(f"  round {r + 1}: {prog}: {name}: {secs:.2f} s, counted {n}", flush=True)
+    lines = ["", "## Calls from the program (FUNC@MAIN) and system calls (-S)", "",
+             f"Whole runs, {rounds} interleaved rounds, medians (range). FUNC@MAIN: "
+             f"{', '.join(MAIN_FUNCTIONS)}; ltrace sees only the calls through the program's PLT "
+             "(none through its GOT: a function whose address it takes). -S -c counts every "
+             "system call (strace -c -f the same, but the program's first execve and exit_group).",
+             "", "| program | tool | seconds | x untraced | calls counted |", "|---|---|---|---|---|"]
+    for prog in progs:
+        base = statistics.median(times[(prog, "untraced")])
+        for name in names:
+            xs = times[(prog, name)]
+            n = counted[(prog, name)]
+            lines.append(f"| {prog} | {name} | {statistics.median(xs):.2f} ({min(xs):.2f}-"
+                         f"{max(xs):.2f}) | {statistics.median(xs) / base:.1f}x | "
+                         f"{'' if n is None else f'{n:,}'} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("-n", type=int, default=2_000_000, help="calls per traced run")
     ap.add_argument("--n-ltrace", type=int, default=20_000, help="calls per ltrace run")
-    ap.add_argument("--only-workloads", action="store_true", help="part 2 only")
+    ap.add_argument("--only-workloads", action="store_true", help="parts 2 and 3 only")
+    ap.add_argument("--only-callers", action="store_true",
+                    help="part 3 only, written to bench/results/CALLS-CALLERS.md")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="keytrace-calls-bench-"))
     libdir = work / "libc"
@@ -198,6 +278,9 @@ def main() -> None:
     try:
         if args.only_workloads:
             write_workloads(work, libdir)
+            return
+        if args.only_callers:
+            write_callers(work, 3)
             return
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
@@ -238,13 +321,24 @@ def main() -> None:
     shutil.copy(LIBC, libdir / "libc.so.6")
     try:
         write_workloads(work, libdir)
+        write_callers(work)
     finally:
         end_all()
         shutil.rmtree(work, ignore_errors=True)
 
 
+def write_callers(work: Path, rounds: int = 3) -> None:
+    """Part 3, written to bench/results/CALLS-CALLERS.md."""
+    text = "\n".join(["# keytrace calls: calls from the program and system calls", "",
+                      f"Measured {time.strftime('%Y-%m-%d')} by `bench/calls.py` (part 3)."]
+                     + compare_callers(work, rounds)[2:]) + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "CALLS-CALLERS.md").write_text(text)
+    print(text)
+
+
 def write_workloads(work: Path, libdir: Path) -> None:
-    """Part 2, written to bench/results/CALLS-WORKLOADS.md."""
+    """Part 2, written to bench/results/CALLS-WORKLOADS.md (part 3 to CALLS-CALLERS.md)."""
     text = "\n".join(["# keytrace calls -c: counts on real programs",
                       "", f"Measured {time.strftime('%Y-%m-%d')} by `bench/calls.py` (part 2)."]
                      + compare_workloads(work, libdir)[1:]) + "\n"
