@@ -333,3 +333,22 @@ def test_system_calls_counted_as_strace_counts_them(bpf, nested):
             if row["function"].startswith("SYS_")}
     ours.pop("exit_group")  # (strace counts a call when it returns: exit_group never does)
     assert ours == theirs and ours["openat"] == 4, (ours, theirs)
+
+
+def test_no_pattern_traces_what_the_program_imports_as_ltrace_does(bpf, nested):
+    """No -e: every function the program imports, the calls it makes; equal to ltrace's
+    default for each function it calls through its PLT, and the rest (called through the GOT:
+    __libc_start_main from _start, __cxa_finalize) seen by keytrace only."""
+    require_tool("ltrace", "apt-get install ltrace")
+    exe, host = nested
+    out = subprocess.run(["ltrace", "-c", exe, host], capture_output=True, text=True,
+                         timeout=120).stderr
+    theirs = {name: int(n) for n, name in
+              re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(\S+)$", out, re.M)}
+    r = keytrace("calls", "-c", "--json", "--", exe, host)
+    assert r.returncode == 0, r.stderr
+    assert "no -e: the " in r.stderr
+    ours = {row["function"].removesuffix("@MAIN"): row["calls"] for row in json_rows(r.stdout)}
+    plt = plt_imports(exe)
+    assert {f: n for f, n in ours.items() if f in plt} == theirs, (ours, theirs)
+    assert set(ours) - plt == {"__libc_start_main", "__cxa_finalize"}, ours

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional, Sequence
 
+import os
+
 import numpy as np
 import pandas as pd
 
@@ -67,6 +69,9 @@ class CallTracer(Tracing):
             raise UsageError(f"-s takes a size from 0 to {MAX_STRSIZE}, not {strsize}")
         super().__init__(pids, command, interval, on_note, quiet_stdout)
         self.patterns = list(patterns)
+        if not self.patterns and not (pids or command):
+            raise UsageError("-e is needed to trace the whole host (with a command or -p, no -e "
+                             "traces the functions the program imports)")
         self.mode = ("time" if timing else "count") if count else "trace"
         self.timing, self.stacks, self.strsize = timing, stacks, strsize
         self.sites, self.limit, self.keep = check_sites(sites), limit, keep
@@ -101,6 +106,10 @@ class CallTracer(Tracing):
     from_exec = True  # a launched command is traced from its own exec, not its gate's work
 
     def _prepare(self, exe) -> None:
+        if not self.patterns:  # ltrace's default: every function the program imports
+            self.patterns = pat.imports(self.pids or (), exe)
+            self._note(f"no -e: the {len(self.patterns)} functions the program imports, the calls "
+                       "it makes (FUNC@MAIN)")
         # A pattern that names nothing is told first: it needs no privileges to find out.
         self._resolved = pat.resolve(self.patterns, self.pids or (), exe, self.limit,
                                      self.demangle)
@@ -125,6 +134,10 @@ class CallTracer(Tracing):
     def _open(self, filter_pids) -> None:
         self._policy = stepcheck.policy(self._note)
         self.targets, self._sites = self._place(self._resolved)
+        # bcc refuses more than BCC_PROBE_LIMIT (1000) probes a process: 2 a function traced
+        probes_needed = 2 * len(self.targets) + 2
+        if probes_needed > int(os.environ.get("BCC_PROBE_LIMIT", "1000") or 1000):
+            os.environ["BCC_PROBE_LIMIT"] = str(probes_needed)
         self.functions = [report.Function(t.library, self._shown(t), prototype(t))
                           for t in self.targets]
         for t in self.targets:
@@ -269,9 +282,11 @@ class CallTracer(Tracing):
             if self._program is None or self._program.bpf is None:
                 return 0
             done = []  # (kind, item) in record order: "entry" (a call begun) or "call" (finished)
+            # Exits first: every record a process wrote before an exit read here is in the calls
+            # ring by then, so its calls are paired before the exit finishes those left open.
+            life = self._program.drain()
             if self._reader is not None:
                 done = self._pairer.feed(self._reader.drain())
-            life = self._program.drain()
             for pid in life["pid"][life["op"] == wire.CODE["exit"]].tolist():
                 if self._pairer is not None:
                     done += self._pairer.end(pid)

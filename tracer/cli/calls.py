@@ -25,10 +25,15 @@ from .console import command_status, err, failure
 def calls(
     command: Optional[List[str]] = typer.Argument(
         None, help="Launch this command (after --) and trace it with its children."),
-    pattern: List[str] = typer.Option(..., "-e", "--pattern", help="[LIB:]FUNC[@MAIN] to probe, "
+    pattern: Optional[List[str]] = typer.Option(None, "-e", "--pattern", help="[LIB:]FUNC[@MAIN] to probe, "
                                       "globs allowed (repeatable); LIB defaults to libc and is a "
                                       "short name (libssl), a soname or a path; @MAIN keeps only "
-                                      "the calls the main program makes; '!FUNC' excludes."),
+                                      "the calls the main program makes; '!FUNC' excludes. "
+                                      "None: every function the program imports (calls it "
+                                      "makes), as ltrace does."),
+    max_functions: int = typer.Option(1000, "--max-functions", min=1, help="Refuse patterns "
+                                      "that select more functions than this (each costs its "
+                                      "probes' attach time)."),
     pid: Optional[List[int]] = typer.Option(None, "--pid", "-p", help="Trace this process and "
                                             "its children, those it has and those it makes "
                                             "(repeatable). Default: the whole host."),
@@ -104,8 +109,9 @@ def calls(
                              indent=indent)
         text = _open_text(output) if fmt == "text" else None
         try:
-            _trace(command, pattern, pid, count, timing, stack or where is not None, duration,
-                   output, fmt, as_json, strsize, sites, demangle, style, text, where, syscalls)
+            _trace(command, pattern or [], pid, count, timing, stack or where is not None,
+                   duration, output, fmt, as_json, strsize, sites, demangle, style, text, where,
+                   syscalls, max_functions)
         finally:
             if text is not None and text is not sys.stderr:
                 text.close()
@@ -121,7 +127,7 @@ def _open_text(path: Path):
 
 
 def _trace(command, pattern, pid, count, timing, stack, duration, output, fmt, as_json, strsize,
-           sites, demangle, style, text, where, syscalls) -> None:
+           sites, demangle, style, text, where, syscalls, max_functions) -> None:
     stdout = sys.stdout
     # the text trace: to -o FILE when it is a text file, else standard error (ltrace's place)
     dest = text if text is not None else sys.stderr
@@ -144,7 +150,7 @@ def _trace(command, pattern, pid, count, timing, stack, duration, output, fmt, a
                         timing=timing, stacks=stack, strsize=strsize, sites=sites,
                         keep=output is not None and fmt != "text", on_call=show,
                         on_event=on_event, quiet_stdout=as_json, demangle=demangle,
-                        stack_depth=where, syscalls=syscalls,
+                        stack_depth=where, syscalls=syscalls, limit=max_functions,
                         on_note=lambda t: err.print(f"keytrace: {t}", markup=False,
                                                     soft_wrap=True),
                         on_progress=_progress())
@@ -188,7 +194,7 @@ def _progress():
     state: dict = {}
 
     def tick(done: int, total: int) -> None:
-        if total < 20:
+        if total < 20:  # (a few attach at once)
             return
         if "bar" not in state:
             state["bar"] = Progress(TextColumn("keytrace: attaching"), BarColumn(),

@@ -487,6 +487,43 @@ def _one_per_address(targets: list) -> list:
     return list(by.values())
 
 
+# ---- ltrace's default: what the program imports ------------------------------------------
+
+def _undefined_functions(path: str) -> list:
+    """The functions a program calls in other objects: its undefined dynamic FUNC symbols."""
+    try:
+        with open(path, "rb") as fh:
+            dynsym = ELFFile(fh).get_section_by_name(".dynsym")
+            if dynsym is None:
+                return []
+            return list(dict.fromkeys(
+                s.name.split("@")[0] for s in dynsym.iter_symbols()
+                if s.name and s["st_shndx"] == "SHN_UNDEF" and s["st_info"]["type"] == "STT_FUNC"))
+    except (OSError, ELFError, ValueError):
+        return []
+
+
+def imports(pids: Sequence[int] = (), exe: Optional[str] = None) -> list[str]:
+    """ltrace's default set, as patterns: each function the main program imports, as
+    LIB:FUNC@MAIN in the first library it needs that defines it (calls the program makes)."""
+    scope = _Scope(pids, exe)
+    programs = {lib.ident: lib for lib in scope.main()}
+    if len(programs) != 1:
+        raise UsageError("with no -e, the functions the program imports are traced: that needs "
+                         "one program (a command after --, or -p processes of one program)")
+    (program,) = programs.values()
+    libs = scope.needed() if exe and not pids else [lib for lib in scope.mapped() if not lib.main]
+    out = []
+    for name in _undefined_functions(program.path):
+        lib = next((lib for lib in libs if name in _functions(lib).index), None)
+        if lib is not None:
+            out.append(f"{lib.path}:{name}@MAIN")
+    if not out:
+        raise KeytraceError(f"{program.name} imports no function from a library: name some "
+                            "with -e")
+    return out
+
+
 # ---- resolution --------------------------------------------------------------------------
 
 def resolve(patterns: Sequence[str], pids: Sequence[int] = (), exe: Optional[str] = None,
@@ -561,6 +598,6 @@ def resolve(patterns: Sequence[str], pids: Sequence[int] = (), exe: Optional[str
                   for text, keys in chosen.items()}
         worst = max(counts, key=counts.get)
         raise KeytraceError(f"the patterns select {len(final)} functions ({counts[worst]} by "
-                            f"{worst!r}), more than the limit of {limit}: narrow them or "
-                            "exclude some with '!FUNC'")
+                            f"{worst!r}), more than the limit of {limit}: narrow them, "
+                            "exclude some with '!FUNC', or raise the limit (--max-functions)")
     return sorted(final, key=lambda t: (t.library, t.function, t.name, t.address))
