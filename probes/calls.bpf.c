@@ -4,7 +4,8 @@
 //   KC_FUNCS       how many functions are probed
 //   KC_RING_PAGES  the calls ring's size in pages (records: trace mode only)
 //   KC_STACKS      count per (function, user stack) too
-//   KC_CALLERS     some functions count only calls made from the main program (FUNC@MAIN)
+//   KC_CALLERS     some functions count only the calls made from one object (FUNC@OBJECT),
+//                  KC_OBJECTS objects
 //   KC_SYSCALLS    system calls too (-S), from the raw_syscalls tracepoints; KC_MODE says how:
 //                  0 counted, 1 counted and timed, 2 traced (a record at entry and return)
 //   struct call    the record (tracer.wire.call_record)
@@ -95,32 +96,39 @@ static __always_inline void kc_stack(struct pt_regs *ctx, u32 fn)
 #define KC_SKIP 0x80000000u  // a frame's fn: a call pushed only so that its return pairs, not kept
 
 #ifdef KC_CALLERS
+// FUNC@OBJECT: a call counts when it returns into OBJECT (KC_OBJECTS of them: the main program,
+// or a library). Where each object lies in each process: set when its code first runs (a probe
+// on the program's entry point or the library's DT_INIT: kc_start_K, generated), by keytrace
+// for processes already running, copied to forked children, dropped at exec.
 struct kc_range {
     u64 lo;
     u64 hi;
 };
-// tgid -> where its main program is mapped: set at the program's entry point (kc_start), by
-// keytrace for processes already running, copied to forked children, dropped at exec
-BPF_HASH(kc_main, u32, struct kc_range, KT_MAX_ENTRIES);
+struct kc_obj_key {
+    u32 tgid;
+    u32 obj;
+};
+BPF_HASH(kc_objects, struct kc_obj_key, struct kc_range, KT_MAX_ENTRIES);
 
-// The main program's entry point (its file's vaddr KC_START_AT) runs before any call it makes:
-// its load bias, so where the program's image lies (file vaddrs KC_MAIN_LO..KC_MAIN_HI).
-int kc_start(struct pt_regs *ctx)
+// Object obj's code runs at its file's vaddr at: its load bias, so where its image lies.
+static __always_inline int kc_place(struct pt_regs *ctx, u32 obj, u64 at, u64 lo, u64 hi)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!wanted(tgid))
         return 0;
-    u64 bias = PT_REGS_IP(ctx) - KC_START_AT;
-    struct kc_range r = {bias + KC_MAIN_LO, bias + KC_MAIN_HI};
-    kc_main.update(&tgid, &r);
+    u64 bias = PT_REGS_IP(ctx) - at;
+    struct kc_obj_key k = {tgid, obj};
+    struct kc_range r = {bias + lo, bias + hi};
+    kc_objects.update(&k, &r);
     return 0;
 }
 
-// Whether the call being entered returns into the main program. At an entry site the stack
-// pointer is as the call left it: the return address is at its top.
-static __always_inline int kc_from_main(struct pt_regs *ctx, u32 tgid)
+// Whether the call being entered returns into object obj. At an entry site the stack pointer
+// is as the call left it: the return address is at its top.
+static __always_inline int kc_from(struct pt_regs *ctx, u32 tgid, int obj)
 {
-    struct kc_range *r = kc_main.lookup(&tgid);
+    struct kc_obj_key k = {tgid, (u32)obj};
+    struct kc_range *r = kc_objects.lookup(&k);
     if (!r)
         return 0;
     u64 ret = 0;
@@ -130,20 +138,27 @@ static __always_inline int kc_from_main(struct pt_regs *ctx, u32 tgid)
 
 static __always_inline void calls_fork(u32 parent, u32 child)
 {
-    struct kc_range *r = kc_main.lookup(&parent);
-    if (r) {
-        struct kc_range copy = *r;
-        kc_main.update(&child, &copy);
+    for (u32 i = 0; i < KC_OBJECTS; i++) {  // the child is the same image
+        struct kc_obj_key k = {parent, i};
+        struct kc_range *r = kc_objects.lookup(&k);
+        if (r) {
+            struct kc_range copy = *r;
+            struct kc_obj_key c = {child, i};
+            kc_objects.update(&c, &copy);
+        }
     }
 }
 
 static __always_inline void calls_exec(u32 tgid)
 {
-    kc_main.delete(&tgid);  // a new image: its entry point says again if it is the program
+    for (u32 i = 0; i < KC_OBJECTS; i++) {  // a new image: its objects say again where they are
+        struct kc_obj_key k = {tgid, i};
+        kc_objects.delete(&k);
+    }
 }
-#define KC_WANTED(ctx, tgid, main) (!(main) || kc_from_main(ctx, tgid))
+#define KC_WANTED(ctx, tgid, caller) ((caller) < 0 || kc_from(ctx, tgid, caller))
 #else
-#define KC_WANTED(ctx, tgid, main) 1
+#define KC_WANTED(ctx, tgid, caller) 1
 static __always_inline void calls_fork(u32 parent, u32 child) {}
 static __always_inline void calls_exec(u32 tgid) {}
 #endif
@@ -155,11 +170,11 @@ static __always_inline void kc_called(u32 fn)
         s->calls++;
 }
 
-// -c: one probe, one per-CPU increment. main: only calls from the main program count.
-static __always_inline int kc_count(struct pt_regs *ctx, u32 fn, int main)
+// -c: one probe, one per-CPU increment. caller: only calls from that object count (-1: any).
+static __always_inline int kc_count(struct pt_regs *ctx, u32 fn, int caller)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (!wanted(tgid) || !KC_WANTED(ctx, tgid, main))
+    if (!wanted(tgid) || !KC_WANTED(ctx, tgid, caller))
         return 0;
     kc_called(fn);
     kc_stack(ctx, fn);
@@ -206,13 +221,13 @@ static __always_inline struct kc_frame *kc_pop(u32 tid, u32 fn)
 }
 
 // -c -T: counted at entry, timed at return. A call from elsewhere than the main program
-// (FUNC@MAIN) is pushed as skipped, so that its return pairs and is not kept.
-static __always_inline int kc_enter(struct pt_regs *ctx, u32 fn, int main)
+// (FUNC@OBJECT) is pushed as skipped, so that its return pairs and is not kept.
+static __always_inline int kc_enter(struct pt_regs *ctx, u32 fn, int caller)
 {
     u64 id = bpf_get_current_pid_tgid();
     if (!wanted(id >> 32))
         return 0;
-    if (!KC_WANTED(ctx, id >> 32, main)) {
+    if (!KC_WANTED(ctx, id >> 32, caller)) {
         kc_push((u32)id, fn | KC_SKIP);
         return 0;
     }
@@ -382,12 +397,12 @@ static __always_inline void kc_slot_return(struct call *e, int slot, int mode, u
 }
 
 static __always_inline int kc_trace_entry(struct pt_regs *ctx, u32 fn, int a0, int m0, int l0,
-                                          int a1, int m1, int l1, int main)
+                                          int a1, int m1, int l1, int caller)
 {
     u64 id = bpf_get_current_pid_tgid();
     if (!wanted(id >> 32))
         return 0;
-    if (!KC_WANTED(ctx, id >> 32, main)) {
+    if (!KC_WANTED(ctx, id >> 32, caller)) {
         kc_push((u32)id, fn | KC_SKIP);
         return 0;
     }

@@ -352,3 +352,38 @@ def test_no_pattern_traces_what_the_program_imports_as_ltrace_does(bpf, nested):
     plt = plt_imports(exe)
     assert {f: n for f, n in ours.items() if f in plt} == theirs, (ours, theirs)
     assert set(ours) - plt == {"__libc_start_main", "__cxa_finalize"}, ours
+
+
+@pytest.fixture(scope="module")
+def objcalls(tmp_path_factory):
+    d = tmp_path_factory.mktemp("objcalls")
+    lib = compile_c(FIXTURES / "objcalls.c", d, shared=True, name="libobjcalls.so",
+                    extra=("-DLIBRARY", "-fno-builtin"))
+    return str(compile_c(FIXTURES / "objcalls.c", d, name="objcalls",
+                         extra=("-fno-builtin", str(lib), f"-Wl,-rpath,{lib.parent}")))
+
+
+@pytest.mark.parametrize("sites", ["planned", "entry"])
+def test_calls_from_a_library_are_told_from_the_programs(bpf, objcalls, sites):
+    """strlen@libobjcalls counts the library's 7 calls, strlen@MAIN the program's 5, in the
+    kernel on either kind of site; traced, each line is one of them."""
+    with CallTracer(["strlen@libobjcalls", "strlen@MAIN"], count=True, sites=sites,
+                    command=[objcalls, "5", "7"]) as t:
+        assert t.wait(30) == "exited"
+    got = dict(zip(t.counts()["function"], t.counts()["calls"]))
+    assert got == {"strlen@libobjcalls": 7, "strlen@MAIN": 5}, got
+    with CallTracer(["strlen@libobjcalls"], command=[objcalls, "5", "7"]) as traced:
+        traced.wait(30)
+    assert [c["function"] for c in traced.calls] == ["strlen@libobjcalls"] * 7
+
+
+def test_a_second_probe_on_one_site_is_refused_not_leaked(bpf, nested):
+    """The program's entry point carries FUNC@MAIN's probe; the same site asked for as a
+    function is skipped, saying why (bcc would replace the first probe in its table, and it
+    would never be detached: the leftover check after each test would see it)."""
+    exe, host = nested
+    with CallTracer(["exe:_start", "getenv@MAIN"], command=[exe, host], count=True,
+                    sites="entry") as t:
+        assert t.wait(30) == "exited"
+    assert "has a probe already" in t.skipped.get("nested!_start", ""), t.skipped
+    assert dict(zip(t.counts()["function"], t.counts()["calls"])) == {"getenv@MAIN": 1}

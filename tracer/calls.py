@@ -43,7 +43,7 @@ def prototype(t: pat.Target) -> Optional[protos.Prototype]:
     return protos.lookup(name) or protos.dwarf_prototype(t.path, name)
 
 
-MAX_STRSIZE = 4096  # -s: a record carries two slots of about this size (and their lengths in 16 bits)
+MAX_STRSIZE = 4096  # -s: a record has two slots of about this size (lengths kept in 16 bits)
 
 
 class CallTracer(Tracing):
@@ -98,8 +98,9 @@ class CallTracer(Tracing):
         self._pairer: Optional[report.Pairer] = None
         # (stats, histograms, stack counts, system call stats) read at stop
         self._final: Optional[tuple] = None
-        self._main: Optional[tuple] = None   # FUNC@MAIN: (program, entry point, image lo, hi)
-        self._start_at = 0
+        self._objects: list = []  # FUNC@OBJECT: the objects (pat.CallerObject), by index
+        self._starts: list = []   # where each object's probe goes (a safe site of its first code)
+        self._groups: list = []   # function indexes probed at one site, first first
 
     # -- life cycle (tracer.tracing) -------------------------------------------------------------
     thread_name = "keytrace-calls"
@@ -113,12 +114,14 @@ class CallTracer(Tracing):
         # A pattern that names nothing is told first: it needs no privileges to find out.
         self._resolved = pat.resolve(self.patterns, self.pids or (), exe, self.limit,
                                      self.demangle)
-        if any(t.caller == "MAIN" for t in self._resolved):
-            self._main = self._main_program(exe)
+        # FUNC@OBJECT: each object asked for, found now (a usage error says which is not)
+        for spec in dict.fromkeys(t.caller for t in self._resolved if t.caller):
+            self._objects.append(self._main_program(exe) if spec == "MAIN" else
+                                 pat.caller_library(spec, self.pids or (), exe))
 
-    def _main_program(self, exe: Optional[str]) -> tuple:
-        """(path, entry point, image lo, image hi) of the one program FUNC@MAIN means: the
-        launched command's, or the -p processes' (one program for all of them)."""
+    def _main_program(self, exe: Optional[str]) -> pat.CallerObject:
+        """The one program FUNC@MAIN means: the launched command's, or the -p processes' (one
+        program for all of them). Its entry point runs before any call it makes."""
         if exe is None:
             paths = {proc.exe(pid) for pid in self.pids or ()}
             if len(paths) != 1 or None in paths:
@@ -129,7 +132,7 @@ class CallTracer(Tracing):
         start = entry_point(exe)
         if info is None or start is None:
             raise KeytraceError(f"{exe} is not an ELF program: FUNC@MAIN cannot find its code")
-        return exe, start, info.lo, info.hi
+        return pat.CallerObject("MAIN", exe, exe, start, info.lo, info.hi)
 
     def _open(self, filter_pids) -> None:
         self._policy = stepcheck.policy(self._note)
@@ -143,26 +146,37 @@ class CallTracer(Tracing):
         for t in self.targets:
             if t.ifunc and "resolver" in t.ifunc:
                 self._note(t.ifunc)
+        # functions probed at one site share its probes (one function asked for from two
+        # callers): the kernel takes one probe per site, and bcc names a probe by its site
+        groups: dict = {}
+        for i, (t, (site, count)) in enumerate(zip(self.targets, self._sites)):
+            at = count if self.mode == "count" else site
+            groups.setdefault((pat.identity(t.path) or t.path, at), []).append(i)
+        self._groups = list(groups.values())
+        index = {o.spec: k for k, o in enumerate(self._objects)}
         probes = [kc.Probe(i, tuple(protos.slots(f.proto)), report.failure_of(f.proto),
-                           t.caller == "MAIN")
+                           index.get(t.caller, -1))
                   for i, (f, t) in enumerate(zip(self.functions, self.targets))]
-        main = None
-        if self._main is not None:
-            exe, start, lo, hi = self._main
+        self._starts = []
+        for o in self._objects:
             try:
-                # the program's entry point runs before it makes any call: its load bias
-                self._start_at = planner.entry_site(exe, start, "_start", self._policy).address
+                # code of the object that runs before any call it makes: its load bias
+                self._starts.append(planner.entry_site(o.path, o.start, f"{o.spec}'s first code",
+                                                       self._policy).address)
             except planner.Refused as e:
-                raise KeytraceError(f"FUNC@MAIN: no probe can go on {exe}'s entry point: {e}")
-            main = (self._start_at, lo, hi)
+                raise KeytraceError(f"FUNC@{o.spec}: no probe can go on {o.name}'s first code: "
+                                    f"{e}") from None
         trace_pages = self.ring_pages if self.mode == "trace" else 1
         self._program = Program(
             [kc.CALLS, units.LIFECYCLE], filter_pids, LIFECYCLE_PAGES,
             prelude=kc.prelude(len(probes), self.strsize, trace_pages, self.stacks,
                                errno=self.mode == "trace" and any(
-                                   f.proto and f.proto.errno_on is not None for f in self.functions),
-                               main=main, syscalls=self.mode if self.syscalls else None),
-            programs=kc.programs(probes, self.mode), policy=self._policy)
+                                   f.proto and f.proto.errno_on for f in self.functions),
+                               objects=len(self._objects),
+                               syscalls=self.mode if self.syscalls else None),
+            programs=kc.programs([[probes[i] for i in g] for g in self._groups], self.mode,
+                                 [(at, o.lo, o.hi) for at, o in zip(self._starts, self._objects)]),
+            policy=self._policy)
         self._program.open()
         if self.syscalls:
             names = kc.syscall_names()
@@ -170,8 +184,8 @@ class CallTracer(Tracing):
                          for nr, name in names.items()}
             kc.set_syscall_slots(self._program, {nr: report.syscall_slots(f.proto)
                                                  for nr, f in self._sys.items() if f.proto})
-        if self._main is not None:
-            self._attach_main(filter_pids)
+        if self._objects:
+            self._attach_callers(filter_pids)
         self._attach()
         if self.mode == "trace":
             self._reader = self._program.reader("kc_events", wire.call_record(self.strsize),
@@ -181,22 +195,23 @@ class CallTracer(Tracing):
                                          self._stack if self.stacks else None,
                                          report.Stacks(self.stack_depth), self._sys)
 
-    def _attach_main(self, filter_pids) -> None:
-        """Where the main program lies, for FUNC@MAIN: a probe on its entry point for the
-        processes that start it from now on, and the -p processes' images as mapped now."""
-        exe, _, lo, hi = self._main
-        self._program.attach_programs(exe, [(self._start_at, "kc_start", False)])
-        table = self._program.bpf[b"kc_main"]
-        for pid in filter_pids or ():
-            if proc.exe(pid) != exe:
-                continue
-            spans = [(s, e) for s, e, _, path in proc.file_mappings(pid) if path == exe]
-            if spans:
-                bias = min(s for s, _ in spans) - (lo & ~0xFFF)
-                table[table.Key(pid)] = table.Leaf(bias + lo, bias + hi)
+    def _attach_callers(self, filter_pids) -> None:
+        """Where each FUNC@OBJECT object lies: a probe on its first code (the program's entry
+        point, a library's DT_INIT) for the processes that load it from now on, and the -p
+        processes' mappings of it now."""
+        table = self._program.bpf[b"kc_objects"]
+        for k, (o, at) in enumerate(zip(self._objects, self._starts)):
+            self._program.attach_programs(o.path, [(at, f"kc_start_{k}", False)])
+            ident = pat.identity(o.path)
+            for pid in filter_pids or ():
+                spans = [s for s, _, off, path in proc.file_mappings(pid)
+                         if off == 0 and (path == o.name or pat.identity(path) == ident)]
+                if spans:
+                    bias = min(spans) - (o.lo & ~0xFFF)
+                    table[table.Key(pid, k)] = table.Leaf(bias + o.lo, bias + o.hi)
 
     def _shown(self, t) -> str:
-        """A function's name in output: its symbol, or with -C its C++ name as written; FUNC@MAIN
+        """A function's name in output: its symbol, or with -C its C++ name as written; FUNC@OBJECT
         says so."""
         names = t.function.split("|")
         shown = "|".join(demangled(n) for n in names) if self.demangle else t.function
@@ -257,22 +272,26 @@ class CallTracer(Tracing):
         return planned.address, f"planned +{planned.address - t.address:#x} ({planned.insn.hex()})"
 
     def _attach(self) -> None:
-        """Function by function: one that fails to attach is told and left out."""
-        total = len(self.targets)
-        for i, t in enumerate(self.targets):
-            entry, ret = kc.names(i, self.mode)
-            site, count = self._sites[i]
+        """Site by site: one that fails to attach is told and its functions left out."""
+        total, done = len(self.targets), 0
+        for group in self._groups:
+            t = self.targets[group[0]]
+            entry, ret = kc.names(group[0], self.mode)
+            site, count = self._sites[group[0]]
             probes = [(count if self.mode == "count" else site, entry, False)]
             if ret:
                 probes.append((site, ret, True))
             try:
                 self._program.attach_programs(t.path, probes)
             except KeytraceError as e:
-                self.skipped[f"{t.library}!{t.function}"] = str(e)
-                self._dropped.add(i)
-                self._note(f"skipping {t.library}!{t.function}: {e}")
+                for i in group:
+                    name = f"{self.targets[i].library}!{self.functions[i].name}"
+                    self.skipped[name] = str(e)
+                    self._dropped.add(i)
+                    self._note(f"skipping {name}: {e}")
+            done += len(group)
             if self.on_progress:
-                self.on_progress(i + 1, total)
+                self.on_progress(done, total)
         if self._program.attached == 0:
             raise KeytraceError("no probe could be attached: " + "; ".join(self.skipped.values()))
 

@@ -29,21 +29,20 @@ class Probe:
     slots: tuple = ()            # what the record's text slots hold (prototypes.Slot, at most
     failure: Optional[str] = None  # CALL_STRINGS); what return is a failure: "int", "long",
     #                                "null" or None
-    main: bool = False           # only calls made from the main program (FUNC@MAIN)
+    caller: int = -1             # only calls made from this object (FUNC@OBJECT; -1: any)
 
 
 def prelude(count: int, strsize: int, ring_pages: int, stacks: bool, errno: bool = False,
-            main: Optional[tuple] = None, syscalls: Optional[str] = None) -> str:
+            objects: int = 0, syscalls: Optional[str] = None) -> str:
     """errno: watch failed system calls inside traced calls (a tracepoint on every syscall
-    exit of the host, so only when a traced function reports failures through errno). main:
-    (entry site, lo, hi), file vaddrs of the main program, when some function counts only the
-    calls it makes. syscalls: the mode (count, time, trace) system calls are seen in (-S)."""
+    exit of the host, so only when a traced function reports failures through errno). objects:
+    how many objects some functions count only the calls of (FUNC@OBJECT). syscalls: the mode
+    (count, time, trace) system calls are seen in (-S)."""
     lines = [f"#define KC_FUNCS {max(count, 1)}", f"#define KC_RING_PAGES {ring_pages}"]
     if syscalls is not None:
         lines += ["#define KC_SYSCALLS", f"#define KC_MODE {MODES.index(syscalls)}"]
-    if main is not None:
-        lines += ["#define KC_CALLERS", f"#define KC_START_AT {main[0]:#x}ULL",
-                  f"#define KC_MAIN_LO {main[1]:#x}ULL", f"#define KC_MAIN_HI {main[2]:#x}ULL"]
+    if objects:
+        lines += ["#define KC_CALLERS", f"#define KC_OBJECTS {objects}"]
     if stacks:
         lines.append("#define KC_STACKS")
     if errno:
@@ -51,38 +50,44 @@ def prelude(count: int, strsize: int, ring_pages: int, stacks: bool, errno: bool
     return "\n".join(lines + [wire.c_struct("call", wire.call_record(strsize)), ""])
 
 
-def programs(probes: Iterable[Probe], mode: str) -> str:
-    """The wrappers for mode "count" (kc_count_N), "time" (kc_enter_N and kc_exit_N) or
-    "trace" (kc_entry_N and kc_return_N)."""
-    out = []
-    for p in probes:
-        i = p.index
-        main = int(p.main)
-        if mode == "count":
-            out.append(f"int kc_count_{i}(struct pt_regs *ctx) "
-                       f"{{ return kc_count(ctx, {i}, {main}); }}")
-        elif mode == "time":
-            out.append(f"int kc_enter_{i}(struct pt_regs *ctx) "
-                       f"{{ return kc_enter(ctx, {i}, {main}); }}")
-            out.append(f"int kc_exit_{i}(struct pt_regs *ctx) "
-                       f"{{ return kc_exit(ctx, {i}, {ERR_MODES[p.failure]}); }}")
-        else:
-            # per slot: the argument (-1: none), what is read (KC_SLOT_*), the length argument
-            s = [(x.arg, x.mode, x.length) for x in p.slots[:wire.CALL_STRINGS]]
-            (a0, m0, l0), (a1, m1, l1) = (s + [(-1, -1, -1)] * 2)[:2]
-            out.append(f"int kc_entry_{i}(struct pt_regs *ctx) "
-                       f"{{ return kc_trace_entry(ctx, {i}, {a0}, {m0}, {l0}, {a1}, {m1}, {l1}, "
-                       f"{main}); }}")
-            out.append(f"int kc_return_{i}(struct pt_regs *ctx) "
-                       f"{{ return kc_trace_return(ctx, {i}, {ERR_MODES[p.failure]}, {m0}, {m1}); }}")
+def _calls(p: Probe, mode: str) -> tuple:
+    """(entry helper call, return helper call or None) of one function in a mode."""
+    if mode == "count":
+        return f"kc_count(ctx, {p.index}, {p.caller})", None
+    if mode == "time":
+        return (f"kc_enter(ctx, {p.index}, {p.caller})",
+                f"kc_exit(ctx, {p.index}, {ERR_MODES[p.failure]})")
+    # per slot: the argument (-1: none), what is read (KC_SLOT_*), the length argument
+    s = [(x.arg, x.mode, x.length) for x in p.slots[:wire.CALL_STRINGS]]
+    (a0, m0, l0), (a1, m1, l1) = (s + [(-1, -1, -1)] * 2)[:2]
+    return (f"kc_trace_entry(ctx, {p.index}, {a0}, {m0}, {l0}, {a1}, {m1}, {l1}, {p.caller})",
+            f"kc_trace_return(ctx, {p.index}, {ERR_MODES[p.failure]}, {m0}, {m1})")
+
+
+def programs(groups: Iterable[list], mode: str, objects: Iterable[tuple] = ()) -> str:
+    """The programs of each group of functions probed at one site (one function, or one asked
+    for from several callers: FUNC@MAIN and FUNC): kc_entry_N, and kc_return_N unless counting,
+    N the group's first function; the return runs the group's calls in reverse, as their frames
+    were pushed. And for each caller object (site, lo, hi: file vaddrs of code that runs first,
+    and of its image) kc_start_K."""
+    out = [f"int kc_start_{k}(struct pt_regs *ctx) "
+           f"{{ return kc_place(ctx, {k}, {at:#x}ULL, {lo:#x}ULL, {hi:#x}ULL); }}"
+           for k, (at, lo, hi) in enumerate(objects)]
+    for group in groups:
+        calls = [_calls(p, mode) for p in group]
+        n = group[0].index
+        out.append(f"int kc_entry_{n}(struct pt_regs *ctx) {{ "
+                   + " ".join(f"{entry};" for entry, _ in calls) + " return 0; }")
+        if mode != "count":
+            out.append(f"int kc_return_{n}(struct pt_regs *ctx) {{ "
+                       + " ".join(f"{ret};" for _, ret in reversed(calls)) + " return 0; }")
     return "\n".join(out) + "\n"
 
 
 def names(index: int, mode: str) -> tuple:
-    """(entry program, return program or None) of a function in a mode."""
-    return {"count": (f"kc_count_{index}", None),
-            "time": (f"kc_enter_{index}", f"kc_exit_{index}"),
-            "trace": (f"kc_entry_{index}", f"kc_return_{index}")}[mode]
+    """(entry program, return program or None) of a group of functions (by its first) in a
+    mode."""
+    return f"kc_entry_{index}", None if mode == "count" else f"kc_return_{index}"
 
 
 def read_stats(program, count: int) -> np.ndarray:

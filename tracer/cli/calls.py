@@ -25,12 +25,11 @@ from .console import command_status, err, failure
 def calls(
     command: Optional[List[str]] = typer.Argument(
         None, help="Launch this command (after --) and trace it with its children."),
-    pattern: Optional[List[str]] = typer.Option(None, "-e", "--pattern", help="[LIB:]FUNC[@MAIN] to probe, "
-                                      "globs allowed (repeatable); LIB defaults to libc and is a "
-                                      "short name (libssl), a soname or a path; @MAIN keeps only "
-                                      "the calls the main program makes; '!FUNC' excludes. "
-                                      "None: every function the program imports (calls it "
-                                      "makes), as ltrace does."),
+    pattern: Optional[List[str]] = typer.Option(
+        None, "-e", "--pattern", help="[LIB:]FUNC[@OBJECT] to probe, globs allowed (repeatable); "
+        "LIB defaults to libc and is a short name (libssl), a soname or a path; @MAIN (@LIB) "
+        "keeps only the calls the main program (LIB) makes; '!FUNC' excludes. None: every "
+        "function the program imports (calls it makes), as ltrace does."),
     max_functions: int = typer.Option(1000, "--max-functions", min=1, help="Refuse patterns "
                                       "that select more functions than this (each costs its "
                                       "probes' attach time)."),

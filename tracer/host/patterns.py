@@ -41,9 +41,9 @@ from .libc import is_musl, ld_cache
 DEFAULT_LIBRARY = "libc"
 DEFAULT_LIMIT = 1000
 MAIN = "exe"  # the LIB that names the main program of the traced pids or command
-USAGE = ("a pattern is [LIB:]FUNC[@MAIN] or !FUNC to exclude, globs allowed: libc:malloc, "
-         "'libssl:SSL_*', malloc@MAIN")
-CALLERS = ("MAIN",)  # who may be asked for after '@': the main program
+MAIN_CALLER = "MAIN"  # FUNC@MAIN: the calls the main program makes (ltrace's word)
+USAGE = ("a pattern is [LIB:]FUNC[@OBJECT] or !FUNC to exclude, globs allowed: libc:malloc, "
+         "'libssl:SSL_*', malloc@MAIN, malloc@libfoo")
 _GLOB = re.compile(r"[*?\[]")
 _FUNCTION_TYPES = (2, 10)  # STT_FUNC, STT_GNU_IFUNC
 
@@ -62,7 +62,7 @@ class Target:
     ifunc: str = ""
     # why no probe can go on it at all (its code is not in the file: the vDSO's); "" if one can
     unprobeable: str = ""
-    caller: str = ""  # "MAIN": only the calls the main program makes (FUNC@MAIN)
+    caller: str = ""  # FUNC@OBJECT: only the calls OBJECT makes (MAIN, or a library as given)
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Pattern:
     library: Optional[str]   # None: not given (libc for an inclusion, any for an exclusion)
     function: str
     exclude: bool
-    caller: str = ""         # after '@': MAIN, or "" for every caller
+    caller: str = ""         # after '@': MAIN, a library, or "" for every caller
 
 
 def parse_pattern(text: str, demangled: bool = False) -> Pattern:
@@ -83,12 +83,17 @@ def parse_pattern(text: str, demangled: bool = False) -> Pattern:
     caller = ""
     if "@" in body:
         body, _, caller = body.rpartition("@")
-        if caller not in CALLERS:
-            raise UsageError(f"pattern {text!r}: after '@' comes MAIN (the calls the main "
-                             f"program makes), not {caller!r} (no symbol version is given: "
-                             "FUNC names each version)")
+        if not caller:
+            raise UsageError(f"pattern {text!r} has nothing after '@': MAIN (the calls the main "
+                             "program makes) or a library (the calls it makes)")
+        if re.fullmatch(r"[A-Z][A-Z0-9_.]*_\d[\d.]*|V\d+", caller):
+            raise UsageError(f"pattern {text!r}: {caller!r} after '@' looks like a symbol "
+                             "version, which is not given (FUNC names each version); after '@' "
+                             "comes MAIN or a library")
         if exclude:
             raise UsageError(f"pattern {text!r}: an exclusion takes no '@'")
+        if caller != MAIN_CALLER and "/" not in caller:
+            _check_glob(caller, text, "library")
     if not body:
         raise UsageError(f"empty pattern {text!r}: {USAGE}")
     # FUNC holds no single ':' (a symbol, or a C++ name's '::'); a path as LIB might.
@@ -477,7 +482,7 @@ def _one_per_address(targets: list) -> list:
     """IFUNCs may choose one implementation (memcpy and memmove): probed once, named by all."""
     by: dict = {}
     for t in targets:
-        key = (_identity(t.path), t.address)
+        key = (_identity(t.path), t.address, t.caller)
         if key in by:
             first = by[key]
             names = list(dict.fromkeys(first.function.split("|") + t.function.split("|")))
@@ -485,6 +490,47 @@ def _one_per_address(targets: list) -> list:
         else:
             by[key] = t
     return list(by.values())
+
+
+# ---- FUNC@OBJECT: the objects calls are counted from --------------------------------------
+
+@dataclass(frozen=True)
+class CallerObject:
+    """An object FUNC@OBJECT keeps the calls of: where to probe its first code (the program's
+    entry point, a library's DT_INIT), which runs before it makes any call, and its image."""
+    spec: str    # as given after '@'
+    path: str    # openable from here
+    name: str    # its display path (as /proc/PID/maps shows it)
+    start: int   # file vaddr of its first code
+    lo: int      # its image: file vaddrs
+    hi: int
+
+
+def identity(path: str) -> Optional[tuple]:
+    """(st_dev, st_ino) of a file, None when it cannot be stat'ed."""
+    return _identity(path)
+
+
+def caller_library(spec: str, pids: Sequence[int] = (), exe: Optional[str] = None) -> CallerObject:
+    """The one library FUNC@LIB means, found as -e's LIB is."""
+    libs = _Scope(pids, exe).libraries(spec)
+    if len(libs) != 1:
+        raise UsageError(f"@{spec} names {len(libs)} libraries ({', '.join(l.library for l in libs[:4])}"
+                         f"{', ...' if len(libs) > 4 else ''}): name one")
+    lib = libs[0]
+    info = elf_info(lib.path)
+    start = None
+    try:
+        with open(lib.path, "rb") as fh:
+            dyn = ELFFile(fh).get_section_by_name(".dynamic")
+            start = next((t.entry.d_ptr for t in (dyn.iter_tags() if dyn is not None else ())
+                          if t.entry.d_tag == "DT_INIT"), None)
+    except (OSError, ELFError, ValueError):
+        pass
+    if info is None or not start:
+        raise UsageError(f"@{spec}: {lib.name} has no DT_INIT, the code that tells keytrace "
+                         "where it is loaded")
+    return CallerObject(spec, lib.path, lib.name, start, info.lo, info.hi)
 
 
 # ---- ltrace's default: what the program imports ------------------------------------------
@@ -550,7 +596,8 @@ def resolve(patterns: Sequence[str], pids: Sequence[int] = (), exe: Optional[str
             table = _functions(lib)
             libs_of.setdefault(lib.ident, lib)
             for pos in _matching(table, pattern.function, demangled):
-                key = (lib.ident, table.addresses[pos])
+                # (one function asked for from two callers is two rows: FUNC@MAIN and FUNC)
+                key = (lib.ident, table.addresses[pos], pattern.caller)
                 keys.append(key)
                 if key not in selected:
                     # the name shown is the one asked for, or the plainest the glob matched
@@ -558,12 +605,9 @@ def resolve(patterns: Sequence[str], pids: Sequence[int] = (), exe: Optional[str
                     selected[key] = dataclasses.replace(
                         _target(lib, table, pos, _shown(table, pos, pattern.function)),
                         caller=pattern.caller)
-                elif selected[key].caller != pattern.caller:
-                    raise UsageError(f"{selected[key].function} is asked for with and without "
-                                     f"'@{pattern.caller or selected[key].caller}': one or the other")
         if not keys:
             raise KeytraceError(_no_function(pattern, libs))
-    excluded: dict = {}  # key -> the exclusion that removed it
+    excluded: dict = {}  # (identity, address) -> the exclusion that removed it, whoever calls
     for pattern in (p for p in parsed if p.exclude):
         within = ({lib.ident for lib in scope.libraries(pattern.library)}
                   if pattern.library else None)
@@ -575,7 +619,7 @@ def resolve(patterns: Sequence[str], pids: Sequence[int] = (), exe: Optional[str
                 if (within is None or key[0] in within) and any(
                         match(n) or (demangled and match(demangle(n)))
                         for n in t.function.split("|")):
-                    excluded.setdefault(key, pattern.text)
+                    excluded.setdefault(key[:2], pattern.text)
             continue
         for ident, lib in libs_of.items():
             if within is None or ident in within:
@@ -583,18 +627,18 @@ def resolve(patterns: Sequence[str], pids: Sequence[int] = (), exe: Optional[str
                 for pos in _matching(table, pattern.function, demangled):
                     excluded.setdefault((ident, table.addresses[pos]), pattern.text)
     for text, keys in chosen.items():
-        if all(k in excluded for k in keys):
-            by = ", ".join(repr(t) for t in dict.fromkeys(excluded[k] for k in keys))
+        if all(k[:2] in excluded for k in keys):
+            by = ", ".join(repr(t) for t in dict.fromkeys(excluded[k[:2]] for k in keys))
             shown = {selected[k].function for k in keys}
-            aliases = sorted({parse_pattern(excluded[k], demangled).function for k in keys}
+            aliases = sorted({parse_pattern(excluded[k[:2]], demangled).function for k in keys}
                              - shown - {text})
             same = (f": {', '.join(aliases)} is another name of the same code as "
                     f"{', '.join(sorted(shown))}" if aliases and not any(map(is_glob, aliases))
                     else "")
             raise UsageError(f"every function matching {text!r} is excluded (by {by}){same}")
-    final = _one_per_address([t for k, t in selected.items() if k not in excluded])
+    final = _one_per_address([t for k, t in selected.items() if k[:2] not in excluded])
     if len(final) > limit:
-        counts = {text: len({k for k in keys if k not in excluded})
+        counts = {text: len({k for k in keys if k[:2] not in excluded})
                   for text, keys in chosen.items()}
         worst = max(counts, key=counts.get)
         raise KeytraceError(f"the patterns select {len(final)} functions ({counts[worst]} by "
