@@ -203,14 +203,22 @@ def test_vdso_functions_are_skipped_not_fatal(bpf):
     assert "keytrace: 1 function(s) in 1 file(s)" in r.stderr, r.stderr
 
 
-def test_a_failing_drain_stops_tracing_with_one_line_and_detaches(bpf):
+DRAIN_FAILED = "tracing stopped: reading the probes' records failed"
+
+
+def failing_drain() -> CallTracer:
+    """A started tracer (of a sleep it launched) whose every drain fails."""
     t = CallTracer(["getpid"], command=["sleep", "30"], count=True)
 
     def broken():
         raise RuntimeError("boom")
     t.poll = broken
-    t.start()
-    with pytest.raises(KeytraceError, match="tracing stopped: reading the probes' records failed"):
+    return t.start()
+
+
+def test_a_failing_drain_stops_tracing_with_one_line_and_detaches(bpf):
+    t = failing_drain()
+    with pytest.raises(KeytraceError, match=DRAIN_FAILED):
         t.wait(20)
     t.stop()  # the failure was told once: stopping does not raise it again
     assert uprobes_attached_by(os.getpid()) == []
@@ -219,15 +227,10 @@ def test_a_failing_drain_stops_tracing_with_one_line_and_detaches(bpf):
 
 def test_a_drain_failure_nobody_waited_for_is_raised_by_stop(bpf):
     """The API's caller who never waits nor checks still gets the error, at stop()."""
-    t = CallTracer(["getpid"], command=["sleep", "30"], count=True)
-
-    def broken():
-        raise RuntimeError("boom")
-    t.poll = broken
-    t.start()
+    t = failing_drain()
     t._thread.join(10)  # the drain thread ends at its first failed poll
     assert not t._thread.is_alive()
-    with pytest.raises(KeytraceError, match="tracing stopped: reading the probes' records failed"):
+    with pytest.raises(KeytraceError, match=DRAIN_FAILED):
         t.stop()
     assert uprobes_attached_by(os.getpid()) == []
     assert t.process.poll() is not None
