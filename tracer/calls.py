@@ -13,9 +13,8 @@ DWARF (tracer.host.prototypes), and probed in one of three modes:
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence
-
 import os
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd

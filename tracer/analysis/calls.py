@@ -218,26 +218,18 @@ class Pairer:
         out = {k: v for k, v in row.items() if not k.startswith("_")}
         out["args"] = protos.format_call(fn.proto, row["_raw"], row["_strings"], self.strsize,
                                          row["_cut"])
-        if row["_fn"] & SYS:  # a system call returns -errno
-            failed = ret is not None and -4096 < _signed(ret) < 0
-            out["ret"] = ("?" if ret is None else
-                          f"-1 {protos.errno_name(-_signed(ret))} ({os.strerror(-_signed(ret))})"
-                          if failed else protos.format_return(fn.proto, ret) if fn.proto
-                          else str(_signed(ret)))
-            out["errno"] = protos.errno_name(-_signed(ret)) if failed else None
-            out["error"] = failed
+        if ret is None:  # it never returned (an exit, a longjmp, the trace cut short)
+            out.update(ret="?", errno=None, error=False, json_ret=None)
+        elif row["_fn"] & SYS:
+            out.update(_syscall_return(fn, ret))
         else:
-            out["ret"] = "?" if ret is None else protos.format_return(
-                fn.proto, ret, err or None, row["_strings"].get(-1), self.strsize,
-                -1 in row["_cut"])
-            out["errno"] = (protos.errno_name(err) if err and ret is not None
-                            and protos.is_error(fn.proto, ret) else None)
-            out["error"] = ret is not None and protos.is_error(fn.proto, ret)
+            out["error"] = protos.is_error(fn.proto, ret)
+            out["ret"] = protos.format_return(fn.proto, ret, err or None, row["_strings"].get(-1),
+                                              self.strsize, -1 in row["_cut"])
+            out["errno"] = protos.errno_name(err) if err and out["error"] else None
+            out["json_ret"] = _json_ret(fn.proto, ret, row["_strings"].get(-1), self.strsize)
         out["duration_ns"] = None if ts is None else ts - row["_ts"]
         out["json_args"] = _json_args(fn.proto, row["_raw"], row["_strings"], self.strsize)
-        out["json_ret"] = (None if ret is None else -1 if out["error"] and row["_fn"] & SYS
-                           else _json_ret(fn.proto, ret, row["_strings"].get(-1), self.strsize)
-                           if fn.proto or not row["_fn"] & SYS else _signed(ret))
         # JSON's strings are cut at -s like the lines': which ones were longer ("ret": the return)
         out["truncated"] = [i for i in sorted(row["_strings"]) if i >= 0 and self._cut(row, i)]
         out["truncated"] += ["ret"] if -1 in row["_strings"] and self._cut(row, -1) else []
@@ -258,6 +250,19 @@ SYS = 0x40000000  # a record's fn for system call nr: SYS | nr (tracer.bpf.calls
 def _signed(raw: int) -> int:
     raw &= (1 << 64) - 1
     return raw - (1 << 64) if raw >> 63 else raw
+
+
+def _syscall_return(fn: Function, ret: int) -> dict:
+    """A system call's return: -errno when it failed (shown as strace shows it), else typed as
+    its libc wrapper returns, or signed."""
+    v = _signed(ret)
+    if -4096 < v < 0:
+        name = protos.errno_name(-v)
+        return dict(ret=f"-1 {name} ({os.strerror(-v)})", errno=name, error=True, json_ret=-1)
+    if fn.proto is None:
+        return dict(ret=str(v), errno=None, error=False, json_ret=v)
+    return dict(ret=protos.format_return(fn.proto, ret), errno=None, error=False,
+                json_ret=_json_ret(fn.proto, ret, None, 0))
 
 
 def syscall_slots(proto) -> list:
