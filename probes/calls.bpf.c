@@ -136,8 +136,11 @@ static __always_inline int kc_from(struct pt_regs *ctx, u32 tgid, int obj)
     return ret >= r->lo && ret < r->hi;
 }
 
+static __always_inline void calls_gone(u32 tgid);
+
 static __always_inline void calls_fork(u32 parent, u32 child)
 {
+    calls_gone(child);  // (an earlier process on its pid left nothing behind, but be sure)
     for (u32 i = 0; i < KC_OBJECTS; i++) {  // the child is the same image
         struct kc_obj_key k = {parent, i};
         struct kc_range *r = kc_objects.lookup(&k);
@@ -149,9 +152,10 @@ static __always_inline void calls_fork(u32 parent, u32 child)
     }
 }
 
-static __always_inline void calls_exec(u32 tgid)
+// At exec (a new image: its objects say again where they are) and at exit.
+static __always_inline void calls_gone(u32 tgid)
 {
-    for (u32 i = 0; i < KC_OBJECTS; i++) {  // a new image: its objects say again where they are
+    for (u32 i = 0; i < KC_OBJECTS; i++) {
         struct kc_obj_key k = {tgid, i};
         kc_objects.delete(&k);
     }
@@ -160,7 +164,7 @@ static __always_inline void calls_exec(u32 tgid)
 #else
 #define KC_WANTED(ctx, tgid, caller) 1
 static __always_inline void calls_fork(u32 parent, u32 child) {}
-static __always_inline void calls_exec(u32 tgid) {}
+static __always_inline void calls_gone(u32 tgid) {}
 #endif
 
 static __always_inline void kc_called(u32 fn)
@@ -243,6 +247,8 @@ static __always_inline int kc_enter(struct pt_regs *ctx, u32 fn, int caller)
 // Linux 6.11+ returns from a uretprobe through its own system call: the tracer's, not the
 // program's (and it never returns the usual way), so it is not seen.
 #define KC_NR_URETPROBE 335
+// rt_sigreturn's exit is seen with no number (the kernel resets it): counted, never a frame
+#define KC_NR_SIGRETURN 15
 BPF_PERCPU_ARRAY(kc_sys_stats, struct kc_stat, KC_NR_MAX);
 #endif
 
@@ -472,7 +478,7 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
     struct kc_stat *s = kc_sys_stats.lookup(&nr);
     if (s)
         s->calls++;
-    if (KC_MODE == 0)
+    if (KC_MODE == 0 || nr == KC_NR_SIGRETURN)
         return 0;
     struct kc_frame *f = kc_push((u32)id, KC_SYS | nr);
     if (KC_MODE == 1)

@@ -52,7 +52,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     walked.delete(&tgid);  // a new image has a new link_map chain
 #endif
 #ifdef KT_HAVE_CALLS
-    calls_exec(tgid);
+    calls_gone(tgid);
 #endif
     counts_exec(tgid);
     struct event *e = new_event(OP_EXEC, pid_tgid);
@@ -92,6 +92,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     launched.delete(&tgid);
 #ifdef KT_HAVE_MODULES
     walked.delete(&tgid);  // a later process on this pid has its own chain to walk
+#endif
+#ifdef KT_HAVE_CALLS
+    calls_gone(tgid);  // (a prefork server's workers would fill the map otherwise)
 #endif
     if (!wanted(tgid))
         return 0;

@@ -135,11 +135,13 @@ def plant(tree, i, name, path, old, new, tests, *more) -> int:
     finally:
         subprocess.run(["git", "checkout", "-q", "--", path], cwd=tree)
     last = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
-    print(f"[{i}] {name}: {'CAUGHT' if r.returncode else 'NOT CAUGHT'} ({last})", flush=True)
+    # caught: tests ran and failed (1); not a test id that no longer collects (2, 4, 5)
+    caught = r.returncode == 1
+    print(f"[{i}] {name}: {'CAUGHT' if caught else 'NOT CAUGHT'} ({last})", flush=True)
     for line in r.stdout.splitlines():
         if line.startswith(("FAILED", "ERROR")):
             print("     ", line[:200], flush=True)
-    return 0 if r.returncode else 1
+    return 0 if caught else 1
 
 
 if __name__ == "__main__":

@@ -414,6 +414,7 @@ def test_a_fork_storm_leaves_the_counts_exact_and_the_agent_answering(agent, bin
         done.set()
         scraper.join(5)
         storm.kill()
+        storm.wait()
         host.kill()
         host.wait()
     assert not failures and slowest[0] < 1.0, (failures[:3], slowest[0])

@@ -105,15 +105,26 @@ def test_lines_in_call_order_across_threads_with_every_time_style():
 def test_a_call_blocked_with_nothing_after_it_is_shown_unfinished(bpf, tmp_path):
     """A read that waits shows as `read(0 <unfinished ...>` while it waits, not only when it
     returns (the stale entry is flushed after half a second)."""
+    fifo = tmp_path / "in"
+    os.mkfifo(fifo)
+    # head blocks reading the fifo until this test closes its end: no time is assumed
     p = subprocess.Popen([*KEYTRACE, "calls", "-e", "read", "--", "sh", "-c",
-                          "sleep 2 | head -c1 >/dev/null"], stderr=subprocess.PIPE, text=True)
+                          f"head -c1 < {fifo} >/dev/null"], stderr=subprocess.PIPE, text=True)
     try:
+        writer, deadline = None, time.monotonic() + 30
+        while writer is None and time.monotonic() < deadline and p.poll() is None:
+            try:  # (a fifo opens for writing once head has it open for reading)
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.01)
+        assert writer is not None, "head never opened the fifo"
         seen, deadline = [], time.monotonic() + 30
         while time.monotonic() < deadline:
             ln = p.stderr.readline()
             seen.append(ln)
             if "<unfinished ...>" in ln or not ln:
                 break
+        os.close(writer)
         assert any("head libc.so.6!read(0, " in ln and "<unfinished ...>" in ln for ln in seen), seen
         rest = p.communicate(timeout=60)[1]
         assert re.search(r"<\.\.\. libc\.so\.6!read resumed> \) = 0", rest), rest
@@ -150,12 +161,18 @@ def test_C_traces_nested_cxx_calls_with_indent(bpf, cxx):
     r = keytrace("calls", "-C", "-n", "1", "-e", "libstdc++:operator new*", "--", cxx, "1")
     assert r.returncode == 0, r.stderr
     lines = [ln.split(" ", 2)[2] for ln in r.stderr.splitlines() if ln[:1].isdigit()]
-    assert lines == ["libstdc++.so.6!operator new[](unsigned long)(0x10, " + lines[0].split(", ", 1)[1],
-                     " libstdc++.so.6!operator new(unsigned long)" + lines[1].split(")", 1)[1],
-                     "<... libstdc++.so.6!operator new[](unsigned long) resumed> )"
-                     + lines[2].split(")", 2)[2],
-                     "libstdc++.so.6!operator new(unsigned long)" + lines[3].split(")", 1)[1]]
-    assert "<unfinished ...>" in lines[0]
+    # new[] of 4 ints (0x10 bytes) calls new inside libstdc++ and returns its block; then the
+    # 100-character string's block (0x65 bytes: with its NUL) from new, called by the program
+    regs = r"(, 0x[0-9a-f]+){5}"
+    want = [rf"libstdc\+\+\.so\.6!operator new\[\]\(unsigned long\)\(0x10{regs} <unfinished \.\.\.>",
+            rf" libstdc\+\+\.so\.6!operator new\(unsigned long\)\(0x10{regs}\) = (0x[0-9a-f]+)",
+            r"<\.\.\. libstdc\+\+\.so\.6!operator new\[\]\(unsigned long\) resumed> \) = "
+            r"(0x[0-9a-f]+)",
+            rf"libstdc\+\+\.so\.6!operator new\(unsigned long\)\(0x65{regs}\) = 0x[0-9a-f]+"]
+    assert len(lines) == 4, lines
+    got = [re.fullmatch(w, ln) for w, ln in zip(want, lines)]
+    assert all(got), list(zip(want, lines))
+    assert got[1].group(2) == got[2].group(1)  # new[] returns the block new gave it
 
 
 def test_pid_covers_the_children_it_already_has(bpf, tmp_path):
@@ -164,8 +181,13 @@ def test_pid_covers_the_children_it_already_has(bpf, tmp_path):
     fifo = tmp_path / "go"
     os.mkfifo(fifo)
     p = subprocess.Popen(["/bin/sh", "-c", f"(read x < {fifo}; exec /bin/sh -c 'for i in 1 2 3 4 5;"
-                          " do /bin/true; done') & wait"])
+                          " do /bin/true; done') & wait"], start_new_session=True)
     try:
+        children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+        deadline = time.monotonic() + 10
+        while not children.read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the subshell must exist before the attach: that is the case
+        assert children.read_text().split(), "the subshell was not started"
         with CallTracer(["libc:execve"], pids=[p.pid], count=True) as t:
             with open(fifo, "w") as go:
                 go.write("go\n")
@@ -173,7 +195,7 @@ def test_pid_covers_the_children_it_already_has(bpf, tmp_path):
         got = dict(zip(t.counts()["function"], t.counts()["calls"]))
         assert got == {"execve": 6}, got  # the child's exec of sh, and that sh's 5 of /bin/true
     finally:
-        p.kill()
+        os.killpg(p.pid, 9)  # the subshell too, should it still wait on the fifo
         p.wait()
 
 
@@ -242,7 +264,12 @@ def ltrace_counts(argv: list, functions) -> dict:
     """ltrace -c's calls per function, of calls through the main program's PLT (FUNC@MAIN)."""
     r = subprocess.run(["ltrace", "-c", "-e", "+".join(f"{f}@MAIN" for f in functions), *argv],
                        capture_output=True, text=True, timeout=300, cwd="/")
-    rows = re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(\S+)$", r.stderr, re.M)
+    return ltrace_table(r.stderr)
+
+
+def ltrace_table(text: str) -> dict:
+    """ltrace -c's table: calls per function."""
+    rows = re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(\S+)$", text, re.M)
     return {name: int(n) for n, name in rows}
 
 
@@ -285,10 +312,8 @@ def test_stacks_are_named_and_cut_where_the_walk_stops(bpf, keymaker):
     k = keymaker()
     with CallTracer(["pthread_key_create"], pids=[k.pid], stacks=True) as t:
         k.do("c 1")
-        time.sleep(0.2)
     with CallTracer(["pthread_key_create"], pids=[k.pid], stacks=True, stack_depth=2) as two:
         k.do("c 1")
-        time.sleep(0.2)
     (call,) = t.calls
     frames = call["stack"].split()
     assert re.fullmatch(r"libc\.so\.6!(__)?pthread_key_create\+0x0", frames[0]), frames
@@ -305,15 +330,22 @@ def test_system_calls_nest_under_the_library_call_that_made_them(bpf, nested):
     r = keytrace("calls", "-S", "-n", "2", "-s", "256", "-e", "fopen", "-e", "fgets", "--", exe, host)
     assert r.returncode == 0, r.stderr
     lines = [ln.split(" ", 2)[2] for ln in r.stderr.splitlines() if ln[:1].isdigit()]
-    opened = lines.index(f'libc.so.6!fopen("{host}", ' + lines[lines.index(next(
-        ln for ln in lines if ln.startswith(f'libc.so.6!fopen("{host}"')))].split(", ", 1)[1])
-    inside = lines[opened + 1:lines.index(next(ln for ln in lines[opened:]
-                                               if ln.startswith("<... libc.so.6!fopen resumed>")))]
-    assert f'  SYS_openat(-100, "{host}", 0) = 3' in inside, inside
-    assert all(ln.startswith("  SYS_") for ln in inside), inside
-    assert '  SYS_read(3, "myhost\\n", 4096) = 7' in lines
-    assert ('  SYS_openat(-100, "/nonexistent/keytrace-nested", 0) = -1 ENOENT (No such file or '
-            'directory)') in lines
+
+    def inside(begins: str, resumed: str) -> list:
+        """The lines between a call's unfinished line and its resumed one."""
+        at = next(i for i, ln in enumerate(lines) if ln.startswith(begins))
+        end = next(i for i in range(at, len(lines)) if lines[i].startswith(resumed))
+        assert lines[at].endswith("<unfinished ...>"), lines[at]
+        got = lines[at + 1:end]
+        assert got and all(ln.startswith("  SYS_") for ln in got), got
+        return got
+    assert f'  SYS_openat(-100, "{host}", 0) = 3' in inside(
+        f'libc.so.6!fopen("{host}"', "<... libc.so.6!fopen resumed>")
+    assert '  SYS_read(3, "myhost\\n", 4096) = 7' in inside(
+        "libc.so.6!fgets(", "<... libc.so.6!fgets resumed>")
+    assert inside('libc.so.6!fopen("/nonexistent/', "<... libc.so.6!fopen resumed>") == [
+        '  SYS_openat(-100, "/nonexistent/keytrace-nested", 0) = -1 ENOENT (No such file or '
+        'directory)']
     assert "<... libc.so.6!fopen resumed> ) = NULL ENOENT (No such file or directory)" in lines
 
 
@@ -343,8 +375,7 @@ def test_no_pattern_traces_what_the_program_imports_as_ltrace_does(bpf, nested):
     exe, host = nested
     out = subprocess.run(["ltrace", "-c", exe, host], capture_output=True, text=True,
                          timeout=120).stderr
-    theirs = {name: int(n) for n, name in
-              re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(\S+)$", out, re.M)}
+    theirs = ltrace_table(out)
     r = keytrace("calls", "-c", "--json", "--", exe, host)
     assert r.returncode == 0, r.stderr
     assert "no -e: the " in r.stderr
@@ -373,7 +404,7 @@ def test_calls_from_a_library_are_told_from_the_programs(bpf, objcalls, sites):
     got = dict(zip(t.counts()["function"], t.counts()["calls"]))
     assert got == {"strlen@libobjcalls": 7, "strlen@MAIN": 5}, got
     with CallTracer(["strlen@libobjcalls"], command=[objcalls, "5", "7"]) as traced:
-        traced.wait(30)
+        assert traced.wait(30) == "exited"
     assert [c["function"] for c in traced.calls] == ["strlen@libobjcalls"] * 7
 
 

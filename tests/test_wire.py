@@ -91,9 +91,11 @@ def test_columns_split_records_into_the_fields_replay_reads():
     """Each column holds each record's own field, in record order: a field read from the wrong
     place (owner for caller, aux for load) is caught here, not only through a summary."""
     rows = RECORDS + [dict(op="acquire", pid=2, handle=9, ret=-11, seq=7)]
+    got = wire.columns(_records(rows), 0)
+    assert len(got) == 15
     cols = dict(zip(("ts", "pid", "comm", "op", "resource", "handle", "ret", "owner", "caller",
-                     "path", "aux", "load", "child", "stack", "seq"), wire.columns(_records(rows), 0)))
-    assert len(cols) == 15 and all(len(c) == len(rows) for c in cols.values())
+                     "path", "aux", "load", "child", "stack", "seq"), got))
+    assert all(len(c) == len(rows) for c in cols.values())
     handled = [r["op"] in ("acquire", "release") for r in rows]
     assert cols["ts"] == [1_000_000_000 + i * 1000 for i in range(len(rows))]
     assert cols["comm"] == [r.get("comm", "proc") for r in rows]

@@ -68,6 +68,7 @@ class CallTracer(Tracing):
             raise UsageError(f"-s takes a size from 0 to {MAX_STRSIZE}, not {strsize}")
         super().__init__(pids, command, interval, on_note, quiet_stdout)
         self.patterns = list(patterns)
+        self._asked = list(patterns)  # as given (no -e: the imports replace self.patterns)
         if not self.patterns and not (pids or command):
             raise UsageError("-e is needed to trace the whole host (with a command or -p, no -e "
                              "traces the functions the program imports)")
@@ -192,7 +193,8 @@ class CallTracer(Tracing):
             self._pairer = report.Pairer(self.functions, self.strsize,
                                          wire.boot_to_wall_offset_ns(),
                                          self._stack if self.stacks else None,
-                                         report.Stacks(self.stack_depth), self._sys)
+                                         report.Stacks(self.stack_depth), self._sys,
+                                         entries=self.on_event is not None)
 
     def _attach_callers(self, filter_pids) -> None:
         """Where each FUNC@OBJECT object lies: a probe on its first code (the program's entry
@@ -220,7 +222,7 @@ class CallTracer(Tracing):
         """(the targets a probe can go on, their sites: (entry or return site, count site)),
         before anything is attached. A function no probe can safely go on is told and left out;
         one named exactly (not by a glob) is a usage error: the user asked for it by name."""
-        named = {p.function for p in (pat.parse_pattern(x, self.demangle) for x in self.patterns)
+        named = {p.function for p in (pat.parse_pattern(x, self.demangle) for x in self._asked)
                  if not p.exclude and not pat.is_glob(p.function)}
         kept, sites = [], []
         for t in targets:

@@ -99,7 +99,8 @@ class Pairer:
 
     def __init__(self, functions: list, strsize: int, offset_ns: int,
                  stack_of: Optional[Callable[[int], list]] = None,
-                 stacks: Optional[Stacks] = None, syscalls: Optional[dict] = None):
+                 stacks: Optional[Stacks] = None, syscalls: Optional[dict] = None,
+                 entries: bool = True):
         self.functions = functions
         self.strsize = strsize
         self.offset = offset_ns
@@ -108,6 +109,7 @@ class Pairer:
         # per function: what the record's two text slots hold (prototypes.Slot)
         self.slots = [protos.slots(f.proto) for f in functions]
         self.syscalls = syscalls or {}  # -S: system call number -> Function
+        self.entries = entries          # give ("entry", call) items too
         self.open: dict = {}  # tid -> [entry row]
         self._ids = 0
 
@@ -128,7 +130,8 @@ class Pairer:
                 stack = self.open.setdefault(tid, [])
                 row = self._entry(r, len(stack))
                 stack.append(row)
-                done.append(("entry", self.began(row)))
+                if self.entries:  # (formatted only for who shows calls as they begin)
+                    done.append(("entry", self.began(row)))
                 continue
             stack = self.open.get(tid, [])
             fn = int(r["fn"])
@@ -284,9 +287,6 @@ def _json_ret(proto, raw: int, text: Optional[bytes], strsize: int):
     return None if proto.ret == "void" else protos.json_value(proto.ret, raw, text, strsize)
 
 
-STAMPS = ("", "t", "tt", "ttt", "r")  # ltrace's -t, -tt, -ttt (time of day, epoch) and -r
-
-
 @dataclass(frozen=True)
 class Style:
     """How lines look, as ltrace's options say: timing (-T: <seconds> after a return), stamps
@@ -371,11 +371,6 @@ def stamp(style: str, ts: int, previous: Optional[int]) -> str:
         return f"{ts // 10**9}.{ts % 10**9 // 1000:06d}"
     text = time.strftime("%H:%M:%S", time.localtime(ts // 10**9))
     return text + (f".{ts % 10**9 // 1000:06d}" if style == "tt" else "")
-
-
-def line(call: dict, timing: bool = False) -> str:
-    """A finished call's single line (Lines gives them in call order, with nesting)."""
-    return Lines(Style(timing=timing)).whole(call)
 
 
 def calls_frame(calls: list) -> pd.DataFrame:

@@ -189,7 +189,6 @@ class Program:
         self._readers: list = []  # reader()s, closed with the program
         self.files: dict[str, list] = {}  # path -> [(address, is_return)] attached there
         self.attached = 0  # uprobes attached (entry and return counted apart)
-        self._sites_taken: set = set()  # (path, address, is_return) of attach_programs' probes
         self._policy = policy
         self.moved: dict = {}  # (path, function) -> (entry, site) where the entry was unsafe
 
@@ -317,17 +316,14 @@ class Program:
                 self._guard(path, addr, held.path)
                 # bcc names a probe by its file and address: a second one there would replace
                 # the first in its table, which would then never be detached
-                site = (path, addr, is_return)
-                if site in self._sites_taken:
+                if (addr, is_return) in self.files.get(path, []) + done:
                     raise KeytraceError(f"{path} +{addr:#x} has a probe already")
                 attach = self.bpf.attach_uretprobe if is_return else self.bpf.attach_uprobe
                 attach(name=path.encode(), addr=addr, fn_name=name.encode())
                 done.append((addr, is_return))
-                self._sites_taken.add(site)
             held.still()
         except Exception as e:
             self._detach_all(path, done)
-            self._sites_taken.difference_update((path, a, r) for a, r in done)
             if isinstance(e, KeytraceError):
                 raise
             raise KeytraceError(f"attaching to {path} failed: {e}") from None
@@ -423,5 +419,4 @@ class Program:
             finally:
                 self.bpf = None
                 self.files.clear()
-                self._sites_taken.clear()
                 self.attached = 0

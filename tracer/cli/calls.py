@@ -138,12 +138,11 @@ def _trace(command, pattern, pid, count, timing, stack, duration, output, fmt, a
         lines = report.Lines(style)
 
         def text_lines(kind, item):
-            with lock:
-                done = lines.feed(kind, item)
-            _write(dest, "".join(ln + "\n" for ln in done))
-            if kind == "call" and stack:
-                _write(dest, "".join(f"    {a}\n" for a in item["stack"].split())
-                       + (f"    ({item['stack_note']})\n" if item.get("stack_note") else ""))
+            with lock:  # (written inside it: a stale entry flushed meanwhile stays in order)
+                _write(dest, "".join(ln + "\n" for ln in lines.feed(kind, item)))
+                if kind == "call" and stack:
+                    _write(dest, "".join(f"    {a}\n" for a in item["stack"].split())
+                           + (f"    ({item['stack_note']})\n" if item.get("stack_note") else ""))
         on_event = text_lines
     tracer = CallTracer(pattern, pids=pid or None, command=command or None, count=count,
                         timing=timing, stacks=stack, strsize=strsize, sites=sites,
@@ -159,9 +158,8 @@ def _trace(command, pattern, pid, count, timing, stack, duration, output, fmt, a
         if lines is None:
             return
         with lock:
-            old = lines.pending is not None and time.time_ns() - lines.pending["ts"] > 5e8
-            done = lines.flush() if old else []
-        _write(dest, "".join(ln + "\n" for ln in done))
+            if lines.pending is not None and time.time_ns() - lines.pending["ts"] > 5e8:
+                _write(dest, "".join(ln + "\n" for ln in lines.flush()))
 
     why = _run(tracer, duration, stale)
     if lines is not None:

@@ -33,10 +33,6 @@ def _demangler():
     return None
 
 
-def available() -> bool:
-    return _demangler() is not None
-
-
 @functools.lru_cache(maxsize=65536)
 def demangle(name: str) -> str:
     """The name as written in the source, or name itself when it is not a mangled one."""
