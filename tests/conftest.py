@@ -180,16 +180,15 @@ def nothing_left_by_the_test(request):
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_attached():
-    """After the whole suite: no uprobe of ours left, perf-attached or registered in tracefs
-    (compared with what the host had before: other tools may have their own)."""
+    """After the whole suite: nothing attached that the host did not have before (uprobes
+    perf-attached or in tracefs, BPF links; other tools may have their own)."""
     if os.geteuid() != 0:  # tracefs and bpftool are root's to read; nothing was attached
         yield
         return
-    before = uprobe_events()
+    before = attached()
     yield
-    left = uprobes_attached_by(os.getpid())
-    added = uprobe_events() - before
-    assert not left and not added, f"probes left attached: {left} {sorted(added)}"
+    added = attached() - before
+    assert not added, f"probes left attached: {sorted(added)}"
 
 
 def events(*rows, start_ns=1_000_000_000, stacks=None):

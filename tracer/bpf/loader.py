@@ -22,12 +22,13 @@ import numpy as np
 from .. import wire
 from ..errors import KeytraceError, UsageError
 from ..host import planner
-from ..host.elf import read_vaddr
+from ..host.elf import file_offsets, read_vaddr
 from ..host.proc import trim_heap
-from . import headers, stepcheck
+from . import headers, multi, stepcheck
 from .ringbuf import RingReader
 
 TRACEFS = Path("/sys/kernel/tracing")
+_KPROBE = 2  # bcc's BPF.KPROBE, the program type of uprobes
 DEFAULT_RING_PAGES = 2048  # 8 MiB: ~24k records, 10 ms of a very busy host
 
 
@@ -188,6 +189,8 @@ class Program:
         self.ring: Optional[RingReader] = None
         self._readers: list = []  # reader()s, closed with the program
         self.files: dict[str, list] = {}  # path -> [(address, is_return)] attached there
+        self._links: dict[str, list] = {}  # path -> uprobe_multi link fds there
+        self.multi = False  # uprobes as uprobe_multi links (set at open)
         self.attached = 0  # uprobes attached (entry and return counted apart)
         self._policy = policy
         self.moved: dict = {}  # (path, function) -> (entry, site) where the entry was unsafe
@@ -235,6 +238,9 @@ class Program:
         except Exception as e:
             raise KeytraceError(f"compiling the probes failed: {e} (run keytrace doctor)") from None
         release_compiler()
+        # one link per program and file where the kernel has them (see multi);
+        # KEYTRACE_UPROBE_MULTI=0 takes bcc's perf-event uprobes instead
+        self.multi = os.environ.get("KEYTRACE_UPROBE_MULTI", "1") != "0" and multi.supported()
         if self.pids is not None:
             for pid in self.pids:
                 self.add_pid(pid)
@@ -251,15 +257,14 @@ class Program:
         if path in self.files:
             return 0
         plan = plan or {}
-        done: list = []
+        todo: list = []  # (address, program name, is_return)
         held = _Held(path)
         try:
             for function, p in plan.items():
                 _check_bytes(held.path, p)
                 for site, name in self.sites[(p.build_id, function)]:
                     self._guard(path, site.address, held.path)
-                    self.bpf.attach_uprobe(name=path.encode(), addr=site.address, fn_name=name.encode())
-                    done.append((site.address, False))
+                    todo.append((site.address, name, False))
             for unit in self.units:
                 swap = unit.variants.get(flavour, {})
                 for func, names in unit.uprobes.items():
@@ -267,23 +272,13 @@ class Program:
                     if func not in addresses or func in plan:
                         continue
                     addr = self.entry_site(path, addresses[func], func, held.path)
-                    self.bpf.attach_uprobe(name=path.encode(), addr=addr, fn_name=entry.encode())
-                    done.append((addr, False))
+                    todo.append((addr, entry, False))
                     if ret:
-                        self.bpf.attach_uretprobe(name=path.encode(), addr=addr,
-                                                  fn_name=ret.encode())
-                        done.append((addr, True))
-            held.still()
-        except Exception as e:
-            self._detach_all(path, done)
-            if isinstance(e, KeytraceError):
-                raise
-            raise KeytraceError(f"attaching to {path} failed: {e}") from None
+                        todo.append((addr, ret, True))
+            self._put(path, held, todo)
         finally:
             held.close()
-        self.files[path] = done
-        self.attached += len(done)
-        return len(done)
+        return len(todo)
 
     def entry_site(self, path: str, address: int, function: str, held: str = "") -> int:
         """Where an entry (and return) probe of a function goes: its entry, or the first later
@@ -309,29 +304,57 @@ class Program:
         """Attach generated programs to one file: (address, program name, is_return) each; a
         file may be given more probes by later calls. Returns how many; a failure detaches what
         this call attached."""
-        done: list = []
+        probes = list(probes)
         held = _Held(path)
         try:
+            taken = set(self.files.get(path, []))
             for addr, name, is_return in probes:
                 self._guard(path, addr, held.path)
-                # bcc names a probe by its file and address: a second one there would replace
-                # the first in its table, which would then never be detached
-                if (addr, is_return) in self.files.get(path, []) + done:
+                # a second probe on a site would count its calls twice (and bcc, which names a
+                # probe by its file and address, would lose the first, never to detach it)
+                if (addr, is_return) in taken:
                     raise KeytraceError(f"{path} +{addr:#x} has a probe already")
-                attach = self.bpf.attach_uretprobe if is_return else self.bpf.attach_uprobe
-                attach(name=path.encode(), addr=addr, fn_name=name.encode())
-                done.append((addr, is_return))
+                taken.add((addr, is_return))
+            self._put(path, held, probes)
+        finally:
+            held.close()
+        return len(probes)
+
+    def _put(self, path: str, held: _Held, probes: list) -> None:
+        """Put programs on sites of a file: (address, program name, is_return) each, as one
+        uprobe_multi link per program and kind where the kernel has them (one fast detach), else
+        as bcc's perf-event uprobes. All or nothing: a failure detaches what this call put."""
+        done: list = []
+        links: list = []
+        try:
+            if self.multi:
+                groups: dict = {}
+                for addr, name, is_return in probes:
+                    groups.setdefault((name, is_return), []).append(addr)
+                for (name, is_return), addrs in groups.items():
+                    fn = self.bpf.load_func(name.encode(), _KPROBE,
+                                            attach_type=multi.BPF_TRACE_UPROBE_MULTI)
+                    # linked through the held file: the bytes checked are the bytes probed
+                    links.append(multi.link(fn.fd, held.path, file_offsets(held.path, addrs),
+                                            is_return))
+                done = [(addr, is_return) for addr, _, is_return in probes]
+            else:
+                for addr, name, is_return in probes:
+                    attach = self.bpf.attach_uretprobe if is_return else self.bpf.attach_uprobe
+                    attach(name=path.encode(), addr=addr, fn_name=name.encode())
+                    done.append((addr, is_return))
             held.still()
         except Exception as e:
-            self._detach_all(path, done)
+            for fd in links:
+                os.close(fd)
+            if not self.multi:
+                self._detach_all(path, done)
             if isinstance(e, KeytraceError):
                 raise
             raise KeytraceError(f"attaching to {path} failed: {e}") from None
-        finally:
-            held.close()
         self.files.setdefault(path, []).extend(done)
+        self._links.setdefault(path, []).extend(links)
         self.attached += len(done)
-        return len(done)
 
     def reader(self, map_name: str, record: np.dtype, pages: int) -> RingReader:
         """A batch reader of another ring buffer of the program, of records of one dtype."""
@@ -342,7 +365,10 @@ class Program:
 
     def detach(self, path: str) -> None:
         done = self.files.pop(path, [])
-        self._detach_all(path, done)
+        for fd in self._links.pop(path, []):
+            os.close(fd)
+        if not self.multi:
+            self._detach_all(path, done)
         self.attached -= len(done)
 
     def _detach_all(self, path: str, done: list) -> None:
@@ -385,22 +411,27 @@ class Program:
         return addrs
 
     def _detach_in_parallel(self) -> None:
-        """Each uprobe or tracepoint the kernel unregisters waits out an RCU grace period
-        (about 0.1 s here): one after the other that was most of a short run's time. In
-        parallel threads (bcc's calls release the GIL) the waits overlap."""
+        """Each uprobe or tracepoint the kernel unregisters waits out a grace period (about
+        0.05-0.1 s here), and so does each uprobe_multi link it releases: one after the other
+        that was most of a short run's time. In parallel threads (os.close and bcc's calls
+        release the GIL) the waits overlap: fully for links, while perf-event probes still
+        queue on the kernel's event_mutex."""
         bpf = self.bpf
-        jobs = ([(bpf.detach_uprobe_event, name) for name in list(bpf.uprobe_fds)]
+        links = [fd for fds in self._links.values() for fd in fds]
+        self._links.clear()
+        jobs = ([(os.close, fd) for fd in links]
+                + [(bpf.detach_uprobe_event, name) for name in list(bpf.uprobe_fds)]
                 + [(bpf.detach_tracepoint, name) for name in list(bpf.tracepoint_fds)])
         if not jobs:
             return
 
         def run(job):
-            fn, name = job
+            fn, arg = job
             try:
-                fn(name)
+                fn(arg)
             except Exception:  # left for cleanup() to try again
                 pass
-        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        with ThreadPoolExecutor(max_workers=min(len(jobs), 64)) as pool:
             list(pool.map(run, jobs))
 
     def lost(self) -> int:

@@ -315,6 +315,20 @@ def read_at(elf: ELFFile, vaddr: int, size: int) -> bytes:
     raise ValueError(f"address {vaddr:#x} is not in the file")
 
 
+def file_offsets(path: str, vaddrs) -> list:
+    """The file offsets of virtual addresses of the ELF file at path (a uprobe is placed by
+    its offset in the file). ValueError when one is in no PT_LOAD segment."""
+    with open(path, "rb") as fh:
+        loads = [s for s in ELFFile(fh).iter_segments() if s["p_type"] == "PT_LOAD"]
+    out = []
+    for vaddr in vaddrs:
+        seg = next((s for s in loads if s["p_vaddr"] <= vaddr < s["p_vaddr"] + s["p_filesz"]), None)
+        if seg is None:
+            raise ValueError(f"address {vaddr:#x} is not in {path}")
+        out.append(seg["p_offset"] + vaddr - seg["p_vaddr"])
+    return out
+
+
 def read_vaddr(path: str, vaddr: int, size: int) -> bytes:
     """size bytes at a virtual address of the ELF file at path; b"" when unreadable."""
     try:
