@@ -1,6 +1,8 @@
 """The package's layers: every import inside tracer/ points down (or sideways within a layer),
 and no module imports itself back through others. Function-level and TYPE_CHECKING imports count."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tracer"
@@ -130,3 +132,53 @@ def test_generic_layers_import_no_resource_and_name_none():
     wrong += [f"{name} says {word!r}" for name, path in known.items() if _generic(name)
               for text in _words_in_code(path) for word in RESOURCE_WORDS if word in text.lower()]
     assert not wrong, "the generic layers must not know a resource:\n" + "\n".join(sorted(wrong))
+
+
+# The commands that trace load no pandas (nor pyarrow, which pandas imports) up to compiling and
+# attaching the probes: bcc's clang/LLVM (~160 MB) would be resident beside them (issue #24).
+# pandas comes when a frame is built (the report after tracing), pyarrow when Parquet is.
+TRACING_FRONT = ["tracer.cli", "tracer.cli.app", "tracer.cli.calls", "tracer.cli.agent",
+                 "tracer.session", "tracer.tracing", "tracer.calls", "tracer.bpf.loader",
+                 "tracer.bpf.calls", "tracer.analysis.ledger", "tracer.analysis.calls",
+                 "tracer.store.files"]
+_HEAVY = "print(' '.join(m for m in ('pandas', 'pyarrow') if m in sys.modules))"
+
+
+def _heavy_after(code: str) -> list:
+    """What of pandas and pyarrow a fresh interpreter has loaded after running code; code prints
+    more such lines (_HEAVY) at the points it checks."""
+    res = subprocess.run([sys.executable, "-c", f"import sys\n{code}\n{_HEAVY}"],
+                         capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert res.returncode == 0, res.stderr
+    return [line.split() for line in res.stdout.splitlines()]
+
+
+def test_tracing_loads_no_pandas_before_the_probes_compile():
+    code = f"""
+import contextlib, io
+import {", ".join(TRACING_FRONT)}
+from tracer.cli import main
+from tracer.calls import CallTracer
+from tracer.session import KeyTracer
+for argv in (["--help"], ["watch", "--help"], ["calls", "--help"]):
+    sys.argv = ["keytrace", *argv]
+    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+        main()
+KeyTracer(command=["true"], keep_events=True)    # its Ledger
+CallTracer(["libc:malloc"], command=["true"])._prepare("/usr/bin/true")  # patterns resolved
+"""
+    assert _heavy_after(code) == [[]]
+
+
+def test_pyarrow_is_loaded_when_parquet_is_written(tmp_path):
+    code = f"""
+from tracer import wire
+from tracer.store import files
+{_HEAVY}
+path = {str(tmp_path / "ledger.parquet")!r}
+files.save_events(wire.empty_events(), path)
+{_HEAVY}
+assert files.load_events(path)[0].empty
+"""
+    before, after = _heavy_after(code)[:2]
+    assert before == [] and "pyarrow" in after

@@ -14,10 +14,9 @@ DWARF (tracer.host.prototypes), and probed in one of three modes:
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 import numpy as np
-import pandas as pd
 
 from . import wire
 from .analysis import calls as report
@@ -32,6 +31,9 @@ from .host import proc
 from .host.demangle import demangle as demangled
 from .host.elf import elf_info, entry_point
 from .tracing import Tracing, check_sites
+
+if TYPE_CHECKING:  # frames are built by tracer.analysis.calls, after tracing
+    import pandas as pd
 
 LIFECYCLE_PAGES = 64  # fork/exec/exit records only: 256 KiB
 

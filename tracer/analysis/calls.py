@@ -7,13 +7,17 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
-import pandas as pd
 
 from .. import wire
 from ..host import prototypes as protos
+
+# pandas is imported by the functions that build frames (*_frame, after tracing): it must not be
+# resident while bcc compiles the probes.
+if TYPE_CHECKING:
+    import pandas as pd
 
 CALL_COLUMNS = ["ts", "pid", "tid", "comm", "library", "function", "args", "ret", "duration_ns",
                 "caller", "stack", "stack_note"]
@@ -375,6 +379,7 @@ def stamp(style: str, ts: int, previous: Optional[int]) -> str:
 
 def calls_frame(calls: list) -> pd.DataFrame:
     """Finished calls as a frame: args a list of ltrace's texts, ret the typed text."""
+    import pandas as pd
     df = pd.DataFrame([{c: r.get(c) for c in CALL_COLUMNS} for r in calls], columns=CALL_COLUMNS)
     df["ts"] = pd.to_datetime(df["ts"].astype("int64"), unit="ns", utc=True)
     df["duration_ns"] = df["duration_ns"].astype("Int64")
@@ -402,6 +407,7 @@ def json_record(call: dict, timing: bool) -> dict:
 def counts_frame(functions: list, stats: np.ndarray, timed: bool) -> pd.DataFrame:
     """ltrace -c's table from the kernel's counters, busiest first (by time with -T, else by
     calls). Without -T nothing returns to the probes: errors and times are unknown (NA)."""
+    import pandas as pd
     calls = stats[:, 0].astype(np.int64)
     df = pd.DataFrame({"library": [f.library for f in functions],
                        "function": [f.name for f in functions], "calls": calls})
@@ -426,6 +432,7 @@ def counts_frame(functions: list, stats: np.ndarray, timed: bool) -> pd.DataFram
 
 def histogram_frame(functions: list, hist: np.ndarray) -> pd.DataFrame:
     """The -T histograms: per function, the log2 buckets that hold calls."""
+    import pandas as pd
     rows = []
     for i, f in enumerate(functions):
         for b in np.flatnonzero(hist[i]).tolist():
@@ -435,6 +442,7 @@ def histogram_frame(functions: list, hist: np.ndarray) -> pd.DataFrame:
 
 def stacks_frame(functions: list, counts: dict, stack_of: Callable[[int], list]) -> pd.DataFrame:
     """--stack with -c: calls per (function, user stack), most first."""
+    import pandas as pd
     rows = [(functions[fn].library, functions[fn].name,
              " ".join(f"{a:#x}" for a in stack_of(sid)) if sid >= 0 else "", n)
             for (fn, sid), n in counts.items() if fn < len(functions)]

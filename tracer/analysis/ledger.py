@@ -6,14 +6,15 @@ which resource is about the first registered (pthread keys).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
-
-import pandas as pd
+from typing import TYPE_CHECKING, Optional
 
 from .. import resource as resources
 from ..state.tracker import Tracker
 from ..store import files
 from . import verdicts
+
+if TYPE_CHECKING:  # frames come from verdicts and files: a Ledger fed records loads no pandas
+    import pandas as pd
 
 
 class Ledger(Tracker):

@@ -9,9 +9,8 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
-import pandas as pd
 import typer
 from rich.live import Live
 from rich.markup import escape
@@ -31,6 +30,11 @@ from . import calls as calls_command
 from .console import (EXIT_ERROR, EXIT_LEAK, EXIT_USAGE, RELOADS_PER_DAY, command_status, err,
                       fail, failure, note, out)
 
+# pandas is imported where a frame is shown, not here: it must not be resident while bcc
+# compiles the probes (clang/LLVM), or both peaks add up (tests/test_layers.py checks).
+if TYPE_CHECKING:
+    import pandas as pd
+
 VIEWS = ("process", "library", "reload")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -45,6 +49,7 @@ app.command()(agent_command.agent)
 def summary_table(summary: pd.DataFrame, title: str = "pthread keys per process",
                   limit: Optional[int] = None, resource=None) -> Table:
     """A summary as a table, in the resource's words (pthread keys: CREATES, DELETES, LIVE)."""
+    import pandas as pd
     r = resource or resources.default()
     acq, rel, live = (r.word(w) for w in ("acquires", "releases", "in_use"))
     t = Table(title=title, title_justify="left")
@@ -73,6 +78,7 @@ def summary_table(summary: pd.DataFrame, title: str = "pthread keys per process"
 
 def sampled_table(summary: pd.DataFrame, title: str, r) -> Table:
     """The summary of a resource whose table is read at each reload cycle (fds, threads...)."""
+    import pandas as pd
     t = Table(title=title, title_justify="left")
     for name, just in [("PID", "right"), ("COMM", "left"), ("IN USE", "right"),
                        ("LEFT", "right"), ("CYCLES", "right"), ("PER CYCLE", "right"),
@@ -401,6 +407,7 @@ def scan_table(df: pd.DataFrame, show_all: bool) -> Table:
 
 
 def census_table(df: pd.DataFrame, show_all: bool) -> Table:
+    import pandas as pd
     t = Table(title="per-process tables (keytrace scan --resource)", title_justify="left")
     for name, just in [("PID", "right"), ("COMM", "left"), ("RESOURCE", "left"),
                        ("IN USE", "right"), ("LIMIT", "right"), ("LEFT", "right"),
@@ -450,6 +457,7 @@ def scan_resources(names: List[str], pid, ledger, reloads_per_day, leak_per_relo
 
 def explain_reloads(ledger: Ledger, reloads_per_day: float) -> None:
     """What each reload leaves behind, and the incident's arithmetic for a fresh process."""
+    import pandas as pd
     reloads = ledger.reloads()
     leaking = reloads[reloads["keys_per_cycle"] > 0]
     if leaking.empty:

@@ -12,13 +12,17 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional
-
-import pandas as pd
+from typing import TYPE_CHECKING, Optional
 
 from .. import resource
 from ..errors import KeytraceError, UsageError
 from ..wire import COLUMNS, decode, op_type, records
+
+# pandas (and pyarrow, which pandas imports, and which Parquet needs) is imported by the
+# functions that handle frames: check_writable and format_of run before the probes compile, and
+# pandas must not be resident then.
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA = 3        # 3: resources (acquire, release, handle, owner); 2: a meta row, host facts
 READABLE = (1, 2, 3)
@@ -55,6 +59,7 @@ def check_writable(path, default: Optional[str] = None) -> str:
 
 
 def _plain(v):
+    import pandas as pd
     if isinstance(v, pd.Timestamp):
         return v.isoformat()
     if v is None or v is pd.NaT or v is pd.NA or (isinstance(v, float) and v != v):
@@ -102,6 +107,7 @@ def save_events(events: pd.DataFrame, path, lost: int = 0, end: int = 0,
     """Write events behind the meta row: the schema, the records the kernel lost, end, the
     time up to which the ledger had seen everything (quiet time after the last event counts),
     and resources, plain facts of each resource's declaration by name (its functions, limit)."""
+    import pandas as pd
     fmt = format_of(path)
     first = int(events["ts"].array.asi8.min()) if len(events) else 0
     # The meta row is built like any event, so every column keeps its dtype (a float detour
@@ -116,6 +122,7 @@ def save_events(events: pd.DataFrame, path, lost: int = 0, end: int = 0,
 
 def load_events(path) -> tuple[pd.DataFrame, dict]:
     """(events, meta) of a saved ledger."""
+    import pandas as pd
     fmt = format_of(path)
     p = Path(path)
     if not p.exists():
@@ -183,6 +190,7 @@ def _optional_text(col: pd.Series) -> pd.Series:
 
 def coerce(raw: pd.DataFrame, source: str = "input") -> pd.DataFrame:
     """Check the columns and restore the dtypes of an events frame read from anywhere."""
+    import pandas as pd
     missing = [c for c in COLUMNS if c not in raw.columns and c not in ("stack", "seq")]  # optional
     if missing:
         raise KeytraceError(f"{source} is not a keytrace ledger: missing column(s) "
