@@ -14,6 +14,8 @@ SAMPLE = events(
     dict(op="acquire", pid=10, handle=0, owner=0x7F00DEAD, caller=0x55AA, load=5),
     dict(op="dlopen", pid=10, load=5, aux=0xAB, path="/x/libleaky.so"),
     dict(op="dlclose", pid=10, aux=0xAB),
+    # dlopen(NULL) (ctypes.CDLL(None)): the program's own handle, no file, no load
+    dict(op="dlopen", pid=10, load=6, aux=0xCD, path=""),
     dict(op="exec", pid=1, path="/bin/ünïcode", comm="sh"),
     dict(op="acquire_failed", pid=10, ret=11),
 )

@@ -205,11 +205,12 @@ def _ops(batch: np.ndarray) -> np.ndarray:
 
 
 def _paths(batch: np.ndarray, op: np.ndarray) -> list:
-    """Each record's path, None where its op has none. A string ends at its first NUL: the
-    bytes after it are a reused ring slot's leftovers."""
+    """Each record's path, None where its op has none or it is empty (dlopen(NULL)), as a saved
+    ledger reads back. A string ends at its first NUL: the bytes after it are a reused ring
+    slot's leftovers."""
     paths = [None] * len(batch)
     for i in np.flatnonzero(np.isin(op, _PATHED)).tolist():
-        paths[i] = batch["path"][i].split(b"\0", 1)[0].decode("utf-8", "replace")
+        paths[i] = batch["path"][i].split(b"\0", 1)[0].decode("utf-8", "replace") or None
     return paths
 
 

@@ -62,7 +62,7 @@ class Modules:
     def dlopen(self, load: int, path: str, handle: int, ts: int) -> None:
         self.loading.pop(load, None)
         self.changed = max(self.changed, ts)
-        if handle:  # not a failed dlopen
+        if handle and path:  # not a failed dlopen, nor dlopen(NULL) (the program's own handle)
             self.loads[load] = (path, handle, ts)
 
     def completed_loads(self) -> set:
