@@ -140,11 +140,20 @@ def json_rows(stdout: str) -> list[dict]:
 
 
 def uprobes_attached_by(pid: int) -> list[str]:
-    """bpftool's perf-attached probe lines belonging to a pid. A failing bpftool fails the
-    caller: an unreadable answer must never read as "nothing attached"."""
+    """The probes a pid holds: bpftool's perf-attached ones, and the BPF links among its file
+    descriptors (uprobe_multi links; bpftool names no holder for them). A failing bpftool fails
+    the caller: an unreadable answer must never read as "nothing attached"."""
     res = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True)
     assert res.returncode == 0, f"bpftool perf list failed: {res.stderr.strip()}"
-    return [json.dumps(r) for r in json.loads(res.stdout or "[]") if r.get("pid") == pid]
+    out = [json.dumps(r) for r in json.loads(res.stdout or "[]") if r.get("pid") == pid]
+    for info in Path(f"/proc/{pid}/fdinfo").glob("*"):
+        try:
+            text = info.read_text()
+        except OSError:  # closed meanwhile
+            continue
+        if "link_id:" in text:
+            out.append(" ".join(line for line in text.splitlines()[:12] if ":" in line))
+    return out
 
 
 def uprobe_events() -> set:
@@ -180,15 +189,17 @@ def nothing_left_by_the_test(request):
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_attached():
-    """After the whole suite: nothing attached that the host did not have before (uprobes
-    perf-attached or in tracefs, BPF links; other tools may have their own)."""
+    """After the whole suite: no probe of ours left, held by this process (perf-attached, or a
+    link) or registered in tracefs (compared with what the host had before: other tools may
+    have their own, and may be tracing meanwhile)."""
     if os.geteuid() != 0:  # tracefs and bpftool are root's to read; nothing was attached
         yield
         return
-    before = attached()
+    before = uprobe_events()
     yield
-    added = attached() - before
-    assert not added, f"probes left attached: {sorted(added)}"
+    left = uprobes_attached_by(os.getpid())
+    added = uprobe_events() - before
+    assert not left and not added, f"probes left attached: {left} {sorted(added)}"
 
 
 def events(*rows, start_ns=1_000_000_000, stacks=None):
