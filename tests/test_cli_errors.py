@@ -93,6 +93,7 @@ def test_doctor_passes_here(bpf):
     res = keytrace("doctor")
     assert res.returncode == 0, res.stdout
     assert "FAIL" not in res.stdout and "kernel headers" in res.stdout
+    assert "all probes detach at once" in res.stdout  # uprobe_multi links: this kernel has them
 
 
 COMMANDS = ["calls", "agent", "watch", "report", "demo", "scan", "doctor"]

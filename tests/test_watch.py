@@ -169,12 +169,21 @@ def test_lost_events_are_counted_not_hidden(bins):
     assert (row.creates, row.deletes, row.live_keys) == (800, 400, 400)
 
 
-def test_stop_detaches_every_probe(bins):
-    t = KeyTracer(command=[bins["reload_host"], bins["libtidy"], "2"]).start()
-    assert uprobes_attached_by(os.getpid()), "probes should be attached while tracing"
+@pytest.mark.parametrize("links", [True, False], ids=["uprobe_multi", "perf-events"])
+def test_stop_detaches_every_probe(bins, monkeypatch, links):
+    """Uprobes go on as uprobe_multi links where the kernel has them, else (and with
+    KEYTRACE_UPROBE_MULTI=0) as perf events: either way they count the same, and all go."""
+    monkeypatch.setenv("KEYTRACE_UPROBE_MULTI", "1" if links else "0")
+    t = KeyTracer(command=[bins["threads"], "3", "10"]).start()
+    held = uprobes_attached_by(os.getpid())
+    assert held, "probes should be attached while tracing"
+    assert any("uprobe_multi" in h for h in held) == links, held
+    assert t.wait() == "exited" and t.returncode == 0
     t.stop()
     assert uprobes_attached_by(os.getpid()) == []
     t.stop()  # idempotent
+    (row,) = t.ledger.summary().itertuples()
+    assert (row.creates, row.deletes) == (30, 15)
 
 
 def test_a_failed_start_leaves_nothing_attached_and_no_process(bins, monkeypatch):

@@ -154,9 +154,24 @@ def check_single_step() -> Check:
     return Check("probe-site safety", True, "\n".join(lines))
 
 
+def check_uprobe_multi() -> Check:
+    """Not needed, but without them a run with many probes ends slowly."""
+    from . import multi
+    try:
+        has = multi.probe()
+    except PermissionError:
+        return Check("uprobe_multi links", False, "could not check: not allowed to load a program",
+                     "run as root (sudo keytrace doctor)")
+    if has:
+        return Check("uprobe_multi links", True, "the kernel has them: all probes detach at once")
+    return Check("uprobe_multi links", True,
+                 "not on this kernel (Linux 6.6+ has them): probes are perf events, detached one "
+                 "grace period (about 0.1 s) at a time, so a run with many probes ends slowly")
+
+
 CHECKS: list[Callable[[], Check]] = [check_privileges, check_bpf_syscall, check_tracefs,
                                      check_uprobes, check_bcc, check_headers, check_libc,
-                                     check_sites, check_single_step]
+                                     check_sites, check_single_step, check_uprobe_multi]
 
 
 def _safe(check: Callable[[], Check]) -> Check:

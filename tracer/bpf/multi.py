@@ -66,11 +66,15 @@ def supported() -> bool:
     kernel that knows the link type. Asked once per process."""
     global _supported
     if _supported is None:
-        _supported = _probe()
+        try:
+            _supported = probe()
+        except PermissionError:
+            _supported = False
     return _supported
 
 
-def _probe() -> bool:
+def probe() -> bool:
+    """supported(), asked now; PermissionError when this process may not load programs."""
     insns = (ct.c_uint8 * 16).from_buffer_copy(bytes.fromhex("b700000000000000" "9500000000000000"))
     lic = ct.create_string_buffer(b"GPL")
     attr = (ct.c_uint8 * ATTR_SIZE)()
@@ -81,7 +85,9 @@ def _probe() -> bool:
     _u32(attr, 68, BPF_TRACE_UPROBE_MULTI)
     try:
         prog = _bpf(BPF_PROG_LOAD, attr)
-    except OSError:
+    except PermissionError:
+        raise
+    except OSError:  # (an older kernel refuses the attach type)
         return False
     try:
         fd = link(prog, "/", [0], False)
