@@ -237,7 +237,7 @@ static __always_inline int kc_enter(struct pt_regs *ctx, u32 fn, int caller)
     }
     kc_called(fn);
     kc_stack(ctx, fn);
-    kc_push((u32)id, fn);
+    kc_push((u32)id, fn);  // last: the call is timed from here
     return 0;
 }
 
@@ -252,10 +252,15 @@ static __always_inline int kc_enter(struct pt_regs *ctx, u32 fn, int caller)
 BPF_PERCPU_ARRAY(kc_sys_stats, struct kc_stat, KC_NR_MAX);
 #endif
 
-// A call that returned: its time, whether it failed, its histogram bucket.
-static __always_inline void kc_account(u32 fn, struct kc_frame *f, u64 ret, int err)
+// -T: the probes' own share of a call's time, per function (measured at start against a null
+// call on a site of the same kind: tracer.bpf.calibrate), taken off each time for the
+// histogram and the maximum; the total is kept as measured and corrected by calls x share.
+BPF_ARRAY(kc_cost, u64, KC_FUNCS);
+
+// A call that returned at now: its time, whether it failed, its histogram bucket.
+static __always_inline void kc_account(u32 fn, struct kc_frame *f, u64 ret, int err, u64 now)
 {
-    u64 ns = bpf_ktime_get_ns() - f->ts;
+    u64 ns = now - f->ts;
 #ifdef KC_SYSCALLS
     if (fn & KC_SYS) {  // a system call: its own counters, failed when it returned -errno
         u32 nr = fn & 0xffff;
@@ -269,8 +274,12 @@ static __always_inline void kc_account(u32 fn, struct kc_frame *f, u64 ret, int 
     }
 #endif
     struct kc_stat *s = kc_stats.lookup(&fn);
+    if (s)
+        s->total_ns += ns;  // as measured: a mean less the share is unbiased (no clamp)
+    u64 *cost = kc_cost.lookup(&fn);
+    if (cost)
+        ns = ns > *cost ? ns - *cost : 0;
     if (s) {
-        s->total_ns += ns;
         if (ns > s->max_ns)
             s->max_ns = ns;
         if (kc_failed(ret, err))
@@ -289,19 +298,22 @@ static __always_inline void kc_account(u32 fn, struct kc_frame *f, u64 ret, int 
 }
 
 // The call of fn returning on this thread: accounted, its frame (NULL: not kept) returned.
-static __always_inline struct kc_frame *kc_returned(struct pt_regs *ctx, u64 id, u32 fn, int err)
+// now: read first thing in the return probe, so that the probe's own work is not timed
+static __always_inline struct kc_frame *kc_returned(struct pt_regs *ctx, u64 id, u32 fn, int err,
+                                                    u64 now)
 {
     struct kc_frame *f = kc_pop((u32)id, fn);
     if (f && !(f->fn & KC_SKIP))
-        kc_account(fn, f, PT_REGS_RC(ctx), err);
+        kc_account(fn, f, PT_REGS_RC(ctx), err, now);
     return f;
 }
 
 static __always_inline int kc_exit(struct pt_regs *ctx, u32 fn, int err)
 {
+    u64 now = bpf_ktime_get_ns();
     u64 id = bpf_get_current_pid_tgid();
     if (wanted(id >> 32))
-        kc_returned(ctx, id, fn, err);
+        kc_returned(ctx, id, fn, err, now);
     return 0;
 }
 
@@ -433,21 +445,27 @@ static __always_inline int kc_trace_entry(struct pt_regs *ctx, u32 fn, int a0, i
 #ifdef KC_STACKS
     e->stack = kc_stacks.get_stackid(ctx, BPF_F_USER_STACK);
 #endif
+    // the call starts when the probe's work is done: the line's time and the kernel's
+    if (f)
+        f->ts = bpf_ktime_get_ns();
+    e->ts = bpf_ktime_get_boot_ns();
     kc_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
     return 0;
 }
 
 static __always_inline int kc_trace_return(struct pt_regs *ctx, u32 fn, int err, int m0, int m1)
 {
+    u64 now = bpf_ktime_get_ns(), boot = bpf_ktime_get_boot_ns();
     u64 id = bpf_get_current_pid_tgid();
     if (!wanted(id >> 32))
         return 0;
-    struct kc_frame *f = kc_returned(ctx, id, fn, err);
+    struct kc_frame *f = kc_returned(ctx, id, fn, err, now);
     if (f && (f->fn & KC_SKIP))
         return 0;
     struct call *e = kc_record(id, fn, 1);
     if (!e)
         return 0;
+    e->ts = boot;
     __builtin_memset(&e->args, 0, sizeof(e->args));
     e->args[0] = PT_REGS_RC(ctx);
     if (f) {
@@ -505,6 +523,7 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
 #if defined(KC_SYSCALLS) || defined(KC_ERRNO)
 TRACEPOINT_PROBE(raw_syscalls, sys_exit)
 {
+    u64 now = bpf_ktime_get_ns();
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
 #ifdef KC_SYSCALLS
@@ -518,7 +537,7 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit)
         if (KC_MODE != 0) {
             struct kc_frame *f = kc_pop(tid, KC_SYS | nr);
             if (f)
-                kc_account(KC_SYS | nr, f, args->ret, 0);
+                kc_account(KC_SYS | nr, f, args->ret, 0, now);
             struct call *e = KC_MODE == 2 ? kc_record(id, KC_SYS | nr, 1) : NULL;
             if (e) {
                 __builtin_memset(&e->args, 0, sizeof(e->args));

@@ -132,7 +132,9 @@ def test_latency_histograms_errors_and_stacks_in_the_kernel(bpf, callers):
     df = t.counts().set_index("function")
     assert df.loc["rand", "calls"] == N and df.loc["open", "calls"] == N
     assert df.loc["open", "errors"] == N and df.loc["rand", "errors"] == 0
-    assert (df["total_ns"] > 0).all() and (df["max_ns"] >= df["mean_ns"]).all()
+    # times less the probes' share (rand's may come to 0: the share is most of a call of it)
+    assert df.loc["open", "total_ns"] > 0 and (df["total_ns"] >= 0).all()
+    assert (df["max_ns"] >= df["mean_ns"]).all()
     hist = t.histograms().groupby("function")["calls"].sum()
     assert hist["rand"] == N and hist["open"] == N
     stacks = t.stack_counts()
@@ -180,4 +182,6 @@ def test_tracing_keeps_the_kernel_counters_too(bpf, callers):
     df = t.counts().set_index("function")
     assert df["calls"].to_dict() == lines and df.loc["open", "errors"] == 20
     assert t.histograms().groupby("function")["calls"].sum().to_dict() == lines
-    assert all(c["duration_ns"] > 0 for c in t.calls)
+    # every returned call timed, less the probes' share (clamped at 0: none is negative)
+    assert all(c["duration_ns"] is not None and c["duration_ns"] >= 0 for c in t.calls)
+    assert all(c["duration_ns"] > 0 for c in t.calls if c["function"] == "open")

@@ -21,7 +21,7 @@ import numpy as np
 from . import wire
 from .analysis import calls as report
 from .bpf import calls as kc
-from .bpf import stepcheck, units
+from .bpf import calibrate, stepcheck, units
 from .bpf.loader import DEFAULT_RING_PAGES, Program, check_ring_pages
 from .errors import KeytraceError, UsageError
 from .host import patterns as pat
@@ -29,7 +29,7 @@ from .host import planner
 from .host import prototypes as protos
 from .host import proc
 from .host.demangle import demangle as demangled
-from .host.elf import elf_info, entry_point
+from .host.elf import elf_info, entry_point, read_vaddr
 from .tracing import Tracing, check_sites
 
 if TYPE_CHECKING:  # frames are built by tracer.analysis.calls, after tracing
@@ -88,6 +88,7 @@ class CallTracer(Tracing):
         self._sys: dict = {}              # -S: system call number -> report.Function
         self.targets: list = []
         self.skipped: dict = {}     # "library!function" -> why no probe could go on it
+        self.costs = None           # -T: per function, the ns of the probes' share taken off
         self.functions: list = []
         self.placement: dict = {}   # function index -> "planned +0x4" or why the entry
         self.calls: list = []
@@ -169,17 +170,23 @@ class CallTracer(Tracing):
                 raise KeytraceError(f"FUNC@{o.spec}: no probe can go on {o.name}'s first code: "
                                     f"{e}") from None
         trace_pages = self.ring_pages if self.mode == "trace" else 1
+        # -T: null functions timed at start under the same programs (calibrate), after ours
+        calibration = calibrate.programs(len(probes)) if self.timing else ""
         self._program = Program(
             [kc.CALLS, units.LIFECYCLE], filter_pids, LIFECYCLE_PAGES,
-            prelude=kc.prelude(len(probes), self.strsize, trace_pages, self.stacks,
+            prelude=kc.prelude(len(probes) + (len(calibrate.KINDS) if self.timing else 0),
+                               self.strsize, trace_pages, self.stacks,
                                errno=self.mode == "trace" and any(
                                    f.proto and f.proto.errno_on for f in self.functions),
                                objects=len(self._objects),
                                syscalls=self.mode if self.syscalls else None),
             programs=kc.programs([[probes[i] for i in g] for g in self._groups], self.mode,
-                                 [(at, o.lo, o.hi) for at, o in zip(self._starts, self._objects)]),
+                                 [(at, o.lo, o.hi) for at, o in zip(self._starts, self._objects)])
+            + calibration,
             policy=self._policy)
         self._program.open()
+        if self.timing:
+            self._calibrate(len(probes))
         if self.syscalls:
             names = kc.syscall_names()
             self._sys = {nr: report.Function("", f"SYS_{name}", protos.lookup(name))
@@ -196,7 +203,8 @@ class CallTracer(Tracing):
                                          wire.boot_to_wall_offset_ns(),
                                          self._stack if self.stacks else None,
                                          report.Stacks(self.stack_depth), self._sys,
-                                         entries=self.on_event is not None)
+                                         entries=self.on_event is not None,
+                                         costs=self.costs)
 
     def _attach_callers(self, filter_pids) -> None:
         """Where each FUNC@OBJECT object lies: a probe on its first code (the program's entry
@@ -219,6 +227,19 @@ class CallTracer(Tracing):
         names = t.function.split("|")
         shown = "|".join(demangled(n) for n in names) if self.demangle else t.function
         return shown + (f"@{t.caller}" if t.caller else "")
+
+    def _calibrate(self, first: int) -> None:
+        """-T: the probes' own share of a call, measured now on null calls, taken off each
+        function's times by the kind of its entry site (tracer.bpf.calibrate); told once."""
+        sites = [read_vaddr(t.path, site, 15) for t, (site, _) in zip(self.targets, self._sites)]
+        self.costs, measured = calibrate.costs(self._program, sites, first)
+        if measured:
+            self._note("-T: times are less the probes' own share, measured now on null calls: "
+                       + ", ".join(f"{ns / 1000:.2f} us at {'an' if k == 'emulated' else 'a'} "
+                                   f"{'emulated' if k == 'emulated' else 'single-stepped'} entry"
+                                   for k, ns in measured.items()))
+        else:
+            self._note("-T: times include the probes' own share (no null call could be probed)")
 
     def _place(self, targets: list) -> tuple:
         """(the targets a probe can go on, their sites: (entry or return site, count site)),
@@ -340,6 +361,9 @@ class CallTracer(Tracing):
     def _counters(self) -> tuple:
         n = len(self.functions)
         stats = kc.read_stats(self._program, n)
+        if self.costs is not None:  # -T: the kernel keeps totals as measured (calibrate)
+            share = (stats[:, 0] * self.costs).astype(np.uint64)
+            stats[:, 2] = np.where(stats[:, 2] > share, stats[:, 2] - share, 0)
         hist = kc.read_histograms(self._program, n) if self.mode != "count" else None
         stacks = None
         if self.stacks and self.mode != "trace":

@@ -104,8 +104,10 @@ class Pairer:
     def __init__(self, functions: list, strsize: int, offset_ns: int,
                  stack_of: Optional[Callable[[int], list]] = None,
                  stacks: Optional[Stacks] = None, syscalls: Optional[dict] = None,
-                 entries: bool = True):
+                 entries: bool = True, costs=None):
         self.functions = functions
+        # -T: per function, the ns of the probes' own share taken off each call's time
+        self.costs = costs
         self.strsize = strsize
         self.offset = offset_ns
         self.stack_of = stack_of
@@ -236,6 +238,8 @@ class Pairer:
             out["errno"] = protos.errno_name(err) if err and out["error"] else None
             out["json_ret"] = _json_ret(fn.proto, ret, row["_strings"].get(-1), self.strsize)
         out["duration_ns"] = None if ts is None else ts - row["_ts"]
+        if ts is not None and self.costs is not None and not row["_fn"] & SYS:
+            out["duration_ns"] = max(0, out["duration_ns"] - int(self.costs[row["_fn"]]))
         out["json_args"] = _json_args(fn.proto, row["_raw"], row["_strings"], self.strsize)
         # JSON's strings are cut at -s like the lines': which ones were longer ("ret": the return)
         out["truncated"] = [i for i in sorted(row["_strings"]) if i >= 0 and self._cut(row, i)]
