@@ -323,3 +323,46 @@ def test_a_command_keytrace_ends_gives_keytraces_own_status(bpf):
     assert r.returncode == 0, r.stderr  # sleep died of keytrace's SIGTERM: not a failure
     r = keytrace("watch", "-d", "1", "--", "sleep", "30")
     assert r.returncode == 0, r.stderr
+
+
+# ---- no probe outlives keytrace, whichever way it ends --------------------------------------
+
+# The CLI with every drain failing (the poll of both tracers patched), for the drain exit path.
+FAILING_CLI = ("import sys\n"
+               "from tracer.calls import CallTracer\n"
+               "from tracer.session import KeyTracer\n"
+               "def boom(self, final=False):\n"
+               "    raise RuntimeError('injected')\n"
+               "CallTracer.poll = KeyTracer.poll = boom\n"
+               "from tracer.cli import main\n"
+               "sys.argv[0] = 'keytrace'\n"
+               "main()\n")
+
+
+@pytest.mark.parametrize("how", ["end", "SIGINT", "SIGTERM", "drain"])
+@pytest.mark.parametrize("command", [["watch", "--json"], ["calls", "-c", "--json", "-e", "malloc"]],
+                         ids=["watch", "calls"])
+def test_no_probe_outlives_keytrace_whichever_way_it_ends(bpf, command, how):
+    """The CLI reports while its probes detach (the kernel's grace periods, in a thread); the
+    process still ends only once they are gone: at the command's end, on SIGINT, on SIGTERM,
+    and when the drain fails. (The per-test check then finds nothing left on the host.)"""
+    runner = ["-c", FAILING_CLI] if how == "drain" else ["-m", "tracer.cli"]
+    p = subprocess.Popen([sys.executable, *runner, *command, "--", "sleep",
+                          "1" if how == "end" else "30"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()
+        assert "probes" in line, line  # attached: "N probes attached ..." / "... N probes"
+        if how != "drain":
+            assert any("uprobe_multi" in h for h in uprobes_attached_by(p.pid))
+        if how.startswith("SIG"):
+            p.send_signal(getattr(signal, how))
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        p.wait()
+    if how == "drain":
+        assert p.returncode == 1 and DRAIN_FAILED in err, err
+    else:
+        assert p.returncode == 0, err
+        assert json_rows(out) or command[0] == "watch", out  # the report was made

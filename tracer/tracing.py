@@ -62,6 +62,7 @@ class Tracing:
         self.process: Optional[Launched] = None
         self.quiet_stdout = quiet_stdout  # the command's stdout to our stderr (JSON on ours)
         self._program: Optional[Program] = None
+        self._closing: Optional[Program] = None  # stopped, its probes still detaching
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -159,8 +160,10 @@ class Tracing:
             else:
                 time.sleep(left)
 
-    def stop(self) -> None:
-        """End the launched command's tree, drain, detach every probe. Idempotent."""
+    def stop(self, wait: bool = True) -> None:
+        """End the launched command's tree, drain, detach every probe. Idempotent.
+        wait=False: the probes' detach (the kernel's grace periods) goes on in the background
+        while the caller reports; a later stop() waits for it, as does the process's exit."""
         # The command ends first, while the probes still see its exits.
         end_command(self.process, self._program)
         self._stop.set()
@@ -176,8 +179,12 @@ class Tracing:
             raise drain_failure(e) from None
         finally:
             if self._program is not None:
-                self._program.close()
-                self._program = None
+                self._closing, self._program = self._program, None
+            if self._closing is not None:
+                closing = self._closing
+                if wait:
+                    self._closing = None
+                closing.close(wait=wait)
             atexit.unregister(self.stop)
         self.check()  # a drain that failed unseen (no wait, no check) is not lost at the stop
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +192,8 @@ class Program:
         self.files: dict[str, list] = {}  # path -> [(address, is_return)] attached there
         self._links: dict[str, list] = {}  # path -> uprobe_multi link fds there
         self.multi = False  # uprobes as uprobe_multi links (set at open)
+        self._closer: Optional[threading.Thread] = None  # a detach running on (close(wait=False))
+        self._close_error: Optional[BaseException] = None
         self.attached = 0  # uprobes attached (entry and return counted apart)
         self._policy = policy
         self.moved: dict = {}  # (path, function) -> (entry, site) where the entry was unsafe
@@ -328,15 +331,16 @@ class Program:
         links: list = []
         try:
             if self.multi:
+                addrs = sorted({addr for addr, _, _ in probes})
+                offset = dict(zip(addrs, file_offsets(held.path, addrs)))  # one read of the file
                 groups: dict = {}
                 for addr, name, is_return in probes:
-                    groups.setdefault((name, is_return), []).append(addr)
-                for (name, is_return), addrs in groups.items():
+                    groups.setdefault((name, is_return), []).append(offset[addr])
+                for (name, is_return), offsets in groups.items():
                     fn = self.bpf.load_func(name.encode(), _KPROBE,
                                             attach_type=multi.BPF_TRACE_UPROBE_MULTI)
                     # linked through the held file: the bytes checked are the bytes probed
-                    links.append(multi.link(fn.fd, held.path, file_offsets(held.path, addrs),
-                                            is_return))
+                    links.append(multi.link(fn.fd, held.path, offsets, is_return))
                 done = [(addr, is_return) for addr, _, is_return in probes]
             else:
                 for addr, name, is_return in probes:
@@ -410,15 +414,13 @@ class Program:
             pass
         return addrs
 
-    def _detach_in_parallel(self) -> None:
+    @staticmethod
+    def _detach_in_parallel(bpf, links: list) -> None:
         """Each uprobe or tracepoint the kernel unregisters waits out a grace period (about
         0.05-0.1 s here), and so does each uprobe_multi link it releases: one after the other
         that was most of a short run's time. In parallel threads (os.close and bcc's calls
         release the GIL) the waits overlap: fully for links, while perf-event probes still
         queue on the kernel's event_mutex."""
-        bpf = self.bpf
-        links = [fd for fds in self._links.values() for fd in fds]
-        self._links.clear()
         jobs = ([(os.close, fd) for fd in links]
                 + [(bpf.detach_uprobe_event, name) for name in list(bpf.uprobe_fds)]
                 + [(bpf.detach_tracepoint, name) for name in list(bpf.tracepoint_fds)])
@@ -438,16 +440,33 @@ class Program:
         """Records the kernel could not queue, since open()."""
         return int(sum(self.bpf[b"lost"][ct.c_int(0)]))
 
-    def close(self) -> None:
-        """Detach everything; safe to call twice and after a failed open() or attach()."""
+    def close(self, wait: bool = True) -> None:
+        """Detach everything; safe to call twice and after a failed open() or attach().
+        wait=False: the detach (the kernel's grace periods) runs on in a thread, so that a
+        summary can be shown meanwhile; a later close() waits for it, and so does the
+        interpreter's exit (the thread is no daemon): no probe outlives keytrace."""
         for r in self._readers + ([self.ring] if self.ring is not None else []):
             r.close()
         self.ring, self._readers = None, []
         if self.bpf is not None:
-            try:
-                self._detach_in_parallel()
-                self.bpf.cleanup()  # detaches the rest, closes the programs
-            finally:
-                self.bpf = None
-                self.files.clear()
-                self.attached = 0
+            bpf, self.bpf = self.bpf, None
+            links = [fd for fds in self._links.values() for fd in fds]
+            self._links.clear()
+            self.files.clear()
+            self.attached = 0
+            self._closer = threading.Thread(target=self._release, args=(bpf, links),
+                                            name="keytrace-detach")
+            self._closer.start()
+        if wait and self._closer is not None:
+            self._closer.join()
+            self._closer = None
+            failed, self._close_error = self._close_error, None
+            if failed is not None:
+                raise failed
+
+    def _release(self, bpf, links: list) -> None:
+        try:
+            self._detach_in_parallel(bpf, links)
+            bpf.cleanup()  # detaches the rest, closes the programs and maps
+        except BaseException as e:  # told by the close() that waits
+            self._close_error = e

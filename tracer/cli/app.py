@@ -186,8 +186,17 @@ def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[P
     finally:
         if live:
             live.stop()
-        tracer.stop()
+        # the probes detach (the kernel's grace periods) while the report is made
+        tracer.stop(wait=False)
         signal.signal(signal.SIGTERM, previous)
+    try:
+        return _report(tracer, output, as_json, fail_on_leak, title, reloads_per_day, view, why)
+    finally:
+        tracer.stop()  # the detach has ended: no probe outlives the command
+
+
+def _report(tracer: KeyTracer, output: Optional[Path], as_json: bool, fail_on_leak: bool,
+            title: str, reloads_per_day: Optional[float], view: str, why: str) -> Ledger:
     tracer.check()  # a failure of the drain thread after the wait ended
     unsaved = None
     if output is not None:

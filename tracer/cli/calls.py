@@ -162,6 +162,14 @@ def _trace(command, pattern, pid, count, timing, stack, duration, output, fmt, a
                 _write(dest, "".join(ln + "\n" for ln in lines.flush()))
 
     why = _run(tracer, duration, stale)
+    try:
+        _report(tracer, why, lines, lock, dest, count, timing, stack, as_json, output, fmt, text)
+    finally:
+        tracer.stop()  # the detach has ended: no probe outlives the command
+
+
+def _report(tracer, why, lines, lock, dest, count, timing, stack, as_json, output, fmt, text):
+    """The lines left, the tables, the command's status: made while the probes detach."""
     if lines is not None:
         with lock:
             _write(dest, "".join(ln + "\n" for ln in lines.flush()))
@@ -230,7 +238,7 @@ def _run(tracer: CallTracer, duration: Optional[float], tick=None) -> str:
         except KeyboardInterrupt:
             pass
     finally:
-        tracer.stop()
+        tracer.stop(wait=False)  # the probes detach (the kernel's grace periods) meanwhile
         signal.signal(signal.SIGTERM, previous)
     tracer.check()  # a failure of the drain thread after the wait ended
     return why
