@@ -358,6 +358,18 @@ def test_a_site_that_reads_one_argument_may_sit_on_the_first_emulated_instructio
         planner.argument_site(str(exe), at["inner"], "inner", no_vex, (0,))
 
 
+@needs_gcc
+def test_a_jump_that_wraps_round_the_address_space_is_no_branch_into_the_file(tmp_path):
+    """libcrypto has bytes that decode as a jump 2 GiB back from near its start: the target
+    wraps round to 0xffffffff8....... (no int64), which must not break the file's table."""
+    from tracer.host import branches
+    src = tmp_path / "wild.c"
+    src.write_text('__asm__(".text\\n.globl wild\\nwild: .byte 0xe9, 0, 0, 0, 0x80\\n ret\\n");\n'
+                   "int main(void) { return 0; }\n")
+    exe = gcc(tmp_path, src, "wild")
+    assert branches.entering(str(exe), 0, 1 << 62) is not None
+
+
 def test_entries_of_an_unreadable_file_are_unknown_never_none(tmp_path):
     from tracer.host import branches
     junk = tmp_path / "junk"

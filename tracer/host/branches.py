@@ -38,6 +38,9 @@ def _code_ranges(elf: ELFFile) -> list:
             if seg["p_type"] == "PT_LOAD" and seg["p_flags"] & _PF_X]
 
 
+_WRAPPED = 1 << 63  # a target at or past this is no file address (and no int64)
+
+
 def _decode(path: str) -> np.ndarray:
     """[(target, source)] of the file's direct branches and calls, and [(symbol, SYMBOL)] of its
     function symbols, sorted by target."""
@@ -51,7 +54,9 @@ def _decode(path: str) -> np.ndarray:
                 for addr, size, mnemonic, op in md.disasm_lite(view[at:], base + at):
                     at = addr + size - base
                     if op[:2] == "0x" and mnemonic.split()[-1].startswith(_BRANCHES):
-                        pairs.append((int(op, 16), addr))
+                        target = int(op, 16)
+                        if target < _WRAPPED:  # (data decoded as a jump can wrap round to
+                            pairs.append((target, addr))  # no address of the file)
                 else:
                     at += 1
         for _, syms, _names in _tables(elf):
