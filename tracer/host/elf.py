@@ -315,26 +315,53 @@ def read_at(elf: ELFFile, vaddr: int, size: int) -> bytes:
     raise ValueError(f"address {vaddr:#x} is not in the file")
 
 
+def _loads(path: str) -> tuple:
+    """(e_machine, ((p_vaddr, p_filesz, p_offset) of each PT_LOAD segment)); ("", ()) for a
+    file that is no ELF file."""
+    try:
+        with open(path, "rb") as fh:
+            elf = ELFFile(fh)
+            return elf["e_machine"], tuple((s["p_vaddr"], s["p_filesz"], s["p_offset"])
+                                           for s in elf.iter_segments() if s["p_type"] == "PT_LOAD")
+    except (ELFError, ValueError):
+        return "", ()
+
+
+_LOADS = FileCache(_loads)
+
+
+def load_segments(path: str) -> tuple:
+    """(e_machine, the PT_LOAD segments as (p_vaddr, p_filesz, p_offset)) of the ELF file at
+    path, read once per file; OSError when it cannot be read."""
+    found = _LOADS.get(path)[1]
+    if found is None:
+        raise FileNotFoundError(2, "cannot read", path)
+    return found
+
+
 def file_offsets(path: str, vaddrs) -> list:
     """The file offsets of virtual addresses of the ELF file at path (a uprobe is placed by
     its offset in the file). ValueError when one is in no PT_LOAD segment."""
-    with open(path, "rb") as fh:
-        loads = [s for s in ELFFile(fh).iter_segments() if s["p_type"] == "PT_LOAD"]
+    loads = load_segments(path)[1]
     out = []
     for vaddr in vaddrs:
-        seg = next((s for s in loads if s["p_vaddr"] <= vaddr < s["p_vaddr"] + s["p_filesz"]), None)
+        seg = next((s for s in loads if s[0] <= vaddr < s[0] + s[1]), None)
         if seg is None:
             raise ValueError(f"address {vaddr:#x} is not in {path}")
-        out.append(seg["p_offset"] + vaddr - seg["p_vaddr"])
+        out.append(seg[2] + vaddr - seg[0])
     return out
 
 
 def read_vaddr(path: str, vaddr: int, size: int) -> bytes:
-    """size bytes at a virtual address of the ELF file at path; b"" when unreadable."""
+    """size bytes at a virtual address of the ELF file at path; b"" when unreadable. The
+    bytes are read each time; the segment table once per file (a thousand sites of one
+    library would parse it a thousand times)."""
     try:
+        (offset,) = file_offsets(path, [vaddr])
         with open(path, "rb") as fh:
-            return read_at(ELFFile(fh), vaddr, size)
-    except (OSError, ELFError, ValueError):
+            fh.seek(offset)
+            return fh.read(size)
+    except (OSError, ValueError):
         return b""
 
 

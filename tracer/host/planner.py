@@ -27,7 +27,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from . import branches, isa
-from .elf import build_id, defined_symbols, got_slot
+from .elf import build_id, defined_symbols, got_slot, load_segments
 
 FUNCTIONS = ("pthread_key_create", "pthread_key_delete")
 
@@ -744,17 +744,16 @@ def _code(path: str, address: int, size: int, partial: bool = False) -> bytes:
     if not size:
         raise Refused(f"the function at {address:#x} has no size in the symbol table")
     try:
-        with open(path, "rb") as fh:
-            elf = ELFFile(fh)
-            if elf["e_machine"] != "EM_X86_64":
-                raise Refused(f"{path} is not x86-64 code")
-            for seg in elf.iter_segments():
-                end = seg["p_vaddr"] + seg["p_filesz"]
-                if (seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= address
-                        and (address + size <= end or (partial and address < end))):
-                    fh.seek(seg["p_offset"] + address - seg["p_vaddr"])
+        machine, loads = load_segments(path)  # (parsed once per file)
+        if machine != "EM_X86_64":
+            raise Refused(f"{path} is not x86-64 code")
+        for vaddr, filesz, offset in loads:
+            end = vaddr + filesz
+            if vaddr <= address and (address + size <= end or (partial and address < end)):
+                with open(path, "rb") as fh:
+                    fh.seek(offset + address - vaddr)
                     return fh.read(min(size, end - address))
-    except (OSError, ELFError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise Refused(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     raise Refused(f"{address:#x} lies in no loaded segment of {path}")
 
