@@ -8,7 +8,7 @@
    calls verified. The loop runs against a private copy of libc, so other tracers on
    the host do not disturb it.
 2. ingest: how fast the ring buffer is drained into the ledger, and records lost per ring size.
-3. start-up (to "probes attached") and peak RSS of a watch session over 1 M events.
+3. peak RSS of a watch session over 1 M events (start-up and whole runs: bench/startup.py).
 4. scan: ms per process over a few hundred processes (bench/scan.py).
 
 Writes bench/results/RESULTS.md and bench/results/overhead.png, and prints the table.
@@ -245,44 +245,6 @@ def ingest(work: Path, keyloop_pairs: int) -> dict:
 
 
 # -- 3. start-up and RSS -------------------------------------------------------------------
-def startup(rounds: int) -> list:
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        t = spawn([*KEYTRACE, "watch", "-d", "0.1", "--json"], stdout=subprocess.DEVNULL,
-                  stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        wait_for(t.stderr, "probes attached")
-        times.append(time.perf_counter() - t0)
-        t.wait(60)
-    return times
-
-
-def one_shot(argv) -> tuple:
-    """Wall seconds and peak RSS (MB) of one whole run of argv, by GNU time: a fork of this
-    big process would report this process's RSS as the child's peak."""
-    p = spawn(["/usr/bin/time", "-f", "KT_TIME %e %M", *argv], stdout=subprocess.DEVNULL,
-              stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    err = p.communicate(timeout=120)[1]
-    secs, kb = re.search(r"KT_TIME ([\d.]+) (\d+)", err).groups()
-    return float(secs), int(kb) / 1024
-
-
-def whole_run(rounds: int) -> dict:
-    """A whole ad-hoc run on a trivial command, keytrace against bpftrace, interleaved."""
-    probes = (f"uprobe:{LIBC}:pthread_key_create {{ @c = count(); }} "
-              f"uprobe:{LIBC}:pthread_key_delete {{ @d = count(); }}")
-    tools = {"keytrace watch --json -- /bin/true": [*KEYTRACE, "watch", "--json", "--", "/bin/true"],
-             "bpftrace (2 entry counts) -c /bin/true": ["bpftrace", "-e", probes, "-c", "/bin/true"]}
-    out = {name: {"s": [], "mb": []} for name in tools}
-    for _ in range(rounds):
-        for name, argv in tools.items():
-            secs, mb = one_shot(argv)
-            out[name]["s"].append(secs)
-            out[name]["mb"].append(mb)
-            print(f"  {name}: {secs:.2f} s, {mb:.0f} MB", flush=True)
-    return out
-
-
 def peak_rss(work: Path, events: int, save: bool) -> dict:
     threads = gen_threads(work)
     per_thread = 200  # 2 threads x (200 creates + 100 deletes) = 600 records a run
@@ -349,14 +311,10 @@ def report(res: dict, machine: str) -> str:
     lines += [f"| {s['pages']} | {s['made']} | {s['seen']} | {s['lost']} | "
               f"{'yes' if s['seen'] == s['made'] else 'NO'} | {s['rate']:.0f} |"
               for s in ing["sizes"]]
-    lines += ["", "## Start-up and memory\n",
-              f"`keytrace watch` (whole host) to \"probes attached\": {median_range(res['startup'])} s "
-              f"over {len(res['startup'])} starts.\n", "| events | events kept (-o) | peak RSS |", "|---|---|---|"]
+    lines += ["", "## Memory\n",
+              "Whole ad-hoc runs and start-up against bpftrace: bench/startup.py "
+              "(bench/results/STARTUP.md).\n", "| events | events kept (-o) | peak RSS |", "|---|---|---|"]
     lines += [f"| {r['events']} | {'yes' if r['saved'] else 'no'} | {r['peak_rss_mb']:.0f} MB |" for r in res["rss"]]
-    lines += ["", "A whole ad-hoc run on a trivial command (targets: 1.2 s, 150 MB):\n",
-              "| run | wall s, median (min-max) | peak RSS MB, median (min-max) |", "|---|---|---|"]
-    lines += [f"| {name} | {median_range(r['s'])} | {median_range(r['mb'])} |"
-              for name, r in res["whole_run"].items()]
     if res.get("scan"):
         lines += ["", "## Scan\n", res["scan"]]
     return "\n".join(lines) + "\n"
@@ -405,9 +363,7 @@ def main() -> None:
             return
         print("ingest:", flush=True)
         res["ingest"] = ingest(work, 20000 if q else 100000)
-        print("start-up and memory:", flush=True)
-        res["startup"] = startup(3 if q else args.rounds)
-        res["whole_run"] = whole_run(3 if q else args.rounds)
+        print("memory:", flush=True)
         res["rss"] = [peak_rss(work, 60_000 if q else 1_000_000, False),
                       peak_rss(work, 60_000 if q else 1_000_000, True)]
         print("scan:", flush=True)

@@ -1,0 +1,132 @@
+"""A whole ad-hoc run, keytrace against bpftrace, side by side in one run: what a first contact
+costs (issue #24), and many functions at once (issue #23).
+
+    sudo .venv/bin/python bench/startup.py [--rounds 5] [--many-rounds 3]
+
+Rows, interleaved rounds, GNU time for wall seconds and peak RSS of each whole run:
+- keytrace watch --json -- /bin/true, against bpftrace counting the entries of
+  pthread_key_create and pthread_key_delete, -c /bin/true;
+- keytrace calls -c -e libc:malloc -- /bin/true, against bpftrace counting malloc's entries;
+- keytrace calls -c on about 1100 functions of libcrypto (X509*, BN_*, ASN1_*: every entry is
+  an instruction this host single-steps right, so bpftrace may probe it too), against bpftrace
+  on the same globs: attaching and detaching many probes;
+- start to "probes attached" of a host-wide keytrace watch.
+Medians (min-max), and keytrace's ratio to bpftrace's median. Writes bench/results/STARTUP.md.
+Every process is ended on every exit path; bpftrace and keytrace detach as they exit.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from results_file import save, table  # noqa: E402
+
+KEYTRACE = [sys.executable, "-m", "tracer.cli"]
+LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
+CRYPTO = "/usr/lib/x86_64-linux-gnu/libcrypto.so.3"
+MANY = ("X509*", "BN_*", "ASN1_*")
+
+
+# bpftrace refuses more than 512 programs unless told
+BPFTRACE_ENV = {**os.environ, "BPFTRACE_MAX_BPF_PROGS": "4000", "BPFTRACE_MAX_PROBES": "4000"}
+
+
+def one_shot(argv) -> tuple:
+    """Wall seconds and peak RSS (MB) of one whole run of argv, by GNU time (a fork of this
+    process would report this process's RSS as the child's peak)."""
+    p = subprocess.Popen(["/usr/bin/time", "-f", "KT_TIME %e %M", *argv], env=BPFTRACE_ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        err = p.communicate(timeout=900)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    m = re.search(r"KT_TIME ([\d.]+) (\d+)", err)
+    if p.returncode != 0 or not m:
+        raise SystemExit(f"{argv[0]} failed: {err[-2000:]}")
+    return float(m.group(1)), int(m.group(2)) / 1024
+
+
+def pairs() -> dict:
+    """row -> {tool: argv}: keytrace's and bpftrace's runs of the same job."""
+    keys = (f"uprobe:{LIBC}:pthread_key_create {{ @c = count(); }} "
+            f"uprobe:{LIBC}:pthread_key_delete {{ @d = count(); }}")
+    many = " ".join(f"uprobe:{CRYPTO}:{g} {{ @[probe] = count(); }}" for g in MANY)
+    return {
+        "watch -- /bin/true": {
+            "keytrace": [*KEYTRACE, "watch", "--json", "--", "/bin/true"],
+            "bpftrace": ["bpftrace", "-e", keys, "-c", "/bin/true"]},
+        "calls -c malloc -- /bin/true": {
+            "keytrace": [*KEYTRACE, "calls", "-c", "-e", "libc:malloc", "--", "/bin/true"],
+            "bpftrace": ["bpftrace", "-e", f"uprobe:{LIBC}:malloc {{ @ = count(); }}",
+                         "-c", "/bin/true"]},
+        f"calls -c {'+'.join(MANY)} (libcrypto) -- /bin/true": {
+            "keytrace": [*KEYTRACE, "calls", "-c", "--max-functions", "2000",
+                         *[x for g in MANY for x in ("-e", f"libcrypto:{g}")], "--", "/bin/true"],
+            "bpftrace": ["bpftrace", "-e", many, "-c", "/bin/true"]},
+    }
+
+
+def host_watch_start(rounds: int) -> list:
+    """Seconds from start to "probes attached" of a host-wide watch."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        p = subprocess.Popen([*KEYTRACE, "watch", "-d", "0.1", "--json"], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            for line in p.stderr:
+                if "probes attached" in line:
+                    times.append(time.perf_counter() - t0)
+                    break
+            p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return times
+
+
+def mr(xs) -> str:
+    return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--many-rounds", type=int, default=3, help="rounds of the 1100-function row")
+    a = ap.parse_args()
+    rows = []
+    for row, tools in pairs().items():
+        got = {tool: {"s": [], "mb": []} for tool in tools}
+        for _ in range(a.many_rounds if "libcrypto" in row else a.rounds):
+            for tool, argv in tools.items():  # interleaved
+                secs, mb = one_shot(argv)
+                got[tool]["s"].append(secs)
+                got[tool]["mb"].append(mb)
+                print(f"{row} {tool}: {secs:.2f} s {mb:.0f} MB", file=sys.stderr, flush=True)
+        ks, bs = (statistics.median(got[t]["s"]) for t in ("keytrace", "bpftrace"))
+        km, bm = (statistics.median(got[t]["mb"]) for t in ("keytrace", "bpftrace"))
+        rows.append([row, mr(got["keytrace"]["s"]), mr(got["bpftrace"]["s"]), f"{ks / bs:.2f}x",
+                     f"{km:.0f}", f"{bm:.0f}", f"{km / bm:.2f}x"])
+    start = host_watch_start(a.rounds)
+    body = table(["run", "keytrace wall s", "bpftrace wall s", "wall ratio",
+                  "keytrace peak RSS MB", "bpftrace peak RSS MB", "RSS ratio"], rows)
+    body += (f"\nMedians (min-max) of {a.rounds} interleaved rounds ({a.many_rounds} for "
+             f"libcrypto's). Host-wide `keytrace watch` from start to \"probes attached\": "
+             f"{mr(start)} s.\n")
+    save("STARTUP", "A whole ad-hoc run: keytrace against bpftrace", body)
+
+
+if __name__ == "__main__":
+    main()
