@@ -43,6 +43,9 @@ struct kc_thread {
 struct kc_stack_key {
     u32 fn;
     s32 stack;
+    u32 pid;     // whose (the stack is named against its modules)
+    u32 pad;
+    u64 caller;  // the return address, read at the entry: a frame-pointer walk there skips it
 };
 
 BPF_PERCPU_ARRAY(kc_stats, struct kc_stat, KC_FUNCS);
@@ -87,6 +90,8 @@ static __always_inline void kc_stack(struct pt_regs *ctx, u32 fn)
     struct kc_stack_key k = {};
     k.fn = fn;
     k.stack = kc_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    k.pid = bpf_get_current_pid_tgid() >> 32;
+    bpf_probe_read_user(&k.caller, sizeof(k.caller), (void *)PT_REGS_SP(ctx));
     u64 zero = 0, *n = kc_stack_counts.lookup_or_try_init(&k, &zero);
     if (n)
         __sync_fetch_and_add(n, 1);

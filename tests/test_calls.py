@@ -139,7 +139,7 @@ def test_latency_histograms_errors_and_stacks_in_the_kernel(bpf, callers):
     assert hist["rand"] == N and hist["open"] == N
     stacks = t.stack_counts()
     assert stacks.groupby("function")["calls"].sum().to_dict() == {"open": N, "rand": N}
-    assert stacks["stack"].str.startswith("0x").all()
+    assert stacks["stack"].str.len().gt(0).all()  # (named, or kept as addresses: test_calls_ltrace)
 
 
 @pytest.mark.parametrize("pattern, message, code", [

@@ -380,6 +380,18 @@ def test_stacks_are_named_and_cut_where_the_walk_stops(bpf, keymaker):
     assert any(f.startswith("libc.so.6!__libc_start_call_main+") for f in frames[2:]), frames
     (call,) = two.calls
     assert call["stack"].split() == frames[:2] and call["stack_note"] == ""
+    # -c --stack: counted per stack in the kernel, named the same way (at the end: the
+    # process's modules were read while it lived)
+    c = CallTracer(["pthread_key_create"], pids=[k.pid], count=True, stacks=True).start()
+    try:
+        k.do("c 2")
+        time.sleep(0.1)  # (drains: its modules are read while it lives)
+        k.close()  # gone before the end
+    finally:
+        c.stop()
+    (row,) = c.stack_counts().itertuples()
+    assert row.calls == 2 and row.stack.split() == frames, row.stack
+    assert c.placement[0].startswith("entry (--stack reads the caller there)")
 
 
 def test_system_calls_nest_under_the_library_call_that_made_them(bpf, nested):

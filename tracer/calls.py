@@ -14,6 +14,7 @@ DWARF (tracer.host.prototypes), and probed in one of three modes:
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -84,6 +85,8 @@ class CallTracer(Tracing):
         if stack_depth is not None and stack_depth < 1:
             raise UsageError(f"-w takes a number of frames of 1 or more, not {stack_depth}")
         self.stack_depth = stack_depth    # -w: frames of each stack shown (stacks: all)
+        self._stack_names = report.Stacks(stack_depth)  # -c --stack: named at the end
+        self._looked: dict = {}  # pid -> when its modules were last read (-c --stack)
         self.syscalls = syscalls          # -S: system calls beside the library calls
         self._sys: dict = {}              # -S: system call number -> report.Function
         self.targets: list = []
@@ -281,10 +284,12 @@ class CallTracer(Tracing):
         return planner.entry_site(t.path, t.address, t.function, self._policy).address
 
     def _count_site(self, t: pat.Target) -> tuple:
-        """(address, how) of a counting probe: the planned site, else the (safe) entry site."""
-        if self.sites != "planned":
+        """(address, how) of a counting probe: the planned site, else the (safe) entry site;
+        with --stack the entry, where the caller's return address is at the stack pointer."""
+        if self.sites != "planned" or self.stacks:
             site = self._entry_site(t)
-            return site, "entry (asked for)" + (f" at +{site - t.address:#x}" if site != t.address else "")
+            why = "asked for" if self.sites != "planned" else "--stack reads the caller there"
+            return site, f"entry ({why})" + (f" at +{site - t.address:#x}" if site != t.address else "")
         try:
             planned = planner.plan_entry(t.path, t.address, t.size, t.function, self._policy)
             if t.caller and not planner.keeps_stack(t.path, t.address, planned.address):
@@ -338,6 +343,8 @@ class CallTracer(Tracing):
                 done += self._pairer.end()
             if self._reader is not None:
                 self.lost = kc.lost(self._program)
+            if self.stacks and self.mode != "trace" and self._program.pids is not None:
+                self._look_at_processes()
             finished = 0
             for kind, item in done:
                 if self.on_event:
@@ -350,6 +357,16 @@ class CallTracer(Tracing):
                 if self.on_call:
                     self.on_call(item)
             return finished
+
+    def _look_at_processes(self) -> None:
+        """-c --stack: the traced processes' modules, read while they live (their stacks are
+        named at the end, when most are gone); again each half second (libraries loaded since).
+        A process that lives less than a drain's interval is not seen: its frames stay hex."""
+        now = time.monotonic()
+        for pid in self._program.traced_pids():
+            if now - self._looked.get(pid, -1.0) > 0.5:
+                self._stack_names.look(pid)
+                self._looked[pid] = now
 
     def _finish(self) -> None:
         self._final = self._counters()
@@ -367,9 +384,14 @@ class CallTracer(Tracing):
         hist = kc.read_histograms(self._program, n) if self.mode != "count" else None
         stacks = None
         if self.stacks and self.mode != "trace":
-            counts = kc.read_stack_counts(self._program)
-            walked = {sid: self._stack(sid) for _, sid in counts}
-            stacks = (counts, walked)
+            stacks = {}
+            for (fn, sid, pid, caller), n in kc.read_stack_counts(self._program).items():
+                addrs = self._stack(sid)
+                if addrs and caller:  # the caller's return address, read at the entry
+                    addrs = addrs[:1] + [caller] + addrs[1:]
+                frames, note = self._stack_names.name(pid, addrs)
+                key = (fn, (tuple(frames), note))
+                stacks[key] = stacks.get(key, 0) + n
         sys_stats = kc.read_syscall_stats(self._program) if self.syscalls else {}
         return stats, hist, stacks, sys_stats
 
@@ -409,8 +431,7 @@ class CallTracer(Tracing):
         stacks = self._now()[2] if self.mode != "trace" else None
         if stacks is None:
             raise KeytraceError("calls per stack need count=True, stacks=True (-c --stack)")
-        counts, walked = stacks
-        return report.stacks_frame(self.functions, counts, lambda sid: walked.get(sid, []))
+        return report.stacks_frame(self.functions, stacks)
 
     def frame(self) -> pd.DataFrame:
         """Every call kept (trace mode), as a frame (tracer.analysis.calls.CALL_COLUMNS)."""

@@ -46,6 +46,7 @@ def failure_of(proto: Optional[protos.Prototype]) -> Optional[str]:
 
 CUT_NOTE = "stack cut short: a caller without frame pointers"
 GONE_NOTE = "not named: the process was gone before its stack was read"
+USER_LO, USER_HI = 0x10000, 1 << 47  # where x86-64 user code can be (mmap_min_addr, 47 bits)
 
 
 class Stacks:
@@ -60,14 +61,21 @@ class Stacks:
         self._resolvers: dict = {}
 
     def _resolver(self, pid: int, fresh: bool = False):
-        """The process's Resolver, None when it has no modules to read (it is gone)."""
-        if fresh or pid not in self._resolvers:
+        """The process's Resolver, None when it has no modules to read (it is gone): the last
+        one read while it lived is kept."""
+        if fresh or self._resolvers.get(pid) is None:
             from ..host import proc
             from ..state.modules import Module
             from .attribution import Resolver
             mods = [Module(p, b, 0, 0, file=f) for p, b, f in proc.modules(pid)]
-            self._resolvers[pid] = Resolver(mods, pid) if mods else None
+            if mods or pid not in self._resolvers:
+                self._resolvers[pid] = Resolver(mods, pid) if mods else None
         return self._resolvers[pid]
+
+    def look(self, pid: int) -> None:
+        """Read the process's modules now, while it lives: its stacks may be named after it
+        is gone (-c --stack names them at the end)."""
+        self._resolver(pid, fresh=True)
 
     def name(self, pid: int, addrs: list) -> tuple:
         """(frames as text, the note when the walk was cut). addrs: the function's address,
@@ -77,8 +85,13 @@ class Stacks:
         r = self._resolver(pid)
         if r is None or r.module_at(addrs[0], 1, 0) is None:
             r = self._resolver(pid, fresh=True)
-        if r is None:
-            frames = [f"{a:#x}" for a in addrs[:self.depth or len(addrs)]]
+        if r is None:  # kept as addresses, up to the first that no user frame can have
+            user = addrs
+            for i, a in enumerate(addrs):
+                if not USER_LO <= a < USER_HI:
+                    user = addrs[:i]
+                    break
+            frames = [f"{a:#x}" for a in user[:self.depth or len(user)]]
             return frames, GONE_NOTE
         frames, note = [str(r.frame(addrs[0], 1, 0))], ""
         for a in addrs[1:]:
@@ -444,11 +457,13 @@ def histogram_frame(functions: list, hist: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=HISTOGRAM_COLUMNS)
 
 
-def stacks_frame(functions: list, counts: dict, stack_of: Callable[[int], list]) -> pd.DataFrame:
-    """--stack with -c: calls per (function, user stack), most first."""
+def stacks_frame(functions: list, counts: dict) -> pd.DataFrame:
+    """--stack with -c: calls per (function, user stack), most first. counts: {(function
+    index, (frames as text, note)): calls}; the note (the walk was cut, the process was gone)
+    closes the stack in brackets."""
     import pandas as pd
     rows = [(functions[fn].library, functions[fn].name,
-             " ".join(f"{a:#x}" for a in stack_of(sid)) if sid >= 0 else "", n)
-            for (fn, sid), n in counts.items() if fn < len(functions)]
+             " ".join(frames) + (f" [{note}]" if note else ""), n)
+            for (fn, (frames, note)), n in counts.items() if fn < len(functions)]
     df = pd.DataFrame(rows, columns=["library", "function", "stack", "calls"])
     return df.sort_values(["calls", "function"], ascending=[False, True], ignore_index=True)

@@ -114,8 +114,9 @@ def read_histograms(program, count: int) -> np.ndarray:
 
 
 def read_stack_counts(program) -> dict:
-    """{(function index, stack id): calls} (with --stack)."""
-    return {(int(k.fn), int(k.stack)): int(v.value)
+    """{(function index, stack id, pid, return address read at the entry): calls} (with
+    --stack)."""
+    return {(int(k.fn), int(k.stack), int(k.pid), int(k.caller)): int(v.value)
             for k, v in program.bpf[b"kc_stack_counts"].items()}
 
 

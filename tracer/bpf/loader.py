@@ -394,6 +394,10 @@ class Program:
         """pid is a launched command: the kernel follows its tree (launched_pids)."""
         self.bpf[b"launched"][ct.c_uint(pid)] = ct.c_ubyte(1)
 
+    def traced_pids(self) -> list:
+        """The processes traced now (filtered programs): those given, and their descendants."""
+        return sorted(int(k.value) for k in self.bpf[b"traced"].keys())
+
     def launched_pids(self) -> list:
         """The launched commands' processes still running, the double-forked included."""
         return sorted(int(k.value) for k in self.bpf[b"launched"].keys())

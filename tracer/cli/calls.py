@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from ..analysis import calls as report
 from ..calls import CallTracer
@@ -312,5 +313,5 @@ def _stacks_table(df) -> Table:
     for col in ("calls", "function", "stack (innermost first)"):
         t.add_column(col)
     for r in df.head(20).itertuples():
-        t.add_row(str(r.calls), f"{r.library}!{r.function}", r.stack or "(no stack)")
+        t.add_row(str(r.calls), f"{r.library}!{r.function}", Text(r.stack or "(no stack)"))
     return t
