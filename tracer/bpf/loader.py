@@ -9,11 +9,11 @@ whenever a file is found (a container's libc, a static executable), and detach(p
 """
 from __future__ import annotations
 
+import atexit
 import ctypes as ct
 import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -29,7 +29,6 @@ from . import headers, multi, stepcheck
 from .ringbuf import RingReader
 
 TRACEFS = Path("/sys/kernel/tracing")
-_KPROBE = 2  # bcc's BPF.KPROBE, the program type of uprobes
 DEFAULT_RING_PAGES = 2048  # 8 MiB: ~24k records, 10 ms of a very busy host
 
 
@@ -191,7 +190,7 @@ class Program:
         self._readers: list = []  # reader()s, closed with the program
         self.files: dict[str, list] = {}  # path -> [(address, is_return)] attached there
         self._links: dict[str, list] = {}  # path -> uprobe_multi link fds there
-        self.multi = False  # uprobes as uprobe_multi links (set at open)
+        self.use_links = False  # uprobes as uprobe_multi links (set at open)
         self._closer: Optional[threading.Thread] = None  # a detach running on (close(wait=False))
         self._close_error: Optional[BaseException] = None
         self.attached = 0  # uprobes attached (entry and return counted apart)
@@ -243,7 +242,7 @@ class Program:
         release_compiler()
         # one link per program and file where the kernel has them (see multi);
         # KEYTRACE_UPROBE_MULTI=0 takes bcc's perf-event uprobes instead
-        self.multi = os.environ.get("KEYTRACE_UPROBE_MULTI", "1") != "0" and multi.supported()
+        self.use_links = os.environ.get("KEYTRACE_UPROBE_MULTI", "1") != "0" and multi.supported()
         if self.pids is not None:
             for pid in self.pids:
                 self.add_pid(pid)
@@ -330,14 +329,14 @@ class Program:
         done: list = []
         links: list = []
         try:
-            if self.multi:
+            if self.use_links:
                 addrs = sorted({addr for addr, _, _ in probes})
                 offset = dict(zip(addrs, file_offsets(held.path, addrs)))  # one read of the file
                 groups: dict = {}
                 for addr, name, is_return in probes:
                     groups.setdefault((name, is_return), []).append(offset[addr])
                 for (name, is_return), offsets in groups.items():
-                    fn = self.bpf.load_func(name.encode(), _KPROBE,
+                    fn = self.bpf.load_func(name.encode(), multi.BPF_PROG_TYPE_KPROBE,
                                             attach_type=multi.BPF_TRACE_UPROBE_MULTI)
                     # linked through the held file: the bytes checked are the bytes probed
                     links.append(multi.link(fn.fd, held.path, offsets, is_return))
@@ -348,12 +347,12 @@ class Program:
                     attach(name=path.encode(), addr=addr, fn_name=name.encode())
                     done.append((addr, is_return))
             held.still()
-        except Exception as e:
+        except BaseException as e:  # (a Ctrl-C too: what this call put goes)
             for fd in links:
                 os.close(fd)
-            if not self.multi:
+            if not self.use_links:
                 self._detach_all(path, done)
-            if isinstance(e, KeytraceError):
+            if isinstance(e, KeytraceError) or not isinstance(e, Exception):
                 raise
             raise KeytraceError(f"attaching to {path} failed: {e}") from None
         self.files.setdefault(path, []).extend(done)
@@ -371,7 +370,7 @@ class Program:
         done = self.files.pop(path, [])
         for fd in self._links.pop(path, []):
             os.close(fd)
-        if not self.multi:
+        if not self.use_links:
             self._detach_all(path, done)
         self.attached -= len(done)
 
@@ -428,17 +427,21 @@ class Program:
         jobs = ([(os.close, fd) for fd in links]
                 + [(bpf.detach_uprobe_event, name) for name in list(bpf.uprobe_fds)]
                 + [(bpf.detach_tracepoint, name) for name in list(bpf.tracepoint_fds)])
-        if not jobs:
-            return
 
-        def run(job):
-            fn, arg = job
-            try:
-                fn(arg)
-            except Exception:  # left for cleanup() to try again
-                pass
-        with ThreadPoolExecutor(max_workers=min(len(jobs), 64)) as pool:
-            list(pool.map(run, jobs))
+        def run(share):
+            for fn, arg in share:
+                try:
+                    fn(arg)
+                except Exception:  # left for cleanup() to try again
+                    pass
+        # plain threads, not an executor: this may run while the interpreter exits, when
+        # concurrent.futures takes no more work
+        n = min(len(jobs), 64)
+        workers = [threading.Thread(target=run, args=(jobs[i::n],)) for i in range(n)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
 
     def lost(self) -> int:
         """Records the kernel could not queue, since open()."""
@@ -454,6 +457,8 @@ class Program:
         self.ring, self._readers = None, []
         if self.bpf is not None:
             bpf, self.bpf = self.bpf, None
+            # the thread's cleanup() is the one: bcc's own, at exit, could run beside it
+            atexit.unregister(bpf.cleanup)
             links = [fd for fds in self._links.values() for fd in fds]
             self._links.clear()
             self.files.clear()
@@ -471,6 +476,8 @@ class Program:
     def _release(self, bpf, links: list) -> None:
         try:
             self._detach_in_parallel(bpf, links)
-            bpf.cleanup()  # detaches the rest, closes the programs and maps
-        except BaseException as e:  # told by the close() that waits
-            self._close_error = e
+        finally:
+            try:
+                bpf.cleanup()  # detaches the rest, closes the programs and maps
+            except BaseException as e:  # told by the close() that waits
+                self._close_error = e

@@ -186,9 +186,16 @@ def run_session(tracer: KeyTracer, duration: Optional[float], output: Optional[P
     finally:
         if live:
             live.stop()
-        # the probes detach (the kernel's grace periods) while the report is made
-        tracer.stop(wait=False)
         signal.signal(signal.SIGTERM, previous)
+        try:
+            # the probes detach (the kernel's grace periods) while the report is made
+            tracer.stop(wait=False)
+        except BaseException:  # a drain that failed: the detach is waited for, the failure told
+            try:
+                tracer.stop()
+            except Exception:
+                pass  # (the failure being raised is the one to tell)
+            raise
     try:
         return _report(tracer, output, as_json, fail_on_leak, title, reloads_per_day, view, why)
     finally:

@@ -162,8 +162,8 @@ def _trace(command, pattern, pid, count, timing, stack, duration, output, fmt, a
             if lines.pending is not None and time.time_ns() - lines.pending["ts"] > 5e8:
                 _write(dest, "".join(ln + "\n" for ln in lines.flush()))
 
-    why = _run(tracer, duration, stale)
     try:
+        why = _run(tracer, duration, stale)
         _report(tracer, why, lines, lock, dest, count, timing, stack, as_json, output, fmt, text)
     finally:
         tracer.stop()  # the detach has ended: no probe outlives the command
