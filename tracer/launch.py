@@ -4,6 +4,7 @@ in the kernel's filter), gets a parent-death signal through setpriv, and ends wi
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import shutil
@@ -111,7 +112,10 @@ def end_command(p: Optional[Launched], program: Optional[Program] = None,
                 grace: float = 5.0) -> None:
     """End a launched command and every process of its tree still running: the kernel keeps the
     tree (Program.launched_pids), so daemons that double-forked out of the command's process
-    group go too. SIGTERM first, SIGKILL to what is left after grace seconds."""
+    group go too. SIGTERM first, SIGKILL to what is left after grace seconds. Those orphaned on
+    the way (a server's worker that outlived its master) are ours to reap: keytrace is their
+    subreaper meanwhile, and only meanwhile (an embedding process's other orphans stay
+    init's), so none is left a zombie for init to reap later."""
     if p is None:
         return
 
@@ -124,22 +128,45 @@ def end_command(p: Optional[Launched], program: Optional[Program] = None,
         pids.discard(os.getpid())
         return pids
 
-    termed: set = set()
-    deadline = time.monotonic() + grace
-    while True:
-        pids = left()
-        if not pids:
-            return
-        late = time.monotonic() >= deadline
-        for q in pids - (set() if late else termed):  # a fork made meanwhile gets its TERM too
-            try:
-                os.kill(q, signal.SIGKILL if late else signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        termed |= pids
-        if late and time.monotonic() >= deadline + grace:
-            return  # not even SIGKILL ended them (uninterruptible sleep): nothing more to do
-        time.sleep(0.02)
+    _subreaper(True)
+    try:
+        termed: set = set()
+        deadline = time.monotonic() + grace
+        while True:
+            pids = left()
+            if not pids:
+                _reap(termed - {p.pid})
+                return
+            late = time.monotonic() >= deadline
+            for q in pids - (set() if late else termed):  # a fork made meanwhile gets TERM too
+                try:
+                    os.kill(q, signal.SIGKILL if late else signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            termed |= pids
+            if late and time.monotonic() >= deadline + grace:
+                return  # not even SIGKILL ended them (uninterruptible sleep): nothing more to do
+            time.sleep(0.02)
+    finally:
+        _subreaper(False)
+
+
+def _reap(pids: set) -> None:
+    """Reap the processes of the tree that were orphaned to us, and only those: a child of
+    ours that is not of the tree is someone else's to wait for."""
+    for q in pids:
+        try:
+            os.waitpid(q, os.WNOHANG)
+        except ChildProcessError:  # not ours (reaped by its own parent, or gone)
+            pass
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _subreaper(on: bool) -> None:
+    """While on, orphans of our descendants come to us, not to init."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
 
 
 def drain_failure(e: BaseException) -> BaseException:
