@@ -100,6 +100,25 @@ static __always_inline void kc_stack(struct pt_regs *ctx, u32 fn)
 
 #define KC_SKIP 0x80000000u  // a frame's fn: a call pushed only so that its return pairs, not kept
 
+#ifdef KC_CALIBRATE
+// -T's calibration child (tracer.bpf.calibrate), while it runs: seen by the calibration
+// programs only, never by the user's (a host-wide -T, -S, malloc traced too)
+BPF_ARRAY(kc_calibrator, u32, 1);
+#endif
+
+// Whether a call of this process is seen: by the user's programs (cal 0), or by the
+// calibration programs (cal 1: the calibration child alone).
+static __always_inline int kc_seen(u32 tgid, int cal)
+{
+#ifdef KC_CALIBRATE
+    u32 zero = 0, *child = kc_calibrator.lookup(&zero);
+    int calibrating = child && *child == tgid;
+    return cal ? calibrating : wanted(tgid) && !calibrating;
+#else
+    return !cal && wanted(tgid);
+#endif
+}
+
 #ifdef KC_CALLERS
 // FUNC@OBJECT: a call counts when it returns into OBJECT (KC_OBJECTS of them: the main program,
 // or a library). Where each object lies in each process: set when its code first runs (a probe
@@ -119,7 +138,7 @@ BPF_HASH(kc_objects, struct kc_obj_key, struct kc_range, KT_MAX_ENTRIES);
 static __always_inline int kc_place(struct pt_regs *ctx, u32 obj, u64 at, u64 lo, u64 hi)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (!wanted(tgid))
+    if (!kc_seen(tgid, 0))
         return 0;
     u64 bias = PT_REGS_IP(ctx) - at;
     struct kc_obj_key k = {tgid, obj};
@@ -183,7 +202,7 @@ static __always_inline void kc_called(u32 fn)
 static __always_inline int kc_count(struct pt_regs *ctx, u32 fn, int caller)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (!wanted(tgid) || !KC_WANTED(ctx, tgid, caller))
+    if (!kc_seen(tgid, 0) || !KC_WANTED(ctx, tgid, caller))
         return 0;
     kc_called(fn);
     kc_stack(ctx, fn);
@@ -231,10 +250,10 @@ static __always_inline struct kc_frame *kc_pop(u32 tid, u32 fn)
 
 // -c -T: counted at entry, timed at return. A call from elsewhere than the main program
 // (FUNC@OBJECT) is pushed as skipped, so that its return pairs and is not kept.
-static __always_inline int kc_enter(struct pt_regs *ctx, u32 fn, int caller)
+static __always_inline int kc_enter(struct pt_regs *ctx, u32 fn, int caller, int cal)
 {
     u64 id = bpf_get_current_pid_tgid();
-    if (!wanted(id >> 32))
+    if (!kc_seen(id >> 32, cal))
         return 0;
     if (!KC_WANTED(ctx, id >> 32, caller)) {
         kc_push((u32)id, fn | KC_SKIP);
@@ -313,11 +332,11 @@ static __always_inline struct kc_frame *kc_returned(struct pt_regs *ctx, u64 id,
     return f;
 }
 
-static __always_inline int kc_exit(struct pt_regs *ctx, u32 fn, int err)
+static __always_inline int kc_exit(struct pt_regs *ctx, u32 fn, int err, int cal)
 {
     u64 now = bpf_ktime_get_ns();
     u64 id = bpf_get_current_pid_tgid();
-    if (wanted(id >> 32))
+    if (kc_seen(id >> 32, cal))
         kc_returned(ctx, id, fn, err, now);
     return 0;
 }
@@ -423,7 +442,7 @@ static __always_inline int kc_trace_entry(struct pt_regs *ctx, u32 fn, int a0, i
                                           int a1, int m1, int l1, int caller)
 {
     u64 id = bpf_get_current_pid_tgid();
-    if (!wanted(id >> 32))
+    if (!kc_seen(id >> 32, 0))
         return 0;
     if (!KC_WANTED(ctx, id >> 32, caller)) {
         kc_push((u32)id, fn | KC_SKIP);
@@ -462,7 +481,7 @@ static __always_inline int kc_trace_return(struct pt_regs *ctx, u32 fn, int err,
 {
     u64 now = bpf_ktime_get_ns(), boot = bpf_ktime_get_boot_ns();
     u64 id = bpf_get_current_pid_tgid();
-    if (!wanted(id >> 32))
+    if (!kc_seen(id >> 32, 0))
         return 0;
     struct kc_frame *f = kc_returned(ctx, id, fn, err, now);
     if (f && (f->fn & KC_SKIP))
@@ -496,7 +515,7 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 nr = args->id;
-    if (!wanted(id >> 32) || nr >= KC_NR_MAX || nr == KC_NR_URETPROBE)
+    if (!kc_seen(id >> 32, 0) || nr >= KC_NR_MAX || nr == KC_NR_URETPROBE)
         return 0;
     struct kc_stat *s = kc_sys_stats.lookup(&nr);
     if (s)
@@ -533,7 +552,7 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit)
     u32 tid = (u32)id;
 #ifdef KC_SYSCALLS
     u32 nr = args->id;
-    if (wanted(id >> 32) && nr < KC_NR_MAX && nr != KC_NR_URETPROBE) {
+    if (kc_seen(id >> 32, 0) && nr < KC_NR_MAX && nr != KC_NR_URETPROBE) {
         if (args->ret < 0) {
             struct kc_stat *s = kc_sys_stats.lookup(&nr);
             if (s)

@@ -30,7 +30,7 @@ from .host import planner
 from .host import prototypes as protos
 from .host import proc
 from .host.demangle import demangle as demangled
-from .host.elf import elf_info, entry_point, read_vaddr
+from .host.elf import read_vaddr
 from .tracing import Tracing, check_sites
 
 if TYPE_CHECKING:  # frames are built by tracer.analysis.calls, after tracing
@@ -122,23 +122,8 @@ class CallTracer(Tracing):
                                      self.demangle)
         # FUNC@OBJECT: each object asked for, found now (a usage error says which is not)
         for spec in dict.fromkeys(t.caller for t in self._resolved if t.caller):
-            self._objects.append(self._main_program(exe) if spec == "MAIN" else
+            self._objects.append(pat.main_program(self.pids or (), exe) if spec == "MAIN" else
                                  pat.caller_library(spec, self.pids or (), exe))
-
-    def _main_program(self, exe: Optional[str]) -> pat.CallerObject:
-        """The one program FUNC@MAIN means: the launched command's, or the -p processes' (one
-        program for all of them). Its entry point runs before any call it makes."""
-        if exe is None:
-            paths = {proc.exe(pid) for pid in self.pids or ()}
-            if len(paths) != 1 or None in paths:
-                raise UsageError("FUNC@MAIN needs one main program: a command (after --) or "
-                                 "-p processes of one program")
-            exe = paths.pop()
-        info = elf_info(exe)
-        start = entry_point(exe)
-        if info is None or start is None:
-            raise KeytraceError(f"{exe} is not an ELF program: FUNC@MAIN cannot find its code")
-        return pat.CallerObject("MAIN", exe, exe, start, info.lo, info.hi)
 
     def _open(self, filter_pids) -> None:
         self._policy = stepcheck.policy(self._note)
@@ -178,7 +163,7 @@ class CallTracer(Tracing):
         self._program = Program(
             [kc.CALLS, units.LIFECYCLE], filter_pids, LIFECYCLE_PAGES,
             prelude=kc.prelude(len(probes) + (len(calibrate.KINDS) if self.timing else 0),
-                               self.strsize, trace_pages, self.stacks,
+                               self.strsize, trace_pages, self.stacks, calibrate=self.timing,
                                errno=self.mode == "trace" and any(
                                    f.proto and f.proto.errno_on for f in self.functions),
                                objects=len(self._objects),
@@ -238,8 +223,7 @@ class CallTracer(Tracing):
         self.costs, measured = calibrate.costs(self._program, sites, first)
         if measured:
             self._note("-T: times are less the probes' own share, measured now on null calls: "
-                       + ", ".join(f"{ns / 1000:.2f} us at {'an' if k == 'emulated' else 'a'} "
-                                   f"{'emulated' if k == 'emulated' else 'single-stepped'} entry"
+                       + ", ".join(f"{ns / 1000:.2f} us at {calibrate.SAID[k]}"
                                    for k, ns in measured.items()))
         else:
             self._note("-T: times include the probes' own share (no null call could be probed)")
@@ -343,8 +327,10 @@ class CallTracer(Tracing):
                 done += self._pairer.end()
             if self._reader is not None:
                 self.lost = kc.lost(self._program)
-            if self.stacks and self.mode != "trace" and self._program.pids is not None:
-                self._look_at_processes()
+            if self.stacks and self.mode != "trace":
+                self._stack_lives(life)
+                if self._program.pids is not None:
+                    self._look_at_processes()
             finished = 0
             for kind, item in done:
                 if self.on_event:
@@ -357,6 +343,20 @@ class CallTracer(Tracing):
                 if self.on_call:
                     self.on_call(item)
             return finished
+
+    def _stack_lives(self, life) -> None:
+        """-c --stack: a process's modules as read are forgotten at its exec (a new image) and
+        when its pid is forked anew (another process); kept at its exit (its stacks are named
+        after it)."""
+        op = life["op"]
+        for pid in life["pid"][op == wire.CODE["exec"]].tolist():
+            self._stack_names.forget(pid)
+            self._looked.pop(pid, None)
+        for pid in life["other"][op == wire.CODE["fork"]].tolist():
+            self._stack_names.forget(pid)
+            self._looked.pop(pid, None)
+        for pid in life["pid"][op == wire.CODE["exit"]].tolist():
+            self._looked.pop(pid, None)
 
     def _look_at_processes(self) -> None:
         """-c --stack: the traced processes' modules, read while they live (their stacks are
@@ -378,10 +378,12 @@ class CallTracer(Tracing):
     def _counters(self) -> tuple:
         n = len(self.functions)
         stats = kc.read_stats(self._program, n)
-        if self.costs is not None:  # -T: the kernel keeps totals as measured (calibrate)
-            share = (stats[:, 0] * self.costs).astype(np.uint64)
-            stats[:, 2] = np.where(stats[:, 2] > share, stats[:, 2] - share, 0)
         hist = kc.read_histograms(self._program, n) if self.mode != "count" else None
+        if self.costs is not None and hist is not None:
+            # -T: the kernel keeps totals as measured (calibrate); the share comes off each call
+            # timed, which the histogram counts (not one still running, nor one too deep)
+            share = (hist.sum(axis=1) * self.costs).astype(np.uint64)
+            stats[:, 2] = np.where(stats[:, 2] > share, stats[:, 2] - share, 0)
         stacks = None
         if self.stacks and self.mode != "trace":
             stacks = {}

@@ -251,6 +251,7 @@ class Pairer:
             out["errno"] = protos.errno_name(err) if err and out["error"] else None
             out["json_ret"] = _json_ret(fn.proto, ret, row["_strings"].get(-1), self.strsize)
         out["duration_ns"] = None if ts is None else ts - row["_ts"]
+        out["returned"] = None if ts is None else out["ts"] + out["duration_ns"]  # (its time)
         if ts is not None and self.costs is not None and not row["_fn"] & SYS:
             out["duration_ns"] = max(0, out["duration_ns"] - int(self.costs[row["_fn"]]))
         out["json_args"] = _json_args(fn.proto, row["_raw"], row["_strings"], self.strsize)
@@ -339,7 +340,7 @@ class Lines:
         if self.pending is not None and self.pending["id"] == item.get("id"):
             self.pending = None
             return [self.whole(item)]
-        end = item["ts"] + (item["duration_ns"] or 0)
+        end = item.get("returned") or item["ts"]  # (not ts + -T's duration: less the share)
         # what the call's return brought to its arguments (a buffer filled, a string readable
         # only once the call touched its page) is shown with the resumed part, as ltrace does
         before = self.unfinished.pop(item.get("id"), item["args"])

@@ -30,14 +30,16 @@ class Probe:
     failure: Optional[str] = None  # CALL_STRINGS); what return is a failure: "int", "long",
     #                                "null" or None
     caller: int = -1             # only calls made from this object (FUNC@OBJECT; -1: any)
+    calibration: bool = False    # -T's null function: seen in the calibration child alone
 
 
 def prelude(count: int, strsize: int, ring_pages: int, stacks: bool, errno: bool = False,
-            objects: int = 0, syscalls: Optional[str] = None) -> str:
+            objects: int = 0, syscalls: Optional[str] = None, calibrate: bool = False) -> str:
     """errno: watch failed system calls inside traced calls (a tracepoint on every syscall
     exit of the host, so only when a traced function reports failures through errno). objects:
     how many objects some functions count only the calls of (FUNC@OBJECT). syscalls: the mode
-    (count, time, trace) system calls are seen in (-S)."""
+    (count, time, trace) system calls are seen in (-S). calibrate: -T's calibration child is
+    kept from every program but its own (tracer.bpf.calibrate)."""
     lines = [f"#define KC_FUNCS {max(count, 1)}", f"#define KC_RING_PAGES {ring_pages}"]
     if syscalls is not None:
         lines += ["#define KC_SYSCALLS", f"#define KC_MODE {MODES.index(syscalls)}"]
@@ -45,6 +47,8 @@ def prelude(count: int, strsize: int, ring_pages: int, stacks: bool, errno: bool
         lines += ["#define KC_CALLERS", f"#define KC_OBJECTS {objects}"]
     if stacks:
         lines.append("#define KC_STACKS")
+    if calibrate:
+        lines.append("#define KC_CALIBRATE")
     if errno:
         lines.append("#define KC_ERRNO")
     return "\n".join(lines + [wire.c_struct("call", wire.call_record(strsize)), ""])
@@ -55,8 +59,9 @@ def _calls(p: Probe, mode: str) -> tuple:
     if mode == "count":
         return f"kc_count(ctx, {p.index}, {p.caller})", None
     if mode == "time":
-        return (f"kc_enter(ctx, {p.index}, {p.caller})",
-                f"kc_exit(ctx, {p.index}, {ERR_MODES[p.failure]})")
+        cal = int(p.calibration)
+        return (f"kc_enter(ctx, {p.index}, {p.caller}, {cal})",
+                f"kc_exit(ctx, {p.index}, {ERR_MODES[p.failure]}, {cal})")
     # per slot: the argument (-1: none), what is read (KC_SLOT_*), the length argument
     s = [(x.arg, x.mode, x.length) for x in p.slots[:wire.CALL_STRINGS]]
     (a0, m0, l0), (a1, m1, l1) = (s + [(-1, -1, -1)] * 2)[:2]

@@ -35,7 +35,7 @@ from elftools.elf.elffile import ELFFile
 from ..errors import KeytraceError, UsageError
 from . import proc
 from .demangle import demangle
-from .elf import FileCache, _debug_file, _tables, build_id, elf_info
+from .elf import FileCache, _debug_file, _tables, build_id, elf_info, entry_point
 from .libc import is_musl, ld_cache
 
 DEFAULT_LIBRARY = "libc"
@@ -531,6 +531,22 @@ def caller_library(spec: str, pids: Sequence[int] = (), exe: Optional[str] = Non
         raise UsageError(f"@{spec}: {lib.name} has no DT_INIT, the code that tells keytrace "
                          "where it is loaded")
     return CallerObject(spec, lib.path, lib.name, start, info.lo, info.hi)
+
+
+def main_program(pids: Sequence[int] = (), exe: Optional[str] = None) -> CallerObject:
+    """The one program FUNC@MAIN means: the launched command's, or the -p processes' (one
+    program for all of them), opened as -e's LIB is (through /proc/PID/map_files: a process in
+    a mount namespace of its own has its own file). Its entry point runs before any call it
+    makes."""
+    mains = {lib.ident: lib for lib in _Scope(pids, exe).main()}
+    if len(mains) != 1:
+        raise UsageError("FUNC@MAIN needs one main program: a command (after --) or -p "
+                         "processes of one program")
+    (lib,) = mains.values()
+    info, start = elf_info(lib.path), entry_point(lib.path)
+    if info is None or start is None:
+        raise KeytraceError(f"{lib.name} is not an ELF program: FUNC@MAIN cannot find its code")
+    return CallerObject("MAIN", lib.path, lib.name, start, info.lo, info.hi)
 
 
 # ---- ltrace's default: what the program imports ------------------------------------------
