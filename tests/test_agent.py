@@ -132,8 +132,19 @@ def test_a_bad_listen_address_is_a_usage_error(listen, says):
     assert res.stderr.count("\n") == 1  # one line, no traceback
 
 
+def saved_leak(state, pid: int) -> bool:
+    """Whether the agent's state file holds a measured leak for the pid."""
+    import sqlite3
+    try:
+        with sqlite3.connect(f"file:{state / 'agent.sqlite'}?mode=ro", uri=True) as db:
+            return bool(db.execute("SELECT 1 FROM process WHERE pid = ? AND leak_per_reload > 0",
+                                   (pid,)).fetchone())
+    except sqlite3.Error:  # not written yet
+        return False
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
-def test_a_restart_keeps_the_measured_date(agent, bins, stop):
+def test_a_restart_keeps_the_measured_date(agent, bins, stop, tmp_path):
     p, port = agent("--reloads-per-day", "1")
     assert "serving" in p.stderr.readline()
     host = subprocess.Popen([bins["reload_host"], bins["libleaky"], "5", "20000", "60"])
@@ -141,7 +152,8 @@ def test_a_restart_keeps_the_measured_date(agent, bins, stop):
         eta = until(lambda: value(metrics(port), "keytrace_process_pthread_keys_exhaustion_timestamp_seconds",
                                   pid=host.pid))
         assert eta, "no date before the restart"
-        time.sleep(1.5)  # a refresh or two: the state is written at each (and at SIGTERM)
+        # a refresh writes the state (SIGTERM writes it too; SIGKILL does not): wait for it
+        assert until(lambda: saved_leak(tmp_path / "state", host.pid)), "no state written"
         p.send_signal(stop)
         assert p.wait(30) == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
         again, port = agent("--reloads-per-day", "1")

@@ -394,7 +394,7 @@ def _on_pid(pid: int, argv):
 
 def test_a_reused_pid_is_two_processes_and_the_second_inherits_nothing(bins):
     from conftest import Keymaker
-    w = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json", "-d", "12",
+    w = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json",
                           "--reloads-per-day", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -405,7 +405,8 @@ def test_a_reused_pid_is_two_processes_and_the_second_inherits_nothing(bins):
         first.do("c 3")
         first.close()
         second = _on_pid(pid, [bins["keymaker"]])
-        second.do("c 1")
+        second.do("c 1")  # (answered: the key is made, its record in the ring)
+        w.send_signal(signal.SIGTERM)  # stops, drains what is left, reports
         out, _ = w.communicate(timeout=60)
         second.close()
     finally:
