@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,17 +45,19 @@ def one_shot(argv) -> tuple:
     """Wall seconds and peak RSS (MB) of one whole run of argv, by GNU time (a fork of this
     process would report this process's RSS as the child's peak)."""
     p = subprocess.Popen(["/usr/bin/time", "-f", "KT_TIME %e %M", *argv], env=BPFTRACE_ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         start_new_session=True)
     try:
         err = p.communicate(timeout=900)[1]
     finally:
-        if p.poll() is None:
-            p.kill()
+        if p.poll() is None:  # the tool under GNU time too: its whole group
+            os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     m = re.search(r"KT_TIME ([\d.]+) (\d+)", err)
     if p.returncode != 0 or not m:
         raise SystemExit(f"{argv[0]} failed: {err[-2000:]}")
-    return float(m.group(1)), int(m.group(2)) / 1024
+    functions = re.search(r"keytrace: (\d+) function\(s\)", err)
+    return float(m.group(1)), int(m.group(2)) / 1024, int(functions.group(1)) if functions else None
 
 
 def pairs() -> dict:
@@ -106,18 +109,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--many-rounds", type=int, default=3, help="rounds of the 1100-function row")
     a = ap.parse_args()
-    rows = []
+    rows, counted = [], {}  # counted: row -> the functions keytrace calls traced
     for row, tools in pairs().items():
         got = {tool: {"s": [], "mb": []} for tool in tools}
         for _ in range(a.many_rounds if "libcrypto" in row else a.rounds):
             for tool, argv in tools.items():  # interleaved
-                secs, mb = one_shot(argv)
+                secs, mb, functions = one_shot(argv)
+                if functions:
+                    counted[row] = functions
                 got[tool]["s"].append(secs)
                 got[tool]["mb"].append(mb)
                 print(f"{row} {tool}: {secs:.2f} s {mb:.0f} MB", file=sys.stderr, flush=True)
         ks, bs = (statistics.median(got[t]["s"]) for t in ("keytrace", "bpftrace"))
         km, bm = (statistics.median(got[t]["mb"]) for t in ("keytrace", "bpftrace"))
-        rows.append([row, mr(got["keytrace"]["s"]), mr(got["bpftrace"]["s"]), f"{ks / bs:.2f}x",
+        label = f"{row}: {counted[row]} functions" if row in counted else row
+        rows.append([label, mr(got["keytrace"]["s"]), mr(got["bpftrace"]["s"]), f"{ks / bs:.2f}x",
                      f"{km:.0f}", f"{bm:.0f}", f"{km / bm:.2f}x"])
     start = host_watch_start(a.rounds)
     body = table(["run", "keytrace wall s", "bpftrace wall s", "wall ratio",

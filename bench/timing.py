@@ -70,10 +70,10 @@ def main() -> None:
                     share.append(cost)
                 b, o, s = (statistics.median(x) for x in (base, ours, share))
                 rows.append([fn, KINDS[fn], work, f"{b:.0f}", f"{o:.0f}", f"{o + s:.0f}",
-                             f"{o - b:+.0f}", f"{s:.0f}"])
+                             f"{o - b:+.0f}", f"{s:.0f} ({min(share):.0f}-{max(share):.0f})"])
                 print(rows[-1], file=sys.stderr)
     body = table(["function", "entry site", "spins", "untraced ns/call", "keytrace -T ns/call",
-                  "uncorrected ns/call", "difference ns", "share taken off ns"], rows)
+                  "uncorrected ns/call", "difference ns", "share taken off ns (min-max)"], rows)
     body += (f"\n{a.calls} calls a run, medians of {a.rounds} interleaved rounds. The untraced "
              "time is the program's own clock around its loop; keytrace's is the kernel's total "
              "over its calls, less the probes' share measured at its start on a null call of "
