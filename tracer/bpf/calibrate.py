@@ -7,9 +7,10 @@ reads it, the trap of the return probe. That share depends on the kind of the en
 emulated instructions (push, nop, jumps) skip a trap that single-stepped ones take.
 
 So at start a child of keytrace calls a null function of each kind (its first instruction a
-push, or a mov) under the very programs the traced functions get, from a code file of
-keytrace's own (never a shared library: see stepcheck), and each kind's mean is the cost
-taken off every call on a site of that kind, in the kernel (kc_cost) and in trace lines.
+push, or a mov) under -c -T's programs, from a code file of keytrace's own (never a shared
+library: see stepcheck), and each kind's mean is the cost taken off every call on a site of
+that kind, in the kernel (kc_cost) and in trace lines. The child is seen by these programs
+alone (kc_calibrator), never by the user's.
 """
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ def measure(program, first: int) -> dict:
                 todo += [(at[name], entry, False), (at[name], ret, True)]
         if not todo:
             return {}
+        child = program.bpf[b"kc_calibrator"]  # (looked up before there is a child to leave)
         program.attach_programs(path, todo)
         try:
             r, w = os.pipe()
@@ -107,7 +109,6 @@ def measure(program, first: int) -> dict:
                 os.close(w)
                 _child(path, at, r)
             os.close(r)
-            child = program.bpf[b"kc_calibrator"]
             try:
                 # seen by the calibration programs only: not traced, not counted, not shown
                 child[ct.c_int(0)] = ct.c_uint32(pid)
