@@ -4,60 +4,25 @@ Why: a uprobe attached the classic way is a perf event, and closing one makes th
 out a grace period while it holds the global event_mutex (perf_trace_event_unreg), so detaching
 N probes costs N grace periods one after another, threads or not (about 0.1 s each here:
 1000 probes took 109 s). A uprobe_multi link is released with no such wait. bcc 0.26 cannot make
-one, so the link is created here with the bpf(2) system call, on programs bcc loaded with
-expected_attach_type BPF_TRACE_UPROBE_MULTI.
+one, so the link is created with the bpf(2) system call (tracer.bpf.kernel), on programs loaded
+with expected_attach_type BPF_TRACE_UPROBE_MULTI.
 """
 from __future__ import annotations
 
-import ctypes as ct
 import errno
 import os
 from typing import Optional, Sequence
 
-SYS_BPF = 321                 # x86-64
-BPF_PROG_LOAD = 5
-BPF_LINK_CREATE = 28
-BPF_PROG_TYPE_KPROBE = 2
-BPF_TRACE_UPROBE_MULTI = 48   # enum bpf_attach_type
-BPF_F_UPROBE_MULTI_RETURN = 1
-ATTR_SIZE = 128               # of union bpf_attr; the kernel takes a shorter, zero-padded one
+from . import kernel
+from .kernel import BPF_PROG_TYPE_KPROBE, BPF_TRACE_UPROBE_MULTI  # noqa: F401 (re-exported)
 
-_libc = ct.CDLL(None, use_errno=True)
-_libc.syscall.restype = ct.c_long
 _supported: Optional[bool] = None
-
-
-def _bpf(cmd: int, attr) -> int:
-    """bpf(2); OSError with the kernel's errno on failure."""
-    fd = _libc.syscall(SYS_BPF, cmd, ct.byref(attr), ATTR_SIZE)
-    if fd < 0:
-        e = ct.get_errno()
-        raise OSError(e, os.strerror(e))
-    return int(fd)
-
-
-def _u32(attr, at: int, value: int) -> None:
-    ct.c_uint32.from_buffer(attr, at).value = value
-
-
-def _u64(attr, at: int, value: int) -> None:
-    ct.c_uint64.from_buffer(attr, at).value = value
 
 
 def link(prog_fd: int, path: str, offsets: Sequence[int], is_return: bool) -> int:
     """One link putting the program (loaded with expected_attach_type BPF_TRACE_UPROBE_MULTI)
     at these file offsets of path, on every process; its fd, closed to detach them all."""
-    name = ct.create_string_buffer(os.fsencode(path))
-    offs = (ct.c_uint64 * len(offsets))(*offsets)
-    attr = (ct.c_uint8 * ATTR_SIZE)()
-    _u32(attr, 0, prog_fd)
-    _u32(attr, 8, BPF_TRACE_UPROBE_MULTI)
-    # union member uprobe_multi: path, offsets, ref_ctr_offsets, cookies, cnt, flags, pid
-    _u64(attr, 16, ct.addressof(name))
-    _u64(attr, 24, ct.addressof(offs))
-    _u32(attr, 48, len(offsets))
-    _u32(attr, 52, BPF_F_UPROBE_MULTI_RETURN if is_return else 0)
-    return _bpf(BPF_LINK_CREATE, attr)
+    return kernel.uprobe_multi_link(prog_fd, path, offsets, is_return)
 
 
 def supported() -> bool:
@@ -75,16 +40,10 @@ def supported() -> bool:
 
 def probe() -> bool:
     """supported(), asked now; PermissionError when this process may not load programs."""
-    insns = (ct.c_uint8 * 16).from_buffer_copy(bytes.fromhex("b700000000000000" "9500000000000000"))
-    lic = ct.create_string_buffer(b"GPL")
-    attr = (ct.c_uint8 * ATTR_SIZE)()
-    _u32(attr, 0, BPF_PROG_TYPE_KPROBE)
-    _u32(attr, 4, 2)
-    _u64(attr, 8, ct.addressof(insns))
-    _u64(attr, 16, ct.addressof(lic))
-    _u32(attr, 68, BPF_TRACE_UPROBE_MULTI)
+    insns = bytes.fromhex("b700000000000000" "9500000000000000")  # r0 = 0; exit
     try:
-        prog = _bpf(BPF_PROG_LOAD, attr)
+        prog = kernel.prog_load(BPF_PROG_TYPE_KPROBE, insns, "GPL",
+                                expected_attach_type=BPF_TRACE_UPROBE_MULTI)
     except PermissionError:
         raise
     except OSError:  # (an older kernel refuses the attach type)

@@ -32,6 +32,7 @@ from typing import Optional
 from ..errors import KeytraceError
 from ..host import isa
 from ..host.elf import CACHE_DIR
+from . import kernel
 
 RUNS = 3          # each instruction runs this often per pass, with different inputs
 SLOT = 512        # bytes of code per case
@@ -554,40 +555,21 @@ def _close_all(fds: list) -> None:
             list(pool.map(os.close, fds))
 
 
-# perf_event_open(2) on the uprobe PMU: config1 is the path, config2 the file offset.
-class _PerfAttr(ct.Structure):
-    _fields_ = [("type", ct.c_uint32), ("size", ct.c_uint32), ("config", ct.c_uint64),
-                ("sample_period", ct.c_uint64), ("sample_type", ct.c_uint64),
-                ("read_format", ct.c_uint64), ("flags", ct.c_uint64),
-                ("wakeup_events", ct.c_uint32), ("bp_type", ct.c_uint32),
-                ("config1", ct.c_uint64), ("config2", ct.c_uint64), ("_rest", ct.c_uint8 * 56)]
-
-
-_SYS_PERF_EVENT_OPEN = 298  # x86-64
-_PERF_FLAG_FD_CLOEXEC = 8
-
-
 def _uprobe_pmu() -> Optional[int]:
     try:
-        return int(Path("/sys/bus/event_source/devices/uprobe/type").read_text())
+        return int(Path(kernel.UPROBE_PMU, "type").read_text())
     except (OSError, ValueError):
         return None
 
 
 def _open_uprobe(path: str, offset: int, pid: int) -> int:
-    pmu = _uprobe_pmu()
-    if pmu is None:
-        raise KeytraceError("the kernel has no uprobe PMU (/sys/bus/event_source/devices/uprobe)")
-    name = ct.create_string_buffer(path.encode())
-    attr = _PerfAttr(type=pmu, size=ct.sizeof(_PerfAttr), config1=ct.addressof(name),
-                     config2=offset)
-    libc = ct.CDLL(None, use_errno=True)
-    fd = libc.syscall(_SYS_PERF_EVENT_OPEN, ct.byref(attr), pid, -1, -1, _PERF_FLAG_FD_CLOEXEC)
-    if fd < 0:
-        err = ct.get_errno()
+    if _uprobe_pmu() is None:
+        raise KeytraceError(f"the kernel has no uprobe PMU ({kernel.UPROBE_PMU})")
+    try:
+        return kernel.uprobe_event(path, offset, pid=pid)
+    except OSError as e:
         raise KeytraceError(f"perf_event_open of a uprobe on {path}+{offset:#x} failed: "
-                            f"{os.strerror(err)}")
-    return fd
+                            f"{e.strerror}") from None
 
 
 # ---- the sacrificial child -------------------------------------------------------------------
