@@ -10,7 +10,6 @@
 //   KT_FILTER      trace only tgids in `traced` (and their forked children)
 //   KT_RING_PAGES  ring buffer size in pages (power of two)
 //   KT_GROUP_DEAD  sched_process_exit has the group_dead field
-//   KT_SELF        the tracer's own tgid, never traced (its own forks would feed back)
 
 #include <uapi/linux/ptrace.h>
 
@@ -21,16 +20,19 @@ BPF_PERCPU_ARRAY(lost, u64, 1);                  // reservations that failed
 // tgid filter, used with KT_FILTER: 1 traced; 1 + n: traced once n more execs are done (a
 // launched command's gate and setpriv, whose own work is not the command's)
 BPF_HASH(traced, u32, u8, KT_MAX_ENTRIES);
+// The tracer's own tgid, never traced on a host-wide run (its own forks would feed back): written
+// by the loader at load, not compiled in, so that one compiled object serves every run.
+BPF_ARRAY(kt_self, u32, 1);
 
 static __always_inline int wanted(u32 tgid)
 {
-    if (tgid == KT_SELF)
-        return 0;
 #ifdef KT_FILTER
-    u8 *v = traced.lookup(&tgid);
+    u8 *v = traced.lookup(&tgid);  // (the tracer is never in it)
     return v && *v == 1;
 #else
-    return 1;
+    u32 zero = 0;
+    u32 *self = kt_self.lookup(&zero);
+    return !self || tgid != *self;
 #endif
 }
 

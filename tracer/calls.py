@@ -171,7 +171,7 @@ class CallTracer(Tracing):
             programs=kc.programs([[probes[i] for i in g] for g in self._groups], self.mode,
                                  [(at, o.lo, o.hi) for at, o in zip(self._starts, self._objects)])
             + calibration,
-            policy=self._policy)
+            policy=self._policy, note=self._note)
         self._program.open()
         if self.timing:
             self._calibrate(len(probes))

@@ -152,7 +152,7 @@ class KeyTracer(Tracing):
             [(t.flavour, plans[t.ident]) for t in targets if t.ident in plans])
         self._program = Program(self._units, filter_pids, self._ring_pages, policy=self._policy,
                                 programs=planned + "\n" + bpf_pairs.programs(self.pairs),
-                                sites=sites)
+                                sites=sites, note=self._note)
         self._program.open()
         self._found.program = self._program
         self._attach_targets(targets, plans)

@@ -6,6 +6,7 @@ the verifier sees straight-line code and the kernel does no lookups to know the 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -136,9 +137,20 @@ def stack(program, stack_id: int) -> list:
 
 
 def syscall_names() -> dict:
-    """x86-64 system call numbers -> names (bcc's table)."""
-    from bcc.syscall import syscalls
-    return {int(nr): name.decode() for nr, name in syscalls.items() if int(nr) < NR_MAX}
+    """x86-64 system call numbers -> names (bcc's table, bcc/syscall.py, read as a module of
+    its own: importing the bcc package would map LLVM into the tracer)."""
+    import importlib.util
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = os.path.join(list(spec.submodule_search_locations)[0], "syscall.py")
+    table = importlib.util.spec_from_file_location("keytrace_bcc_syscall", path)
+    module = importlib.util.module_from_spec(table)
+    try:
+        table.loader.exec_module(module)
+    except OSError:
+        return {}
+    return {int(nr): name.decode() for nr, name in module.syscalls.items() if int(nr) < NR_MAX}
 
 
 def set_syscall_slots(program, slots: dict) -> None:

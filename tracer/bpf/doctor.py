@@ -79,15 +79,26 @@ def check_uprobes() -> Check:
                  "use a kernel built with CONFIG_UPROBE_EVENTS=y")
 
 
+BCC_FIX = ("apt-get install python3-bpfcc; run keytrace with /usr/bin/python3 or a venv made "
+           "with: /usr/bin/python3 -m venv --system-site-packages .venv "
+           "(the PyPI package named bcc is unrelated)")
+
+
 def check_bcc() -> Check:
     try:
         import bcc  # noqa: F401
     except ImportError as e:
-        return Check("bcc", False, f"cannot import bcc ({e})",
-                     "apt-get install python3-bpfcc; run keytrace with /usr/bin/python3 or a venv made "
-                     "with: /usr/bin/python3 -m venv --system-site-packages .venv "
-                     "(the PyPI package named bcc is unrelated)")
+        return Check("bcc", False, f"cannot import bcc ({e})", BCC_FIX)
     return Check("bcc", True, f"bcc {getattr(bcc, '__version__', '')} from {Path(bcc.__file__).parent}")
+
+
+def check_bcc_found() -> Check:
+    """check_bcc() for a tracing run: found, not imported (the compiler runs in a child;
+    importing bcc here would map LLVM into the tracer)."""
+    import importlib.util
+    if importlib.util.find_spec("bcc") is None:
+        return Check("bcc", False, "bcc is not importable", BCC_FIX)
+    return Check("bcc", True, "found")
 
 
 def check_headers() -> Check:
@@ -190,7 +201,8 @@ def run_all() -> list[Check]:
 
 def require_tracing() -> None:
     """Raise the first failed prerequisite of tracing (cheap checks first)."""
-    for check in (check_privileges, check_bpf_syscall, check_uprobes, check_bcc, check_headers):
+    for check in (check_privileges, check_bpf_syscall, check_uprobes, check_bcc_found,
+                  check_headers):
         c = _safe(check)
         if not c.ok:
             raise KeytraceError(f"{c.name}: {c.detail}" + (f". Fix: {c.fix}" if c.fix else ""))

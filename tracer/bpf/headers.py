@@ -102,7 +102,8 @@ def find(build: bool = True) -> Headers:
     return Headers("merged", merge(common, arch), detail)
 
 
-def apply(h: Headers) -> None:
-    """Point bcc at the headers (before the first compile)."""
+def apply(h: Headers, env: dict) -> dict:
+    """The environment of a compile (env, changed) that points bcc at the headers."""
     if h.path is not None:
-        os.environ["BCC_KERNEL_SOURCE"] = str(h.path)
+        env["BCC_KERNEL_SOURCE"] = str(h.path)
+    return env

@@ -1,18 +1,16 @@
-"""Compiling probe units with bcc, attaching them to files at any time, and detaching them on every
-exit path.
+"""Compiling probe units (with bcc, in a child, cached: tracer.bpf.compiled), loading them
+(tracer.bpf.loaded), attaching them to files at any time, and detaching them on every exit path.
 
 A *unit* is one file of probes/ (`<name>.bpf.c`) and the functions it probes. The units of a
 program are compiled together, after probes/keytrace.h and the definitions generated from
 tracer.wire, so they share one ring buffer, one pid filter and one count of lost records.
-Tracepoints attach at compile time; uprobes attach per ELF file with attach(path, addresses),
-whenever a file is found (a container's libc, a static executable), and detach(path) removes them.
+Tracepoints attach at load; uprobes attach per ELF file with attach(path, addresses), whenever
+a file is found (a container's libc, a static executable), and detach(path) removes them.
 """
 from __future__ import annotations
 
-import atexit
 import ctypes as ct
 import os
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +22,8 @@ from .. import wire
 from ..errors import KeytraceError, UsageError
 from ..host import planner
 from ..host.elf import file_offsets, read_vaddr
-from ..host.proc import trim_heap
-from . import headers, multi, stepcheck
+from . import compiled, kernel, multi, stepcheck
+from .loaded import Loaded
 from .ringbuf import RingReader
 
 TRACEFS = Path("/sys/kernel/tracing")
@@ -67,13 +65,16 @@ def source(units: Iterable[Unit], prelude: str = "") -> str:
     return "\n".join(parts) + "\n"
 
 
-def ensure_tracefs() -> None:
-    """bcc reads tracepoint formats from tracefs; mount it where it is missing."""
-    if (TRACEFS / "events").is_dir() or Path("/sys/kernel/debug/tracing/events").is_dir():
-        return
+def ensure_tracefs() -> Path:
+    """Where tracefs is (bcc reads tracepoint formats there, the loader their ids); mounted where
+    it is missing."""
+    for d in (TRACEFS, Path("/sys/kernel/debug/tracing")):
+        if (d / "events").is_dir():
+            return d
     if os.system(f"mount -t tracefs nodev {TRACEFS} 2>/dev/null") != 0:
         raise KeytraceError(f"tracefs is not mounted and mounting it failed: "
                             f"mount -t tracefs nodev {TRACEFS}")
+    return TRACEFS
 
 
 def _exit_has_group_dead() -> bool:
@@ -124,36 +125,6 @@ class _Held:
         os.close(self.fd)
 
 
-MADV_PAGEOUT = 21  # linux 5.4: reclaim these pages now; contents kept (file pages re-read)
-
-
-def release_compiler() -> int:
-    """Hand back what the compile left resident: clang's freed heap (~30 MB) and
-    the pages of LLVM and clang's own code and read-only data that it touched (~85 MB), which
-    nothing uses again until the next compile. MADV_PAGEOUT only reclaims: a later compile
-    faults the pages back in. Returns the bytes of mappings advised."""
-    trim_heap()
-    libc = ct.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int]
-    advised = 0
-    try:
-        with open("/proc/self/maps") as fh:
-            maps = fh.read().splitlines()
-    except OSError:
-        return 0
-    for line in maps:
-        parts = line.split(None, 5)
-        if len(parts) < 6 or "w" in parts[1] or not _COMPILER.search(parts[5]):
-            continue  # written pages (relocated data) are anonymous: nowhere to put them
-        lo, hi = (int(x, 16) for x in parts[0].split("-"))
-        if libc.madvise(lo, hi - lo, MADV_PAGEOUT) == 0:
-            advised += hi - lo
-    return advised
-
-
-_COMPILER = re.compile(r"/lib(LLVM|clang)[^/]*\.so")
-
-
 def check_ring_pages(pages: int) -> int:
     """The ring buffer's size in pages: a power of two (the kernel's rule), checked before
     anything is spawned or attached."""
@@ -171,25 +142,26 @@ class Program:
 
     def __init__(self, units: Iterable[Unit], pids: Optional[Iterable[int]] = None,
                  ring_pages: int = DEFAULT_RING_PAGES, prelude: str = "", programs: str = "",
-                 policy=None, sites: Optional[dict] = None):
+                 policy=None, sites: Optional[dict] = None, note=None):
         """prelude: definitions the units need (before them); programs: generated programs
         (after them), attached with attach_programs() or, for planned sites, attach(...,
         plan=...): sites maps (build id, function) to [(planner.Site, program name)].
         policy(code) -> None or why a probe may not go on that instruction
         (tracer.bpf.stepcheck.Policy; this host's, by default): every site is checked with it
-        before it is attached."""
+        before it is attached. note(line) is told when the probes must be compiled (a first run)."""
         check_ring_pages(ring_pages)
+        self._note = note
         self.units = list(units)
         self.sites: dict = dict(sites or {})  # (build id, function) -> [(site, program name)]
         self._site_text = [programs]
         self.prelude = prelude
         self.pids = None if pids is None else sorted(set(pids))
         self.ring_pages = ring_pages
-        self.bpf = None
+        self.bpf: Optional[Loaded] = None
         self.ring: Optional[RingReader] = None
         self._readers: list = []  # reader()s, closed with the program
         self.files: dict[str, list] = {}  # path -> [(address, is_return)] attached there
-        self._links: dict[str, list] = {}  # path -> uprobe_multi link fds there
+        self._links: dict[str, list] = {}  # path -> its uprobes' fds (links or perf events)
         self.use_links = False  # uprobes as uprobe_multi links (set at open)
         self._closer: Optional[threading.Thread] = None  # a detach running on (close(wait=False))
         self._close_error: Optional[BaseException] = None
@@ -219,29 +191,24 @@ class Program:
         return self
 
     def _compile(self) -> None:
-        ensure_tracefs()
-        headers.apply(headers.find())
-        try:
-            from bcc import BPF
-        except ImportError:
-            raise KeytraceError("bcc is not importable: apt-get install python3-bpfcc, and run "
-                                "keytrace from /usr/bin/python3 or a venv made with "
-                                "--system-site-packages") from None
-        cflags = [f"-DKT_RING_PAGES={self.ring_pages}", f"-DKT_SELF={os.getpid()}"]
+        tracefs = ensure_tracefs()
+        cflags = [f"-DKT_RING_PAGES={self.ring_pages}"]
         if self.pids is not None:
             cflags.append("-DKT_FILTER")
         if _exit_has_group_dead():
             cflags.append("-DKT_GROUP_DEAD")
         text = source(self.units, self.prelude) + "\n".join(self._site_text)
+        obj = compiled.compile(text, cflags, self._note)
         try:
-            self.bpf = BPF(text=text.encode(), cflags=cflags)
-        except KeytraceError:
-            raise
-        except Exception as e:
-            raise KeytraceError(f"compiling the probes failed: {e} (run keytrace doctor)") from None
-        release_compiler()
+            self.bpf = Loaded(obj, str(tracefs), self_pid=os.getpid())
+        except PermissionError:
+            raise KeytraceError("loading the probes was refused: run keytrace as root "
+                                "(or with CAP_BPF and CAP_PERFMON)") from None
+        except OSError as e:
+            raise KeytraceError(f"loading the probes failed: {e.strerror or e} "
+                                "(run keytrace doctor)") from None
         # one link per program and file where the kernel has them (see multi);
-        # KEYTRACE_UPROBE_MULTI=0 takes bcc's perf-event uprobes instead
+        # KEYTRACE_UPROBE_MULTI=0 takes a perf-event uprobe per site instead
         self.use_links = os.environ.get("KEYTRACE_UPROBE_MULTI", "1") != "0" and multi.supported()
         if self.pids is not None:
             for pid in self.pids:
@@ -312,8 +279,7 @@ class Program:
             taken = set(self.files.get(path, []))
             for addr, name, is_return in probes:
                 self._guard(path, addr, held.path)
-                # a second probe on a site would count its calls twice (and bcc, which names a
-                # probe by its file and address, would lose the first, never to detach it)
+                # a second probe on a site would count its calls twice
                 if (addr, is_return) in taken:
                     raise KeytraceError(f"{path} +{addr:#x} has a probe already")
                 taken.add((addr, is_return))
@@ -325,39 +291,34 @@ class Program:
     def _put(self, path: str, held: _Held, probes: list) -> None:
         """Put programs on sites of a file: (address, program name, is_return) each, as one
         uprobe_multi link per program and kind where the kernel has them (one fast detach), else
-        as bcc's perf-event uprobes. All or nothing: a failure detaches what this call put."""
-        done: list = []
-        links: list = []
+        as a perf-event uprobe per site. Through the held file: the bytes checked are the bytes
+        probed. All or nothing: a failure detaches what this call put."""
+        fds: list = []
         try:
+            addrs = sorted({addr for addr, _, _ in probes})
+            offset = dict(zip(addrs, file_offsets(held.path, addrs)))  # one read of the file
             if self.use_links:
-                addrs = sorted({addr for addr, _, _ in probes})
-                offset = dict(zip(addrs, file_offsets(held.path, addrs)))  # one read of the file
                 groups: dict = {}
                 for addr, name, is_return in probes:
                     groups.setdefault((name, is_return), []).append(offset[addr])
                 for (name, is_return), offsets in groups.items():
-                    fn = self.bpf.load_func(name.encode(), multi.BPF_PROG_TYPE_KPROBE,
-                                            attach_type=multi.BPF_TRACE_UPROBE_MULTI)
-                    # linked through the held file: the bytes checked are the bytes probed
-                    links.append(multi.link(fn.fd, held.path, offsets, is_return))
-                done = [(addr, is_return) for addr, _, is_return in probes]
+                    fd = self.bpf.program(name, kernel.BPF_PROG_TYPE_KPROBE,
+                                          kernel.BPF_TRACE_UPROBE_MULTI)
+                    fds.append(multi.link(fd, held.path, offsets, is_return))
             else:
                 for addr, name, is_return in probes:
-                    attach = self.bpf.attach_uretprobe if is_return else self.bpf.attach_uprobe
-                    attach(name=path.encode(), addr=addr, fn_name=name.encode())
-                    done.append((addr, is_return))
+                    fd = self.bpf.program(name, kernel.BPF_PROG_TYPE_KPROBE)
+                    fds.append(kernel.uprobe(fd, held.path, offset[addr], is_return))
             held.still()
         except BaseException as e:  # (a Ctrl-C too: what this call put goes)
-            for fd in links:
+            for fd in fds:
                 os.close(fd)
-            if not self.use_links:
-                self._detach_all(path, done)
             if isinstance(e, KeytraceError) or not isinstance(e, Exception):
                 raise
             raise KeytraceError(f"attaching to {path} failed: {e}") from None
-        self.files.setdefault(path, []).extend(done)
-        self._links.setdefault(path, []).extend(links)
-        self.attached += len(done)
+        self.files.setdefault(path, []).extend((addr, is_return) for addr, _, is_return in probes)
+        self._links.setdefault(path, []).extend(fds)
+        self.attached += len(probes)
 
     def reader(self, map_name: str, record: np.dtype, pages: int) -> RingReader:
         """A batch reader of another ring buffer of the program, of records of one dtype."""
@@ -370,19 +331,7 @@ class Program:
         done = self.files.pop(path, [])
         for fd in self._links.pop(path, []):
             os.close(fd)
-        if not self.use_links:
-            self._detach_all(path, done)
         self.attached -= len(done)
-
-    def _detach_all(self, path: str, done: list) -> None:
-        for addr, is_return in done:
-            try:
-                if is_return:
-                    self.bpf.detach_uretprobe(name=path.encode(), addr=addr)
-                else:
-                    self.bpf.detach_uprobe(name=path.encode(), addr=addr)
-            except Exception:  # already gone with its file: nothing left to detach
-                pass
 
     def add_pid(self, pid: int, after_execs: int = 0) -> None:
         """Trace one more process (and its future children); filtered programs only.
@@ -418,21 +367,19 @@ class Program:
         return addrs
 
     @staticmethod
-    def _detach_in_parallel(bpf, links: list) -> None:
+    def _detach_in_parallel(fds: list) -> None:
         """Each uprobe or tracepoint the kernel unregisters waits out a grace period (about
         0.05-0.1 s here), and so does each uprobe_multi link it releases: one after the other
-        that was most of a short run's time. In parallel threads (os.close and bcc's calls
-        release the GIL) the waits overlap: fully for links, while perf-event probes still
-        queue on the kernel's event_mutex."""
-        jobs = ([(os.close, fd) for fd in links]
-                + [(bpf.detach_uprobe_event, name) for name in list(bpf.uprobe_fds)]
-                + [(bpf.detach_tracepoint, name) for name in list(bpf.tracepoint_fds)])
+        that was most of a short run's time. In parallel threads (os.close releases the GIL)
+        the waits overlap: fully for links, while perf events still queue on the kernel's
+        event_mutex."""
+        jobs = list(fds)
 
         def run(share):
-            for fn, arg in share:
+            for fd in share:
                 try:
-                    fn(arg)
-                except Exception:  # left for cleanup() to try again
+                    os.close(fd)
+                except OSError:
                     pass
         # plain threads, not an executor: this may run while the interpreter exits, when
         # concurrent.futures takes no more work
@@ -457,8 +404,6 @@ class Program:
         self.ring, self._readers = None, []
         if self.bpf is not None:
             bpf, self.bpf = self.bpf, None
-            # the thread's cleanup() is the one: bcc's own, at exit, could run beside it
-            atexit.unregister(bpf.cleanup)
             links = [fd for fds in self._links.values() for fd in fds]
             self._links.clear()
             self.files.clear()
@@ -473,11 +418,11 @@ class Program:
             if failed is not None:
                 raise failed
 
-    def _release(self, bpf, links: list) -> None:
+    def _release(self, bpf: Loaded, links: list) -> None:
         try:
-            self._detach_in_parallel(bpf, links)
+            self._detach_in_parallel(links + bpf.attachments())
         finally:
             try:
-                bpf.cleanup()  # detaches the rest, closes the programs and maps
+                bpf.close()  # the programs and maps
             except BaseException as e:  # told by the close() that waits
                 self._close_error = e
