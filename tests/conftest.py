@@ -38,6 +38,15 @@ def bpf():
         pytest.skip(f"BPF unavailable: {e}")
 
 
+def told(stream) -> str:
+    """The next line a keytrace process wrote to stderr, past the note of a first compile of
+    its probes (printed only while the compiled-object cache lacks them)."""
+    while True:
+        line = stream.readline()
+        if not line.startswith("keytrace: compiling the probes"):
+            return line
+
+
 def require_tool(name: str, hint: str) -> str:
     """The path of a program a test needs: missing, the test skips saying so, or fails where
     every test must run (KEYTRACE_REQUIRE_BPF, as in CI)."""

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from conftest import terminate, uprobes_attached_by
+from conftest import terminate, told, uprobes_attached_by
 
 pytestmark = pytest.mark.usefixtures("bpf")
 
@@ -68,7 +68,7 @@ def test_processes_before_and_after_the_agent(agent, keymaker, bins):
         before.do(f"r {bins['libleaky']}")  # the same address each time, 4 keys, one destructor
     before.do("c 1")  # and one of its own
     p, port = agent("--reloads-per-day", "1")
-    line = p.stderr.readline()
+    line = told(p.stderr)
     assert "serving http://" in line, line
     text = metrics(port)  # the first scrape
     assert value(text, "keytrace_process_pthread_keys", pid=before.pid) == 5
@@ -146,7 +146,7 @@ def saved_leak(state, pid: int) -> bool:
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
 def test_a_restart_keeps_the_measured_date(agent, bins, stop, tmp_path):
     p, port = agent("--reloads-per-day", "1")
-    assert "serving" in p.stderr.readline()
+    assert "serving" in told(p.stderr)
     host = subprocess.Popen([bins["reload_host"], bins["libleaky"], "5", "20000", "60"])
     try:
         eta = until(lambda: value(metrics(port), "keytrace_process_pthread_keys_exhaustion_timestamp_seconds",
@@ -157,7 +157,7 @@ def test_a_restart_keeps_the_measured_date(agent, bins, stop, tmp_path):
         p.send_signal(stop)
         assert p.wait(30) == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
         again, port = agent("--reloads-per-day", "1")
-        assert "serving" in again.stderr.readline()
+        assert "serving" in told(again.stderr)
         # Its table alone says 5 keys and nothing of what each reload leaves: the date comes
         # from what the first agent measured and kept.
         after = until(lambda: value(metrics(port),
@@ -174,9 +174,9 @@ def test_a_corrupt_state_is_a_warning_and_a_fresh_start(agent, tmp_path):
     state.mkdir()
     (state / "agent.sqlite").write_bytes(b"this is not a database" * 100)
     p, port = agent(state=state)
-    first = p.stderr.readline()
+    first = told(p.stderr)
     assert "warning" in first and "starting afresh" in first, first
-    assert "serving" in p.stderr.readline()
+    assert "serving" in told(p.stderr)
     assert value(metrics(port), "keytrace_build_info") == 1
 
 
@@ -193,10 +193,10 @@ def test_an_unwritable_state_dir_is_one_warning_and_the_agent_serves(agent, tmp_
                        check=True)
     try:
         p, port = agent(state=state)
-        first = p.stderr.readline()
+        first = told(p.stderr)
         assert first.startswith("keytrace agent: warning: the state directory") and \
             "kept in memory only" in first, first
-        assert "serving" in p.stderr.readline()
+        assert "serving" in told(p.stderr)
         assert value(metrics(port), "keytrace_build_info") == 1
         terminate(p)
         assert p.returncode == 0 and p.stderr.read() == ""  # one line, then a clean stop
@@ -207,7 +207,7 @@ def test_an_unwritable_state_dir_is_one_warning_and_the_agent_serves(agent, tmp_
 
 def test_a_copied_libc_in_its_own_namespace_started_after_the_agent(agent, keymaker, bins, tmp_path):
     p, port = agent()
-    assert "serving" in p.stderr.readline()
+    assert "serving" in told(p.stderr)
     hidden = tmp_path / "nslib"
     hidden.mkdir()
     script = (f'mount -t tmpfs none {hidden} && cp /lib/x86_64-linux-gnu/libc.so.6 {hidden}/ '
@@ -246,7 +246,7 @@ def test_a_per_request_leak_is_dated_before_it_fails(agent, drip):
     """A key every 20 ms, no reloads: the agent dates it from the keys a second it measures,
     within 10 % of the real failure, long before it happens; the series ends with the process."""
     p, port = agent("--reloads-per-day", "1")
-    assert "serving" in p.stderr.readline()
+    assert "serving" in told(p.stderr)
     d = subprocess.Popen([drip, "20"], stdout=subprocess.PIPE, text=True)
     try:
         assert d.stdout.readline().strip() == "ready"
@@ -267,7 +267,7 @@ def test_a_fast_reload_leak_beats_the_fleet_wide_reload_rate(agent, bins):
     key a cycle and runs out in ~16 s: the rate measured over hundreds of cycles wins, and the
     timestamp lies within seconds of the real failure (the reloader's exit)."""
     p, port = agent("--reloads-per-day", "1")
-    assert "serving" in p.stderr.readline()
+    assert "serving" in told(p.stderr)
     host = subprocess.Popen([bins["reload_host"], bins["libleaky"], "0", "15000"],
                             stderr=subprocess.DEVNULL)
     try:
@@ -288,7 +288,7 @@ def test_every_table_of_a_process_is_exported_by_resource(agent, bins, libeach):
     leaker = start_leaker(bins["reload_host"], f"{lib}:{bins['libleaky']}", data)
     try:
         p, port = agent("--tables-interval", "1", "--reloads-per-day", "1")
-        assert "serving http://" in p.stderr.readline()
+        assert "serving http://" in told(p.stderr)
         text = metrics(port)
         pid = str(leaker.pid)
         fds = len(os.listdir(f"/proc/{pid}/fd"))
@@ -326,7 +326,7 @@ def test_series_per_pid_are_bounded_to_processes_at_risk(agent, tmp_path):
     sleepers = [subprocess.Popen([str(sleeper), "120"]) for _ in range(300)]
     try:
         p, port = agent("--tables-interval", "1")
-        assert "serving http://" in p.stderr.readline()
+        assert "serving http://" in told(p.stderr)
         exe = str(sleeper)
         text = until(lambda: (lambda t: t if value(t, "keytrace_processes", exe=exe,
                                                    resource="fds") == 300 else None)(metrics(port)),
@@ -349,7 +349,7 @@ def test_a_reused_pid_does_not_inherit_the_first_process_keys_or_date(agent, bin
     from conftest import Keymaker
     from test_watch import _on_pid
     p, port = agent("--reloads-per-day", "1")
-    assert "serving" in p.stderr.readline()
+    assert "serving" in told(p.stderr)
     first = Keymaker([bins["keymaker"]])
     pid = str(first.pid)
     for _ in range(3):
@@ -383,7 +383,7 @@ def test_a_fork_storm_leaves_the_counts_exact_and_the_agent_answering(agent, bin
     and lost records are counted rather than hidden."""
     import threading
     p, port = agent("--reloads-per-day", "1")
-    assert "serving" in p.stderr.readline()
+    assert "serving" in told(p.stderr)
     time.sleep(2)  # a few refreshes: what it holds for the host as it is
 
     def rss_mb():

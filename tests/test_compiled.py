@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from conftest import told
 from tracer.bpf import compiled, kernel, maps
 from tracer.bpf.loaded import Loaded, ProgramError
 from tracer.bpf.loader import ensure_tracefs
@@ -133,7 +134,7 @@ def test_the_tracer_never_maps_the_compiler(bpf):
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "-d", "30", "--json"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stderr.readline()
+        line = told(proc.stderr)
         assert "probes attached" in line, line + proc.stderr.read()
         with open(f"/proc/{proc.pid}/maps") as fh:
             mapped = {ln.split()[-1] for ln in fh if "/" in ln}

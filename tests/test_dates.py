@@ -16,7 +16,7 @@ import pytest
 
 from tracer.workloads import compile_c
 
-from conftest import FIXTURES, json_rows, keytrace
+from conftest import FIXTURES, json_rows, keytrace, told
 
 PHP_LOAD = Path("/etc/apache2/mods-enabled/php8.2.load")
 IMAGICK = Path("/etc/php/8.2/apache2/conf.d/20-imagick.ini")
@@ -41,7 +41,7 @@ def watch_apache(ctl: str, extra: list, restarts: int = 5) -> list:
                           "-D", "FOREGROUND", *extra], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
-        line = p.stderr.readline()
+        line = told(p.stderr)
         assert "probes attached" in line, line + p.stderr.read()
         time.sleep(3)
         for _ in range(restarts):

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import json_rows, keytrace
+from conftest import json_rows, keytrace, told
 from tracer.analysis.scan import scan
 from tracer.session import KeyTracer
 
@@ -88,7 +88,7 @@ def test_a_healthy_host_flags_only_the_leaky_reloader(bins, leaky):
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json", "--fail-on-leak"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert "tracing the whole host" in proc.stderr.readline()
+        assert "tracing the whole host" in told(proc.stderr)
         subprocess.run(["sh", "-c", healthy_workload(bins, leaky)], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # the workload has ended, whatever it took: the watch stops now (no fixed window)
@@ -172,7 +172,7 @@ def test_a_process_that_dies_of_eagain_keeps_what_it_had(bins):
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json", "-d", "6"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert "tracing the whole host" in proc.stderr.readline()
+        assert "tracing the whole host" in told(proc.stderr)
         died = subprocess.run([bins["reload_host"], bins["libleaky"], "0"], capture_output=True)
         assert died.returncode == 2  # until glibc refused a key
         out, errs = proc.communicate(timeout=60)

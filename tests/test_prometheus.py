@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import require_tool, terminate
+from conftest import require_tool, terminate, told
 from test_agent import agent, free_port, until  # noqa: F401  (agent is a fixture)
 
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "keytrace-rules.yml"
@@ -104,7 +104,7 @@ def test_a_leaking_process_alert_reaches_alertmanager_with_its_library(
         agent, prometheus, alertmanager, bins):  # noqa: F811
     am_port, received = alertmanager
     a, agent_port = agent()
-    assert "serving" in a.stderr.readline()
+    assert "serving" in told(a.stderr)
     prometheus(agent_port, alertmanager=am_port)
     host = subprocess.Popen([bins["reload_host"], bins["libleaky"], "0", "200000"],
                             stderr=subprocess.DEVNULL)
@@ -128,7 +128,7 @@ def test_a_leaking_process_alert_reaches_alertmanager_with_its_library(
 
 def test_prometheus_sees_the_series_and_the_exhaustion_alert(agent, prometheus, bins):  # noqa: F811
     a, agent_port = agent()
-    assert "serving" in a.stderr.readline()
+    assert "serving" in told(a.stderr)
     prom = prometheus(agent_port)
     # Reloads every 200 ms until glibc refuses a key: a steady, measured rate.
     host = subprocess.Popen([bins["reload_host"], bins["libleaky"], "0", "200000"],
@@ -162,7 +162,7 @@ def test_prometheus_scrapes_over_tls_with_a_client_certificate_and_basic_auth(
         f"basic_auth_users:\n  prometheus: {_hash()}\n")
     (d / "password").write_text(PASSWORD)
     a, agent_port = agent("--web-config", str(d / "web.yml"))
-    line = a.stderr.readline()
+    line = told(a.stderr)
     assert f"serving https://127.0.0.1:{agent_port}/metrics (basic auth)" in line, line
     prom = prometheus(agent_port, scrape={
         "scheme": "https",

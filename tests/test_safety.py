@@ -22,7 +22,7 @@ from tracer.bpf import stepcheck
 from tracer.errors import KeytraceError
 from tracer.workloads import compile_c
 
-from conftest import FIXTURES, json_rows, keytrace, uprobes_attached_by
+from conftest import FIXTURES, json_rows, keytrace, told, uprobes_attached_by
 
 STRING_FUNCTIONS = ["memset", "memcpy", "strchr", "strlen", "rawmemchr", "strchrnul"]
 
@@ -100,7 +100,7 @@ def test_untraced_programs_stay_right_while_the_cli_probes_string_functions(bpf,
                          stderr=subprocess.PIPE, text=True)
     try:
         lines = []
-        for line in p.stderr:
+        for line in iter(lambda: told(p.stderr), ""):
             lines.append(line)
             if "probes" in line:
                 break
@@ -352,7 +352,7 @@ def test_the_cli_ends_cleanly_and_reports_whichever_way_it_ends(bpf, command, ho
                           "3" if how == "end" else "30"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = p.stderr.readline()
+        line = told(p.stderr)
         assert "probes" in line, line  # attached: "N probes attached ..." / "... N probes"
         if how != "drain":
             assert any("uprobe_multi" in h for h in uprobes_attached_by(p.pid))

@@ -296,12 +296,13 @@ def test_bad_resource_names_are_one_line_and_exit_2():
 def test_a_reloader_attached_mid_life_shows_what_each_cycle_leaves(bpf, bins, libeach):
     lib, data = libeach
     loads = 60
-    # 50 ms between loads: still reloading when the watch attaches, then holding still
-    p = subprocess.Popen([bins["reload_host"], lib, str(loads), "50000", "60"])
+    # 100 ms between loads: still reloading when the watch attaches (6 s in all, of which a
+    # first compile of the probes may take 2), then holding still
+    p = subprocess.Popen([bins["reload_host"], lib, str(loads), "100000", "60"])
     try:
         wait_for(lambda: len(os.listdir(f"/proc/{p.pid}/task")) >= 6)
         r = keytrace("watch", "--json", "-r", "fds,threads,maps,timers,handlers", "-p", str(p.pid),
-                     "-d", "6", "--reloads-per-day", "1")
+                     "-d", "9", "--reloads-per-day", "1")
         assert r.returncode == 0, r.stderr
         wait_for(lambda: len(os.listdir(f"/proc/{p.pid}/task")) == loads + 1)
         rows = {row["resource"]: row for row in json_rows(r.stdout) if row["pid"] == p.pid}

@@ -8,7 +8,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import attached, json_rows, keytrace, uprobes_attached_by
+from conftest import attached, json_rows, keytrace, told, uprobes_attached_by
 from tracer.errors import KeytraceError
 from tracer.host import libc, proc
 from tracer.launch import _gate_script
@@ -124,7 +124,7 @@ def test_sigterm_stops_and_reports(bins):
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json", "--", bins["reload_host"],
                              bins["libtidy"], "50", "0", "600"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()
+    line = told(proc.stderr)
     assert "probes attached" in line, line
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # until its 50 reloads are done: asleep in nanosleep
@@ -226,7 +226,7 @@ def test_a_killed_tracer_leaves_no_probe_and_no_command(bins):
     before = attached()
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--", "sleep", "60"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert "probes attached" in proc.stderr.readline()
+    assert "probes attached" in told(proc.stderr)
     assert uprobes_attached_by(proc.pid) and attached() != before
     (command,) = children_of(proc.pid)
     proc.kill()
@@ -269,7 +269,7 @@ def test_host_wide_watch_sees_an_unrelated_process(bins):
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json", "--duration", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert "tracing the whole host" in proc.stderr.readline()
+        assert "tracing the whole host" in told(proc.stderr)
         host = subprocess.run([bins["reload_host"], bins["libleaky"], "3"])
         assert host.returncode == 0
         out, errs = proc.communicate(timeout=60)
@@ -288,7 +288,7 @@ def test_watching_pids_ends_when_they_have_exited(bins):
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json", "-p", str(target.pid)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert "probes attached" in proc.stderr.readline()
+        assert "probes attached" in told(proc.stderr)
         target.stdin.write("c 3\nq\n")
         target.stdin.flush()
         target.wait(10)
@@ -325,7 +325,7 @@ def test_a_pid_ledger_replays_with_exe_and_start(bins, tmp_path):
         watch = subprocess.Popen([sys.executable, "-m", "tracer.cli", "watch", "--json", "-o", str(path),
                                   "-p", str(target.pid)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert "probes attached" in watch.stderr.readline()
+        assert "probes attached" in told(watch.stderr)
         target.stdin.write("c 4\nd 1\nq\n")
         target.stdin.flush()
         target.wait(10)
@@ -348,7 +348,7 @@ def test_a_host_wide_ledger_replays_exactly(bins, tmp_path):
                               "-o", str(path)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert "tracing the whole host" in watch.stderr.readline()
+        assert "tracing the whole host" in told(watch.stderr)
         subprocess.run([bins["reload_host"], bins["libleaky"], "3"], check=True)
         out, errs = watch.communicate(timeout=60)
     finally:
@@ -398,7 +398,7 @@ def test_a_reused_pid_is_two_processes_and_the_second_inherits_nothing(bins):
                           "--reloads-per-day", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert "probes attached" in w.stderr.readline()
+        assert "probes attached" in told(w.stderr)
         first = Keymaker([bins["keymaker"]])
         pid = first.pid
         first.do(f"l {bins['libleaky']}")  # an orphaned key: the first is leaking, dated
