@@ -7,10 +7,14 @@ Rows, interleaved rounds, GNU time for wall seconds and peak RSS of each whole r
 - keytrace watch --json -- /bin/true, against bpftrace counting the entries of
   pthread_key_create and pthread_key_delete, -c /bin/true;
 - keytrace calls -c -e libc:malloc -- /bin/true, against bpftrace counting malloc's entries;
+- both again as a first run: keytrace's compiled-object cache emptied before each of its runs,
+  so the probes are compiled (bpftrace compiles every time);
 - keytrace calls -c on about 1100 functions of libcrypto (X509*, BN_*, ASN1_*: every entry is
   an instruction this host single-steps right, so bpftrace may probe it too), against bpftrace
   on the same globs: attaching and detaching many probes;
-- start to "probes attached" of a host-wide keytrace watch.
+- start to "probes attached" of a host-wide keytrace watch;
+- peak RSS of a bare Python, and of one importing bcc, pandas: what each import costs.
+The rows but the first-run ones start from a warm cache (an untimed run first).
 Medians (min-max), and keytrace's ratio to bpftrace's median. Writes bench/results/STARTUP.md.
 Every process is ended on every exit path; bpftrace and keytrace detach as they exit.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -30,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from results_file import save, table  # noqa: E402
+from tracer.bpf.compiled import cache_dir  # noqa: E402
 
 KEYTRACE = [sys.executable, "-m", "tracer.cli"]
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
@@ -65,19 +71,35 @@ def pairs() -> dict:
     keys = (f"uprobe:{LIBC}:pthread_key_create {{ @c = count(); }} "
             f"uprobe:{LIBC}:pthread_key_delete {{ @d = count(); }}")
     many = " ".join(f"uprobe:{CRYPTO}:{g} {{ @[probe] = count(); }}" for g in MANY)
+    watch = {"keytrace": [*KEYTRACE, "watch", "--json", "--", "/bin/true"],
+             "bpftrace": ["bpftrace", "-e", keys, "-c", "/bin/true"]}
+    malloc = {"keytrace": [*KEYTRACE, "calls", "-c", "-e", "libc:malloc", "--", "/bin/true"],
+              "bpftrace": ["bpftrace", "-e", f"uprobe:{LIBC}:malloc {{ @ = count(); }}",
+                           "-c", "/bin/true"]}
     return {
-        "watch -- /bin/true": {
-            "keytrace": [*KEYTRACE, "watch", "--json", "--", "/bin/true"],
-            "bpftrace": ["bpftrace", "-e", keys, "-c", "/bin/true"]},
-        "calls -c malloc -- /bin/true": {
-            "keytrace": [*KEYTRACE, "calls", "-c", "-e", "libc:malloc", "--", "/bin/true"],
-            "bpftrace": ["bpftrace", "-e", f"uprobe:{LIBC}:malloc {{ @ = count(); }}",
-                         "-c", "/bin/true"]},
+        "watch -- /bin/true": watch,
+        "calls -c malloc -- /bin/true": malloc,
+        f"watch -- /bin/true, {FIRST}": watch,
+        f"calls -c malloc -- /bin/true, {FIRST}": malloc,
         f"calls -c {'+'.join(MANY)} (libcrypto) -- /bin/true": {
             "keytrace": [*KEYTRACE, "calls", "-c", "--max-functions", "2000",
                          *[x for g in MANY for x in ("-e", f"libcrypto:{g}")], "--", "/bin/true"],
             "bpftrace": ["bpftrace", "-e", many, "-c", "/bin/true"]},
     }
+
+
+FIRST = "first run (probes compiled)"
+
+
+def import_costs() -> list:
+    """Peak RSS (MB) of a Python that imports nothing, bcc, or pandas (which imports pyarrow)."""
+    rows = []
+    for what in ("pass", "import bcc", "import pandas"):
+        p = subprocess.run(["/usr/bin/time", "-f", "KT_TIME %e %M", sys.executable, "-c", what],
+                           capture_output=True, text=True, check=True)
+        mb = int(re.search(r"KT_TIME [\d.]+ (\d+)", p.stderr).group(1)) / 1024
+        rows.append([f"`python -c '{what}'`", f"{mb:.0f}"])
+    return rows
 
 
 def host_watch_start(rounds: int) -> list:
@@ -111,9 +133,13 @@ def main() -> None:
     a = ap.parse_args()
     rows, counted = [], {}  # counted: row -> the functions keytrace calls traced
     for row, tools in pairs().items():
+        if FIRST not in row:
+            one_shot(tools["keytrace"])  # the cache warmed, untimed
         got = {tool: {"s": [], "mb": []} for tool in tools}
         for _ in range(a.many_rounds if "libcrypto" in row else a.rounds):
             for tool, argv in tools.items():  # interleaved
+                if FIRST in row and tool == "keytrace":
+                    shutil.rmtree(cache_dir(), ignore_errors=True)
                 secs, mb, functions = one_shot(argv)
                 if functions:
                     counted[row] = functions
@@ -129,8 +155,10 @@ def main() -> None:
     body = table(["run", "keytrace wall s", "bpftrace wall s", "wall ratio",
                   "keytrace peak RSS MB", "bpftrace peak RSS MB", "RSS ratio"], rows)
     body += (f"\nMedians (min-max) of {a.rounds} interleaved rounds ({a.many_rounds} for "
-             f"libcrypto's). Host-wide `keytrace watch` from start to \"probes attached\": "
-             f"{mr(start)} s.\n")
+             f"libcrypto's), keytrace's compiled probes cached but in the first-run rows. "
+             f"Host-wide `keytrace watch` from start to \"probes attached\": {mr(start)} s.\n\n"
+             "What an import alone costs (peak RSS, GNU time):\n\n")
+    body += table(["process", "peak RSS MB"], import_costs())
     save("STARTUP", "A whole ad-hoc run: keytrace against bpftrace", body)
 
 

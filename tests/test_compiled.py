@@ -4,6 +4,7 @@ compiler). Real compiles, real maps and programs in the kernel."""
 from __future__ import annotations
 
 import ctypes as ct
+import os
 import signal
 import subprocess
 import sys
@@ -143,3 +144,15 @@ def test_the_tracer_never_maps_the_compiler(bpf):
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
     assert proc.returncode == 0
+
+
+def test_the_cache_keeps_the_most_recently_used(cache, monkeypatch):
+    monkeypatch.setattr(compiled, "KEEP", 2)
+    for n in range(3):
+        compiled._save(cache / f"{n}.json", b"{}")
+        os.utime(cache / f"{n}.json", (1000 + n, 1000 + n))
+    assert sorted(p.name for p in cache.glob("*.json")) == ["1.json", "2.json"]
+    os.utime(cache / "1.json")  # used just now (a hit does this)
+    monkeypatch.setattr(compiled, "KEEP_BYTES", 4)  # room for two objects of 2 bytes
+    compiled._save(cache / "3.json", b"{}")
+    assert sorted(p.name for p in cache.glob("*.json")) == ["1.json", "3.json"]

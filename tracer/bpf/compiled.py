@@ -31,7 +31,7 @@ from ..host.elf import CACHE_DIR
 from . import headers
 
 FORMAT = 1
-KEEP = 256  # objects kept; the least recently used go first
+KEEP, KEEP_BYTES = 256, 64 << 20  # objects kept, at most; the least recently used go first
 COMPILER = Path(__file__).with_name("bcc_compile.py")
 
 
@@ -117,9 +117,13 @@ def _save(path: Path, raw: bytes) -> None:
         except BaseException:
             os.unlink(tmp)
             raise
-        objects = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime)
-        for old in objects[:-KEEP]:
-            old.unlink(missing_ok=True)
+        newest = sorted(((p.stat(), p) for p in path.parent.glob("*.json")),
+                        key=lambda sp: -sp[0].st_mtime)
+        total = 0
+        for n, (st, p) in enumerate(newest):
+            total += st.st_size
+            if n >= KEEP or (total > KEEP_BYTES and p != path):
+                p.unlink(missing_ok=True)
     except OSError:
         pass  # not kept: compiled again next time
 
