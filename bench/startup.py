@@ -43,14 +43,17 @@ CRYPTO = "/usr/lib/x86_64-linux-gnu/libcrypto.so.3"
 MANY = ("X509*", "BN_*", "ASN1_*")
 
 
-# bpftrace refuses more than 512 programs unless told
-BPFTRACE_ENV = {**os.environ, "BPFTRACE_MAX_BPF_PROGS": "4000", "BPFTRACE_MAX_PROBES": "4000"}
+# bpftrace refuses more than 512 programs unless told. Python writes its bytecode caches as an
+# installed keytrace has them (a developer's PYTHONDONTWRITEBYTECODE would make every run
+# compile keytrace's modules from source: the untimed first run writes them).
+ENV = {**os.environ, "BPFTRACE_MAX_BPF_PROGS": "4000", "BPFTRACE_MAX_PROBES": "4000"}
+ENV.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 def one_shot(argv) -> tuple:
     """Wall seconds and peak RSS (MB) of one whole run of argv, by GNU time (a fork of this
     process would report this process's RSS as the child's peak)."""
-    p = subprocess.Popen(["/usr/bin/time", "-f", "KT_TIME %e %M", *argv], env=BPFTRACE_ENV,
+    p = subprocess.Popen(["/usr/bin/time", "-f", "KT_TIME %e %M", *argv], env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                          start_new_session=True)
     try:
@@ -96,7 +99,7 @@ def import_costs() -> list:
     rows = []
     for what in ("pass", "import bcc", "import pandas"):
         p = subprocess.run(["/usr/bin/time", "-f", "KT_TIME %e %M", sys.executable, "-c", what],
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True, check=True, env=ENV)
         mb = int(re.search(r"KT_TIME [\d.]+ (\d+)", p.stderr).group(1)) / 1024
         rows.append([f"`python -c '{what}'`", f"{mb:.0f}"])
     return rows
@@ -107,7 +110,7 @@ def host_watch_start(rounds: int) -> list:
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        p = subprocess.Popen([*KEYTRACE, "watch", "-d", "0.1", "--json"], cwd=ROOT,
+        p = subprocess.Popen([*KEYTRACE, "watch", "-d", "0.1", "--json"], cwd=ROOT, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             for line in p.stderr:
