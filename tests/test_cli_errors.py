@@ -1,6 +1,7 @@
 """Bad input gets one clear line on stderr and its documented exit status (2 for a usage
 error, 1 for anything else), never a traceback."""
 import os
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,7 @@ def test_doctor_passes_here(bpf):
     assert res.returncode == 0, res.stdout
     assert "FAIL" not in res.stdout and "kernel headers" in res.stdout
     assert "all probes detach at once" in res.stdout  # uprobe_multi links: this kernel has them
+    assert re.search(r"compiled probes .* probe set\(s\) kept in /", res.stdout), res.stdout
 
 
 COMMANDS = ["calls", "agent", "watch", "report", "demo", "scan", "doctor"]

@@ -128,6 +128,7 @@ def end_command(p: Optional[Launched], program: Optional[Program] = None,
         pids.discard(os.getpid())
         return pids
 
+    ours = _children()  # before: what this process had forked itself (not for us to reap)
     _subreaper(True)
     try:
         termed: set = set()
@@ -135,7 +136,9 @@ def end_command(p: Optional[Launched], program: Optional[Program] = None,
         while True:
             pids = left()
             if not pids:
-                _reap(termed - {p.pid})
+                # every orphan the tree left us, a zombie now: those TERMed, and those that died
+                # between two looks (never seen alive, so never in termed)
+                _reap((termed | (_children() - ours)) - {p.pid})
                 return
             late = time.monotonic() >= deadline
             for q in pids - (set() if late else termed):  # a fork made meanwhile gets TERM too
@@ -159,6 +162,22 @@ def _reap(pids: set) -> None:
             os.waitpid(q, os.WNOHANG)
         except ChildProcessError:  # not ours (reaped by its own parent, or gone)
             pass
+
+
+def _children() -> set:
+    """This process's children now, zombies included (/proc/self/task/*/children)."""
+    out: set = set()
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/children") as fh:
+                out |= {int(x) for x in fh.read().split()}
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 PR_SET_CHILD_SUBREAPER = 36

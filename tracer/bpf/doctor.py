@@ -180,9 +180,21 @@ def check_uprobe_multi() -> Check:
                  "grace period (about 0.1 s) at a time, so a run with many probes ends slowly")
 
 
+def check_compiled() -> Check:
+    """Informational: where compiled probes are kept (tracer.bpf.compiled)."""
+    from .compiled import cache_dir
+    d = cache_dir()
+    kept = list(d.glob("*.json")) if d.is_dir() else []
+    size = sum(p.stat().st_size for p in kept)
+    return Check("compiled probes", True,
+                 f"{len(kept)} probe set(s) kept in {d} ({size / 1e6:.1f} MB); a run with a new "
+                 "probe set, option, kernel or bcc compiles it first (bcc, in a child process)")
+
+
 CHECKS: list[Callable[[], Check]] = [check_privileges, check_bpf_syscall, check_tracefs,
-                                     check_uprobes, check_bcc, check_headers, check_libc,
-                                     check_sites, check_single_step, check_uprobe_multi]
+                                     check_uprobes, check_bcc, check_headers, check_compiled,
+                                     check_libc, check_sites, check_single_step,
+                                     check_uprobe_multi]
 
 
 def _safe(check: Callable[[], Check]) -> Check:
