@@ -23,6 +23,7 @@ struct pair { u32 a; u64 b; };
 BPF_HASH(seen, u32, struct pair, 16);
 BPF_PERCPU_ARRAY(per_cpu, u64, 2);
 BPF_ARRAY(kt_self, u32, 1);
+BPF_TABLE("lru_hash", u32, u64, many, 4096);
 int count(struct pt_regs *ctx) {
     u32 k = SLOT;
     struct pair p = {.a = 1, .b = 2};
@@ -103,6 +104,13 @@ def test_the_loaded_object_has_its_maps_and_programs(bpf, cache):
             del seen[key]
         assert list(seen.keys()) == []
         assert loaded["per_cpu"][1] == [0] * maps.possible_cpus()
+        many = loaded["many"]  # items() by batches of 1024, and one entry at a time
+        for i in range(3000):
+            many[ct.c_uint32(i)] = ct.c_uint64(i * i)
+        batched = sorted((k.value, v.value) for k, v in many.items())
+        assert batched == [(i, i * i) for i in range(3000)]
+        many._batch = False
+        assert sorted((k.value, v.value) for k, v in many.items()) == batched
         with pytest.raises(KeyError):
             loaded["nowhere"]
         fd = loaded.program("count", kernel.BPF_PROG_TYPE_KPROBE)

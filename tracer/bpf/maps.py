@@ -9,6 +9,7 @@ a C type's name, or [name, [[field, type(, [length] | bits)], ...], "struct"|"st
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 from functools import lru_cache
 from typing import Iterator
 
@@ -72,8 +73,10 @@ class Map:
     def __init__(self, name: str, fd: int, spec: dict):
         self.name, self.map_fd = name, fd
         self.map_type, self.max_entries = spec["type"], spec["max_entries"]
+        self.key_size, self.value_size = spec["key_size"], spec["value_size"]
         self.Key = c_type(spec["key"]) if spec.get("key") is not None else None
         self.Leaf = c_type(spec["leaf"]) if spec.get("leaf") is not None else None
+        self._batch = True  # items() by batch lookups, until the kernel refuses them
 
     def _key(self, key):
         return self.Key(key) if isinstance(key, int) else key
@@ -99,6 +102,17 @@ class Map:
             prev, key = key, self.Key()
 
     def items(self) -> Iterator:
+        if self.map_type in (HASH, LRU_HASH) and self._batch:
+            try:
+                got = list(kernel.lookup_batch(self.map_fd, self.key_size, self.value_size, 1024))
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._batch = False  # (a kernel before 5.6): one entry at a time
+            else:
+                yield from ((self.Key.from_buffer_copy(k), self.Leaf.from_buffer_copy(v))
+                            for k, v in got)
+                return
         for key in self.keys():
             try:
                 yield key, self[key]
@@ -130,17 +144,13 @@ class StackMap(Map):
     """walk(stack id): a stack's return addresses, innermost first."""
 
     def walk(self, stack_id: int) -> Iterator[int]:
-        frames = (ct.c_uint64 * (self._value_size // 8))()
+        frames = (ct.c_uint64 * (self.value_size // 8))()
         if not kernel.lookup(self.map_fd, ct.c_int(stack_id), frames):
             raise KeyError(stack_id)
         for addr in frames:
             if not addr:
                 break
             yield addr
-
-    def __init__(self, name: str, fd: int, spec: dict):
-        super().__init__(name, fd, spec)
-        self._value_size = spec["value_size"]
 
 
 def table(name: str, fd: int, spec: dict) -> Map:
