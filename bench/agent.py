@@ -79,6 +79,8 @@ def main() -> None:
                    "--refresh", "1", "--max-processes", "1000", "--state-dir", str(work / "state")],
                   stderr=subprocess.PIPE, text=True, cwd=ROOT)
         line = a.stderr.readline()
+        while line.startswith("keytrace: compiling the probes"):  # a first run's note
+            line = a.stderr.readline()
         if "serving" not in line:
             raise RuntimeError(f"agent did not start: {line}")
         return a

@@ -106,7 +106,10 @@ def main() -> None:
                            f"127.0.0.1:{agent_port}", "--state-dir", str(work / "state"),
                            "--tables-interval", str(args.tables_interval)],
                           stderr=subprocess.PIPE, text=True, cwd=ROOT)
-            if "serving" not in agent.stderr.readline():
+            line = agent.stderr.readline()
+            while line.startswith("keytrace: compiling the probes"):  # a first run's note
+                line = agent.stderr.readline()
+            if "serving" not in line:
                 raise RuntimeError("the agent did not start")
             settle(agent_port, 6)
             on.append(ab(port, args.n, args.c))
