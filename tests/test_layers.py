@@ -134,9 +134,10 @@ def test_generic_layers_import_no_resource_and_name_none():
     assert not wrong, "the generic layers must not know a resource:\n" + "\n".join(sorted(wrong))
 
 
-# The commands that trace load no pandas (nor pyarrow, which pandas imports) up to compiling and
-# attaching the probes: bcc's clang/LLVM (~160 MB) would be resident beside them (issue #24).
-# pandas comes when a frame is built (the report after tracing), pyarrow when Parquet is.
+# The commands that trace load no pandas (nor pyarrow, which pandas imports) up to attaching the
+# probes: a run that builds no frame (--help, the agent) never pays for them, and a short run's
+# start is not slowed by them (issue #24). pandas comes when a frame is built (the report after
+# tracing), pyarrow when Parquet is.
 TRACING_FRONT = ["tracer.cli", "tracer.cli.app", "tracer.cli.calls", "tracer.cli.agent",
                  "tracer.session", "tracer.tracing", "tracer.calls", "tracer.bpf.loader",
                  "tracer.bpf.calls", "tracer.analysis.ledger", "tracer.analysis.calls",
