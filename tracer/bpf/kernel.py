@@ -103,13 +103,18 @@ def _elem(cmd: int, fd: int, key, value, flags: int = 0) -> int:
     return _check(_libc.syscall(SYS_BPF, cmd, ct.byref(a), ct.sizeof(a)))
 
 
-def lookup(fd: int, key, value) -> bool:
-    """Fill value with the entry at key; False when there is none."""
+def _found(cmd: int, fd: int, key, value) -> bool:
+    """_elem(); False when the map has no such entry (ENOENT)."""
     try:
-        _elem(BPF_MAP_LOOKUP_ELEM, fd, key, value)
+        _elem(cmd, fd, key, value)
     except FileNotFoundError:
         return False
     return True
+
+
+def lookup(fd: int, key, value) -> bool:
+    """Fill value with the entry at key; False when there is none."""
+    return _found(BPF_MAP_LOOKUP_ELEM, fd, key, value)
 
 
 def update(fd: int, key, value, flags: int = 0) -> None:
@@ -118,20 +123,12 @@ def update(fd: int, key, value, flags: int = 0) -> None:
 
 def delete(fd: int, key) -> bool:
     """Remove the entry at key; False when there was none."""
-    try:
-        _elem(BPF_MAP_DELETE_ELEM, fd, key, None)
-    except FileNotFoundError:
-        return False
-    return True
+    return _found(BPF_MAP_DELETE_ELEM, fd, key, None)
 
 
 def next_key(fd: int, key, into) -> bool:
     """The key after key (the first, with key None) into into; False at the end."""
-    try:
-        _elem(BPF_MAP_GET_NEXT_KEY, fd, key, into)
-    except FileNotFoundError:
-        return False
-    return True
+    return _found(BPF_MAP_GET_NEXT_KEY, fd, key, into)
 
 
 def lookup_batch(fd: int, key_size: int, value_size: int, chunk: int):
