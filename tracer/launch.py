@@ -155,8 +155,8 @@ def end_command(p: Optional[Launched], program: Optional[Program] = None,
 
 
 def _reap(pids: set) -> None:
-    """Reap the processes of the tree that were orphaned to us, and only those: a child of
-    ours that is not of the tree is someone else's to wait for."""
+    """Reap the tree's processes that were orphaned to us, and only those: a child this
+    process had before end_command began is someone else's to wait for."""
     for q in pids:
         try:
             os.waitpid(q, os.WNOHANG)

@@ -25,7 +25,7 @@ class Loaded:
     def __init__(self, obj: Compiled, tracefs: str, self_pid: Optional[int] = None):
         """Create the object's maps and attach its tracepoint programs. self_pid: written into
         the kt_self map, where the object has one (the probes never trace it)."""
-        self.obj, self.tracefs = obj, tracefs
+        self.obj = obj
         self.map_fds: dict = {}
         self.tables: dict = {}
         self.programs: dict = {}   # (name, expected attach type) -> fd

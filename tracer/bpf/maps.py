@@ -15,9 +15,8 @@ from typing import Iterator
 
 from . import kernel
 
-# map types (enum bpf_map_type)
-HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, STACK_TRACE, LRU_HASH, LRU_PERCPU_HASH = 1, 2, 5, 6, 7, 9, 10
-RINGBUF = 27
+# map types (enum bpf_map_type) that read differently
+HASH, PERCPU_ARRAY, STACK_TRACE, LRU_HASH = 1, 6, 7, 9
 
 C_TYPES = {
     "_Bool": ct.c_bool, "char": ct.c_char, "signed char": ct.c_byte, "unsigned char": ct.c_ubyte,
@@ -72,7 +71,7 @@ class Map:
 
     def __init__(self, name: str, fd: int, spec: dict):
         self.name, self.map_fd = name, fd
-        self.map_type, self.max_entries = spec["type"], spec["max_entries"]
+        self.map_type = spec["type"]
         self.key_size, self.value_size = spec["key_size"], spec["value_size"]
         self.Key = c_type(spec["key"]) if spec.get("key") is not None else None
         self.Leaf = c_type(spec["leaf"]) if spec.get("leaf") is not None else None
@@ -118,9 +117,6 @@ class Map:
                 yield key, self[key]
             except KeyError:  # gone between the two calls
                 continue
-
-    def values(self) -> Iterator:
-        return (v for _, v in self.items())
 
 
 class PerCpuArray(Map):
