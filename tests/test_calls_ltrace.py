@@ -502,13 +502,21 @@ def test_T_takes_the_probes_own_share_off_each_time(bpf, timed):
     1 spin (about 1 ns untraced) reports far less than the share, in the -c table and per line.
     (How close the corrected times come to the untraced ones: bench/results/TIMING.md.)"""
     for fn, kind in (("spin_push", "emulated"), ("spin_mov", "single-stepped")):
-        r = keytrace("calls", "-c", "-T", "--json", "-e", f"exe:{fn}", "--", timed, fn, "2000", "1")
-        assert r.returncode == 0, r.stderr
-        share = 1000 * float(re.search(r"([\d.]+) us at an? " + kind, r.stderr).group(1))
-        (row,) = [x for x in json_rows(r.stdout) if x.get("function") == fn]
-        assert row["calls"] == 2000
-        # uncorrected, a call of 1 spin would show the share itself (and a bit)
-        assert 0 <= row["mean_ns"] < share * 0.75, (row, share, r.stderr)
+        # The share is measured once per run, and on a loaded 2-CPU VM one run in several
+        # measures it low (CI once: 310 ns, the calls' own share nearer 570 ns). Up to 3 runs;
+        # without the correction every run shows about the share itself and fails.
+        for _ in range(3):
+            r = keytrace("calls", "-c", "-T", "--json", "-e", f"exe:{fn}", "--", timed, fn,
+                         "2000", "1")
+            assert r.returncode == 0, r.stderr
+            share = 1000 * float(re.search(r"([\d.]+) us at an? " + kind, r.stderr).group(1))
+            (row,) = [x for x in json_rows(r.stdout) if x.get("function") == fn]
+            assert row["calls"] == 2000
+            # uncorrected, a call of 1 spin would show the share itself (and a bit)
+            if 0 <= row["mean_ns"] < share * 0.75:
+                break
+        else:
+            raise AssertionError((row, share, r.stderr))
         r = keytrace("calls", "-T", "--json", "-e", f"exe:{fn}", "--", timed, fn, "50", "1")
         assert r.returncode == 0, r.stderr
         times = sorted(x["duration_ns"] for x in json_rows(r.stdout) if x.get("function") == fn)
